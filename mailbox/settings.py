@@ -1,0 +1,86 @@
+"""Every mailbox setting, read from the environment in one place (DESIGN.md §8).
+
+Celery's own settings live in `celeryconfig.py`; this object holds what the mailbox itself
+needs. Bad values fail loudly at start-up with the variable's name, never later mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailbox.errors import ValidationError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SQLITE_PATH = PROJECT_ROOT / "var" / "mailbox.sqlite3"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValidationError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept plain `postgresql://` URLs and use the psycopg 3 driver we ship."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str | None
+    broker_url: str | None
+    namespace: str = "mailbox"
+    lease_ms: int = 30_000
+    retry_base_ms: int = 250
+    retry_max_ms: int = 30_000
+    max_attempts: int = 5
+    sweep_interval_s: int = 30
+    gc_interval_s: int = 60
+    retention_s: int = 86_400
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        redis_url = env.get("MAILBOX_REDIS_URL") or None
+        namespace = env.get("MAILBOX_NAMESPACE", "mailbox").strip() or "mailbox"
+        validate_namespace(namespace)
+        return cls(
+            database_url=normalize_database_url(
+                env.get("MAILBOX_DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH}"
+            ),
+            redis_url=redis_url,
+            broker_url=env.get("CELERY_BROKER_URL") or redis_url,
+            namespace=namespace,
+            lease_ms=_int(env, "MAILBOX_LEASE_MS", 30_000, minimum=100),
+            retry_base_ms=_int(env, "MAILBOX_RETRY_BASE_MS", 250),
+            retry_max_ms=_int(env, "MAILBOX_RETRY_MAX_MS", 30_000),
+            max_attempts=_int(env, "MAILBOX_MAX_ATTEMPTS", 5, minimum=1),
+            sweep_interval_s=_int(env, "MAILBOX_SWEEP_INTERVAL_S", 30, minimum=1),
+            gc_interval_s=_int(env, "MAILBOX_GC_INTERVAL_S", 60, minimum=1),
+            retention_s=_int(env, "MAILBOX_RETENTION_S", 86_400),
+        )
+
+
+def validate_namespace(namespace: str) -> str:
+    """Namespaces prefix Redis keys and queue names, so keep them to a safe alphabet."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    if not namespace or not set(namespace) <= allowed or len(namespace) > 64:
+        raise ValidationError(
+            f"namespace must be 1-64 characters of letters, digits, '-', '_' or '.', got "
+            f"{namespace!r}"
+        )
+    return namespace

