@@ -39,7 +39,7 @@ def _lease_ttl(lease_ms: int) -> int:
 class Coordinator:
     """Redis side of the store. Counts its round trips so benchmarks can report them."""
 
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
+    def __init__(self, client: redis.Redis[bytes], namespace: str) -> None:
         self.client = client
         self.namespace = namespace
         self.round_trips = 0
@@ -104,7 +104,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def connect_redis(url: str) -> redis.Redis:
+def connect_redis(url: str) -> redis.Redis[bytes]:
     """A client with bounded timeouts: a dead Redis fails fast instead of hanging a worker."""
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
                                 health_check_interval=15, retry_on_timeout=False)

@@ -1,6 +1,6 @@
-"""The data model of the mailbox and every state transition (reference §1, §2).
+"""The data model of the mailbox and every state transition (reference §1 and §2).
 
-This module is the only place a dispatch changes state: each transition T1–T17 of reference
+This module is the only place a dispatch changes state: each transition T1-T17 of reference
 §2.1 is one method of `RunDispatch` that returns a new, validated record (records are
 immutable). The store loads a row, asks the model for the next record and writes it back, so
 the rules live here once and the SQL stays dumb. Every transition ends with
@@ -27,7 +27,7 @@ DEFAULT_PRIORITY = 128
 DEFAULT_MAX_ATTEMPTS = 5
 
 
-class DispatchStatus(str, enum.Enum):
+class DispatchStatus(enum.StrEnum):
     """Lifecycle of one dispatch. Values are the exact PascalCase names of the reference."""
 
     Queued = "Queued"
@@ -68,7 +68,7 @@ TERMINAL_STATUSES: tuple[DispatchStatus, ...] = (
 LIVE_STATUSES: tuple[DispatchStatus, ...] = (DispatchStatus.Queued, DispatchStatus.Claimed)
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     """Lifecycle of a run record. Only `done` is terminal."""
 
     created = "created"
@@ -244,7 +244,7 @@ class RunDispatchResult:
         )
 
 
-# Reasons written to last_error by the fencing transitions (reference §2.1, T11–T17).
+# Reasons written to last_error by the fencing transitions (reference §2.1, T11-T17).
 REASON_INTERRUPT = "queued dispatch superseded by interrupt"
 REASON_STALE_QUEUED = "queued dispatch superseded by newer dispatch epoch"
 REASON_STALE_START = "claimed dispatch superseded before runtime start"

@@ -108,7 +108,7 @@ def make_mailbox(database_url: str, redis_url: str, namespace: str
             keys = list(client.scan_iter(f"{namespace}:*"))
             if keys:
                 client.delete(*keys)
-        except Exception:  # noqa: BLE001 - a test may have killed its Redis on purpose
+        except Exception:  # a test may have killed its Redis on purpose
             pass
         box.close()
 

@@ -1,0 +1,3 @@
+from mailbox.cli import run
+
+run()
