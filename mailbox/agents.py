@@ -1,19 +1,24 @@
-"""The agent registry: named, versioned handlers that runs are pinned to at submit.
+"""Agents: named, versioned handlers, and the context a run gives them (DESIGN.md §6).
 
-`@agent("name", version="1")` registers `handler(ctx) -> str | AgentResult`. A run records the
-agent's (name, version) as its resolution when it is submitted, and the resolve phase loads
-exactly that pair later, so redeploying a new version never changes what a queued run meant.
+`@agent("name", version="1")` registers `handler(ctx) -> str | AgentResult`. At submit a run
+is pinned to the agent's current (name, version); the resolve phase loads exactly that pair,
+so deploying a new version never changes what an already-queued run meant. An agent raises
+`TransientError` to be retried with backoff or `PermanentError` to be dead-lettered; anything
+else it raises counts as transient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from mailbox.errors import ValidationError
+from mailbox.model import Termination
 
-Handler = Callable[[Any], Any]
+Handler = Callable[["AgentContext"], Any]
+InputCheck = Callable[[Any], None]
 
 
 @dataclass(frozen=True)
@@ -21,24 +26,47 @@ class AgentSpec:
     name: str
     version: str
     handler: Handler
+    check_input: InputCheck | None = None
+
+    @property
+    def resolution_id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    """What a handler may return instead of a plain string."""
+
+    response: str | None = None
+    termination: Termination = field(default_factory=Termination.natural_end)
+
+
+class SuspendRequested(Exception):
+    """Raised by `ctx.suspend`: ends the attempt with the run waiting for a decision."""
+
+    def __init__(self, ticket: dict[str, Any]) -> None:
+        super().__init__(ticket.get("action", "suspend"))
+        self.ticket = ticket
 
 
 _REGISTRY: dict[tuple[str, str], AgentSpec] = {}
 _CURRENT: dict[str, str] = {}
 
 
-def agent(name: str, version: str = "1") -> Callable[[Handler], Handler]:
-    """Register the decorated function as agent `name` at `version` (the latest registration
-    of a name is its current version, the one new runs pin)."""
+def agent(name: str, version: str = "1", *, check_input: InputCheck | None = None
+          ) -> Callable[[Handler], Handler]:
+    """Register the decorated function as agent `name` at `version`. The latest registration
+    of a name is its current version, the one new runs pin. `check_input(input)` may raise
+    ValidationError to refuse a bad input at submit, before anything is written."""
     if not isinstance(name, str) or not name.strip():
         raise ValidationError("agent name must not be empty")
-    if not isinstance(version, str) or not version.strip():
-        raise ValidationError("agent version must not be empty")
+    if not isinstance(version, str) or not version.strip() or "@" in version:
+        raise ValidationError("agent version must be a non-empty string without '@'")
 
     def register(handler: Handler) -> Handler:
         if not callable(handler):
             raise ValidationError(f"agent {name!r} handler must be callable")
-        _REGISTRY[(name, version)] = AgentSpec(name, version, handler)
+        _REGISTRY[(name, version)] = AgentSpec(name, version, handler, check_input)
         _CURRENT[name] = version
         return handler
 
@@ -47,6 +75,8 @@ def agent(name: str, version: str = "1") -> Callable[[Handler], Handler]:
 
 def current(name: str) -> AgentSpec:
     """The version new runs of `name` pin to; ValidationError for an unknown agent."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError("agent must be a non-empty agent name")
     version = _CURRENT.get(name)
     if version is None:
         known = ", ".join(sorted(_CURRENT)) or "none"
@@ -61,3 +91,42 @@ def lookup(name: str, version: str) -> AgentSpec | None:
 
 def registered() -> list[AgentSpec]:
     return sorted(_REGISTRY.values(), key=lambda s: (s.name, s.version))
+
+
+class AgentContext:
+    """What a handler sees of its run. Built by the execute phase for one attempt."""
+
+    def __init__(self, *, run_id: str, thread_id: str, dispatch_id: str, attempt: int,
+                 input: Any, decision: Any, load_messages: Callable[[], Sequence[Any]],
+                 emit: Callable[[str, Any], None], cancel_event: threading.Event) -> None:
+        self.run_id = run_id
+        self.thread_id = thread_id
+        self.dispatch_id = dispatch_id
+        self.attempt = attempt
+        self.input = input
+        self.decision = decision
+        self._load_messages = load_messages
+        self._messages: list[Any] | None = None
+        self._emit = emit
+        self._cancel = cancel_event
+
+    @property
+    def messages(self) -> list[Any]:
+        """The thread's history (oldest first), loaded on first use."""
+        if self._messages is None:
+            self._messages = list(self._load_messages())
+        return self._messages
+
+    def emit(self, type: str, data: Any = None) -> None:
+        """Publish an `output` event on the run's stream (`type` goes into the data)."""
+        self._emit("output", {"kind": type, "data": data})
+
+    def cancelled(self) -> bool:
+        """True once the run was interrupted or cancelled, or its lease was lost: stop soon."""
+        return self._cancel.is_set()
+
+    def suspend(self, action: str, message: str | None = None,
+                parameters: dict[str, Any] | None = None) -> None:
+        """End this attempt and wait for a human decision (see `Mailbox.resume`)."""
+        raise SuspendRequested({"action": action, "message": message,
+                                "parameters": parameters or {}})

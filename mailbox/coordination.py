@@ -45,7 +45,8 @@ class Coordinator:
         self.round_trips = 0
         self._scripts = {
             name: client.register_script((LUA_DIR / f"{name}.lua").read_text())
-            for name in ("lease_acquire", "lease_put", "lease_release", "epoch_raise")
+            for name in ("lease_acquire", "lease_put", "lease_release", "epoch_raise",
+                         "lease_take_executor")
         }
 
     # -------------------------------------------------------------------------------- keys
@@ -78,6 +79,13 @@ class Coordinator:
 
     def release(self, thread_id: str, token: str) -> bool:
         return bool(self._run("lease_release", self.lease_key(thread_id), token))
+
+    def take_executor(self, thread_id: str, token: str, executor: str, dispatch_id: str,
+                      lease_until: int, lease_ms: int) -> str:
+        """'ok' when this process may execute the attempt, 'held:<id>' when another process
+        already does, 'lost' when the thread's lease belongs to another claim."""
+        return _text(self._run("lease_take_executor", self.lease_key(thread_id), token,
+                               executor, dispatch_id, lease_until, _lease_ttl(lease_ms)))
 
     def read_lease(self, thread_id: str) -> Lease | None:
         self.round_trips += 1

@@ -1,43 +1,104 @@
-"""`Mailbox`: the one object applications and operators hold (DESIGN.md §7)."""
+"""`Mailbox`: the one object applications and operators hold (DESIGN.md §7).
+
+It validates and submits runs, reads them back, waits for them, and drives thread control
+(cancel, interrupt, resume). It knows nothing of Celery: whoever runs workers (see `tasks/`)
+gives it a `waker` that publishes wake-ups; without one, submitted work is still durable and
+the sweep of a running worker delivers it.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import uuid6
+
+from mailbox import agents
+from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
 from mailbox.coordination import Coordinator, connect_redis
 from mailbox.database import create_engine
-from mailbox.errors import ValidationError
+from mailbox.errors import MailboxError, NotFoundError, ValidationError
+from mailbox.events import Event, EventStreams
+from mailbox.model import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    DispatchStatus,
+    MailboxInterrupt,
+    RunDispatch,
+    RunRecord,
+    RunStatus,
+)
+from mailbox.phases import Runtime, now_ms
+from mailbox.runs import Resolution, RunStore, encode_input
 from mailbox.schema import upgrade
 from mailbox.settings import Settings, validate_namespace
 from mailbox.store import MailboxStore
 
+Waker = Callable[[str, int], None]
+MAX_DELAY_MS = 365 * 24 * 3600 * 1000
+
+
+class WaitTimeoutError(MailboxError, TimeoutError):
+    """`wait` gave up before the dispatch reached a terminal state."""
+
+    prefix = "timed out"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a submit returns: the ids to watch. `resumed` when the input resumed the thread's
+    waiting run instead of starting a new one."""
+
+    dispatch_id: str
+    run_id: str
+    thread_id: str
+    resumed: bool = False
+
+
+def _new_id() -> str:
+    return str(uuid6.uuid7())
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(f"{name} must be an integer within {low}..{high}, got {value!r}")
+    return value
+
 
 class Mailbox:
-    """The store plus the schema, behind one connect call."""
+    """The store, the run records and the event streams behind one connect call."""
 
     def __init__(self, store: MailboxStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        self.runs = RunStore(store)
+        self.events = EventStreams(store.coordinator.client, settings.namespace,
+                                   settings.retention_s)
+        self.waker: Waker | None = None
 
     @classmethod
     def connect(cls, database_url: str | None = None, redis_url: str | None = None, *,
-                namespace: str = "mailbox", settings: Settings | None = None) -> Mailbox:
-        """Connect to SQL and Redis. Missing URLs come from the environment
-        (MAILBOX_DATABASE_URL, MAILBOX_REDIS_URL); nothing is created until `create_schema`.
-        """
+                namespace: str | None = None, settings: Settings | None = None) -> Mailbox:
+        """Connect to SQL and Redis. Missing arguments come from the environment
+        (MAILBOX_DATABASE_URL, MAILBOX_REDIS_URL, MAILBOX_NAMESPACE); nothing is created until
+        `create_schema`."""
         base = settings or Settings.from_env()
-        validate_namespace(namespace)
+        ns = validate_namespace(namespace or base.namespace)
         db = database_url or base.database_url
         rurl = redis_url or base.redis_url
         if not rurl:
             raise ValidationError(
                 "no Redis URL: pass redis_url, set MAILBOX_REDIS_URL, or start the dev stack "
-                "with `python -m mailbox up`"
-            )
+                "with `make demo` / `python -m mailbox up`")
         engine = create_engine(db)
-        coordinator = Coordinator(connect_redis(rurl), namespace)
-        from dataclasses import replace
-
-        resolved = replace(base, database_url=db, redis_url=rurl, namespace=namespace)
-        return cls(MailboxStore(engine, coordinator), resolved)
+        coordinator = Coordinator(connect_redis(rurl), ns)
+        return cls(MailboxStore(engine, coordinator),
+                   replace(base, database_url=db, redis_url=rurl, namespace=ns))
 
     def create_schema(self) -> None:
         """Run the Alembic migrations up to head (safe to call on a current database)."""
@@ -52,3 +113,172 @@ class Mailbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def runtime(self, consumer_id: str | None = None, wake: Waker | None = None) -> Runtime:
+        """The phase runtime for a worker process (consumer ids are unique per process start,
+        so a restarted worker never mistakes an old claim for its own)."""
+        consumer = consumer_id or f"{socket.gethostname()}:{os.getpid()}:{_new_id()[-8:]}"
+        return Runtime(self.store, self.runs, self.events, self.settings, consumer,
+                       wake=wake or self._wake, cancel_check=self._cancel_signal)
+
+    def _wake(self, thread_id: str, delay_ms: int) -> None:
+        if self.waker is not None:
+            self.waker(thread_id, delay_ms)
+
+    # ------------------------------------------------------------------------------ submit
+    def submit(self, thread_id: str, agent: str, input: Any, *, priority: int = 128,
+               dedupe_key: str | None = None, delay_ms: int = 0, max_attempts: int | None = None,
+               interrupt: bool = False) -> Receipt:
+        """Validate, then write the run, its input and its dispatch in one transaction.
+
+        Bad arguments raise ValidationError before anything is written; a dedupe key still
+        held by a live dispatch of the thread raises AlreadyExistsError. `interrupt=True` is
+        "latest wins": the thread is interrupted first (queued work superseded, the running
+        one cancelled). A plain input on a thread whose latest run waits for a decision
+        resumes that run with the input as the decision.
+        """
+        if not isinstance(thread_id, str) or not thread_id.strip():
+            raise ValidationError("thread_id must be a non-empty string")
+        if len(thread_id) > 255:
+            raise ValidationError("thread_id must be at most 255 characters")
+        spec = agents.current(agent)
+        encode_input(input)
+        if spec.check_input is not None:
+            spec.check_input(input)
+        _check_int("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
+        _check_int("delay_ms", delay_ms, 0, MAX_DELAY_MS)
+        attempts = self.settings.max_attempts if max_attempts is None else max_attempts
+        _check_int("max_attempts", attempts, 1, 1000)
+        if dedupe_key is not None and (not isinstance(dedupe_key, str) or not dedupe_key.strip()
+                                       or len(dedupe_key) > 255):
+            raise ValidationError("dedupe_key must be a non-empty string of at most 255 "
+                                  "characters, or None")
+        if interrupt:
+            self.interrupt(thread_id)
+        now = now_ms()
+        waiting = None if interrupt else self.runs.latest_open_run(thread_id)
+        dispatch_id = _new_id()
+        dispatch = RunDispatch.queued(dispatch_id, thread_id, waiting.run_id if waiting
+                                      else _new_id(), now, priority=priority,
+                                      dedupe_key=dedupe_key, available_at=now + delay_ms,
+                                      max_attempts=attempts)
+        if waiting is not None:
+            return self._resume(waiting, dispatch, input, now, delay_ms)
+        run = RunRecord(dispatch.run_id, thread_id, spec.name, spec.resolution_id,
+                        RunStatus.created, dispatch_id=dispatch_id, created_at=now,
+                        updated_at=now)
+        self.runs.submit(run, dispatch, Resolution(spec.resolution_id, spec.name, spec.version),
+                         _new_id(), input, now)
+        self.events.emit(run.run_id, dispatch_id, "run_queued",
+                         {"agent": spec.resolution_id, "priority": priority}, ts=now)
+        self._wake(thread_id, delay_ms)
+        return Receipt(dispatch_id, run.run_id, thread_id)
+
+    def resume(self, run_id: str, decision: Any) -> Receipt:
+        """Queue a new dispatch for a waiting run, carrying the human decision."""
+        encode_input(decision)
+        run = self.runs.load_run(run_id)
+        if run is None:
+            raise NotFoundError(f"run {run_id}")
+        if run.status != RunStatus.waiting:
+            raise ValidationError(f"run {run_id} is {run.status.value}, not waiting for a "
+                                  f"decision")
+        now = now_ms()
+        dispatch = RunDispatch.queued(_new_id(), run.thread_id, run.run_id, now,
+                                      max_attempts=self.settings.max_attempts)
+        return self._resume(run, dispatch, decision, now, 0)
+
+    def _resume(self, run: RunRecord, dispatch: RunDispatch, decision: Any, now: int,
+                delay_ms: int) -> Receipt:
+        if run.resolution_id is None:
+            raise ValidationError(f"run {run.run_id} has no pinned agent")
+        name, _, version = run.resolution_id.partition("@")
+        updated = replace(run, dispatch_id=dispatch.dispatch_id, updated_at=now)
+        self.runs.submit(updated, dispatch, Resolution(run.resolution_id, name, version),
+                         _new_id(), decision, now, new_run=False, role="decision")
+        self.events.emit(run.run_id, dispatch.dispatch_id, "run_queued",
+                         {"agent": run.resolution_id, "resume": True}, ts=now)
+        self._wake(run.thread_id, delay_ms)
+        return Receipt(dispatch.dispatch_id, run.run_id, run.thread_id, resumed=True)
+
+    # ------------------------------------------------------------------------------- reads
+    def get_dispatch(self, dispatch_id: str) -> RunDispatch | None:
+        return self.store.load_dispatch(dispatch_id)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        return self.runs.load_run(run_id)
+
+    def wait(self, dispatch_id: str, timeout_s: float = 30.0) -> RunDispatch:
+        """Block until the dispatch is terminal; returns it. WaitTimeoutError otherwise."""
+        deadline = time.monotonic() + timeout_s
+        pause = 0.01
+        while True:
+            dispatch = self.store.load_dispatch(dispatch_id)
+            if dispatch is None:
+                raise NotFoundError(dispatch_id)
+            if dispatch.is_terminal:
+                return dispatch
+            if time.monotonic() >= deadline:
+                raise WaitTimeoutError(f"dispatch {dispatch_id} still {dispatch.status.value} "
+                                       f"after {timeout_s}s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.2)
+
+    def events_of(self, run_id: str, after: str | None = None, follow: bool = False,
+                  timeout_s: float | None = None) -> Iterator[Event]:
+        if follow:
+            return self.events.follow(run_id, after, timeout_s=timeout_s)
+        return iter(self.events.read(run_id, after))
+
+    # ---------------------------------------------------------------------- thread control
+    def cancel(self, dispatch_id: str) -> bool:
+        """Cancel a queued dispatch (it ends Cancelled) or ask the worker running it to stop
+        (it ends with termination cancelled). False, with no effect, for an unknown or
+        finished dispatch."""
+        now = now_ms()
+        cancelled = self.store.cancel(dispatch_id, now)
+        if cancelled is not None:
+            if self.runs.reconcile(cancelled, now) is not None:
+                self.events.emit(cancelled.run_id, dispatch_id, "run_cancelled",
+                                 {"status": "cancelled"}, ts=now)
+                self.events.emit(cancelled.run_id, dispatch_id, "run_finish",
+                                 {"termination": {"type": "cancelled"}, "status": "cancelled"},
+                                 ts=now)
+            return True
+        current = self.store.load_dispatch(dispatch_id)
+        if current is None or current.status != DispatchStatus.Claimed:
+            return False
+        assert current.claim_token is not None
+        self._signal_cancel(current.claim_token, "cancelled by request")
+        return True
+
+    def interrupt(self, thread_id: str) -> MailboxInterrupt:
+        """"Latest wins": bump the thread's epoch, supersede its queued dispatches (their runs
+        end cancelled) and tell the worker running the active one to stop."""
+        now = now_ms()
+        result = self.store.interrupt(thread_id, now)
+        for dispatch in result.superseded:
+            if self.runs.reconcile(dispatch, now) is not None:
+                self.events.emit(dispatch.run_id, dispatch.dispatch_id, "run_cancelled",
+                                 {"status": "superseded"}, ts=now)
+                self.events.emit(dispatch.run_id, dispatch.dispatch_id, "run_finish",
+                                 {"termination": {"type": "cancelled"}, "status": "superseded"},
+                                 ts=now)
+        if result.active_dispatch is not None and result.active_dispatch.claim_token:
+            self._signal_cancel(result.active_dispatch.claim_token, "interrupted")
+        return result
+
+    def _cancel_key(self, token: str) -> str:
+        return f"{self.settings.namespace}:cancel:{token}"
+
+    def _signal_cancel(self, token: str, reason: str) -> None:
+        payload = json.dumps({"reason": reason, "at": now_ms()})
+        self.store.coordinator.client.set(self._cancel_key(token), payload,
+                                          px=max(60_000, 3 * self.settings.lease_ms))
+
+    def _cancel_signal(self, thread_id: str, token: str) -> str | None:
+        """Read by the heartbeat every 100 ms: a cancel signal for this claim."""
+        raw = self.store.coordinator.client.get(self._cancel_key(token))
+        if raw is None:
+            return None
+        return str(json.loads(raw).get("reason", "cancelled"))

@@ -29,3 +29,24 @@ def record_operation(operation: str, result: str, seconds: float) -> None:
 def count_operation(operation: str, result: str, n: int = 1) -> None:
     if n:
         OPERATIONS.labels(operation, result).inc(n)
+
+START_SECONDS = {
+    name: Histogram(f"mailbox_dispatch_{name}_seconds", f"Dispatch {name.replace('_', ' ')}.",
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+    for name in ("enqueue_to_start", "eligible_to_start", "claim_to_start")
+}
+RUNTIME_SECONDS = Histogram("mailbox_dispatch_runtime_seconds", "Attempt runtime by outcome.",
+                            ["outcome"])
+ENQUEUE_TO_COMPLETE_SECONDS = Histogram("mailbox_dispatch_enqueue_to_complete_seconds",
+                                        "Submit to settled, by outcome.", ["outcome"])
+RUNS = Counter("mailbox_runs_total", "Finished attempts by outcome.", ["outcome"])
+
+
+def observe_start(name: str, seconds: float) -> None:
+    START_SECONDS[name].observe(seconds)
+
+
+def observe_completion(outcome: str, *, runtime_s: float, enqueue_to_complete_s: float) -> None:
+    RUNTIME_SECONDS.labels(outcome).observe(runtime_s)
+    ENQUEUE_TO_COMPLETE_SECONDS.labels(outcome).observe(enqueue_to_complete_s)
+    RUNS.labels(outcome).inc()

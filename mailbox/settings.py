@@ -15,6 +15,17 @@ from mailbox.errors import ValidationError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SQLITE_PATH = PROJECT_ROOT / "var" / "mailbox.sqlite3"
+# Written by the dev launcher (`python -m mailbox up`, `make demo`) when it starts the embedded
+# Redis, so that every process of the project finds it without configuration.
+DEV_REDIS_URL_FILE = PROJECT_ROOT / "var" / "redis.url"
+
+
+def dev_redis_url() -> str | None:
+    try:
+        url = DEV_REDIS_URL_FILE.read_text().strip()
+    except OSError:
+        return None
+    return url or None
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -55,7 +66,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        redis_url = env.get("MAILBOX_REDIS_URL") or None
+        redis_url = env.get("MAILBOX_REDIS_URL") or dev_redis_url()
         namespace = env.get("MAILBOX_NAMESPACE", "mailbox").strip() or "mailbox"
         validate_namespace(namespace)
         return cls(

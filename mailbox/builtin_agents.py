@@ -1,0 +1,56 @@
+"""The built-in agents the demo and the tests use (DESIGN.md §6), with exact behaviour."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from mailbox.agents import AgentContext, AgentResult, agent
+from mailbox.errors import PermanentError, TransientError, ValidationError
+from mailbox.model import Termination
+
+SLEEP_STEP_S = 0.02
+
+
+def _int_field(value: Any, key: str) -> None:
+    if not isinstance(value, dict) or not isinstance(value.get(key), int) \
+            or isinstance(value.get(key), bool) or value[key] < 0:
+        raise ValidationError(f'input must be {{"{key}": <non-negative integer>}}, got {value!r}')
+
+
+@agent("echo")
+def echo(ctx: AgentContext) -> str:
+    return ctx.input if isinstance(ctx.input, str) else json.dumps(ctx.input)
+
+
+@agent("sleep", check_input=lambda value: _int_field(value, "ms"))
+def sleep(ctx: AgentContext) -> AgentResult:
+    total_ms = int(ctx.input["ms"])
+    deadline = time.monotonic() + total_ms / 1000
+    while time.monotonic() < deadline:
+        if ctx.cancelled():
+            return AgentResult(response=None, termination=Termination.cancelled())
+        time.sleep(min(SLEEP_STEP_S, max(0.0, deadline - time.monotonic())))
+    return AgentResult(response=f"slept {total_ms}")
+
+
+@agent("flaky", check_input=lambda value: _int_field(value, "fail_times"))
+def flaky(ctx: AgentContext) -> str:
+    fail_times = int(ctx.input["fail_times"])
+    if ctx.attempt < fail_times:
+        raise TransientError(f"flaky failure {ctx.attempt + 1} of {fail_times}")
+    return f"ok after {fail_times} failures"
+
+
+@agent("fail")
+def fail(ctx: AgentContext) -> str:
+    raise PermanentError("requested failure")
+
+
+@agent("ask")
+def ask(ctx: AgentContext) -> str:
+    if ctx.decision is None:
+        ctx.suspend("approve", message=ctx.input if isinstance(ctx.input, str)
+                    else json.dumps(ctx.input))
+    return ctx.decision if isinstance(ctx.decision, str) else json.dumps(ctx.decision)

@@ -1,0 +1,153 @@
+"""Per-run event streams in Redis Streams (DESIGN.md §6).
+
+Every run has a stream of JSON events `{id, type, run_id, dispatch_id, ts, data}`. Readers
+resume from a cursor (the last id they saw) and get every later event, live or not. Retention
+is bounded twice: at most `max_len` events per run, and the whole stream expires `retention`
+after its last event. A reader whose cursor points before what retention dropped gets
+`CursorExpiredError` — never a silent gap. Events are advisory: the SQL records are the truth,
+and a failed emit never fails a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from mailbox import metrics
+from mailbox.coordination import LUA_DIR
+from mailbox.errors import MailboxError
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = frozenset({"run_queued", "run_started", "output", "suspended", "run_rescheduled",
+                         "run_finish", "run_cancelled"})
+DEFAULT_MAX_LEN = 1000
+MAX_DATA_BYTES = 64 * 1024
+
+
+class CursorExpiredError(MailboxError):
+    """The cursor points before events that retention already dropped."""
+
+    prefix = "cursor expired"
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str
+    run_id: str
+    dispatch_id: str | None
+    ts: int
+    data: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "run_id": self.run_id,
+                "dispatch_id": self.dispatch_id, "ts": self.ts, "data": self.data}
+
+
+def _id_tuple(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class EventStreams:
+    def __init__(self, client: redis.Redis[bytes], namespace: str, retention_s: int,
+                 max_len: int = DEFAULT_MAX_LEN) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.retention_ms = max(1, retention_s) * 1000
+        self.max_len = max_len
+        self._append = client.register_script((LUA_DIR / "events_append.lua").read_text())
+
+    def _keys(self, run_id: str) -> tuple[str, str]:
+        base = f"{self.namespace}:events:{run_id}"
+        return base, base + ":meta"
+
+    def emit(self, run_id: str, dispatch_id: str | None, type_: str, data: Any = None,
+             ts: int | None = None) -> str | None:
+        """Append an event; returns its id, or None when Redis refused (logged, counted)."""
+        if type_ not in EVENT_TYPES:
+            raise MailboxError(f"unknown event type {type_!r}")
+        payload = json.dumps({"type": type_, "run_id": run_id, "dispatch_id": dispatch_id,
+                              "ts": ts if ts is not None else int(time.time() * 1000),
+                              "data": _bounded(data)})
+        try:
+            raw = self._append(keys=list(self._keys(run_id)),
+                               args=[payload, self.max_len, self.retention_ms])
+        except redis.RedisError as exc:
+            metrics.count_operation("event_emit", "error")
+            log.warning("event %s for run %s not recorded: %s", type_, run_id, exc)
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def read(self, run_id: str, after: str | None = None, count: int = 1000) -> list[Event]:
+        """Events after the cursor (all retained events when `after` is None)."""
+        stream, _ = self._keys(run_id)
+        self._check_cursor(run_id, after)
+        start = "-" if after is None else f"({after}"
+        entries = self.client.xrange(stream, min=start, max="+", count=count)
+        return [self._decode(run_id, entry_id, fields) for entry_id, fields in entries]
+
+    def follow(self, run_id: str, after: str | None = None, *, block_ms: int = 1000,
+               stop_after_finish: bool = True, timeout_s: float | None = None
+               ) -> Iterator[Event]:
+        """Yield events as they come, from the cursor on. Ends after `run_finish` (when
+        asked) or at the timeout. Reconnecting with the last yielded id loses nothing."""
+        stream, _ = self._keys(run_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        cursor = after
+        for event in self.read(run_id, cursor):
+            cursor = event.id
+            yield event
+            if stop_after_finish and event.type == "run_finish":
+                return
+        while deadline is None or time.monotonic() < deadline:
+            self._check_cursor(run_id, cursor)
+            reply = self.client.xread({stream: cursor or "0-0"}, block=block_ms, count=100)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    event = self._decode(run_id, entry_id, fields)
+                    cursor = event.id
+                    yield event
+                    if stop_after_finish and event.type == "run_finish":
+                        return
+
+    def _check_cursor(self, run_id: str, after: str | None) -> None:
+        if after is None:
+            return
+        try:
+            cursor = _id_tuple(after)
+        except ValueError:
+            raise MailboxError(f"invalid event cursor {after!r}") from None
+        _, meta = self._keys(run_id)
+        dropped, last = self.client.hmget(meta, ["dropped_upto", "last_id"])
+        if dropped is not None and cursor < _id_tuple(dropped.decode()):
+            raise CursorExpiredError(
+                f"events of run {run_id} after {after} were dropped by retention (kept from "
+                f"{dropped.decode()} on); re-read from the start")
+        if last is None and after != "0-0":
+            raise CursorExpiredError(
+                f"the event stream of run {run_id} expired or never existed; cursor {after} "
+                f"cannot be resumed")
+
+    @staticmethod
+    def _decode(run_id: str, entry_id: Any, fields: Any) -> Event:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        raw = fields.get(b"e") or fields.get("e")
+        body = json.loads(raw)
+        return Event(eid, body["type"], run_id, body.get("dispatch_id"), body["ts"],
+                     body.get("data"))
+
+
+def _bounded(data: Any) -> Any:
+    """Keep big payloads out of Redis: events carry summaries, the SQL run holds the rest."""
+    text = json.dumps(data, default=str)
+    if len(text) <= MAX_DATA_BYTES:
+        return json.loads(text)
+    return {"truncated": True, "bytes": len(text), "preview": text[:1024]}

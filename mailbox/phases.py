@@ -1,0 +1,475 @@
+"""The five phases of one claimed dispatch, as plain functions (reference §4.3, P0-P13).
+
+`claim_next` takes a thread's next dispatch; then verify → reconstruct → resolve → execute →
+settle each take and return one small JSON-able context dict. Celery chains them (see
+`tasks/`), but nothing here knows about Celery, so tests call them directly.
+
+A phase that finishes the dispatch early sets `done`; later phases pass the context on and
+`settle` only wakes the thread. Every write is fenced by the claim token in the store, so a
+replayed or duplicated phase changes nothing. A store outage inside a phase leaves the
+dispatch Claimed: its lease runs out and the sweep reclaims it with attempt_count + 1
+(reference §7 point 7), so a failure becomes a bounded retry, never a loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uuid6
+
+from mailbox import agents, metrics
+from mailbox.agents import AgentContext, AgentResult, SuspendRequested
+from mailbox.errors import (
+    MailboxError,
+    NotFoundError,
+    PermanentError,
+    StoreUnavailableError,
+    TransientError,
+    VersionConflictError,
+)
+from mailbox.events import EventStreams
+from mailbox.heartbeat import Heartbeat
+from mailbox.model import (
+    DispatchStatus,
+    RunDispatch,
+    RunDispatchResult,
+    RunStatus,
+    Termination,
+)
+from mailbox.runs import RunStore
+from mailbox.settings import Settings
+from mailbox.store import MailboxStore
+
+log = logging.getLogger(__name__)
+
+Context = dict[str, Any]
+SUPERSEDED_BEFORE_START = "claimed dispatch superseded before execution start"
+COMPLETED, TRANSIENT, PERMANENT = "completed", "transient_error", "permanent_error"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def retry_delay_ms(attempt_count: int, base_ms: int, max_ms: int) -> int:
+    """Capped exponential backoff of reference §4.7 (attempt_count before the nack)."""
+    exponent = min(max(attempt_count - 1, 0), 6)
+    return int(min(base_ms * 2**exponent, max_ms))
+
+
+def classify(error: BaseException) -> str:
+    """Reference §4.5 for our agents: PermanentError is permanent, everything else transient
+    (an unexpected exception is presumed to be a hiccup worth a bounded retry)."""
+    return PERMANENT if isinstance(error, PermanentError) else TRANSIENT
+
+
+def error_text(error: BaseException) -> str:
+    if isinstance(error, TransientError | PermanentError):
+        return str(error) or type(error).__name__
+    return f"{type(error).__name__}: {error}"
+
+
+@dataclass
+class Runtime:
+    """What the phases need from the process that runs them."""
+
+    store: MailboxStore
+    runs: RunStore
+    events: EventStreams
+    settings: Settings
+    consumer_id: str
+    wake: Callable[[str, int], None] = lambda thread_id, delay_ms: None
+    clock: Callable[[], int] = now_ms
+    cancel_check: Callable[[str, str], str | None] | None = None
+    """(thread_id, token) -> reason when a cancel signal for this attempt arrived."""
+    active: dict[str, threading.Event] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ utilities
+def _finish(ctx: Context, reason: str) -> Context:
+    ctx["done"] = True
+    ctx["reason"] = reason
+    return ctx
+
+
+def _emit(rt: Runtime, ctx: Context, type_: str, data: Any = None) -> None:
+    rt.events.emit(ctx["run_id"], ctx["dispatch_id"], type_, data, ts=rt.clock())
+
+
+def _reconcile(rt: Runtime, dispatch: RunDispatch | None, ctx: Context) -> None:
+    """Make the run agree with a terminal dispatch; emit the matching events."""
+    if dispatch is None or not dispatch.is_terminal:
+        return
+    run = rt.runs.reconcile(dispatch, rt.clock())
+    if run is not None and dispatch.status in (DispatchStatus.Cancelled,
+                                               DispatchStatus.Superseded):
+        _emit(rt, ctx, "run_cancelled", {"status": dispatch.status.label,
+                                         "reason": dispatch.last_error})
+        _emit(rt, ctx, "run_finish", {"termination": Termination.cancelled().to_json(),
+                                      "status": dispatch.status.label})
+
+
+def _after_fence(rt: Runtime, ctx: Context, error: MailboxError) -> Context:
+    """A fenced write failed: if the dispatch ended Superseded, reconcile its run."""
+    log.info("dispatch %s is no longer ours: %s", ctx["dispatch_id"], error)
+    try:
+        _reconcile(rt, rt.store.load_dispatch(ctx["dispatch_id"]), ctx)
+    except MailboxError as exc:
+        log.warning("could not reconcile %s: %s", ctx["dispatch_id"], exc)
+    return _finish(ctx, f"fenced: {error}")
+
+
+def context_from_claim(dispatch: RunDispatch) -> Context:
+    assert dispatch.claim_token is not None
+    return {
+        "dispatch_id": dispatch.dispatch_id,
+        "thread_id": dispatch.thread_id,
+        "run_id": dispatch.run_id,
+        "token": dispatch.claim_token,
+        "attempt": dispatch.attempt_count,
+        "epoch": dispatch.dispatch_epoch,
+        "created_at": dispatch.created_at,
+        "available_at": dispatch.available_at,
+        "claimed_at": dispatch.updated_at,
+        "done": False,
+    }
+
+
+# =================================================================================== claim
+def claim_next(rt: Runtime, thread_id: str) -> Context | None:
+    """Claim the thread's next eligible dispatch; None when busy or nothing is due."""
+    claimed = rt.store.claim(thread_id, rt.consumer_id, rt.settings.lease_ms, rt.clock())
+    return context_from_claim(claimed[0]) if claimed else None
+
+
+# ================================================================================== verify
+def verify(rt: Runtime, ctx: Context) -> Context:
+    """P1-P2: the claim is still ours and its epoch is current; else stop before running."""
+    if ctx.get("done"):
+        return ctx
+    try:
+        current = rt.store.load_dispatch(ctx["dispatch_id"])
+        if current is None:
+            return _finish(ctx, "disappeared")
+        if current.status != DispatchStatus.Claimed or current.claim_token != ctx["token"]:
+            if current.status == DispatchStatus.Superseded:
+                _reconcile(rt, current, ctx)
+            return _finish(ctx, f"not ours: {current.status.value}")
+        epoch = rt.store.current_dispatch_epoch(ctx["thread_id"])
+        if current.is_stale(epoch):
+            superseded = rt.store.supersede_claimed(ctx["dispatch_id"], ctx["token"],
+                                                    rt.clock(), SUPERSEDED_BEFORE_START)
+            _reconcile(rt, superseded, ctx)
+            return _finish(ctx, "superseded before start")
+    except VersionConflictError as exc:
+        return _after_fence(rt, ctx, exc)
+    except StoreUnavailableError as exc:
+        return _finish(ctx, f"store unavailable in verify: {exc}")
+    return ctx
+
+
+# ============================================================================= reconstruct
+def reconstruct(rt: Runtime, ctx: Context) -> Context:
+    """P3-P4: rebuild the request from the run record and the message log. A run that cannot
+    be rebuilt never will be: dead-letter it once (the runtime is never entered)."""
+    if ctx.get("done"):
+        return ctx
+    ctx["instance_id"] = str(uuid6.uuid7())
+    ctx["started_at"] = rt.clock()
+    try:
+        run = rt.runs.load_run(ctx["run_id"])
+        if run is None:
+            return _unreconstructable(rt, ctx, f"run '{ctx['run_id']}' not found for dispatch "
+                                               f"'{ctx['dispatch_id']}'")
+        if run.thread_id != ctx["thread_id"]:
+            return _unreconstructable(rt, ctx, f"run '{run.run_id}' belongs to thread "
+                                               f"'{run.thread_id}', not '{ctx['thread_id']}'")
+        if not any(m.role == "user" for m in rt.runs.run_messages(run.run_id)):
+            return _unreconstructable(rt, ctx, f"input message for run '{run.run_id}' not "
+                                               f"found")
+        ctx["resolution_id"] = run.resolution_id
+        ctx["resumed"] = run.status == RunStatus.waiting
+        if run.status == RunStatus.done:
+            # A previous attempt finished the run and died before its ack: do not run the
+            # agent again, settle with what the run record already says.
+            ctx["outcome"] = {"kind": COMPLETED, "replayed": True}
+    except StoreUnavailableError as exc:
+        return _finish(ctx, f"store unavailable in reconstruct: {exc}")
+    return ctx
+
+
+def _unreconstructable(rt: Runtime, ctx: Context, message: str) -> Context:
+    msg = f"validation error: {message}"
+    now = rt.clock()
+    _record_completion(ctx, PERMANENT, now)
+    try:
+        rt.store.record_dispatch_start(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
+                                       ctx["started_at"])
+        try:
+            rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
+                ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error(msg),
+                None, msg), now)
+        except VersionConflictError:
+            raise
+        except MailboxError as exc:
+            log.warning("could not record the result of %s: %s", ctx["dispatch_id"], exc)
+        rt.store.dead_letter(ctx["dispatch_id"], ctx["token"], msg, now)
+        _reconcile(rt, rt.store.load_dispatch(ctx["dispatch_id"]), ctx)
+    except (VersionConflictError, NotFoundError) as exc:
+        return _after_fence(rt, ctx, exc)
+    except StoreUnavailableError as exc:
+        return _finish(ctx, f"store unavailable dead-lettering: {exc}")
+    return _finish(ctx, f"dead letter: {msg}")
+
+
+# ================================================================================= resolve
+def resolve(rt: Runtime, ctx: Context) -> Context:
+    """P8: load the pinned resolution and find exactly that agent version. A failure here is
+    permanent: it becomes the attempt's result (the agent is not run)."""
+    if ctx.get("done") or ctx.get("outcome"):
+        return ctx
+    resolution_id = ctx.get("resolution_id")
+    try:
+        if not resolution_id:
+            ctx["resolve_error"] = (f"persistent dispatch for run '{ctx['run_id']}' has no "
+                                    f"resolution id")
+            return ctx
+        resolution = rt.runs.load_resolution(resolution_id)
+    except StoreUnavailableError as exc:
+        return _finish(ctx, f"store unavailable in resolve: {exc}")
+    if resolution is None:
+        ctx["resolve_error"] = f"resolution '{resolution_id}' not found"
+    elif agents.lookup(resolution.agent_name, resolution.agent_version) is None:
+        ctx["resolve_error"] = (f"runtime error: agent not found: {resolution.agent_name}@"
+                                f"{resolution.agent_version}")
+    else:
+        ctx["agent"] = [resolution.agent_name, resolution.agent_version]
+    return ctx
+
+
+# ================================================================================= execute
+def execute(rt: Runtime, ctx: Context) -> Context:
+    """P6, P9: record the start, then run the agent with a heartbeat beside it."""
+    if ctx.get("done") or ctx.get("outcome"):
+        return ctx
+    lease_ms = rt.settings.lease_ms
+    try:
+        held = rt.store.coordinator.take_executor(
+            ctx["thread_id"], ctx["token"], rt.consumer_id, ctx["dispatch_id"],
+            rt.clock() + lease_ms, lease_ms)
+        if held != "ok":
+            # Another delivery of this phase runs (or ran) the attempt: never a second copy.
+            ctx["duplicate"] = True
+            return _finish(ctx, f"execute refused: {held}")
+        current = rt.store.load_dispatch(ctx["dispatch_id"])
+        if (current is not None and current.claim_token == ctx["token"]
+                and current.dispatch_instance_id not in (None, ctx["instance_id"])):
+            ctx["duplicate"] = True
+            return _finish(ctx, f"execute refused: attempt already started as "
+                                f"{current.dispatch_instance_id}")
+        rt.store.record_dispatch_start(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
+                                       ctx["started_at"])
+        rt.runs.mark_running(ctx["run_id"], ctx["dispatch_id"], rt.clock())
+    except (VersionConflictError, NotFoundError) as exc:
+        return _after_fence(rt, ctx, exc)
+    except StoreUnavailableError as exc:
+        return _finish(ctx, f"store unavailable starting: {exc}")
+    _record_start(ctx)
+    _emit(rt, ctx, "run_started", {"attempt": ctx["attempt"], "resumed": ctx.get("resumed")})
+
+    if ctx.get("resolve_error"):
+        ctx["outcome"] = {"kind": PERMANENT, "error": ctx["resolve_error"]}
+        return ctx
+    name, version = ctx["agent"]
+    spec = agents.lookup(name, version)
+    assert spec is not None
+    try:
+        inputs = rt.runs.run_messages(ctx["run_id"])
+    except StoreUnavailableError as exc:
+        return _finish(ctx, f"store unavailable loading input: {exc}")
+    user = [m.content for m in inputs if m.role == "user"]
+    decisions = [m.content for m in inputs if m.role == "decision"]
+    outcome = _run_agent(rt, ctx, spec, lease_ms, user[0] if user else None,
+                         decisions[-1] if decisions else None)
+    if outcome["kind"] == COMPLETED:
+        # The runtime owns the run record: write the outcome before settle acks, so a crash
+        # in between is recognised by the retry (reconstruct sees a done run) and not re-run.
+        try:
+            rt.runs.finish(ctx["run_id"], outcome.pop("termination_obj"),
+                           outcome.pop("response"), outcome.get("error"), rt.clock(),
+                           waiting=outcome.pop("waiting", None))
+        except StoreUnavailableError as exc:
+            return _finish(ctx, f"store unavailable recording the outcome: {exc}")
+    ctx["outcome"] = outcome
+    return ctx
+
+
+def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
+               input_: Any, decision: Any) -> dict[str, Any]:
+    cancel = threading.Event()
+    rt.active[ctx["dispatch_id"]] = cancel
+
+    def on_lost(reason: str) -> None:
+        ctx["cancel_reason"] = reason
+        cancel.set()
+
+    extra = None
+    if rt.cancel_check is not None:
+        check = rt.cancel_check
+
+        def extra() -> str | None:
+            return check(ctx["thread_id"], ctx["token"])
+
+    agent_ctx = AgentContext(
+        run_id=ctx["run_id"], thread_id=ctx["thread_id"], dispatch_id=ctx["dispatch_id"],
+        attempt=ctx["attempt"], input=input_, decision=decision,
+        load_messages=lambda: [m.content for m in rt.runs.thread_messages(ctx["thread_id"])],
+        emit=lambda type_, data: _emit(rt, ctx, type_, data), cancel_event=cancel)
+    heartbeat = Heartbeat(rt.store, dispatch_id=ctx["dispatch_id"], token=ctx["token"],
+                          lease_ms=lease_ms, clock=rt.clock, on_lost=on_lost,
+                          extra_check=extra)
+    try:
+        with heartbeat:
+            value = spec.handler(agent_ctx)
+    except SuspendRequested as suspend:
+        ticket = dict(suspend.ticket, since_dispatch_id=ctx["dispatch_id"])
+        return {"kind": COMPLETED, "termination_obj": Termination.suspended(),
+                "response": None, "error": None, "waiting": ticket}
+    except Exception as exc:  # the agent's failure is data here, classified below
+        return {"kind": classify(exc), "error": error_text(exc)}
+    finally:
+        rt.active.pop(ctx["dispatch_id"], None)
+    if isinstance(value, AgentResult):
+        termination, response = value.termination, value.response
+    else:
+        termination, response = Termination.natural_end(), None if value is None else str(value)
+    if cancel.is_set() and termination == Termination.natural_end() and response is None:
+        termination = Termination.cancelled()
+    error = termination.value if termination.type == "error" else None
+    return {"kind": COMPLETED, "termination_obj": termination, "response": response or None,
+            "error": error}
+
+
+# ================================================================================== settle
+def settle(rt: Runtime, ctx: Context) -> Context:
+    """P10-P13: record the result, classify, ack / nack / dead-letter, reconcile the run,
+    and wake the thread so its next dispatch starts right away."""
+    try:
+        if not ctx.get("done"):
+            _settle_outcome(rt, ctx)
+    finally:
+        if not ctx.get("duplicate"):
+            rt.wake(ctx["thread_id"], 0)
+    return ctx
+
+
+def _settle_outcome(rt: Runtime, ctx: Context) -> None:
+    outcome = ctx["outcome"]
+    kind = outcome["kind"]
+    now = rt.clock()
+    _record_completion(ctx, kind, now)
+    try:
+        if kind == COMPLETED:
+            _settle_completed(rt, ctx, outcome, now)
+        elif kind == TRANSIENT:
+            _settle_transient(rt, ctx, outcome["error"], now)
+        else:
+            _settle_permanent(rt, ctx, outcome["error"], now)
+    except (VersionConflictError, NotFoundError) as exc:
+        _after_fence(rt, ctx, exc)
+    except StoreUnavailableError as exc:
+        # Left Claimed: the lease expires and the sweep reclaims it (attempt + 1).
+        _finish(ctx, f"store unavailable settling: {exc}")
+    else:
+        ctx["settled"] = kind
+
+
+def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: int) -> None:
+    run = rt.runs.load_run(ctx["run_id"])
+    if run is None:
+        raise NotFoundError(f"run {ctx['run_id']}")
+    termination = run.termination or Termination.natural_end()
+    status, _ = termination.to_run_status()
+    result = RunDispatchResult(ctx["run_id"], ctx["instance_id"], status, termination,
+                               run.response, run.error)
+    rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], result, now)
+    try:
+        rt.store.ack(ctx["dispatch_id"], ctx["token"], now)
+    except StoreUnavailableError:
+        raise
+    except MailboxError:
+        _recover_ack(rt, ctx, now)
+    if run.waiting is not None:
+        _emit(rt, ctx, "suspended", run.waiting)
+    _emit(rt, ctx, "run_finish", {"termination": termination.to_json(),
+                                  "response": run.response, "status": "acked"})
+
+
+def _recover_ack(rt: Runtime, ctx: Context, now: int) -> None:
+    """Reference §4.4: the result is recorded but the ack failed; ack once more if the claim
+    is still ours and the recorded result is done (never force-ack a waiting run)."""
+    current = rt.store.load_dispatch(ctx["dispatch_id"])
+    if current is None:
+        raise NotFoundError(ctx["dispatch_id"])
+    if current.status == DispatchStatus.Acked:
+        return
+    if current.status != DispatchStatus.Claimed or current.claim_token != ctx["token"]:
+        raise VersionConflictError(0, 1)
+    rt.store.ack(ctx["dispatch_id"], ctx["token"], now)
+    metrics.count_operation("ack_recovery", "ok")
+
+
+def _settle_transient(rt: Runtime, ctx: Context, error: str, now: int) -> None:
+    _emit(rt, ctx, "run_finish", {"termination": Termination.error(error).to_json(),
+                                  "error": error, "status": "retrying"})
+    delay = retry_delay_ms(ctx["attempt"], rt.settings.retry_base_ms, rt.settings.retry_max_ms)
+    rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
+        ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error(error), None,
+        error), now)
+    rt.store.nack(ctx["dispatch_id"], ctx["token"], now + delay, error, now)
+    after = rt.store.load_dispatch(ctx["dispatch_id"])
+    if after is not None and after.status == DispatchStatus.Queued:
+        _emit(rt, ctx, "run_rescheduled", {"reason": "retry_backoff",
+                                           "attempt_count": after.attempt_count,
+                                           "available_at": after.available_at})
+        rt.wake(ctx["thread_id"], delay)
+    else:
+        _reconcile(rt, after, ctx)
+
+
+def _settle_permanent(rt: Runtime, ctx: Context, error: str, now: int) -> None:
+    _emit(rt, ctx, "run_finish", {"termination": Termination.error(error).to_json(),
+                                  "error": error, "status": "dead_letter"})
+    rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
+        ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error(error), None,
+        error), now)
+    rt.store.dead_letter(ctx["dispatch_id"], ctx["token"], error, now)
+    _reconcile(rt, rt.store.load_dispatch(ctx["dispatch_id"]), ctx)
+
+
+# ================================================================================= metrics
+def _record_start(ctx: Context) -> None:
+    started = ctx["started_at"]
+    for name, since in (("enqueue_to_start", ctx["created_at"]),
+                        ("eligible_to_start", ctx["available_at"]),
+                        ("claim_to_start", ctx["claimed_at"])):
+        metrics.observe_start(name, max(0, started - since) / 1000)
+
+
+def _record_completion(ctx: Context, outcome: str, now: int) -> None:
+    started = ctx.get("started_at", now)
+    metrics.observe_completion(outcome, runtime_s=max(0, now - started) / 1000,
+                               enqueue_to_complete_s=max(0, now - ctx["created_at"]) / 1000)
+
+
+# ============================================================================ whole chain
+def run_chain(rt: Runtime, ctx: Context) -> Context:
+    """All five phases in this process: what the Celery chain does across messages."""
+    for phase in (verify, reconstruct, resolve, execute, settle):
+        ctx = phase(rt, ctx)
+    return ctx

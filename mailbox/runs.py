@@ -1,0 +1,289 @@
+"""Durable run records, the thread message log and pinned agent resolutions.
+
+A submission writes the run record, its input message, the pinned resolution and the
+dispatch in ONE transaction of the thread (write-ahead in the strongest form: there is no
+window where a run exists without its dispatch or the other way round). Run records change
+state only through `RunRecord.moved_to`, so the run lifecycle of reference §1.4 is enforced in
+the model, like the dispatch transitions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from mailbox.errors import AlreadyExistsError, NotFoundError, ValidationError
+from mailbox.model import (
+    DispatchStatus,
+    RunDispatch,
+    RunRecord,
+    RunStatus,
+    Termination,
+)
+from mailbox.schema import dispatches, messages, resolutions, runs
+from mailbox.store import MailboxStore, _operation, _to_row
+
+MAX_INPUT_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Message:
+    """One entry of a thread's message log."""
+
+    thread_id: str
+    seq: int
+    message_id: str
+    run_id: str
+    role: str
+    content: Any
+    created_at: int
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The (agent name, version) a run was pinned to at submit."""
+
+    resolution_id: str
+    agent_name: str
+    agent_version: str
+
+
+def encode_input(value: Any) -> Any:
+    """Check that an input is JSON and within the size limit; return it unchanged."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"input must be JSON-serializable: {exc}") from None
+    if len(text.encode()) > MAX_INPUT_BYTES:
+        raise ValidationError(
+            f"input is {len(text.encode())} bytes of JSON; the limit is {MAX_INPUT_BYTES}"
+        )
+    return value
+
+
+def _run_row(run: RunRecord) -> dict[str, Any]:
+    row = run.to_json()
+    row["status"] = run.status.value
+    return row
+
+
+def _run_from_row(row: sa.Row[Any]) -> RunRecord:
+    values = dict(row._mapping)
+    if values.get("termination") is not None:
+        values["termination"] = Termination.from_json(values["termination"])
+    return RunRecord(**values)
+
+
+class RunStore:
+    """SQL for runs, messages and resolutions, sharing the dispatch store's transactions."""
+
+    def __init__(self, store: MailboxStore) -> None:
+        self.store = store
+
+    # ------------------------------------------------------------------------------ submit
+    @_operation("submit")
+    def submit(self, run: RunRecord, dispatch: RunDispatch, resolution: Resolution,
+               message_id: str, content: Any, now: int, *, new_run: bool = True,
+               role: str = "user") -> RunDispatch:
+        """Write run + input message + resolution + dispatch atomically; return the stored
+        dispatch (stamped with the thread epoch). `new_run=False` adds a dispatch to an
+        existing run (a resume), moving it back to Queued-able state."""
+        run.validate_for_persist()
+        dispatch.validate_for_enqueue()
+        if run.thread_id != dispatch.thread_id or run.run_id != dispatch.run_id:
+            raise ValidationError("run and dispatch must name the same thread and run")
+        encode_input(content)
+        try:
+            with self.store._write() as conn:
+                epoch = self.store._lock_thread(conn, dispatch.thread_id, create=True)
+                assert epoch is not None
+                stored = dispatch.enqueued(epoch)
+                conn.execute(sa.insert(dispatches).values(**_to_row(stored)))
+                self._ensure_resolution(conn, resolution, now)
+                if new_run:
+                    conn.execute(sa.insert(runs).values(**_run_row(run)))
+                else:
+                    result = conn.execute(sa.update(runs).where(
+                        runs.c.run_id == run.run_id).values(**_run_row(run)))
+                    if result.rowcount != 1:
+                        raise NotFoundError(f"run {run.run_id}")
+                seq = conn.execute(sa.select(sa.func.coalesce(sa.func.max(messages.c.seq), 0))
+                                   .where(messages.c.thread_id == run.thread_id)).scalar_one()
+                conn.execute(sa.insert(messages).values(
+                    thread_id=run.thread_id, seq=int(seq) + 1, message_id=message_id,
+                    run_id=run.run_id, role=role, content=content, created_at=now))
+        except sa_exc.IntegrityError:
+            raise self._submit_conflict(run, dispatch) from None
+        return stored
+
+    def _ensure_resolution(self, conn: sa.Connection, resolution: Resolution, now: int) -> None:
+        exists = conn.execute(sa.select(resolutions.c.resolution_id).where(
+            resolutions.c.resolution_id == resolution.resolution_id)).first()
+        if exists is None:
+            conn.execute(sa.insert(resolutions).values(
+                resolution_id=resolution.resolution_id, agent_name=resolution.agent_name,
+                agent_version=resolution.agent_version, created_at=now))
+
+    def _submit_conflict(self, run: RunRecord, dispatch: RunDispatch) -> AlreadyExistsError:
+        with self.store._read() as conn:
+            if conn.execute(sa.select(dispatches.c.dispatch_id).where(
+                    dispatches.c.dispatch_id == dispatch.dispatch_id)).first():
+                return AlreadyExistsError(dispatch.dispatch_id)
+            if dispatch.dedupe_key is not None and conn.execute(
+                    sa.select(dispatches.c.dispatch_id).where(
+                        dispatches.c.thread_id == dispatch.thread_id,
+                        dispatches.c.dedupe_key == dispatch.dedupe_key,
+                        dispatches.c.status.in_(["Queued", "Claimed"]))).first():
+                return AlreadyExistsError(f"dedupe_key={dispatch.dedupe_key}")
+        return AlreadyExistsError(f"run {run.run_id}")
+
+    # ------------------------------------------------------------------------------- reads
+    @_operation("load_run")
+    def load_run(self, run_id: str) -> RunRecord | None:
+        with self.store._read() as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).one_or_none()
+        return None if row is None else _run_from_row(row)
+
+    def thread_messages(self, thread_id: str, limit: int = 1000) -> list[Message]:
+        """The thread's log, oldest first (the last `limit` entries)."""
+        query = (sa.select(messages).where(messages.c.thread_id == thread_id)
+                 .order_by(messages.c.seq.desc()).limit(limit))
+        with self.store._read() as conn:
+            rows = [Message(**dict(r._mapping)) for r in conn.execute(query)]
+        return list(reversed(rows))
+
+    def run_messages(self, run_id: str) -> list[Message]:
+        query = (sa.select(messages).where(messages.c.run_id == run_id)
+                 .order_by(messages.c.seq))
+        with self.store._read() as conn:
+            return [Message(**dict(r._mapping)) for r in conn.execute(query)]
+
+    def load_resolution(self, resolution_id: str) -> Resolution | None:
+        with self.store._read() as conn:
+            row = conn.execute(sa.select(resolutions).where(
+                resolutions.c.resolution_id == resolution_id)).one_or_none()
+        if row is None:
+            return None
+        return Resolution(row.resolution_id, row.agent_name, row.agent_version)
+
+    def latest_open_run(self, thread_id: str) -> RunRecord | None:
+        """The thread's most recent run that is still waiting for a decision, if any."""
+        query = (sa.select(runs).where(runs.c.thread_id == thread_id,
+                                       runs.c.status == RunStatus.waiting.value)
+                 .order_by(runs.c.updated_at.desc()).limit(1))
+        with self.store._read() as conn:
+            row = conn.execute(query).one_or_none()
+        return None if row is None else _run_from_row(row)
+
+    # ------------------------------------------------------------------------------ writes
+    def _update(self, run_id: str, change: Callable[[RunRecord], RunRecord | None]
+                ) -> RunRecord | None:
+        """Load, apply `change(run) -> RunRecord | None`, write back (guarded by status)."""
+        with self.store._write() as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).one_or_none()
+            if row is None:
+                return None
+            before = _run_from_row(row)
+            after = change(before)
+            if after is None or after == before:
+                return None
+            result = conn.execute(sa.update(runs).where(
+                runs.c.run_id == run_id, runs.c.status == before.status.value
+            ).values(**_run_row(after)))
+            if result.rowcount != 1:
+                raise ValidationError(f"run {run_id} changed concurrently")
+            return after
+
+    @_operation("mark_run_running")
+    def mark_running(self, run_id: str, dispatch_id: str, now: int) -> RunRecord | None:
+        def change(run: RunRecord) -> RunRecord | None:
+            if run.status == RunStatus.done:
+                return None
+            return run.moved_to(RunStatus.running, now, dispatch_id=dispatch_id, waiting=None)
+
+        return self._update(run_id, change)
+
+    @_operation("finish_run")
+    def finish(self, run_id: str, termination: Termination, response: str | None,
+               error: str | None, now: int, waiting: dict[str, Any] | None = None
+               ) -> RunRecord | None:
+        """Record how the runtime ended the run: done, or waiting with a ticket."""
+        status, _ = termination.to_run_status()
+
+        def change(run: RunRecord) -> RunRecord | None:
+            if run.status == RunStatus.done:
+                return None
+            if status == RunStatus.waiting:
+                return run.moved_to(RunStatus.waiting, now, termination=termination,
+                                    response=response, error=error, waiting=waiting)
+            return run.moved_to(RunStatus.done, now, termination=termination,
+                                response=response, error=error, waiting=None,
+                                finished_at=now)
+
+        return self._update(run_id, change)
+
+    def reconcile(self, dispatch: RunDispatch, now: int) -> RunRecord | None:
+        """Bring the run in line with its terminal dispatch (reference §4.9): Cancelled and
+        Superseded → done/cancelled, DeadLetter → done/error. A run that is missing, belongs
+        to another thread, is already done, or has moved on to a newer dispatch is left."""
+        if dispatch.status == DispatchStatus.DeadLetter:
+            reason = dispatch.run_error or dispatch.last_error or "mailbox dispatch dead-lettered"
+            termination, error, op = Termination.error(reason), reason, "mark_run_dead_letter"
+        elif dispatch.status == DispatchStatus.Cancelled:
+            termination, error, op = Termination.cancelled(), None, "mark_run_cancelled"
+        elif dispatch.status == DispatchStatus.Superseded:
+            termination, error, op = Termination.cancelled(), None, "mark_run_superseded"
+        else:
+            return None
+
+        def change(run: RunRecord) -> RunRecord | None:
+            if (run.thread_id != dispatch.thread_id or run.status == RunStatus.done
+                    or (run.dispatch_id not in (None, dispatch.dispatch_id))):
+                return None
+            return run.moved_to(RunStatus.done, now, termination=termination, error=error,
+                                waiting=None, finished_at=now,
+                                dispatch_id=dispatch.dispatch_id)
+
+        updated: RunRecord | None = _operation(op)(self._update)(dispatch.run_id, change)
+        return updated
+
+    @_operation("unreconciled_terminal_dispatches")
+    def unreconciled_terminal_dispatches(self, limit: int = 100) -> list[RunDispatch]:
+        """Terminal dispatches (Cancelled, Superseded, DeadLetter) whose run still points at
+        them and is not done: what a crash between the two writes leaves behind."""
+        from mailbox.store import _from_row
+
+        query = (sa.select(dispatches)
+                 .join(runs, sa.and_(runs.c.run_id == dispatches.c.run_id,
+                                     runs.c.dispatch_id == dispatches.c.dispatch_id))
+                 .where(dispatches.c.status.in_(["Cancelled", "Superseded", "DeadLetter"]),
+                        runs.c.status != RunStatus.done.value)
+                 .order_by(dispatches.c.updated_at).limit(limit))
+        with self.store._read() as conn:
+            return [_from_row(r) for r in conn.execute(query)]
+
+    @_operation("due_thread_ids")
+    def due_thread_ids(self, now: int, limit: int = 1000) -> list[str]:
+        """Threads with a Queued dispatch due now and no Claimed dispatch: those a wake-up
+        would start (delayed availability, retries in backoff, lost publishes)."""
+        claimed = sa.select(dispatches.c.thread_id).where(
+            dispatches.c.status == DispatchStatus.Claimed.value)
+        query = (sa.select(dispatches.c.thread_id).distinct()
+                 .where(dispatches.c.status == DispatchStatus.Queued.value,
+                        dispatches.c.available_at <= now,
+                        dispatches.c.thread_id.not_in(claimed))
+                 .order_by(dispatches.c.thread_id).limit(limit))
+        with self.store._read() as conn:
+            return [str(t) for t in conn.execute(query).scalars()]
+
+    def runs_by_status(self, statuses: Sequence[RunStatus]) -> dict[str, int]:
+        query = (sa.select(runs.c.status, sa.func.count())
+                 .where(runs.c.status.in_([s.value for s in statuses]))
+                 .group_by(runs.c.status))
+        with self.store._read() as conn:
+            return {str(s): int(n) for s, n in conn.execute(query)}

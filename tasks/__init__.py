@@ -1,0 +1,38 @@
+"""Celery glue only: the app, `dispatch`, the five phase tasks and the beat tasks.
+
+`celery -A tasks worker` loads this package from the project root; importing it registers
+every task. Applications call `from tasks import dispatch; dispatch.delay(...)` with the
+project root on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import before_task_publish
+
+import mailbox  # noqa: F401  (first import of `mailbox` here, while the root is on sys.path)
+from tasks import maintenance, phases
+from tasks.app import app
+from tasks.dispatch import WakeNotPublishedError, dispatch
+
+
+@before_task_publish.connect
+def _ids_only_in_flower(headers: dict[str, Any] | None = None, body: Any = None,
+                        **_: Any) -> None:
+    """Flower and logs show the phase's ids, never the run's input."""
+    if not headers or not str(headers.get("task", "")).startswith("mailbox."):
+        return
+    args = body[0] if isinstance(body, tuple | list) and body else ()
+    if args and isinstance(args[0], dict):
+        headers["argsrepr"] = phases.describe(args[0])
+        headers["kwargsrepr"] = "{}"
+    elif args:
+        kwargs = body[1] if len(body) > 1 else {}
+        headers["argsrepr"] = f"thread={args[0]}" + (
+            f" dispatch={kwargs.get('dispatch_id')}" if kwargs.get("dispatch_id") else "")
+        headers["kwargsrepr"] = "{}"
+
+
+__all__ = ["WakeNotPublishedError", "app", "dispatch", "maintenance", "phases"]
+celery = app

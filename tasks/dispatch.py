@@ -1,0 +1,63 @@
+"""`dispatch.delay(thread_id, agent, input, ...)` and the `mailbox.dispatch` task.
+
+`delay` runs in the caller: validate, write the run, its input and the dispatch durably, then
+publish a wake-up whose task id is the dispatch id (so Flower shows it under that id). The
+task body runs in a worker: claim the thread's next eligible dispatch and start its chain of
+five phases. A busy thread or nothing due: the task simply returns — whoever holds the thread
+wakes it again when it settles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, chain
+from celery.result import AsyncResult
+
+from mailbox.errors import MailboxError
+from mailbox.phases import claim_next
+from tasks import phases
+from tasks.app import app
+from tasks.runtime import MAX_COUNTDOWN_MS, mailbox, runtime
+
+
+class WakeNotPublishedError(MailboxError):
+    """The dispatch is stored durably, but its wake-up could not reach the broker."""
+
+    prefix = "stored, wake-up not published"
+
+    def __init__(self, dispatch_id: str, cause: BaseException) -> None:
+        super().__init__(f"dispatch {dispatch_id} is stored durably but the broker refused the "
+                         f"wake-up ({cause}); a worker's sweep will deliver it")
+        self.dispatch_id = dispatch_id
+
+
+class DispatchTask(Task):
+    """A task whose `delay` submits durably before it publishes."""
+
+    def delay(self, thread_id: str, agent: str, input: Any, *, priority: int = 128,
+              dedupe_key: str | None = None, delay_ms: int = 0, max_attempts: int | None = None,
+              interrupt: bool = False) -> AsyncResult:
+        receipt = mailbox().submit(thread_id, agent, input, priority=priority,
+                                   dedupe_key=dedupe_key, delay_ms=delay_ms,
+                                   max_attempts=max_attempts, interrupt=interrupt)
+        countdown = delay_ms / 1000 if 0 < delay_ms <= MAX_COUNTDOWN_MS else None
+        if delay_ms > MAX_COUNTDOWN_MS:
+            return self.AsyncResult(receipt.dispatch_id)
+        try:
+            self.apply_async(args=(thread_id,), kwargs={"dispatch_id": receipt.dispatch_id},
+                             task_id=receipt.dispatch_id, countdown=countdown)
+        except Exception as exc:  # kombu raises several types for an unreachable broker
+            raise WakeNotPublishedError(receipt.dispatch_id, exc) from exc
+        return self.AsyncResult(receipt.dispatch_id)
+
+
+@app.task(bind=True, base=DispatchTask, name="mailbox.dispatch")
+def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None) -> str | None:
+    """Claim the thread's next dispatch and chain its phases; None when busy or idle."""
+    ctx = claim_next(runtime(), thread_id)
+    if ctx is None:
+        return None
+    chain(phases.verify.s(ctx), phases.reconstruct.s(), phases.resolve.s(), phases.execute.s(),
+          phases.settle.s()).apply_async()
+    return str(ctx["dispatch_id"])

@@ -1,0 +1,37 @@
+"""Beat tasks: the sweep (every MAILBOX_SWEEP_INTERVAL_S) and GC (every MAILBOX_GC_INTERVAL_S),
+and the recovery a worker runs when it starts (reference §4.13)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_ready
+
+from mailbox import maintenance
+from mailbox.phases import now_ms
+from tasks.app import app
+from tasks.runtime import runtime
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name="mailbox.sweep")
+def sweep() -> dict[str, int]:
+    report = maintenance.sweep(runtime(), now_ms())
+    return {"reclaimed": len(report.reclaimed), "dead_lettered": len(report.dead_lettered),
+            "reconciled": len(report.reconciled), "woken": len(report.woken)}
+
+
+@app.task(name="mailbox.gc")
+def gc() -> int:
+    return maintenance.collect_garbage(runtime(), now_ms())
+
+
+@worker_ready.connect
+def recover_on_start(**_: Any) -> None:
+    """A starting worker sweeps once: expired claims of dead workers, stranded queues."""
+    try:
+        sweep.delay()
+    except Exception as exc:
+        log.warning("could not publish the start-up sweep: %s", exc)

@@ -1,0 +1,46 @@
+"""One Mailbox and phase runtime per worker process, created on first use.
+
+Per process, not per import: a prefork pool forks children after the app loads, and database
+and Redis connections must never be shared across a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from mailbox.facade import Mailbox
+from mailbox.phases import Runtime
+
+MAX_COUNTDOWN_MS = 5 * 60 * 1000
+
+_lock = threading.Lock()
+_state: dict[int, tuple[Mailbox, Runtime]] = {}
+
+
+def publish_wake(thread_id: str, delay_ms: int = 0) -> None:
+    """Ask a worker to claim the thread's next dispatch. Delays longer than a few minutes are
+    left to the sweep: long ETAs are where Redis visibility timeouts duplicate messages."""
+    from tasks.dispatch import dispatch
+
+    if delay_ms > MAX_COUNTDOWN_MS:
+        return
+    dispatch.apply_async(args=(thread_id,), countdown=delay_ms / 1000 if delay_ms > 0 else None)
+
+
+def current() -> tuple[Mailbox, Runtime]:
+    pid = os.getpid()
+    with _lock:
+        if pid not in _state:
+            mailbox = Mailbox.connect()
+            mailbox.waker = publish_wake
+            _state[pid] = (mailbox, mailbox.runtime(wake=publish_wake))
+        return _state[pid]
+
+
+def mailbox() -> Mailbox:
+    return current()[0]
+
+
+def runtime() -> Runtime:
+    return current()[1]
