@@ -259,16 +259,20 @@ def execute(rt: Runtime, ctx: Context) -> Context:
         return ctx
     lease_ms = rt.settings.lease_ms
     try:
+        # One execution per attempt: the executor id is unique to this invocation, so a
+        # second delivery of the same message is refused even inside the same process.
+        executor = f"{rt.consumer_id}/{uuid6.uuid7().hex[-12:]}"
         held = rt.store.coordinator.take_executor(
-            ctx["thread_id"], ctx["token"], rt.consumer_id, ctx["dispatch_id"],
+            ctx["thread_id"], ctx["token"], executor, ctx["dispatch_id"],
             rt.clock() + lease_ms, lease_ms)
         if held != "ok":
-            # Another delivery of this phase runs (or ran) the attempt: never a second copy.
             ctx["duplicate"] = True
             return _finish(ctx, f"execute refused: {held}")
         current = rt.store.load_dispatch(ctx["dispatch_id"])
-        if (current is not None and current.claim_token == ctx["token"]
-                and current.dispatch_instance_id not in (None, ctx["instance_id"])):
+        if current is None or current.claim_token != ctx["token"]:
+            return _finish(ctx, "not ours at execute")
+        if current.dispatch_instance_id is not None:
+            # Redis forgot the executor (restart, flush) but SQL remembers the start.
             ctx["duplicate"] = True
             return _finish(ctx, f"execute refused: attempt already started as "
                                 f"{current.dispatch_instance_id}")

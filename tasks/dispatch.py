@@ -18,7 +18,7 @@ from mailbox.errors import MailboxError
 from mailbox.phases import claim_next
 from tasks import phases
 from tasks.app import app
-from tasks.runtime import MAX_COUNTDOWN_MS, mailbox, runtime
+from tasks.runtime import MAX_COUNTDOWN_MS, mailbox, queue, runtime
 
 
 class WakeNotPublishedError(MailboxError):
@@ -46,7 +46,7 @@ class DispatchTask(Task):
             return self.AsyncResult(receipt.dispatch_id)
         try:
             self.apply_async(args=(thread_id,), kwargs={"dispatch_id": receipt.dispatch_id},
-                             task_id=receipt.dispatch_id, countdown=countdown)
+                             task_id=receipt.dispatch_id, countdown=countdown, queue=queue())
         except Exception as exc:  # kombu raises several types for an unreachable broker
             raise WakeNotPublishedError(receipt.dispatch_id, exc) from exc
         return self.AsyncResult(receipt.dispatch_id)
@@ -58,6 +58,8 @@ def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None)
     ctx = claim_next(runtime(), thread_id)
     if ctx is None:
         return None
-    chain(phases.verify.s(ctx), phases.reconstruct.s(), phases.resolve.s(), phases.execute.s(),
-          phases.settle.s()).apply_async()
+    q = queue()
+    chain(phases.verify.s(ctx).set(queue=q), phases.reconstruct.s().set(queue=q),
+          phases.resolve.s().set(queue=q), phases.execute.s().set(queue=q),
+          phases.settle.s().set(queue=q)).apply_async()
     return str(ctx["dispatch_id"])

@@ -32,6 +32,8 @@ def gc() -> int:
 def recover_on_start(**_: Any) -> None:
     """A starting worker sweeps once: expired claims of dead workers, stranded queues."""
     try:
-        sweep.delay()
+        from tasks.runtime import queue
+
+        sweep.apply_async(queue=queue())
     except Exception as exc:
         log.warning("could not publish the start-up sweep: %s", exc)

@@ -25,7 +25,14 @@ def publish_wake(thread_id: str, delay_ms: int = 0) -> None:
 
     if delay_ms > MAX_COUNTDOWN_MS:
         return
-    dispatch.apply_async(args=(thread_id,), countdown=delay_ms / 1000 if delay_ms > 0 else None)
+    dispatch.apply_async(args=(thread_id,), countdown=delay_ms / 1000 if delay_ms > 0 else None,
+                         queue=queue())
+
+
+def queue() -> str:
+    """Every message goes to the queue named after the namespace, so tenants and tests that
+    share a broker never take each other's work."""
+    return mailbox().settings.namespace
 
 
 def current() -> tuple[Mailbox, Runtime]:

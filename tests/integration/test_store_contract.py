@@ -1,4 +1,4 @@
-"""Store-level contract tests beyond the conformance suite (reference §6.3, §6.2 #38–39, §3).
+"""Store-level contract tests beyond the conformance suite (reference §6.3, §6.2 #38 and #39, §3).
 
 Real SQL and real Redis via the `store` fixture, on every configured backend. Concurrency
 tests use real OS threads started together at a barrier.

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailbox import Mailbox
+from tests.support.workers import Stack, stack
+
+
+@pytest.fixture
+def celery_stack(mailbox: Mailbox, tmp_path: Path, request: pytest.FixtureRequest
+                 ) -> Iterator[Stack]:
+    """Worker/beat launcher bound to the test's database, Redis and namespace. Environment
+    overrides: `@pytest.mark.stack_env(MAILBOX_LEASE_MS="2000")`."""
+    marker = request.node.get_closest_marker("stack_env")
+    overrides = dict(marker.kwargs) if marker else {}
+    settings = mailbox.settings
+    assert settings.redis_url is not None
+    with stack(settings.database_url, settings.redis_url, settings.namespace, tmp_path,
+               **overrides) as s:
+        yield s
+        if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+            print(s.logs())
+
+
+@pytest.fixture
+def publisher(celery_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mailbox]:
+    """Configure this process like an application that calls dispatch.delay(): by
+    environment (database, Redis, namespace). Returns the Mailbox `tasks` uses."""
+    for key, value in celery_stack.env().items():
+        if key.startswith(("MAILBOX_", "CELERY_")):
+            monkeypatch.setenv(key, value)
+    import tasks.runtime
+    from tasks import app as celery_app
+
+    celery_app.conf.broker_url = celery_stack.redis_url
+    tasks.runtime._state.clear()
+    yield tasks.runtime.mailbox()
+    tasks.runtime._state.clear()
