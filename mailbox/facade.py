@@ -18,12 +18,13 @@ from typing import Any
 
 import uuid6
 
-from mailbox import agents
+from mailbox import agents, maintenance, metrics
 from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
 from mailbox.coordination import Coordinator, connect_redis
 from mailbox.database import create_engine
 from mailbox.errors import MailboxError, NotFoundError, ValidationError
 from mailbox.events import Event, EventStreams
+from mailbox.maintenance import SweepReport
 from mailbox.model import (
     PRIORITY_MAX,
     PRIORITY_MIN,
@@ -268,6 +269,70 @@ class Mailbox:
             self._signal_cancel(result.active_dispatch.claim_token, "interrupted")
         return result
 
+    # ------------------------------------------------------------------------ dead letters
+    def dead_letters(self, *, thread_id: str | None = None, agent: str | None = None,
+                     error_contains: str | None = None, since: int | None = None,
+                     until: int | None = None, limit: int = 100, offset: int = 0
+                     ) -> list[RunDispatch]:
+        return self.runs.list_dead_letters(thread_id=thread_id, agent=agent,
+                                           error_contains=error_contains, since=since,
+                                           until=until, limit=limit, offset=offset)
+
+    def replay(self, dispatch_id: str, *, force: bool = False) -> Receipt:
+        """Run a dead letter's work again: a new run with the same pinned agent and input, on
+        the same thread, with a fresh dispatch and attempt budget.
+
+        Refused (ValidationError) when the thread was interrupted after the dispatch was
+        queued — the conversation moved on, and replaying would resurrect stale work —
+        unless `force`.
+        """
+        dead = self.store.load_dispatch(dispatch_id)
+        if dead is None:
+            raise NotFoundError(dispatch_id)
+        if dead.status != DispatchStatus.DeadLetter:
+            raise ValidationError(f"dispatch {dispatch_id} is {dead.status.value}, not a dead "
+                                  f"letter")
+        epoch = self.store.sql_epoch(dead.thread_id)
+        if dead.dispatch_epoch < epoch and not force:
+            raise ValidationError(
+                f"thread {dead.thread_id} moved on (epoch {epoch} > {dead.dispatch_epoch}: it "
+                f"was interrupted after this dispatch was queued); replay with force to run it "
+                f"anyway")
+        run = self.runs.load_run(dead.run_id)
+        inputs = self.runs.run_messages(dead.run_id)
+        user = [m for m in inputs if m.role == "user"]
+        if run is None or run.resolution_id is None or not user:
+            raise ValidationError(f"run {dead.run_id} of dispatch {dispatch_id} cannot be "
+                                  f"rebuilt (missing run, agent pin or input)")
+        name, _, version = run.resolution_id.partition("@")
+        now = now_ms()
+        dispatch = RunDispatch.queued(_new_id(), dead.thread_id, _new_id(), now,
+                                      priority=dead.priority, max_attempts=dead.max_attempts)
+        replayed = RunRecord(dispatch.run_id, dead.thread_id, run.agent_id, run.resolution_id,
+                             RunStatus.created, dispatch_id=dispatch.dispatch_id,
+                             created_at=now, updated_at=now)
+        self.runs.submit(replayed, dispatch, Resolution(run.resolution_id, name, version),
+                         _new_id(), user[0].content, now)
+        self.events.emit(replayed.run_id, dispatch.dispatch_id, "run_queued",
+                         {"agent": run.resolution_id, "replay_of": dispatch_id}, ts=now)
+        self._wake(dead.thread_id, 0)
+        return Receipt(dispatch.dispatch_id, replayed.run_id, dead.thread_id)
+
+    def purge_dead_letters(self, dispatch_ids: list[str]) -> int:
+        return self.runs.purge_dead_letters(dispatch_ids)
+
+    # ------------------------------------------------------------------------- maintenance
+    def sweep(self, now: int | None = None) -> SweepReport:
+        """Reclaim expired leases, reconcile runs, wake due threads (what beat runs)."""
+        return maintenance.sweep(self.runtime(), now_ms() if now is None else now)
+
+    def recover(self) -> SweepReport:
+        """What a worker does when it starts: one sweep at the current time."""
+        return self.sweep()
+
+    def collect_garbage(self, now: int | None = None) -> int:
+        return maintenance.collect_garbage(self.runtime(), now_ms() if now is None else now)
+
     def _cancel_key(self, token: str) -> str:
         return f"{self.settings.namespace}:cancel:{token}"
 
@@ -281,4 +346,6 @@ class Mailbox:
         raw = self.store.coordinator.client.get(self._cancel_key(token))
         if raw is None:
             return None
-        return str(json.loads(raw).get("reason", "cancelled"))
+        signal = json.loads(raw)
+        metrics.CANCEL_LATENCY.observe(max(0, now_ms() - int(signal.get("at", now_ms()))) / 1000)
+        return str(signal.get("reason", "cancelled"))

@@ -50,3 +50,9 @@ def observe_completion(outcome: str, *, runtime_s: float, enqueue_to_complete_s:
     RUNTIME_SECONDS.labels(outcome).observe(runtime_s)
     ENQUEUE_TO_COMPLETE_SECONDS.labels(outcome).observe(enqueue_to_complete_s)
     RUNS.labels(outcome).inc()
+
+CANCEL_LATENCY = Histogram(
+    "mailbox_cancel_latency_seconds",
+    "From a cancel or interrupt signal to the running attempt seeing it.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

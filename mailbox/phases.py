@@ -270,7 +270,7 @@ def execute(rt: Runtime, ctx: Context) -> Context:
             return _finish(ctx, f"execute refused: {held}")
         current = rt.store.load_dispatch(ctx["dispatch_id"])
         if current is None or current.claim_token != ctx["token"]:
-            return _finish(ctx, "not ours at execute")
+            return _after_fence(rt, ctx, VersionConflictError(0, 1))
         if current.dispatch_instance_id is not None:
             # Redis forgot the executor (restart, flush) but SQL remembers the start.
             ctx["duplicate"] = True

@@ -281,6 +281,45 @@ class RunStore:
         with self.store._read() as conn:
             return [str(t) for t in conn.execute(query).scalars()]
 
+    @_operation("list_dead_letters")
+    def list_dead_letters(self, *, thread_id: str | None = None, agent: str | None = None,
+                          error_contains: str | None = None, since: int | None = None,
+                          until: int | None = None, limit: int = 100, offset: int = 0
+                          ) -> list[RunDispatch]:
+        """Dead-lettered dispatches, newest first, filtered by thread, agent name, error text
+        and the time they died (`completed_at` within [since, until))."""
+        from mailbox.store import _from_row
+
+        query = (sa.select(dispatches)
+                 .join(runs, runs.c.run_id == dispatches.c.run_id, isouter=True)
+                 .where(dispatches.c.status == DispatchStatus.DeadLetter.value))
+        if thread_id is not None:
+            query = query.where(dispatches.c.thread_id == thread_id)
+        if agent is not None:
+            query = query.where(runs.c.agent_id == agent)
+        if error_contains:
+            query = query.where(dispatches.c.last_error.contains(error_contains,
+                                                                  autoescape=True))
+        if since is not None:
+            query = query.where(dispatches.c.completed_at >= since)
+        if until is not None:
+            query = query.where(dispatches.c.completed_at < until)
+        query = (query.order_by(dispatches.c.completed_at.desc(), dispatches.c.dispatch_id)
+                 .limit(limit).offset(offset))
+        with self.store._read() as conn:
+            return [_from_row(r) for r in conn.execute(query)]
+
+    @_operation("purge_dead_letters")
+    def purge_dead_letters(self, dispatch_ids: Sequence[str]) -> int:
+        """Delete the given dead letters (and nothing that is not one)."""
+        if not dispatch_ids:
+            return 0
+        with self.store._write() as conn:
+            result = conn.execute(sa.delete(dispatches).where(
+                dispatches.c.dispatch_id.in_(list(dispatch_ids)),
+                dispatches.c.status == DispatchStatus.DeadLetter.value))
+            return int(result.rowcount)
+
     def runs_by_status(self, statuses: Sequence[RunStatus]) -> dict[str, int]:
         query = (sa.select(runs.c.status, sa.func.count())
                  .where(runs.c.status.in_([s.value for s in statuses]))
