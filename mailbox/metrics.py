@@ -6,7 +6,10 @@ prefork workers) is wired by the worker and the CLI, not here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 OPERATIONS = Counter(
     "mailbox_operations_total",
@@ -56,3 +59,38 @@ CANCEL_LATENCY = Histogram(
     "From a cancel or interrupt signal to the running attempt seeing it.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+
+class StoreCollector:
+    """Gauges computed from the store at scrape time (reference §5.1): dispatch depth by
+    status, queue depth, active runs (Claimed dispatches) and the age of the oldest due
+    Queued dispatch. Read from SQL, they are right across every worker and machine."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]],
+                 oldest_due_age_s: Callable[[], float]) -> None:
+        self._counts = counts
+        self._oldest = oldest_due_age_s
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = self._counts()
+            oldest = self._oldest()
+        except Exception:  # a scrape must not crash because the database is down
+            up = GaugeMetricFamily("mailbox_store_up", "1 when the store answered the scrape.")
+            up.add_metric([], 0)
+            yield up
+            return
+        depth = GaugeMetricFamily("mailbox_dispatch_depth", "Dispatches by status.",
+                                  labels=["status"])
+        for status, n in counts.items():
+            depth.add_metric([status], n)
+        yield depth
+        yield GaugeMetricFamily("mailbox_queue_depth", "Queued dispatches.",
+                                value=counts.get("queued", 0))
+        yield GaugeMetricFamily("mailbox_active_runs", "Claimed dispatches (runs in flight).",
+                                value=counts.get("claimed", 0))
+        yield GaugeMetricFamily("mailbox_oldest_queued_age_seconds",
+                                "Age of the oldest due Queued dispatch.", value=oldest)
+        up = GaugeMetricFamily("mailbox_store_up", "1 when the store answered the scrape.")
+        up.add_metric([], 1)
+        yield up

@@ -681,6 +681,15 @@ class MailboxStore:
         return {s: counts[s] for s in DispatchStatus}
 
 
+    def oldest_due_queued_at(self, now: int) -> int | None:
+        """`available_at` of the longest-waiting due Queued dispatch (for the age gauge)."""
+        query = sa.select(sa.func.min(dispatches.c.available_at)).where(
+            dispatches.c.status == DispatchStatus.Queued.value, dispatches.c.available_at <= now)
+        with self._read() as conn:
+            value = conn.execute(query).scalar_one_or_none()
+        return None if value is None else int(value)
+
+
 def _require_page(limit: int, offset: int) -> None:
     for name, value in (("limit", limit), ("offset", offset)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

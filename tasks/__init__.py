@@ -7,12 +7,19 @@ project root on PYTHONPATH.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
+
+if "worker" in sys.argv[1:]:  # a worker: prefork children report metrics through files
+    from tasks.monitoring import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(os.environ.get("MAILBOX_NAMESPACE", "mailbox"))
 
 from celery.signals import before_task_publish
 
-import mailbox  # noqa: F401  (first import of `mailbox` here, while the root is on sys.path)
-from tasks import maintenance, phases
+import mailbox  # noqa: F401  (first import of `mailbox`, while the root is on sys.path)
+from tasks import maintenance, monitoring, phases
 from tasks.app import app
 from tasks.dispatch import WakeNotPublishedError, dispatch
 
@@ -34,5 +41,5 @@ def _ids_only_in_flower(headers: dict[str, Any] | None = None, body: Any = None,
         headers["kwargsrepr"] = "{}"
 
 
-__all__ = ["WakeNotPublishedError", "app", "dispatch", "maintenance", "phases"]
+__all__ = ["WakeNotPublishedError", "app", "dispatch", "maintenance", "monitoring", "phases"]
 celery = app

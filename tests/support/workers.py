@@ -39,6 +39,7 @@ class Stack:
             "MAILBOX_NAMESPACE": self.namespace,
             "MAILBOX_BEAT_SCHEDULE": str(self.workdir / "beat-schedule"),
             "PYTHONPATH": str(ROOT),
+            "MAILBOX_METRICS_PORT": "0",
         })
         env.update(self.env_overrides)
         env.update(extra)
