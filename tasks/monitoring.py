@@ -35,7 +35,7 @@ def prepare_multiprocess_dir(namespace: str) -> None:
     # our code runs; switch its value class now, before any of our metrics exist.
     from prometheus_client import values
 
-    values.ValueClass = values.MultiProcessValue()
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
 def metrics_port() -> int:

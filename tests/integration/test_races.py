@@ -162,7 +162,8 @@ class WorkerLog:
     errors: list[str] = field(default_factory=list)
     unavailable: int = 0
     unavailable_ops: dict[str, int] = field(default_factory=dict)
-    ok_claim_times: list[float] = field(default_factory=list)
+    ok_claim_times: list[float] = field(default_factory=list)  # claims that returned one
+    claim_call_ok_times: list[float] = field(default_factory=list)  # claim calls that returned
     ops: int = 0
     fatal: str | None = None
 
@@ -252,6 +253,7 @@ class Workload:
         start = time.monotonic()
         got = self.store.claim(thread, self.name, self.cfg.lease_ms, now_ms())
         end = time.monotonic()
+        self.log.claim_call_ok_times.append(end)
         if len(got) > 1:
             self.log.violation(f"claim returned {len(got)} dispatches for one thread")
         if got:
@@ -264,6 +266,7 @@ class Workload:
         start = time.monotonic()
         got = self.store.claim_dispatch(dispatch_id, self.name, self.cfg.lease_ms, now_ms())
         end = time.monotonic()
+        self.log.claim_call_ok_times.append(end)
         if got is not None:
             self.hold(got, start, end, "claim_dispatch")
 
