@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import sqlite3
 import sys
@@ -601,7 +602,7 @@ def bench_backlog(boxes: Sequence[tuple[int, Mailbox]], cfg: Config, postgres: b
     }
 
 
-def bench_history(box: Mailbox, cfg: Config, postgres: bool) -> list[dict[str, Any]]:
+def bench_history(box: Mailbox, cfg: Config, postgres: bool, backend: str) -> dict[str, Any]:
     """Claim latency on a thread by the number of acked dispatches it already holds.
 
     Terminal rows stay until `purge_terminal` (retention: a day by default), so a busy
@@ -643,7 +644,11 @@ def bench_history(box: Mailbox, cfg: Config, postgres: bool) -> list[dict[str, A
         rows.append({"acked_in_thread": lane.label, "claim": stats})
         say(f"    thread with {lane.label:>6} acked rows: claim p50 {stats['p50_ms']:.3f} ms  "
             f"p99 {stats['p99_ms']:.3f} ms")
-    return rows
+    largest = lanes[-1]
+    plans = explain_claim(store, meter, largest.threads[0], postgres)
+    plans["acked_in_thread"] = largest.label
+    plans["backend"] = backend
+    return {"sizes": rows, "plans": plans}
 
 
 def explain_claim(store: MailboxStore, meter: Meter, thread: str, postgres: bool
@@ -666,13 +671,51 @@ def explain_claim(store: MailboxStore, meter: Meter, thread: str, postgres: bool
             prefix = f"EXPLAIN ({analyze}COSTS) "
         else:
             prefix = "EXPLAIN QUERY PLAN "
+        entry: dict[str, Any] = {"sql": " ".join(statement.split())}
         with store.engine.connect() as conn:
-            result = conn.exec_driver_sql(prefix + statement, parameters)
-            rows = result.fetchall()
-            plan = [str(r[0]) for r in rows] if postgres else _sqlite_plan(rows)
+            rows = conn.exec_driver_sql(prefix + statement, parameters).fetchall()
+            entry["plan"] = [str(r[0]) for r in rows] if postgres else _sqlite_plan(rows)
             conn.rollback()
-        plans.append({"sql": " ".join(statement.split()), "plan": plan})
+        if postgres and verb == "SELECT" and isinstance(parameters, dict):
+            entry["generic_plan"] = _postgres_generic_plan(store, statement, parameters)
+        plans.append(entry)
     return {"thread": thread, "statements": plans}
+
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+def _postgres_generic_plan(store: MailboxStore, statement: str, parameters: dict[str, Any]
+                           ) -> list[str]:
+    """The plan PostgreSQL uses once it switches a prepared statement to a generic plan.
+
+    psycopg prepares a statement server-side after 5 executions on a connection
+    (`prepare_threshold`), and PostgreSQL may then plan it once for all parameter values
+    (plan_cache_mode=auto picks a generic plan after 5 custom ones when it looks no worse).
+    A one-shot EXPLAIN always shows the custom plan, so prepare the statement here and force
+    the generic plan to see what a long-running worker may actually run.
+    """
+    names: list[str] = []
+
+    def positional(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    prepared = _PLACEHOLDER.sub(positional, statement)
+    args = ", ".join(f"%({n})s" for n in names)
+    with store.engine.connect() as conn:
+        try:
+            conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            conn.exec_driver_sql(f"PREPARE bench_generic AS {prepared}")
+            rows = conn.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, BUFFERS, COSTS) EXECUTE bench_generic({args})", parameters
+            ).fetchall()
+            return [str(r[0]) for r in rows]
+        finally:
+            conn.rollback()
+            conn.exec_driver_sql("DEALLOCATE bench_generic")  # not ALL: psycopg's own stay
+            conn.commit()
 
 
 def _sqlite_plan(rows: Sequence[Any]) -> list[str]:
@@ -707,8 +750,8 @@ def run_backend(backend: str, cfg: Config, services: Services, workdir: Path
         result["backlog"] = bench_backlog(boxes, cfg, postgres, backend)
         if cfg.history:
             say(f"  [3/3] claim latency vs the claimed thread's history of acked dispatches "
-                f"({cfg.history_samples} claims per size, in the {cfg.sizes[0]} database)")
-            result["history"] = bench_history(boxes[0][1], cfg, postgres)
+                f"({cfg.history_samples} claims per size, in the {cfg.sizes[-1]} database)")
+            result["history"] = bench_history(boxes[-1][1], cfg, postgres, backend)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -808,7 +851,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         if isinstance(v, float):
             if v.is_integer() and abs(v) < 1e6:
                 return str(int(v))
-            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+            if abs(v) < 10:
+                return f"{v:.3f}"
+            return f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
         return str(v)
 
     def numeric(col: int) -> bool:
@@ -848,7 +893,7 @@ def summary_tables(report: dict[str, Any]) -> str:
                            "yes" if q["met"] else "**no**"])
     history_rows = []
     for name, res in ok.items():
-        hist = res.get("history") or []
+        hist = (res.get("history") or {}).get("sizes", [])
         for h in hist:
             c = h["claim"]
             history_rows.append([name, h["acked_in_thread"], c["n"], c["p50_ms"], c["p99_ms"],
@@ -924,7 +969,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- History test: one thread per size, each with {cfg['per_thread']} queued "
         f"dispatches and {', '.join(map(str, cfg['history']))} acked ones (bulk-loaded the "
         f"same way), {cfg['history_samples']} interleaved claims each (claim, ack, replacement "
-        "enqueue), in the smallest backlog database after the backlog test.",
+        "enqueue), in the largest backlog database after the backlog test.",
         "- Counts: *SQL stmts* = cursor executes seen by SQLAlchemy's `before_cursor_execute` "
         "(on SQLite this includes the store's explicit `BEGIN IMMEDIATE`; the DBAPI-level "
         "COMMIT is not a cursor execute and is counted in *commits*). *est. DB round trips* "
@@ -942,14 +987,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         "\n".join(notes),
     ]
     for name, res in report["backends"].items():
-        if res.get("status") != "ok" or not res["backlog"].get("plans"):
+        if res.get("status") != "ok":
             continue
-        plans = res["backlog"]["plans"]
-        body = [f"## Claim query plans: {name}, {plans['queued']} queued "
-                f"(thread `{plans['thread']}`)"]
-        for st in plans["statements"]:
-            body.append(f"```sql\n{st['sql']}\n```\n```\n" + "\n".join(st["plan"]) + "\n```")
-        parts.append("\n\n".join(body))
+        sections = [(res["backlog"].get("plans"), "queued", "queued")]
+        if res.get("history"):
+            sections.append((res["history"].get("plans"), "acked_in_thread",
+                             "acked rows in the claimed thread"))
+        for plans, key, what in sections:
+            if not plans:
+                continue
+            body = [f"## Claim query plans: {name}, {plans[key]} {what} "
+                    f"(thread `{plans['thread']}`)"]
+            for st in plans["statements"]:
+                text = f"```sql\n{st['sql']}\n```\n```\n" + "\n".join(st["plan"]) + "\n```"
+                if st.get("generic_plan"):
+                    text += ("\nGeneric plan (prepared statement, plan_cache_mode="
+                             "force_generic_plan):\n```\n" + "\n".join(st["generic_plan"])
+                             + "\n```")
+                body.append(text)
+            parts.append("\n\n".join(body))
     return "\n\n".join(parts) + "\n"
 
 

@@ -55,6 +55,11 @@ class DispatchTask(Task):
 @app.task(bind=True, base=DispatchTask, name="mailbox.dispatch")
 def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None) -> str | None:
     """Claim the thread's next dispatch and chain its phases; None when busy or idle."""
+    return start_next(thread_id)
+
+
+def start_next(thread_id: str) -> str | None:
+    """Claim the thread's next eligible dispatch and publish its chain of five phases."""
     ctx = claim_next(runtime(), thread_id)
     if ctx is None:
         return None

@@ -28,10 +28,9 @@ from sqlalchemy import event
 from mailbox import DispatchStatus, Mailbox, RunDispatch, VersionConflictError
 from mailbox.coordination import Lease
 from mailbox.devredis import EmbeddedRedis
-from mailbox.store import MailboxStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_races import (  # noqa: E402 - the shared race harness lives next to the races
+from test_races import (
     WorkloadConfig,
     _children_import_project,  # noqa: F401 - autouse fixture: children import our mailbox
     check_workload,

@@ -454,3 +454,70 @@ def test_status_arguments_accept_the_status_names(store: MailboxStore) -> None:
     assert store.count_dispatches_by_status("Queued") == 1
     assert store.count_dispatches_by_status(DispatchStatus.Queued) == 1
     assert len(store.list_dispatches("t", ["Queued"])) == 1
+
+
+# ========================================================= times beyond the 64-bit range
+# Every store time is unsigned 64-bit milliseconds (reference §0, §1.10); the SQL columns are
+# signed BIGINT. A time the store cannot hold (2**63 and up) is invalid input: it must be
+# refused as ValidationError before anything is written, never escape as a driver error.
+HUGE_TIMES = [2**63, 2**64]
+
+
+def test_enqueue_rejects_times_beyond_64_bits(store: MailboxStore) -> None:
+    builds: list[tuple[str, Callable[[], RunDispatch], str]] = [
+        (f"{field} {value}", lambda f=field, v=value: mk().replace(**{f: v}), field)
+        for field in ("created_at", "updated_at", "available_at")
+        for value in HUGE_TIMES
+    ]
+
+    check_cases(_dispatch_cases(store, builds), nothing_in_tables(store))
+
+
+def test_claims_reject_times_beyond_64_bits(store: MailboxStore) -> None:
+    near_max = 2**63 - 1
+    claims: list[tuple[str, Callable[[str, str], Any], str]] = []
+    for value in HUGE_TIMES:
+        claims += [
+            (f"claim now {value}", lambda d, t, v=value: store.claim(t, "c1", LEASE, v, 1),
+             "now"),
+            (f"claim lease_ms {value}", lambda d, t, v=value: store.claim(t, "c1", v, 1000, 1),
+             "lease"),
+            (f"claim_dispatch now {value}",
+             lambda d, t, v=value: store.claim_dispatch(d, "c1", LEASE, v), "now"),
+            (f"claim_dispatch lease_ms {value}",
+             lambda d, t, v=value: store.claim_dispatch(d, "c1", v, 1000), "lease"),
+        ]
+    claims += [
+        ("claim lease ends beyond range",
+         lambda d, t: store.claim(t, "c1", LEASE, near_max, 1), "lease"),
+        ("claim_dispatch lease ends beyond range",
+         lambda d, t: store.claim_dispatch(d, "c1", LEASE, near_max), "lease"),
+    ]
+    # Each case gets a dispatch on a thread of its own, so one case's damage cannot hide
+    # or cause another's.
+    problems: list[str] = []
+    for i, (name, claim, word) in enumerate(claims):
+        store.enqueue(mk(f"d{i}", f"t{i}"))
+        unchanged = record_unchanged(store, load(store, f"d{i}"), lease_token=None)
+        for problem in (validation_problem(lambda c=claim, i=i: c(f"d{i}", f"t{i}"), (word,)),
+                        unchanged()):
+            if problem is not None:
+                problems.append(f"{name}: {problem}")
+    assert not problems, f"{len(problems)} problems in {len(claims)} cases:\n" + "\n".join(
+        problems)
+
+
+def test_claimed_operations_reject_times_beyond_64_bits(store: MailboxStore,
+                                                       claimed: RunDispatch) -> None:
+    tok = claimed.claim_token or ""
+    cases: list[Case] = []
+    for value in HUGE_TIMES:
+        cases += [
+            (f"ack now {value}", lambda v=value: store.ack("d1", tok, v), ("now",)),
+            (f"nack retry_at {value}", lambda v=value: store.nack("d1", tok, v, "e", 2000),
+             ("retry_at",)),
+            (f"extend_lease extension_ms {value}",
+             lambda v=value: store.extend_lease("d1", tok, v, 2000), ("extension_ms",)),
+        ]
+
+    check_cases(cases, record_unchanged(store, claimed, lease_token=claimed.claim_token))

@@ -1,0 +1,1122 @@
+"""Every branch of the five phase functions, called directly (reference §4.3 P0-P13, §4.4,
+§4.5, §4.7, §4.8, §4.9; DESIGN.md §5).
+
+Each test builds a `Runtime` from `mailbox.runtime(wake=recorder)` and drives
+claim_next → verify → reconstruct → resolve → execute → settle by hand (or `run_chain`), against
+the real SQL database and the real Redis of the fixtures. Most tests use a synthetic clock
+(`Clock`), so every store time they assert is exact; the heartbeat tests use the wall clock
+with 300 ms leases because the heartbeat is a real thread.
+
+Test agents are registered per test under unique names. The only doubles are single-method
+fault injections on the store (`FailOnce`) and direct SQL/Redis edits that stage states a
+crash or another process would leave behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import REGISTRY
+
+from mailbox import (
+    DispatchStatus,
+    Mailbox,
+    MailboxError,
+    PermanentError,
+    RunDispatch,
+    RunRecord,
+    RunStatus,
+    StoreUnavailableError,
+    Termination,
+    TransientError,
+    ValidationError,
+)
+from mailbox.agents import AgentContext, AgentResult, agent
+from mailbox.maintenance import sweep
+from mailbox.phases import (
+    SUPERSEDED_BEFORE_START,
+    Context,
+    Runtime,
+    claim_next,
+    execute,
+    now_ms,
+    reconstruct,
+    resolve,
+    run_chain,
+    settle,
+    verify,
+)
+from mailbox.runs import Resolution
+from mailbox.schema import dispatches, messages, thread_epochs
+
+Phase = Callable[[Runtime, Context], Context]
+
+
+# =================================================================================== helpers
+class Clock:
+    """Synthetic milliseconds for the runtime. Starts a minute ahead of the wall clock so that
+    dispatches submitted during the test (stamped with the wall clock) are already due."""
+
+    def __init__(self) -> None:
+        self.now = now_ms() + 60_000
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> int:
+        self.now += ms
+        return self.now
+
+
+class Wakes:
+    """The runtime's `wake(thread_id, delay_ms)`, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, thread_id: str, delay_ms: int) -> None:
+        with self._lock:
+            self.calls.append((thread_id, delay_ms))
+
+
+@dataclass
+class Calls:
+    """What a test agent saw, one entry per invocation."""
+
+    contexts: list[AgentContext] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.contexts)
+
+
+def register(behaviour: Callable[[AgentContext], Any], *, name: str | None = None,
+             version: str = "1") -> tuple[str, Calls]:
+    calls = Calls()
+    agent_name = name or f"test-agent-{uuid.uuid4().hex[:12]}"
+
+    def handler(ctx: AgentContext) -> Any:
+        calls.contexts.append(ctx)
+        return behaviour(ctx)
+
+    agent(agent_name, version)(handler)
+    return agent_name, calls
+
+
+def make_runtime(box: Mailbox, wakes: Wakes, *, clock: Callable[[], int] | None = None,
+                 consumer: str | None = None, **settings: int) -> Runtime:
+    rt = box.runtime(consumer_id=consumer, wake=wakes)
+    if settings:
+        rt = replace(rt, settings=replace(box.settings, **settings))
+    if clock is not None:
+        rt = replace(rt, clock=clock)
+    return rt
+
+
+def claim(rt: Runtime, thread_id: str) -> Context:
+    ctx = claim_next(rt, thread_id)
+    assert ctx is not None, f"nothing claimable on {thread_id}"
+    return ctx
+
+
+def phases(rt: Runtime, ctx: Context, *steps: Phase) -> Context:
+    for step in steps:
+        ctx = step(rt, ctx)
+    return ctx
+
+
+def after_verify(rt: Runtime, ctx: Context) -> Context:
+    return phases(rt, ctx, reconstruct, resolve, execute, settle)
+
+
+def load(box: Mailbox, dispatch_id: str) -> RunDispatch:
+    dispatch = box.store.load_dispatch(dispatch_id)
+    assert dispatch is not None
+    return dispatch
+
+
+def run_of(box: Mailbox, run_id: str) -> RunRecord:
+    run = box.get_run(run_id)
+    assert run is not None
+    return run
+
+
+def event_types(box: Mailbox, run_id: str) -> list[str]:
+    return [e.type for e in box.events_of(run_id)]
+
+
+def ops(operation: str, result: str = "ok") -> float:
+    value = REGISTRY.get_sample_value("mailbox_operations_total",
+                                      {"operation": operation, "result": result})
+    return value or 0.0
+
+
+def sql(box: Mailbox, statement: sa.Executable) -> None:
+    with box.store.engine.begin() as conn:
+        conn.execute(statement)
+
+
+def submit_raw(box: Mailbox, thread_id: str, *, agent_id: str, resolution_id: str | None,
+               resolution: Resolution, content: Any = "input", max_attempts: int = 5
+               ) -> tuple[str, str]:
+    """Write run + input + dispatch the way another process (another deploy) would have."""
+    now = now_ms()
+    run_id, dispatch_id = f"run-{uuid.uuid4().hex[:10]}", f"d-{uuid.uuid4().hex[:10]}"
+    dispatch = RunDispatch.queued(dispatch_id, thread_id, run_id, now,
+                                  max_attempts=max_attempts)
+    run = RunRecord(run_id, thread_id, agent_id, resolution_id, RunStatus.created,
+                    dispatch_id=dispatch_id, created_at=now, updated_at=now)
+    box.runs.submit(run, dispatch, resolution, f"m-{uuid.uuid4().hex[:10]}", content, now)
+    return run_id, dispatch_id
+
+
+class FailOnce:
+    """Fault injection for ONE store method: the first call fails (optionally after the real
+    call went through, as when a response is lost), later calls pass through."""
+
+    def __init__(self, real: Callable[..., Any], error: Exception, *,
+                 after_real: bool = False) -> None:
+        self.real = real
+        self.error = error
+        self.after_real = after_real
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            if self.after_real:
+                self.real(*args, **kwargs)
+            raise self.error
+        return self.real(*args, **kwargs)
+
+
+def assert_no_claim(dispatch: RunDispatch) -> None:
+    assert (dispatch.claim_token, dispatch.claimed_by, dispatch.lease_until) == (None, None, None)
+
+
+# ================================================================================= claim_next
+def test_claim_next_returns_the_context_of_the_claim(mailbox: Mailbox) -> None:
+    name, _ = register(lambda ctx: "ok")
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock, consumer="consumer-a")
+    receipt = mailbox.submit("t-claim", name, "hi")
+    ctx = claim(rt, "t-claim")
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert ctx["dispatch_id"] == receipt.dispatch_id and ctx["run_id"] == receipt.run_id
+    assert ctx["token"] == dispatch.claim_token and dispatch.claimed_by == "consumer-a"
+    assert dispatch.lease_until == clock() + mailbox.settings.lease_ms
+    assert ctx["attempt"] == 0 and ctx["epoch"] == 0 and ctx["done"] is False
+
+
+def test_claim_next_is_none_when_busy_or_nothing_is_due(mailbox: Mailbox) -> None:
+    name, _ = register(lambda ctx: "ok")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    assert claim_next(rt, "t-empty") is None
+    mailbox.submit("t-busy", name, "one")
+    mailbox.submit("t-busy", name, "two")
+    claim(rt, "t-busy")
+    assert claim_next(rt, "t-busy") is None, "a thread with a Claimed dispatch is busy"
+    mailbox.submit("t-later", name, "x", delay_ms=10 * 60_000)
+    assert claim_next(rt, "t-later") is None, "not due yet"
+
+
+# ===================================================================================== verify
+def test_verify_dispatch_disappeared_finishes_without_running(mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: "ok")
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    receipt = mailbox.submit("t-gone", name, "hi")
+    ctx = claim(rt, "t-gone")
+    sql(mailbox, sa.delete(dispatches).where(dispatches.c.dispatch_id == receipt.dispatch_id))
+
+    ctx = verify(rt, ctx)
+    assert ctx["done"] is True and ctx["reason"] == "disappeared"
+    ctx = after_verify(rt, ctx)
+    assert calls.count == 0
+    assert "instance_id" not in ctx, "later phases must pass a finished context on untouched"
+    assert wakes.calls == [("t-gone", 0)], "settle still wakes the thread"
+    assert run_of(mailbox, receipt.run_id).status == RunStatus.created
+
+
+def test_verify_other_token_is_not_ours_and_changes_nothing(mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: "ok")
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    receipt = mailbox.submit("t-token", name, "hi")
+    ctx = claim(rt, "t-token")
+    before = load(mailbox, receipt.dispatch_id)
+
+    forged = run_chain(rt, dict(ctx, token="someone-elses-token"))
+    assert forged["done"] is True and forged["reason"] == "not ours: Claimed"
+    assert calls.count == 0
+    assert load(mailbox, receipt.dispatch_id) == before, "a foreign token must change nothing"
+
+    owner = run_chain(rt, ctx)
+    assert owner.get("settled") == "completed" and calls.count == 1
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
+
+
+def test_verify_replayed_after_ack_is_a_no_op(mailbox: Mailbox) -> None:
+    """A duplicated or late verify message for a finished attempt: not ours any more."""
+    name, calls = register(lambda ctx: "ok")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-replay", name, "hi")
+    ctx = claim(rt, "t-replay")
+    duplicate = copy.deepcopy(ctx)
+    run_chain(rt, ctx)
+    acked = load(mailbox, receipt.dispatch_id)
+    assert acked.status == DispatchStatus.Acked
+
+    out = run_chain(rt, duplicate)
+    assert out["done"] is True and out["reason"] == "not ours: Acked"
+    assert calls.count == 1
+    assert load(mailbox, receipt.dispatch_id) == acked
+
+
+def test_verify_superseded_dispatch_reconciles_run_cancelled(mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: "ok")
+    clock = Clock()
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    receipt = mailbox.submit("t-sup", name, "hi")
+    ctx = claim(rt, "t-sup")
+    # An interrupt, then the claim's next fenced write (here a renewal) supersedes it (T13).
+    mailbox.store.interrupt("t-sup", clock())
+    assert mailbox.store.extend_lease(receipt.dispatch_id, ctx["token"], 1000, clock()) is False
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Superseded
+    assert run_of(mailbox, receipt.run_id).status == RunStatus.created
+
+    ctx = verify(rt, ctx)
+    assert ctx["done"] is True and ctx["reason"] == "not ours: Superseded"
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.termination == Termination.cancelled()
+    assert run.dispatch_id == receipt.dispatch_id
+    assert event_types(mailbox, receipt.run_id)[-2:] == ["run_cancelled", "run_finish"]
+    after_verify(rt, ctx)
+    assert calls.count == 0 and wakes.calls == [("t-sup", 0)]
+
+
+def test_verify_stale_epoch_supersedes_before_the_agent_starts(mailbox: Mailbox) -> None:
+    """P2: an interrupt between claim and start. supersede_claimed, run cancelled, the agent
+    is never entered, and the thread is woken for what comes next."""
+    name, calls = register(lambda ctx: "ok")
+    clock = Clock()
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    receipt = mailbox.submit("t-stale", name, "hi")
+    ctx = claim(rt, "t-stale")
+    interrupt = mailbox.store.interrupt("t-stale", clock())
+    assert interrupt.active_dispatch is not None
+    assert interrupt.active_dispatch.dispatch_id == receipt.dispatch_id
+    before = ops("supersede_claimed")
+
+    ctx = verify(rt, ctx)
+    assert ctx["done"] is True and ctx["reason"] == "superseded before start"
+    assert ops("supersede_claimed") == before + 1
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Superseded
+    assert dispatch.last_error == SUPERSEDED_BEFORE_START
+    assert dispatch.dispatch_epoch == interrupt.new_dispatch_epoch
+    assert dispatch.dispatch_instance_id is None and dispatch.run_status is None
+    assert_no_claim(dispatch)
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.termination == Termination.cancelled()
+    assert run.dispatch_id == receipt.dispatch_id
+
+    after_verify(rt, ctx)
+    assert calls.count == 0
+    assert "run_started" not in event_types(mailbox, receipt.run_id)
+    assert wakes.calls == [("t-stale", 0)]
+
+
+def test_verify_reads_the_epoch_from_sql_when_redis_forgot_it(mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: "ok")
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-noepoch", name, "hi")
+    ctx = claim(rt, "t-noepoch")
+    mailbox.store.interrupt("t-noepoch", clock())
+    mailbox.store.coordinator.client.delete(mailbox.store.coordinator.epoch_key("t-noepoch"))
+
+    run_chain(rt, ctx)
+    assert calls.count == 0
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Superseded
+
+
+def test_stale_epoch_missed_by_a_lagging_cache_is_fenced_at_start(mailbox: Mailbox) -> None:
+    """Redis still says epoch 0 (its update after the interrupt's commit was lost): verify
+    passes, but record_dispatch_start is fenced in SQL, so the agent still never runs (P6)."""
+    name, calls = register(lambda ctx: "ok")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-lag", name, "hi")
+    ctx = claim(rt, "t-lag")
+    assert mailbox.store.current_dispatch_epoch("t-lag") == 0  # cached in Redis now
+    sql(mailbox, sa.update(thread_epochs).where(thread_epochs.c.thread_id == "t-lag")
+        .values(current_epoch=1))
+
+    out = run_chain(rt, ctx)
+    assert calls.count == 0
+    assert out["done"] is True and out["reason"].startswith("fenced")
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Superseded
+    assert dispatch.dispatch_instance_id is None
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.termination == Termination.cancelled()
+
+
+def test_verify_store_outage_leaves_the_claim_for_the_sweep(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    name, calls = register(lambda ctx: "ok")
+    clock = Clock()
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    receipt = mailbox.submit("t-outage", name, "hi")
+    ctx = claim(rt, "t-outage")
+    monkeypatch.setattr(mailbox.store, "load_dispatch", FailOnce(
+        mailbox.store.load_dispatch, StoreUnavailableError("injected: database unreachable")))
+
+    out = run_chain(rt, ctx)
+    assert out["done"] is True and out["reason"].startswith("store unavailable in verify")
+    assert calls.count == 0
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Claimed and dispatch.claim_token == ctx["token"]
+
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert report.reclaimed == [receipt.dispatch_id]
+    run_chain(rt, claim(rt, "t-outage"))
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 1
+    assert calls.count == 1
+
+
+# ================================================================================ reconstruct
+def test_reconstruct_missing_run_dead_letters_once_and_wakes_the_next(
+        mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: f"did {ctx.input}")
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    mailbox.store.enqueue(RunDispatch.queued("d-orphan", "t-orphan", "missing-run", now_ms(),
+                                             priority=10, max_attempts=3))
+    second = mailbox.submit("t-orphan", name, "b", priority=20)
+    ctx = claim(rt, "t-orphan")
+    assert ctx["dispatch_id"] == "d-orphan"
+    start, result, dead = (ops("record_dispatch_start"), ops("record_run_result"),
+                           ops("dead_letter"))
+
+    ctx = phases(rt, verify(rt, ctx), reconstruct)
+    assert ctx["done"] is True and ctx["reason"].startswith("dead letter")
+    # Exactly one of each, in the only order the fences allow: the projection is on the
+    # dead-lettered row, and a fenced write succeeds only while the row is still Claimed.
+    assert ops("record_dispatch_start") == start + 1
+    assert ops("record_run_result") == result + 1
+    assert ops("dead_letter") == dead + 1
+    dispatch = load(mailbox, "d-orphan")
+    assert dispatch.status == DispatchStatus.DeadLetter and dispatch.attempt_count == 0
+    assert dispatch.last_error is not None and "not found" in dispatch.last_error
+    assert "missing-run" in dispatch.last_error
+    assert dispatch.dispatch_instance_id == ctx["instance_id"]
+    assert dispatch.run_status == RunStatus.done
+    assert dispatch.termination == Termination.error(dispatch.last_error)
+    assert dispatch.run_error == dispatch.last_error and dispatch.completed_at is not None
+    assert_no_claim(dispatch)
+
+    ctx = phases(rt, ctx, resolve, execute, settle)
+    assert calls.count == 0, "the runtime is never entered"
+    assert wakes.calls == [("t-orphan", 0)]
+
+    # The wake starts the next dispatch of the thread; the dead letter is never polled again.
+    nxt = claim(rt, "t-orphan")
+    assert nxt["dispatch_id"] == second.dispatch_id
+    run_chain(rt, nxt)
+    assert load(mailbox, second.dispatch_id).status == DispatchStatus.Acked
+    assert calls.count == 1
+    assert claim_next(rt, "t-orphan") is None
+    assert ops("dead_letter") == dead + 1
+    assert load(mailbox, "d-orphan").attempt_count == 0
+
+
+def test_reconstruct_failure_replayed_does_not_dead_letter_twice(mailbox: Mailbox) -> None:
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    mailbox.store.enqueue(RunDispatch.queued("d-twice", "t-twice", "missing-run", now_ms()))
+    ctx = claim(rt, "t-twice")
+    duplicate = copy.deepcopy(ctx)
+    run_chain(rt, ctx)
+    dead = ops("dead_letter") + ops("dead_letter", "error")
+    dead_letter_row = load(mailbox, "d-twice")
+
+    out = run_chain(rt, duplicate)
+    assert out["done"] is True and out["reason"] == "not ours: DeadLetter"
+    assert ops("dead_letter") + ops("dead_letter", "error") == dead
+    assert load(mailbox, "d-twice") == dead_letter_row
+
+
+def test_reconstruct_run_of_another_thread_dead_letters_without_touching_it(
+        mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: "ok")
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    foreign = mailbox.submit("t-owner", name, "theirs")
+    mailbox.store.enqueue(RunDispatch.queued("d-thief", "t-thief", foreign.run_id, now_ms()))
+    ctx = claim(rt, "t-thief")
+
+    out = run_chain(rt, ctx)
+    assert out["done"] is True and calls.count == 0
+    dispatch = load(mailbox, "d-thief")
+    assert dispatch.status == DispatchStatus.DeadLetter
+    assert dispatch.last_error is not None and "belongs to thread 't-owner'" in dispatch.last_error
+    assert dispatch.run_status == RunStatus.done and dispatch.dispatch_instance_id is not None
+    run = run_of(mailbox, foreign.run_id)
+    assert run.status == RunStatus.created and run.dispatch_id == foreign.dispatch_id, \
+        "reconciliation must skip a run of another thread"
+    assert wakes.calls == [("t-thief", 0)]
+
+
+def test_reconstruct_missing_input_message_dead_letters_and_errors_the_run(
+        mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: "ok")
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    receipt = mailbox.submit("t-wiped", name, "hi")
+    sql(mailbox, sa.delete(messages).where(messages.c.thread_id == "t-wiped"))
+    ctx = claim(rt, "t-wiped")
+
+    run_chain(rt, ctx)
+    assert calls.count == 0
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter
+    assert dispatch.last_error is not None and "not found" in dispatch.last_error
+    assert dispatch.run_status == RunStatus.done and dispatch.dispatch_instance_id is not None
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.termination is not None
+    assert run.termination.type == "error" and "not found" in str(run.termination.value)
+    assert run.dispatch_id == receipt.dispatch_id and run.finished_at is not None
+    assert wakes.calls == [("t-wiped", 0)]
+
+
+def test_reconstruct_done_run_settles_without_running_the_agent_again(
+        mailbox: Mailbox) -> None:
+    """An attempt finished the run and died before its ack; the retry acks what the run
+    record says instead of running the agent a second time."""
+    name, calls = register(lambda ctx: f"answer {ctx.attempt}")
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-done", name, "hi")
+    first = phases(rt, claim(rt, "t-done"), verify, reconstruct, resolve, execute)
+    assert calls.count == 1 and first["outcome"]["kind"] == "completed"
+    assert run_of(mailbox, receipt.run_id).status == RunStatus.done
+    # ... crash before settle. The lease runs out and the sweep reclaims it.
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert report.reclaimed == [receipt.dispatch_id]
+
+    retry = phases(rt, claim(rt, "t-done"), verify, reconstruct)
+    assert retry["attempt"] == 1
+    assert retry["outcome"] == {"kind": "completed", "replayed": True}
+    retry = phases(rt, retry, resolve, execute, settle)
+    assert calls.count == 1
+    assert retry["settled"] == "completed"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 1
+    assert dispatch.run_response == "answer 0" and dispatch.run_status == RunStatus.done
+    assert dispatch.termination == Termination.natural_end()
+
+
+# ==================================================================================== resolve
+@pytest.mark.parametrize("case", ["no-resolution-id", "unknown-resolution",
+                                  "version-not-registered"])
+def test_resolve_failure_is_permanent_after_one_attempt(mailbox: Mailbox, case: str) -> None:
+    name, calls = register(lambda ctx: "must not run")
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    if case == "no-resolution-id":
+        resolution_id, resolution = None, Resolution(f"{name}@1", name, "1")
+        expected = "has no resolution id"
+    elif case == "unknown-resolution":
+        resolution_id, resolution = "ghost@1", Resolution(f"{name}@1", name, "1")
+        expected = "resolution 'ghost@1' not found"
+    else:  # pinned by a process that had version 9, which this process does not have
+        resolution_id, resolution = f"{name}@9", Resolution(f"{name}@9", name, "9")
+        expected = f"agent not found: {name}@9"
+    run_id, dispatch_id = submit_raw(mailbox, "t-resolve", agent_id=name,
+                                     resolution_id=resolution_id, resolution=resolution)
+    ctx = phases(rt, claim(rt, "t-resolve"), verify, reconstruct, resolve)
+    assert expected in ctx["resolve_error"] and "agent" not in ctx
+
+    ctx = phases(rt, ctx, execute, settle)
+    assert calls.count == 0
+    assert ctx["settled"] == "permanent_error"
+    dispatch = load(mailbox, dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter
+    assert dispatch.attempt_count == 0 and dispatch.max_attempts == 5
+    assert dispatch.last_error is not None and expected in dispatch.last_error
+    assert dispatch.run_status == RunStatus.done and dispatch.dispatch_instance_id is not None
+    run = run_of(mailbox, run_id)
+    assert run.status == RunStatus.done
+    assert run.termination == Termination.error(dispatch.last_error)
+    assert wakes.calls == [("t-resolve", 0)]
+    assert claim_next(rt, "t-resolve") is None
+
+
+def test_resolve_runs_exactly_the_pinned_version(mailbox: Mailbox) -> None:
+    name = f"test-agent-{uuid.uuid4().hex[:12]}"
+    register(lambda ctx: "v1", name=name, version="1")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    old = mailbox.submit("t-pin", name, "x")
+    register(lambda ctx: "v2", name=name, version="2")  # a deploy after the submit
+    new = mailbox.submit("t-pin", name, "y")
+
+    run_chain(rt, claim(rt, "t-pin"))
+    run_chain(rt, claim(rt, "t-pin"))
+    assert load(mailbox, old.dispatch_id).run_response == "v1"
+    assert load(mailbox, new.dispatch_id).run_response == "v2"
+    assert run_of(mailbox, old.run_id).resolution_id == f"{name}@1"
+
+
+# ==================================================================================== execute
+def test_execute_twice_with_the_same_context_runs_the_agent_once(mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: "once")
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    receipt = mailbox.submit("t-dup", name, "hi")
+    ctx = phases(rt, claim(rt, "t-dup"), verify, reconstruct, resolve)
+    duplicate = copy.deepcopy(ctx)
+
+    ctx = execute(rt, ctx)
+    duplicate = execute(rt, duplicate)
+    assert calls.count == 1
+    assert duplicate["duplicate"] is True and duplicate["done"] is True
+    assert duplicate["reason"].startswith("execute refused: held:")
+    settle(rt, duplicate)
+    assert wakes.calls == [], "a refused duplicate neither settles nor wakes"
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Claimed
+
+    settle(rt, ctx)
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.run_response == "once"
+    assert wakes.calls == [("t-dup", 0)]
+
+
+def test_execute_duplicate_delivered_while_the_first_runs_is_refused(mailbox: Mailbox) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(ctx: AgentContext) -> str:
+        started.set()
+        assert release.wait(10)
+        return "first"
+
+    name, calls = register(blocking)
+    rt = make_runtime(mailbox, Wakes())
+    receipt = mailbox.submit("t-dup2", name, "hi")
+    ctx = phases(rt, claim(rt, "t-dup2"), verify, reconstruct, resolve)
+    duplicate = copy.deepcopy(ctx)
+    results: dict[str, Context] = {}
+    worker = threading.Thread(target=lambda: results.update(first=execute(rt, ctx)))
+    worker.start()
+    try:
+        assert started.wait(10)
+        duplicate = execute(rt, duplicate)
+        assert duplicate.get("duplicate") is True
+    finally:
+        release.set()
+        worker.join(10)
+    settle(rt, results["first"])
+    assert calls.count == 1
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
+
+
+def test_execute_duplicate_after_redis_forgot_the_executor_is_refused_by_sql(
+        mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: "once")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-dup3", name, "hi")
+    ctx = phases(rt, claim(rt, "t-dup3"), verify, reconstruct, resolve)
+    duplicate = copy.deepcopy(ctx)
+    ctx = execute(rt, ctx)
+    coordinator = mailbox.store.coordinator
+    coordinator.client.delete(coordinator.lease_key("t-dup3"))
+
+    duplicate = execute(rt, duplicate)
+    assert duplicate.get("duplicate") is True
+    assert duplicate["reason"].startswith("execute refused: attempt already started")
+    assert calls.count == 1
+    settle(rt, ctx)
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
+
+
+def test_execute_records_start_and_marks_the_run_running(mailbox: Mailbox) -> None:
+    seen: dict[str, Any] = {}
+
+    def observe(ctx: AgentContext) -> str:
+        dispatch = mailbox.store.load_dispatch(ctx.dispatch_id)
+        run = mailbox.get_run(ctx.run_id)
+        seen.update(dispatch=dispatch, run=run, input=ctx.input, attempt=ctx.attempt,
+                    decision=ctx.decision, thread=ctx.thread_id, messages=ctx.messages)
+        return "ok"
+
+    name, _ = register(observe)
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-start", name, {"q": 1})
+    ctx = phases(rt, claim(rt, "t-start"), verify, reconstruct, resolve, execute)
+    dispatch, run = seen["dispatch"], seen["run"]
+    assert dispatch.status == DispatchStatus.Claimed
+    assert dispatch.run_status == RunStatus.running
+    assert dispatch.dispatch_instance_id == ctx["instance_id"]
+    assert run.status == RunStatus.running and run.dispatch_id == receipt.dispatch_id
+    assert seen["input"] == {"q": 1} and seen["attempt"] == 0 and seen["decision"] is None
+    assert seen["thread"] == "t-start" and seen["messages"] == [{"q": 1}]
+    assert event_types(mailbox, receipt.run_id)[:2] == ["run_queued", "run_started"]
+
+
+def test_heartbeat_renews_the_lease_while_a_slow_agent_runs(mailbox: Mailbox) -> None:
+    lease_ms = 300
+    seen: dict[str, Any] = {}
+
+    def slow(ctx: AgentContext) -> str:
+        first = mailbox.store.load_dispatch(ctx.dispatch_id)
+        assert first is not None
+        time.sleep(4 * lease_ms / 1000)
+        now = now_ms()
+        last = mailbox.store.load_dispatch(ctx.dispatch_id)
+        assert last is not None
+        seen.update(first=first.lease_until, last=last.lease_until, now=now,
+                    reclaimed=mailbox.store.reclaim_expired_leases(now, 10),
+                    cancelled=ctx.cancelled())
+        return "slow done"
+
+    name, _ = register(slow)
+    rt = make_runtime(mailbox, Wakes(), lease_ms=lease_ms)
+    receipt = mailbox.submit("t-hb", name, "hi")
+    renewals = ops("lease_renewal")
+    run_chain(rt, claim(rt, "t-hb"))
+
+    assert seen["first"] < seen["now"], "without renewal the first lease would have expired"
+    assert seen["last"] > seen["first"] and seen["last"] >= seen["now"]
+    assert seen["reclaimed"] == [] and seen["cancelled"] is False
+    assert ops("lease_renewal") - renewals >= 3
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
+    assert dispatch.run_response == "slow done"
+
+
+def wait_for_cancel(ctx: AgentContext, seen: dict[str, Any], timeout_s: float = 5.0
+                    ) -> AgentResult:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if ctx.cancelled():
+            seen["cancelled_after_s"] = time.monotonic() - started
+            return AgentResult(termination=Termination.cancelled())
+        time.sleep(0.01)
+    seen["cancelled_after_s"] = None
+    return AgentResult(response="never cancelled")
+
+
+def test_lost_lease_by_interrupt_cancels_the_agent(mailbox: Mailbox) -> None:
+    seen: dict[str, Any] = {}
+
+    def interrupted(ctx: AgentContext) -> AgentResult:
+        mailbox.store.interrupt(ctx.thread_id, now_ms())  # a store-level interrupt: no signal
+        return wait_for_cancel(ctx, seen)
+
+    name, _ = register(interrupted)
+    rt = make_runtime(mailbox, Wakes(), lease_ms=300)
+    receipt = mailbox.submit("t-lost", name, "hi")
+    out = run_chain(rt, claim(rt, "t-lost"))
+
+    assert seen["cancelled_after_s"] is not None, "ctx.cancelled() never became true"
+    assert out["cancel_reason"] == "lease lost"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Superseded
+    assert dispatch.last_error == "claimed dispatch superseded during lease renewal"
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.termination == Termination.cancelled()
+
+
+def test_cancel_signal_reaches_the_running_agent(mailbox: Mailbox) -> None:
+    """Mailbox.cancel on a Claimed dispatch signals the worker; the built-in sleep agent stops
+    early with termination cancelled, and the attempt is acked with that termination."""
+    rt = make_runtime(mailbox, Wakes(), lease_ms=300)
+    receipt = mailbox.submit("t-cancel", "sleep", {"ms": 10_000})
+    ctx = claim(rt, "t-cancel")
+    results: dict[str, Context] = {}
+    worker = threading.Thread(target=lambda: results.update(out=run_chain(rt, ctx)))
+    started = time.monotonic()
+    worker.start()
+    deadline = time.monotonic() + 10
+    while load(mailbox, receipt.dispatch_id).run_status != RunStatus.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert mailbox.cancel(receipt.dispatch_id) is True
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - started < 5
+    assert results["out"]["cancel_reason"] == "cancelled by request"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked
+    assert dispatch.termination == Termination.cancelled()
+    assert run_of(mailbox, receipt.run_id).termination == Termination.cancelled()
+
+
+def test_lost_lease_to_another_consumer_cancels_the_agent_and_spares_the_new_claim(
+        mailbox: Mailbox) -> None:
+    lease_ms = 300
+    seen: dict[str, Any] = {}
+
+    def reclaimed(ctx: AgentContext) -> AgentResult:
+        # The lease of this attempt expires (a stall) and another worker takes the dispatch.
+        later = now_ms() + 10 * lease_ms
+        [requeued] = mailbox.store.reclaim_expired_leases(later, 10)
+        assert requeued.status == DispatchStatus.Queued and requeued.attempt_count == 1
+        [other] = mailbox.store.claim(ctx.thread_id, "other-consumer", 60_000, later)
+        seen["other"] = other
+        return wait_for_cancel(ctx, seen)
+
+    name, _ = register(reclaimed)
+    rt = make_runtime(mailbox, Wakes(), lease_ms=lease_ms)
+    receipt = mailbox.submit("t-stolen", name, "hi")
+    out = run_chain(rt, claim(rt, "t-stolen"))
+
+    assert seen["cancelled_after_s"] is not None, "ctx.cancelled() never became true"
+    assert out["cancel_reason"] == "lease lost"
+    assert out["done"] is True and out["reason"].startswith("fenced")
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Claimed
+    assert dispatch.claimed_by == "other-consumer"
+    assert dispatch.claim_token == seen["other"].claim_token
+    assert dispatch.attempt_count == 1 and dispatch.run_status is None
+
+
+def test_attempt_that_lost_its_lease_does_not_decide_the_new_owners_run(
+        mailbox: Mailbox) -> None:
+    """Fencing (reference §7 point 1, DESIGN §4.1 invariant 4): a worker whose lease was
+    reclaimed cannot record results for the new owner's claim. Here the old attempt is
+    cancelled by the lease loss; the new owner must still run the agent and its result must
+    be the run's result."""
+    lease_ms = 300
+    seen: dict[str, Any] = {}
+    holder: dict[str, Context] = {}
+
+    def agent_body(ctx: AgentContext) -> Any:
+        if ctx.attempt == 0:
+            later = now_ms() + 10 * lease_ms
+            mailbox.store.reclaim_expired_leases(later, 10)
+            other_rt = make_runtime(mailbox, Wakes(), consumer="new-owner",
+                                    clock=lambda: later)
+            holder["ctx"] = claim(other_rt, ctx.thread_id)
+            return wait_for_cancel(ctx, seen)
+        return "done by the new owner"
+
+    name, calls = register(agent_body)
+    rt = make_runtime(mailbox, Wakes(), lease_ms=lease_ms)
+    receipt = mailbox.submit("t-fence-run", name, "hi")
+    run_chain(rt, claim(rt, "t-fence-run"))
+    assert seen["cancelled_after_s"] is not None
+
+    new_owner = make_runtime(mailbox, Wakes(), consumer="new-owner", lease_ms=lease_ms)
+    run_chain(new_owner, holder["ctx"])
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked
+    assert calls.count == 2, "the new owner's attempt must run the agent"
+    assert dispatch.run_response == "done by the new owner"
+    assert dispatch.termination == Termination.natural_end()
+    run = run_of(mailbox, receipt.run_id)
+    assert run.response == "done by the new owner"
+    assert run.termination == Termination.natural_end()
+
+
+# ===================================================================================== settle
+def test_settle_completed_acks_and_keeps_the_projection(mailbox: Mailbox) -> None:
+    wakes = Wakes()
+    clock = Clock()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    receipt = mailbox.submit("t-ok", "echo", "hello")
+    ctx = run_chain(rt, claim(rt, "t-ok"))
+
+    assert ctx["settled"] == "completed"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
+    assert dispatch.run_status == RunStatus.done
+    assert dispatch.termination == Termination.natural_end()
+    assert dispatch.run_response == "hello" and dispatch.run_error is None
+    assert dispatch.dispatch_instance_id == ctx["instance_id"]
+    assert dispatch.completed_at == clock() and dispatch.last_error is None
+    assert_no_claim(dispatch)
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.response == "hello"
+    assert run.termination == Termination.natural_end() and run.finished_at is not None
+    assert run.dispatch_id == receipt.dispatch_id
+    assert wakes.calls == [("t-ok", 0)]
+    assert event_types(mailbox, receipt.run_id) == ["run_queued", "run_started", "run_finish"]
+    assert mailbox.store.coordinator.read_lease("t-ok") is None, "settle releases the lease"
+
+
+def test_settle_agent_result_with_error_termination_is_completed(mailbox: Mailbox) -> None:
+    """§4.5: a successful return carrying an Error termination is Completed (acked), with the
+    error projected, not retried."""
+    name, calls = register(lambda ctx: AgentResult(termination=Termination.error("nope")))
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-errterm", name, "x")
+    run_chain(rt, claim(rt, "t-errterm"))
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and calls.count == 1
+    assert dispatch.termination == Termination.error("nope") and dispatch.run_error == "nope"
+
+
+@pytest.mark.parametrize("raise_error", [
+    pytest.param(lambda: TransientError("429 rate limited"), id="transient-error"),
+    pytest.param(lambda: RuntimeError("unexpected boom"), id="unexpected-exception"),
+])
+def test_settle_transient_nacks_with_backoff_and_wakes_after_the_delay(
+        mailbox: Mailbox, raise_error: Callable[[], Exception]) -> None:
+    def failing(ctx: AgentContext) -> str:
+        raise raise_error()
+
+    name, calls = register(failing)
+    wakes = Wakes()
+    clock = Clock()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    receipt = mailbox.submit("t-retry", name, "x")
+    ctx = run_chain(rt, claim(rt, "t-retry"))
+
+    assert ctx["settled"] == "transient_error" and calls.count == 1
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
+    assert dispatch.available_at == clock() + 250
+    expected_error = error_message = str(raise_error())
+    if not isinstance(raise_error(), TransientError):
+        expected_error = f"RuntimeError: {error_message}"
+    assert dispatch.last_error == expected_error
+    assert dispatch.run_status is None and dispatch.dispatch_instance_id is None
+    assert_no_claim(dispatch)
+    assert wakes.calls == [("t-retry", 250), ("t-retry", 0)]
+    assert run_of(mailbox, receipt.run_id).status != RunStatus.done
+    types = event_types(mailbox, receipt.run_id)
+    assert types[-2:] == ["run_finish", "run_rescheduled"]
+    assert claim_next(rt, "t-retry") is None, "not due before the backoff passed"
+
+
+def test_settle_backoff_follows_the_table_across_attempts(mailbox: Mailbox) -> None:
+    """§4.7/§4.8: with max 5 and only transient failures the agent runs 5 times (attempt
+    0..4), backoffs 250, 250, 500, 1000 ms, and the 5th nack dead-letters the dispatch; the
+    run is errored right away (no sweep needed)."""
+    wakes = Wakes()
+    clock = Clock()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    receipt = mailbox.submit("t-table", "flaky", {"fail_times": 100})
+    delays: list[int] = []
+    for attempt in range(5):
+        ctx = run_chain(rt, claim(rt, "t-table"))
+        assert ctx["attempt"] == attempt
+        dispatch = load(mailbox, receipt.dispatch_id)
+        if dispatch.status == DispatchStatus.Queued:
+            delays.append(dispatch.available_at - clock())
+            clock.advance(delays[-1])
+    assert delays == [250, 250, 500, 1000]
+    assert [d for _, d in wakes.calls if d] == delays
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter and dispatch.attempt_count == 5
+    assert dispatch.last_error == "flaky failure 5 of 100"
+    assert dispatch.run_status == RunStatus.done and dispatch.run_error == dispatch.last_error
+    assert_no_claim(dispatch)
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done
+    assert run.termination == Termination.error("flaky failure 5 of 100")
+    assert claim_next(rt, "t-table") is None
+
+
+def test_settle_flaky_succeeds_within_the_budget(mailbox: Mailbox) -> None:
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock, retry_base_ms=100, retry_max_ms=150)
+    receipt = mailbox.submit("t-flaky", "flaky", {"fail_times": 3})
+    delays = []
+    for _ in range(4):
+        run_chain(rt, claim(rt, "t-flaky"))
+        dispatch = load(mailbox, receipt.dispatch_id)
+        if dispatch.status == DispatchStatus.Queued:
+            delays.append(dispatch.available_at - clock())
+            clock.advance(delays[-1])
+    assert delays == [100, 100, 150], "custom base and cap come from the runtime settings"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 3
+    assert dispatch.run_response == "ok after 3 failures"
+    assert dispatch.last_error == "flaky failure 3 of 3", "the last failure stays for audit"
+
+
+def test_settle_exhausted_dead_letters_and_errors_the_run_immediately(
+        mailbox: Mailbox) -> None:
+    wakes = Wakes()
+    clock = Clock()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    receipt = mailbox.submit("t-exhaust", "flaky", {"fail_times": 10}, max_attempts=2)
+    run_chain(rt, claim(rt, "t-exhaust"))
+    clock.advance(250)
+    wakes.calls.clear()
+    ctx = run_chain(rt, claim(rt, "t-exhaust"))
+
+    assert ctx["settled"] == "transient_error"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter and dispatch.attempt_count == 2
+    assert dispatch.last_error == "flaky failure 2 of 10"
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done
+    assert run.termination == Termination.error("flaky failure 2 of 10")
+    assert wakes.calls == [("t-exhaust", 0)], "no delayed wake for a dead letter"
+
+
+def test_settle_permanent_error_dead_letters_after_one_run(mailbox: Mailbox) -> None:
+    wakes = Wakes()
+    clock = Clock()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    receipt = mailbox.submit("t-fail", "fail", "x")
+    ctx = run_chain(rt, claim(rt, "t-fail"))
+
+    assert ctx["settled"] == "permanent_error"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter
+    assert dispatch.attempt_count == 0, "permanent errors do not burn the retry budget"
+    assert dispatch.last_error == "requested failure"
+    assert dispatch.run_status == RunStatus.done and dispatch.run_error == "requested failure"
+    assert dispatch.termination == Termination.error("requested failure")
+    assert dispatch.dispatch_instance_id == ctx["instance_id"]
+    assert dispatch.completed_at == clock()
+    assert_no_claim(dispatch)
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done
+    assert run.termination == Termination.error("requested failure")
+    assert wakes.calls == [("t-fail", 0)]
+    assert claim_next(rt, "t-fail") is None
+
+
+def test_settle_custom_permanent_error(mailbox: Mailbox) -> None:
+    def forbidden(ctx: AgentContext) -> str:
+        raise PermanentError("403 unauthorized")
+
+    name, calls = register(forbidden)
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-403", name, "x")
+    run_chain(rt, claim(rt, "t-403"))
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter and calls.count == 1
+    assert dispatch.last_error == "403 unauthorized"
+
+
+def test_suspend_then_resume_finishes_the_same_run(mailbox: Mailbox) -> None:
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-ask", "ask", "approve the refund?")
+    ctx = run_chain(rt, claim(rt, "t-ask"))
+
+    assert ctx["settled"] == "completed"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked
+    assert dispatch.run_status == RunStatus.waiting
+    assert dispatch.termination == Termination.suspended()
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.waiting and run.finished_at is None
+    assert run.waiting is not None
+    assert run.waiting["action"] == "approve"
+    assert run.waiting["message"] == "approve the refund?"
+    assert run.waiting["since_dispatch_id"] == receipt.dispatch_id
+    assert "suspended" in event_types(mailbox, receipt.run_id)
+    assert mailbox.store.coordinator.read_lease("t-ask") is None, \
+        "no lease is held while a human decides"
+
+    resumed = mailbox.resume(receipt.run_id, "yes, refund")
+    assert resumed.run_id == receipt.run_id and resumed.resumed is True
+    assert resumed.dispatch_id != receipt.dispatch_id
+    ctx = run_chain(rt, claim(rt, "t-ask"))
+    assert ctx["resumed"] is True
+    final = load(mailbox, resumed.dispatch_id)
+    assert final.status == DispatchStatus.Acked and final.run_response == "yes, refund"
+    assert final.run_status == RunStatus.done
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.response == "yes, refund"
+    assert run.waiting is None and run.dispatch_id == resumed.dispatch_id
+    with pytest.raises(ValidationError):
+        mailbox.resume(receipt.run_id, "again")
+
+
+def test_resume_with_a_structured_decision_answers_json(mailbox: Mailbox) -> None:
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-ask2", "ask", "ok?")
+    run_chain(rt, claim(rt, "t-ask2"))
+    mailbox.resume(receipt.run_id, {"approved": True, "by": "ann"})
+    run_chain(rt, claim(rt, "t-ask2"))
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done
+    assert run.response is not None
+    assert json.loads(run.response) == {"approved": True, "by": "ann"}
+
+
+def test_ack_failing_once_is_recovered_by_a_second_ack(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """§4.4: the result is recorded, the ack fails; recovery finds the claim still ours with a
+    done result and acks once more."""
+    fault = FailOnce(mailbox.store.ack, MailboxError("injected ack failure"))
+    monkeypatch.setattr(mailbox.store, "ack", fault)
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    receipt = mailbox.submit("t-ack", "echo", "finished")
+    recoveries = ops("ack_recovery")
+
+    ctx = run_chain(rt, claim(rt, "t-ack"))
+    assert fault.calls == 2, "the injected failure was consumed by the recovery's ack"
+    assert ops("ack_recovery") == recoveries + 1
+    assert ctx["settled"] == "completed"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
+    assert dispatch.run_status == RunStatus.done and dispatch.run_response == "finished"
+    assert wakes.calls == [("t-ack", 0)]
+
+
+def test_ack_that_landed_but_lost_its_answer_is_recovered_without_a_second_ack(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    fault = FailOnce(mailbox.store.ack, MailboxError("response lost"), after_real=True)
+    monkeypatch.setattr(mailbox.store, "ack", fault)
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-ack2", "echo", "finished")
+    ctx = run_chain(rt, claim(rt, "t-ack2"))
+    assert fault.calls == 1 and ctx["settled"] == "completed"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.run_response == "finished"
+
+
+def test_ack_outage_leaves_the_claim_and_the_retry_acks_without_rerunning(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DESIGN §5: an infrastructure failure in a phase leaves the dispatch Claimed; the lease
+    expires, the sweep reclaims it, and the retry sees the done run and only acks."""
+    name, calls = register(lambda ctx: "finished")
+    monkeypatch.setattr(mailbox.store, "ack", FailOnce(
+        mailbox.store.ack, StoreUnavailableError("injected: database unreachable")))
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-ack3", name, "x")
+    ctx = run_chain(rt, claim(rt, "t-ack3"))
+    assert ctx["done"] is True and ctx["reason"].startswith("store unavailable settling")
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Claimed
+
+    assert sweep(rt, clock.advance(mailbox.settings.lease_ms + 1)).reclaimed == [
+        receipt.dispatch_id]
+    run_chain(rt, claim(rt, "t-ack3"))
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 1
+    assert dispatch.run_response == "finished" and calls.count == 1
+
+
+def test_settle_of_a_finished_context_only_wakes(mailbox: Mailbox) -> None:
+    name, _ = register(lambda ctx: "ok")
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    receipt = mailbox.submit("t-noop", name, "x")
+    claim(rt, "t-noop")
+    before = load(mailbox, receipt.dispatch_id)
+    settle(rt, {"thread_id": "t-noop", "done": True, "reason": "test"})
+    assert wakes.calls == [("t-noop", 0)]
+    assert load(mailbox, receipt.dispatch_id) == before
