@@ -55,6 +55,7 @@ from typing import Any
 
 import redis
 import sqlalchemy as sa
+from psycopg import sql as pgsql
 from sqlalchemy import event
 
 from mailbox.devredis import EmbeddedRedis
@@ -682,7 +683,7 @@ def explain_claim(store: MailboxStore, meter: Meter, thread: str, postgres: bool
     return {"thread": thread, "statements": plans}
 
 
-_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s(::\w+)?")
 
 
 def _postgres_generic_plan(store: MailboxStore, statement: str, parameters: dict[str, Any]
@@ -695,22 +696,23 @@ def _postgres_generic_plan(store: MailboxStore, statement: str, parameters: dict
     A one-shot EXPLAIN always shows the custom plan, so prepare the statement here and force
     the generic plan to see what a long-running worker may actually run.
     """
-    names: list[str] = []
+    names: dict[str, str] = {}  # placeholder name -> its cast (the dialect renders one)
 
     def positional(match: re.Match[str]) -> str:
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return f"${names.index(match.group(1)) + 1}"
+        names.setdefault(match.group(1), match.group(2) or "")
+        return f"${list(names).index(match.group(1)) + 1}{match.group(2) or ''}"
 
     prepared = _PLACEHOLDER.sub(positional, statement)
-    args = ", ".join(f"%({n})s" for n in names)
     with store.engine.connect() as conn:
+        raw: Any = conn.connection.dbapi_connection
+        # EXECUTE is a utility statement: no bound parameters, so quote the values here
+        args = ", ".join(pgsql.Literal(parameters[n]).as_string(raw) + cast
+                         for n, cast in names.items())
         try:
             conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
             conn.exec_driver_sql(f"PREPARE bench_generic AS {prepared}")
             rows = conn.exec_driver_sql(
-                f"EXPLAIN (ANALYZE, BUFFERS, COSTS) EXECUTE bench_generic({args})", parameters
-            ).fetchall()
+                f"EXPLAIN (ANALYZE, BUFFERS, COSTS) EXECUTE bench_generic({args})").fetchall()
             return [str(r[0]) for r in rows]
         finally:
             conn.rollback()

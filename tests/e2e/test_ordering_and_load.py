@@ -14,7 +14,9 @@ happens after the previous settle released the lease — so sorting a thread's r
 
 from __future__ import annotations
 
+import itertools
 import random
+import time
 from dataclasses import dataclass
 
 from mailbox import DispatchStatus, Mailbox, RunStatus
@@ -66,7 +68,9 @@ def _submit_all(rng: random.Random) -> list[Submitted]:
 def test_priority_then_fifo_per_thread_and_one_claim_per_thread(
         celery_stack: Stack, publisher: Mailbox) -> None:
     rng = random.Random(20240611)
+    began = time.monotonic()
     submitted = _submit_all(rng)
+    submit_s = time.monotonic() - began
     for s in submitted:
         stored = publisher.get_dispatch(s.dispatch_id)
         assert stored is not None and stored.status == DispatchStatus.Queued
@@ -74,8 +78,12 @@ def test_priority_then_fifo_per_thread_and_one_claim_per_thread(
 
     with ClaimSampler(publisher) as sampler:
         celery_stack.start_worker(concurrency=4)
+        began = time.monotonic()
         final = wait_all_terminal(publisher, [s.dispatch_id for s in submitted],
                                   timeout_s=150, stack=celery_stack)
+    print(f"submitted {len(submitted)} in {submit_s:.1f}s, all terminal "
+          f"{time.monotonic() - began:.1f}s after the worker was ready; {sampler.samples} "
+          f"samples, at most {sampler.max_claimed} Claimed at once")
 
     logs = worker_logs(celery_stack)
     # ---- invariant 3, sampled from outside while the worker ran
@@ -123,9 +131,9 @@ def test_priority_then_fifo_per_thread_and_one_claim_per_thread(
         if [s.dispatch_id for s in actual] != [s.dispatch_id for s in expected]:
             failures.append(f"{thread_id}: order is not priority-then-FIFO; expected "
                             f"{[(s.priority, s.index) for s in expected]}\n{table}")
-        for prev, nxt in zip(actual, actual[1:], strict=False):
-            prev_start, prev_finish = timing[prev.dispatch_id]
-            next_start, _ = timing[nxt.dispatch_id]
+        for prev, nxt in itertools.pairwise(actual):
+            prev_finish = timing[prev.dispatch_id][1]
+            next_start = timing[nxt.dispatch_id][0]
             prev_acked = final[prev.dispatch_id].completed_at
             next_acked = final[nxt.dispatch_id].completed_at
             assert prev_acked is not None and next_acked is not None

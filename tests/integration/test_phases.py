@@ -339,6 +339,37 @@ def test_verify_stale_epoch_supersedes_before_the_agent_starts(mailbox: Mailbox)
     assert wakes.calls == [("t-stale", 0)]
 
 
+def test_verify_stale_epoch_whose_claim_was_reclaimed_meanwhile_still_cancels_the_run(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """P2 race: between verify's load and its supersede_claimed, the sweep reclaimed the stale
+    claim (T17, Superseded), so supersede_claimed returns None. Reference P2: "If that call
+    returned Ok (with or without a record) … reconcile the run as cancelled (using the loaded
+    snapshot)". The agent never runs either way."""
+    name, calls = register(lambda ctx: "ok")
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-race", name, "hi")
+    ctx = claim(rt, "t-race")
+    mailbox.store.interrupt("t-race", clock())
+    real_epoch = mailbox.store.current_dispatch_epoch
+
+    def epoch_then_reclaim(thread_id: str) -> int:
+        epoch = real_epoch(thread_id)
+        # the sweep of another process runs right here, after the claim's lease expired
+        assert mailbox.store.reclaim_expired_leases(
+            clock() + mailbox.settings.lease_ms + 1, 10) == []
+        return epoch
+
+    monkeypatch.setattr(mailbox.store, "current_dispatch_epoch", epoch_then_reclaim)
+    ctx = verify(rt, ctx)
+    assert ctx["done"] is True
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Superseded
+    after_verify(rt, ctx)
+    assert calls.count == 0
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.termination == Termination.cancelled()
+
+
 def test_verify_reads_the_epoch_from_sql_when_redis_forgot_it(mailbox: Mailbox) -> None:
     name, calls = register(lambda ctx: "ok")
     clock = Clock()

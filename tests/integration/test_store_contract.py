@@ -1000,3 +1000,50 @@ def test_claim_returns_at_most_one_per_call(store: MailboxStore) -> None:
     assert claimed[0].updated_at == 5000
     assert claimed[0].available_at == 1000
     assert claimed[0].attempt_count == 0
+
+
+# ================================================================= persistence round trips
+def test_projection_round_trips_through_sql_for_every_termination(store: MailboxStore) -> None:
+    terminations = [Termination.natural_end(), Termination.behavior_requested(),
+                    Termination.cancelled(), Termination.suspended(), Termination.error("e: ü"),
+                    Termination.blocked("needs approval"), Termination.stopped("max_rounds"),
+                    Termination.stopped("limit", "hit 10 rounds"), None]
+    for i, termination in enumerate(terminations):
+        thread = f"t{i}"
+        store.enqueue(mk(f"d{i}", thread, "r1"))
+        token = token_of(claim_one(store, thread))
+        result = RunDispatchResult("r1", f"inst-{i}", RunStatus.done, termination,
+                                   "réponse ✓", "err\nline 2")
+        store.record_run_result(f"d{i}", token, result, 1500)
+        store.ack(f"d{i}", token, 1600)
+
+        loaded = load(store, f"d{i}")
+
+        assert loaded.termination == termination, termination
+        assert loaded.run_response == "réponse ✓"
+        assert loaded.run_error == "err\nline 2"
+        assert loaded.dispatch_instance_id == f"inst-{i}"
+        assert RunDispatch.from_json(loaded.to_json()) == loaded
+
+
+def test_large_times_round_trip(store: MailboxStore) -> None:
+    big = 2**62
+    store.enqueue(RunDispatch.queued("d1", "t", "r1", big, available_at=big))
+    [claimed] = store.claim("t", "c1", 1000, big, 1)
+
+    loaded = load(store, "d1")
+    assert loaded == claimed
+    assert (loaded.created_at, loaded.available_at, loaded.lease_until) == (big, big, big + 1000)
+
+
+def test_loading_an_invalid_row_is_an_error(store: MailboxStore) -> None:
+    from mailbox import MailboxError
+    from mailbox.schema import dispatches
+
+    store.enqueue(mk("d1", "t", "r1"))
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(dispatches).where(dispatches.c.dispatch_id == "d1")
+                     .values(claim_token="forged"))
+
+    with pytest.raises(MailboxError, match="d1"):
+        store.load_dispatch("d1")

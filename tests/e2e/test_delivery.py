@@ -1,0 +1,124 @@
+"""A Celery message is only a wake-up (DESIGN.md §5, §4.1 invariant 6), with real workers.
+
+Lost wake-ups are repaired by the sweep a worker runs when it starts; duplicated wake-ups are
+harmless because the claim and its token decide; delayed availability lives in `available_at`.
+No beat runs in these tests, so nothing but the mechanism under test can deliver the work.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mailbox import DispatchStatus, Mailbox, RunStatus
+from tasks import dispatch
+from tests.support.e2e_helpers import (
+    describe_events,
+    drop_queue,
+    events_of,
+    queued_messages,
+    received_count,
+    status_counts,
+    wait_all_terminal,
+    wait_until,
+    worker_logs,
+)
+from tests.support.workers import Stack
+
+
+def test_lost_wake_ups_are_delivered_by_the_start_up_sweep(celery_stack: Stack,
+                                                           publisher: Mailbox) -> None:
+    # 20 dispatches over 5 threads, submitted while no worker runs.
+    ids: dict[str, str] = {}
+    for n in range(20):
+        thread_id = f"lost-{n % 5}"
+        ids[dispatch.delay(thread_id, "echo", f"lost #{n}").id] = f"lost #{n}"
+    client = publisher.store.coordinator.client
+    assert queued_messages(client, publisher.settings.namespace) >= 20, \
+        "the wake-ups were not in the broker queue: the test would prove nothing"
+
+    dropped = drop_queue(client, publisher.settings.namespace)
+    assert dropped["messages"] >= 20, dropped
+    assert queued_messages(client, publisher.settings.namespace) == 0
+
+    celery_stack.start_worker(concurrency=2)
+    final = wait_all_terminal(publisher, ids, timeout_s=30, stack=celery_stack)
+    logs = worker_logs(celery_stack)
+    assert status_counts(publisher) == {"Acked": 20}, f"{status_counts(publisher)}{logs}"
+    for dispatch_id, text in ids.items():
+        d = final[dispatch_id]
+        assert d.status == DispatchStatus.Acked and d.run_response == text, (d, logs)
+        assert len(events_of(publisher, d.run_id, "run_started")) == 1, \
+            describe_events(publisher, d.run_id)
+        run = publisher.get_run(d.run_id)
+        assert run is not None and run.status == RunStatus.done and run.response == text
+    # Nothing but the sweep could have delivered them: no wake-up survived the drop.
+    assert received_count(celery_stack, "mailbox.sweep") >= 1, logs
+
+
+def test_duplicated_wake_ups_execute_each_dispatch_once(celery_stack: Stack,
+                                                        publisher: Mailbox) -> None:
+    namespace = publisher.settings.namespace
+    celery_stack.start_worker(concurrency=4)
+    ids: list[str] = []
+    for n in range(24):
+        thread_id = f"dup-{n % 6}"
+        result = dispatch.delay(thread_id, "sleep", {"ms": 30})
+        ids.append(result.id)
+        for _ in range(3):  # 4 wake-ups per dispatch in all, racing the claim of the original
+            dispatch.apply_async(args=(thread_id,), queue=namespace)
+
+    final = wait_all_terminal(publisher, ids, timeout_s=60, stack=celery_stack)
+    logs = worker_logs(celery_stack)
+    assert status_counts(publisher) == {"Acked": 24}, f"{status_counts(publisher)}{logs}"
+    instances: set[str] = set()
+    for dispatch_id in ids:
+        d = final[dispatch_id]
+        started = events_of(publisher, d.run_id, "run_started")
+        finished = events_of(publisher, d.run_id, "run_finish")
+        assert d.status == DispatchStatus.Acked and d.attempt_count == 0, (d, logs)
+        assert d.run_response == "slept 30", d
+        assert len(started) == 1 and len(finished) == 1, (
+            f"run {d.run_id}: {len(started)} run_started, {len(finished)} run_finish\n"
+            f"{describe_events(publisher, d.run_id)}{logs}")
+        assert started[0].dispatch_id == dispatch_id
+        assert d.dispatch_instance_id is not None
+        instances.add(d.dispatch_instance_id)
+    assert len(instances) == 24, "two dispatches share one runtime invocation"
+    # The duplicates really reached the worker (else this test proves nothing).
+    wait_until(lambda: received_count(celery_stack, "mailbox.dispatch") >= 4 * 24, 10,
+               "the worker to receive every duplicated wake-up", celery_stack)
+
+
+def test_delayed_dispatch_waits_for_available_at_without_blocking_its_thread(
+        celery_stack: Stack, publisher: Mailbox) -> None:
+    namespace = publisher.settings.namespace
+    celery_stack.start_worker(concurrency=2)
+    thread_id = "delayed"
+    late = dispatch.delay(thread_id, "echo", "late", delay_ms=1500, priority=0)
+    now = dispatch.delay(thread_id, "echo", "now", priority=128)
+    stored = publisher.get_dispatch(late.id)
+    assert stored is not None
+    available_at = stored.available_at
+    assert available_at == stored.created_at + 1500, stored
+
+    # Early wake-ups must not start it: the claim decides on available_at, not the message.
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        dispatch.apply_async(args=(thread_id,), queue=namespace)
+        time.sleep(0.2)
+
+    first = publisher.wait(now.id, timeout_s=20)
+    final = publisher.wait(late.id, timeout_s=20)
+    logs = worker_logs(celery_stack)
+    assert first.status == DispatchStatus.Acked and first.run_response == "now", (first, logs)
+    assert final.status == DispatchStatus.Acked and final.run_response == "late", (final, logs)
+    late_started = events_of(publisher, final.run_id, "run_started")
+    now_started = events_of(publisher, first.run_id, "run_started")
+    assert len(late_started) == 1 and len(now_started) == 1
+    assert late_started[0].ts >= available_at, (
+        f"started at {late_started[0].ts}, {available_at - late_started[0].ts} ms before its "
+        f"available_at {available_at}\n{describe_events(publisher, final.run_id)}{logs}")
+    # Priority 0 does not let a not-yet-due dispatch hold up the thread's due work.
+    assert now_started[0].ts < available_at, (
+        f"the due dispatch waited for the delayed one: started {now_started[0].ts}, "
+        f"available_at {available_at}{logs}")
