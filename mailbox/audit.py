@@ -62,6 +62,8 @@ DEFAULT_PAGE = 500
 _TERMINAL_RECONCILED = [DispatchStatus.Cancelled.value, DispatchStatus.Superseded.value,
                         DispatchStatus.DeadLetter.value]
 _LIVE_RUN_STATUSES = [RunStatus.created.value, RunStatus.running.value]
+# "not done", spelled as an IN list so the few open runs drive the join (ix_runs_status).
+_OPEN_RUN_STATUSES = [*_LIVE_RUN_STATUSES, RunStatus.waiting.value]
 
 
 def now_ms() -> int:
@@ -318,7 +320,7 @@ def _check_runs(conn: sa.Connection, report: AuditReport, sample: int) -> None:
     report.checks.append("unreconciled_run")
     joined = dispatches.join(runs, sa.and_(r.run_id == c.run_id, r.dispatch_id == c.dispatch_id))
     n, ids = _count_and_sample(conn, c.dispatch_id, joined, sa.and_(
-        c.status.in_(_TERMINAL_RECONCILED), r.status != RunStatus.done.value), sample)
+        c.status.in_(_TERMINAL_RECONCILED), r.status.in_(_OPEN_RUN_STATUSES)), sample)
     if n:
         report.add(Finding("unreconciled_run", "warning",
                            "Cancelled/Superseded/DeadLetter dispatches whose run is not done "
@@ -360,31 +362,32 @@ def _check_leases(mailbox: Mailbox, report: AuditReport, sample: int, page_size:
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(key)
-        leases: dict[str, tuple[str, str]] = {}  # dispatch_id -> (key, token)
+        leases: dict[str, tuple[str, str]] = {}  # lease key -> (dispatch_id, token)
         for key, raw in zip(keys, pipe.execute(), strict=True):
             fields = {_text(k): _text(v) for k, v in (raw or {}).items()}
             if fields.get("dispatch_id"):  # pending leases (claim in flight) have none
-                leases[fields["dispatch_id"]] = (_text(key), fields.get("token", ""))
+                leases[_text(key)] = (fields["dispatch_id"], fields.get("token", ""))
         if not leases:
             continue
+        wanted = sorted({d for d, _ in leases.values()})
         with _reader(mailbox) as conn:
             rows = {str(d): (str(s), _text(t)) for d, s, t in conn.execute(
                 sa.select(dispatches.c.dispatch_id, dispatches.c.status,
                           dispatches.c.claim_token)
-                .where(dispatches.c.dispatch_id.in_(list(leases))))}
-        suspects = [d for d, (_, token) in leases.items()
+                .where(dispatches.c.dispatch_id.in_(wanted)))}
+        suspects = [k for k, (d, token) in leases.items()
                     if rows.get(d) != (DispatchStatus.Claimed.value, token)]
         if not suspects:
             continue
         # Re-read: a release that follows its SQL commit may have landed meanwhile.
         pipe = client.pipeline(transaction=False)
-        for d in suspects:
-            pipe.hget(leases[d][0], "token")
-        for d, token in zip(suspects, pipe.execute(), strict=True):
-            if _text(token) == leases[d][1]:
-                thread = leases[d][0][len(prefix):]
-                state = rows[d][0] if d in rows else "missing"
-                stale.append(f"{thread} -> {d} ({state})")
+        for key in suspects:
+            pipe.hget(key, "token")
+        for key, token in zip(suspects, pipe.execute(), strict=True):
+            dispatch_id, expected = leases[key]
+            if _text(token) == expected:
+                state = rows[dispatch_id][0] if dispatch_id in rows else "missing"
+                stale.append(f"{key[len(prefix):]} -> {dispatch_id} ({state})")
     if stale:
         report.add(Finding("stale_lease", "warning",
                            "Redis leases naming dispatches that SQL does not hold Claimed "
@@ -423,12 +426,16 @@ def _check_redis_epochs(mailbox: Mailbox, report: AuditReport, sample: int,
 
 
 def _scan_pages(client: Any, pattern: str, page_size: int) -> Iterator[list[Any]]:
-    """SCAN in pages (never KEYS): each yielded page holds at most about `page_size` keys."""
+    """SCAN in pages (never KEYS): each yielded page holds at most about `page_size` keys.
+    SCAN may return a key twice; each key is yielded once."""
     cursor: int = 0
+    seen: set[bytes | str] = set()
     while True:
         cursor, keys = client.scan(cursor=cursor, match=pattern, count=page_size)
-        if keys:
-            yield list(keys)
+        fresh = [k for k in keys if k not in seen]
+        seen.update(fresh)
+        if fresh:
+            yield fresh
         if int(cursor) == 0:
             return
 

@@ -491,16 +491,24 @@ def _print_event(event: Event, as_json: bool) -> None:
     click.echo(f"{iso_ms(event.ts)}  {event.id:<17} {event.type:<15} {data}".rstrip())
 
 
+def _is_final(event: Event) -> bool:
+    """The run_finish that ends the run (or suspends it for a decision). A failed attempt
+    that will be retried also ends with run_finish, marked `retrying`: keep following."""
+    if event.type != "run_finish":
+        return False
+    return not (isinstance(event.data, dict) and event.data.get("status") == "retrying")
+
+
 @main.command(help="Print a run's events as they come (from the start, or after --after). "
-                   "Stops after run_finish unless --no-stop; a dropped connection is resumed "
-                   "from the last event seen.")
+                   "Stops after the run's last run_finish (not a retried attempt's) unless "
+                   "--no-stop; a dropped connection is resumed from the last event seen.")
 @click.argument("run_id")
 @click.option("--after", "cursor", default=None, callback=_check_cursor, metavar="CURSOR",
               help="Resume after this event id.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=None,
               metavar="SECONDS", help="Give up after this long (default: never).")
 @click.option("--stop/--no-stop", default=True, show_default=True,
-              help="Stop after the run_finish event.")
+              help="Stop after the run's final run_finish event.")
 @json_option
 @click.pass_context
 def follow(ctx: click.Context, run_id: str, cursor: str | None, timeout_s: float | None,
@@ -517,11 +525,15 @@ def follow(ctx: click.Context, run_id: str, cursor: str | None, timeout_s: float
             if remaining is not None and remaining <= 0:
                 break
             try:
+                block_ms = 1000 if remaining is None else max(1, min(1000,
+                                                                     int(remaining * 1000)))
                 for event in box.events.follow(run_id, last, timeout_s=remaining,
-                                               stop_after_finish=stop):
+                                               block_ms=block_ms, stop_after_finish=False):
                     _print_event(event, as_json)
                     last, failures = event.id, 0
-                    finished = stop and event.type == "run_finish"
+                    if stop and _is_final(event):
+                        finished = True
+                        break
                 if not finished:
                     break  # the timeout ended the stream
             except (redis.ConnectionError, redis.TimeoutError, StoreUnavailableError) as exc:

@@ -9,6 +9,7 @@ wakes it again when it settles.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task, chain
@@ -19,6 +20,8 @@ from mailbox.phases import claim_next
 from tasks import phases
 from tasks.app import app
 from tasks.runtime import MAX_COUNTDOWN_MS, mailbox, queue, runtime
+
+log = logging.getLogger(__name__)
 
 
 class WakeNotPublishedError(MailboxError):
@@ -55,6 +58,9 @@ class DispatchTask(Task):
 @app.task(bind=True, base=DispatchTask, name="mailbox.dispatch")
 def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None) -> str | None:
     """Claim the thread's next dispatch and chain its phases; None when busy or idle."""
+    if not isinstance(thread_id, str) or not thread_id.strip():
+        log.error("mailbox.dispatch refused a malformed message: thread_id %r", thread_id)
+        return None
     return start_next(thread_id)
 
 

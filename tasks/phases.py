@@ -19,7 +19,27 @@ from tasks.runtime import runtime
 log = logging.getLogger(__name__)
 
 
-def _guarded(name: str, func: Callable[[Runtime, Context], Context], ctx: Context) -> Context:
+REQUIRED = {"dispatch_id": str, "thread_id": str, "run_id": str, "token": str, "attempt": int,
+            "created_at": int, "available_at": int, "claimed_at": int}
+
+
+def malformed(ctx: Any) -> str | None:
+    """Why a phase message cannot be a context we sent (anyone can put bytes on a queue)."""
+    if not isinstance(ctx, dict):
+        return f"phase context must be an object, got {type(ctx).__name__}"
+    for key, kind in REQUIRED.items():
+        if not isinstance(ctx.get(key), kind) or isinstance(ctx.get(key), bool):
+            return f"phase context field {key!r} must be {kind.__name__}"
+    return None
+
+
+def _guarded(name: str, func: Callable[[Runtime, Context], Context], ctx: Context
+             ) -> Context | None:
+    problem = malformed(ctx)
+    if problem is not None:
+        # Nothing to fence with, nothing to write: refuse loudly, keep the worker alive.
+        log.error("mailbox.%s refused a malformed message: %s", name, problem)
+        return None
     try:
         return func(runtime(), ctx)
     except Exception:
@@ -30,27 +50,31 @@ def _guarded(name: str, func: Callable[[Runtime, Context], Context], ctx: Contex
 
 
 @app.task(name="mailbox.verify")
-def verify(ctx: Context) -> Context:
+def verify(ctx: Context) -> Context | None:
     return _guarded("verify", phase_functions.verify, ctx)
 
 
 @app.task(name="mailbox.reconstruct")
-def reconstruct(ctx: Context) -> Context:
+def reconstruct(ctx: Context) -> Context | None:
     return _guarded("reconstruct", phase_functions.reconstruct, ctx)
 
 
 @app.task(name="mailbox.resolve")
-def resolve(ctx: Context) -> Context:
+def resolve(ctx: Context) -> Context | None:
     return _guarded("resolve", phase_functions.resolve, ctx)
 
 
 @app.task(name="mailbox.execute")
-def execute(ctx: Context) -> Context:
+def execute(ctx: Context) -> Context | None:
     return _guarded("execute", phase_functions.execute, ctx)
 
 
 @app.task(name="mailbox.settle")
-def settle(ctx: Context) -> Context:
+def settle(ctx: Context) -> Context | None:
+    problem = malformed(ctx)
+    if problem is not None:
+        log.error("mailbox.settle refused a malformed message: %s", problem)
+        return None
     try:
         return phase_functions.settle(runtime(), ctx)
     except Exception:

@@ -37,6 +37,7 @@ def test_lost_wake_ups_are_delivered_by_the_start_up_sweep(celery_stack: Stack,
         "the wake-ups were not in the broker queue: the test would prove nothing"
 
     dropped = drop_queue(client, publisher.settings.namespace)
+    print(f"dropped from the broker: {dropped}")
     assert dropped["messages"] >= 20, dropped
     assert queued_messages(client, publisher.settings.namespace) == 0
 

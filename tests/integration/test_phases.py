@@ -114,7 +114,7 @@ def register(behaviour: Callable[[AgentContext], Any], *, name: str | None = Non
 
 
 def make_runtime(box: Mailbox, wakes: Wakes, *, clock: Callable[[], int] | None = None,
-                 consumer: str | None = None, **settings: int) -> Runtime:
+                 consumer: str | None = None, **settings: Any) -> Runtime:
     rt = box.runtime(consumer_id=consumer, wake=wakes)
     if settings:
         rt = replace(rt, settings=replace(box.settings, **settings))

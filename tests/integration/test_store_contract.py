@@ -488,20 +488,18 @@ def test_duplicate_dispatch_id_is_rejected_and_existing_untouched(store: Mailbox
     assert store.list_dispatches("t-other") == []
     assert store.queued_thread_ids() == ["t"]
 
-
-def test_duplicate_dispatch_id_of_terminal_record_is_rejected(store: MailboxStore) -> None:
-    store.enqueue(mk("d1", "t", "r1"))
-    store.ack("d1", token_of(claim_one(store, "t")), 1500)
-    before = load(store, "d1")
+    store.enqueue(mk("d9", "t9", "r1"))
+    store.ack("d9", token_of(claim_one(store, "t9")), 1500)
+    acked = load(store, "d9")
 
     with pytest.raises(AlreadyExistsError) as info:
-        store.enqueue(mk("d1", "t", "r1", 128, 2000))
+        store.enqueue(mk("d9", "t9", "r1", 128, 2000))
 
-    assert info.value.message == "d1"
-    assert load(store, "d1") == before
+    assert info.value.message == "d9"
+    assert load(store, "d9") == acked
 
 
-def test_dedupe_key_error_names_the_key_and_writes_nothing(store: MailboxStore) -> None:
+def test_dedupe_key_held_while_queued_or_claimed_and_error_names_key(store: MailboxStore) -> None:
     store.enqueue(RunDispatch.queued("d1", "t", "r1", 1000, dedupe_key="k"))
     before = load(store, "d1")
 
@@ -512,50 +510,41 @@ def test_dedupe_key_error_names_the_key_and_writes_nothing(store: MailboxStore) 
     assert store.load_dispatch("d2") is None
     assert load(store, "d1") == before
 
+    store.enqueue(RunDispatch.queued("c1", "t-c", "r1", 1000, dedupe_key="k"))
+    claim_one(store, "t-c")
 
-def test_dedupe_key_held_while_claimed(store: MailboxStore) -> None:
-    store.enqueue(RunDispatch.queued("d1", "t", "r1", 1000, dedupe_key="k"))
-    claim_one(store, "t")
-
-    with pytest.raises(AlreadyExistsError):
-        store.enqueue(RunDispatch.queued("d2", "t", "r2", 1100, dedupe_key="k"))
-    assert store.load_dispatch("d2") is None
-
-
-def _to_acked(store: MailboxStore) -> None:
-    store.ack("d1", token_of(claim_one(store, "t")), 1500)
+    with pytest.raises(AlreadyExistsError) as claimed_info:
+        store.enqueue(RunDispatch.queued("c2", "t-c", "r2", 1100, dedupe_key="k"))
+    assert claimed_info.value.message == "dedupe_key=k"
+    assert store.load_dispatch("c2") is None
 
 
-def _to_cancelled(store: MailboxStore) -> None:
-    assert store.cancel("d1", 1500) is not None
+TERMINALIZERS: dict[str, Callable[[MailboxStore, str, str], Any]] = {
+    "acked": lambda s, d, t: s.ack(d, token_of(claim_one(s, t)), 1500),
+    "cancelled": lambda s, d, t: s.cancel(d, 1500),
+    "superseded": lambda s, d, t: s.interrupt(t, 1500),
+    "dead_letter": lambda s, d, t: s.dead_letter(d, token_of(claim_one(s, t)), "fatal", 1500),
+    "superseded_claimed": lambda s, d, t: s.supersede_claimed(
+        d, token_of(claim_one(s, t)), 1500, "gone"),
+    "nack_exhausted": lambda s, d, t: s.nack(
+        d, token_of(claim_one(s, t)), 1600, "failed", 1500),
+    "reclaim_exhausted": lambda s, d, t: (claim_one(s, t, lease_ms=100),
+                                          s.reclaim_expired_leases(1500, 100)),
+}
 
 
-def _to_superseded(store: MailboxStore) -> None:
-    store.interrupt("t", 1500)
+def test_dedupe_key_freed_after_terminal(store: MailboxStore) -> None:
+    for name, terminalize in TERMINALIZERS.items():
+        thread = f"t-{name}"
+        store.enqueue(RunDispatch.queued(f"{name}-1", thread, "r1", 1000, dedupe_key="k",
+                                         max_attempts=1))
+        terminalize(store, f"{name}-1", thread)
+        assert load(store, f"{name}-1").status.is_terminal, name
 
+        store.enqueue(RunDispatch.queued(f"{name}-2", thread, "r2", 2000, dedupe_key="k"))
 
-def _to_dead_letter(store: MailboxStore) -> None:
-    store.dead_letter("d1", token_of(claim_one(store, "t")), "fatal", 1500)
-
-
-def _to_superseded_claimed(store: MailboxStore) -> None:
-    store.supersede_claimed("d1", token_of(claim_one(store, "t")), 1500, "gone")
-
-
-@pytest.mark.parametrize("terminalize", [_to_acked, _to_cancelled, _to_superseded,
-                                         _to_dead_letter, _to_superseded_claimed],
-                         ids=["acked", "cancelled", "superseded", "dead_letter",
-                              "superseded_claimed"])
-def test_dedupe_key_freed_after_terminal(store: MailboxStore,
-                                         terminalize: Callable[[MailboxStore], None]) -> None:
-    store.enqueue(RunDispatch.queued("d1", "t", "r1", 1000, dedupe_key="k"))
-    terminalize(store)
-    assert load(store, "d1").status.is_terminal
-
-    store.enqueue(RunDispatch.queued("d2", "t", "r2", 2000, dedupe_key="k"))
-
-    assert load(store, "d2").status == DispatchStatus.Queued
-    assert load(store, "d2").dedupe_key == "k"
+        again = load(store, f"{name}-2")
+        assert (again.status, again.dedupe_key) == (DispatchStatus.Queued, "k"), name
 
 
 def test_same_dedupe_key_on_another_thread_is_independent(store: MailboxStore) -> None:
@@ -586,8 +575,7 @@ def test_enqueue_stamps_current_thread_epoch_and_clears_claim(store: MailboxStor
 
 
 # ===================================================================== purge and epochs
-def test_purge_never_deletes_non_terminal_rows_and_never_resets_epochs(
-        store: MailboxStore) -> None:
+def test_purge_never_deletes_non_terminal_rows_and_never_resets_epochs(store: MailboxStore) -> None:
     store.enqueue(mk("queued", "t-live", "r1", 128, 1000))
     store.enqueue(mk("claimed", "t-claimed", "r2", 128, 1000))
     claim_one(store, "t-claimed")
@@ -608,8 +596,6 @@ def test_purge_never_deletes_non_terminal_rows_and_never_resets_epochs(
     assert load(store, "new").dispatch_epoch == 2
     assert store.interrupt("t-done", 3100).new_dispatch_epoch == 3
 
-
-def test_purge_uses_strict_cutoff(store: MailboxStore) -> None:
     store.enqueue(mk("d1", "t", "r1"))
     store.cancel("d1", 1500)
 
@@ -620,13 +606,6 @@ def test_purge_uses_strict_cutoff(store: MailboxStore) -> None:
 
 
 # ============================================================================= listing
-def test_list_dispatches_with_empty_status_list_is_empty(store: MailboxStore) -> None:
-    store.enqueue(mk("d1", "t", "r1"))
-
-    assert store.list_dispatches("t", [], 100, 0) == []
-    assert len(store.list_dispatches("t", None, 100, 0)) == 1
-
-
 def test_list_dispatches_ordering_filtering_and_paging(store: MailboxStore) -> None:
     store.enqueue(mk("e", "t", "r", 200, 1000).replace(created_at=5))
     store.enqueue(mk("c", "t", "r", 10, 1000).replace(created_at=30))
@@ -649,6 +628,11 @@ def test_list_dispatches_ordering_filtering_and_paging(store: MailboxStore) -> N
     assert [d.dispatch_id for d in store.list_dispatches(
         "t", [DispatchStatus.Queued, DispatchStatus.Cancelled], 100, 1)] == ["a2", "b", "c", "e"]
     assert store.list_dispatches("t-unknown") == []
+
+    store.enqueue(mk("d1", "t-empty", "r1"))
+
+    assert store.list_dispatches("t-empty", [], 100, 0) == []
+    assert len(store.list_dispatches("t-empty", None, 100, 0)) == 1
 
 
 def test_list_terminal_dispatches_order_and_paging(store: MailboxStore) -> None:
@@ -690,39 +674,38 @@ FENCED_OPS: dict[str, Callable[[MailboxStore, str, str, int], Any]] = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(FENCED_OPS))
-def test_token_mismatch_is_version_conflict_0_1_and_changes_nothing(
-        store: MailboxStore, op: str) -> None:
-    _claimed_token_on(store)
-    before = load(store, "d1")
+def test_token_mismatch_is_version_conflict_0_1_and_changes_nothing(store: MailboxStore) -> None:
+    for op, call in sorted(FENCED_OPS.items()):
+        _claimed_token_on(store, f"d-{op}", f"t-{op}")
+        before = load(store, f"d-{op}")
 
-    with pytest.raises(VersionConflictError) as info:
-        FENCED_OPS[op](store, "d1", "not-the-token", 2000)
+        with pytest.raises(VersionConflictError) as info:
+            call(store, f"d-{op}", "not-the-token", 2000)
 
-    assert (info.value.expected, info.value.actual) == (0, 1)
-    assert str(info.value) == "version conflict: expected 0, actual 1"
-    assert load(store, "d1") == before
-
-
-@pytest.mark.parametrize("op", sorted(FENCED_OPS))
-def test_fenced_op_on_missing_dispatch_is_not_found(store: MailboxStore, op: str) -> None:
-    with pytest.raises(NotFoundError) as info:
-        FENCED_OPS[op](store, "missing", "token", 2000)
-    assert info.value.message == "missing"
+        assert (info.value.expected, info.value.actual) == (0, 1), op
+        assert str(info.value) == "version conflict: expected 0, actual 1"
+        assert load(store, f"d-{op}") == before, op
 
 
-@pytest.mark.parametrize("op", sorted(FENCED_OPS))
-def test_fenced_op_on_terminal_dispatch_is_version_conflict_0_1(
-        store: MailboxStore, op: str) -> None:
-    token = _claimed_token_on(store)
-    store.ack("d1", token, 1500)
-    before = load(store, "d1")
+def test_fenced_op_on_missing_dispatch_is_not_found(store: MailboxStore) -> None:
+    for op, call in sorted(FENCED_OPS.items()):
+        with pytest.raises(NotFoundError) as info:
+            call(store, "missing", "token", 2000)
+        assert info.value.message == "missing", op
+    assert store.load_dispatch("missing") is None
 
-    with pytest.raises(VersionConflictError) as info:
-        FENCED_OPS[op](store, "d1", token, 2000)
 
-    assert (info.value.expected, info.value.actual) == (0, 1)
-    assert load(store, "d1") == before
+def test_fenced_op_on_terminal_dispatch_is_version_conflict_0_1(store: MailboxStore) -> None:
+    for op, call in sorted(FENCED_OPS.items()):
+        token = _claimed_token_on(store, f"d-{op}", f"t-{op}")
+        store.ack(f"d-{op}", token, 1500)
+        before = load(store, f"d-{op}")
+
+        with pytest.raises(VersionConflictError) as info:
+            call(store, f"d-{op}", token, 2000)
+
+        assert (info.value.expected, info.value.actual) == (0, 1), op
+        assert load(store, f"d-{op}") == before, op
 
 
 def test_supersede_claimed_token_mismatch_and_non_claimed(store: MailboxStore) -> None:
@@ -749,29 +732,32 @@ STALE_REASONS = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(FENCED_OPS))
-def test_stale_fenced_op_supersedes_with_reason_and_epoch_conflict(
-        store: MailboxStore, op: str) -> None:
-    store.interrupt("t", 500)  # thread epoch 1: the dispatch is stamped 1
-    store.enqueue(mk("d1", "t", "r1"))
-    token = token_of(claim_one(store, "t"))
-    store.record_dispatch_start("d1", token, "attempt-1", 1100)
-    store.interrupt("t", 1200)
-    store.interrupt("t", 1300)  # thread epoch 3
+def test_stale_fenced_op_supersedes_with_reason_and_epoch_conflict(store: MailboxStore) -> None:
+    for op, call in sorted(FENCED_OPS.items()):
+        d, t = f"d-{op}", f"t-{op}"
+        store.interrupt(t, 500)  # thread epoch 1: the dispatch is stamped 1
+        store.enqueue(mk(d, t, "r1"))
+        token = token_of(claim_one(store, t))
+        store.record_dispatch_start(d, token, "attempt-1", 1100)
+        store.interrupt(t, 1200)
+        store.interrupt(t, 1300)  # thread epoch 3
 
-    with pytest.raises(VersionConflictError) as info:
-        FENCED_OPS[op](store, "d1", token, 2000)
+        with pytest.raises(VersionConflictError) as info:
+            call(store, d, token, 2000)
 
-    assert (info.value.expected, info.value.actual) == (1, 3)
-    loaded = load(store, "d1")
-    assert loaded.status == DispatchStatus.Superseded
-    assert loaded.last_error == STALE_REASONS[op]
-    assert loaded.dispatch_epoch == 3
-    assert loaded.completed_at == 2000
-    assert loaded.updated_at == 2000
-    assert loaded.attempt_count == 0
-    assert_no_claim(loaded)
-    assert_no_projection(loaded)
+        assert (info.value.expected, info.value.actual) == (1, 3), op
+        loaded = load(store, d)
+        assert loaded.status == DispatchStatus.Superseded, op
+        assert loaded.last_error == STALE_REASONS[op]
+        assert loaded.dispatch_epoch == 3
+        assert loaded.completed_at == 2000
+        assert loaded.updated_at == 2000
+        assert loaded.attempt_count == 0
+        assert_no_claim(loaded)
+        assert_no_projection(loaded)
+        # The fenced claim no longer blocks the thread.
+        store.enqueue(mk(f"{d}-next", t, "r2", 128, 2100))
+        assert claim_one(store, t, now=2100).dispatch_id == f"{d}-next"
 
 
 def test_stale_extend_lease_supersedes_with_renewal_reason(store: MailboxStore) -> None:
@@ -837,7 +823,7 @@ def test_supersede_claimed_keeps_highest_epoch(store: MailboxStore) -> None:
 
 
 # ======================================================================= attempts budget
-def test_nack_at_max_attempts_dead_letters_without_exceeding_budget(store: MailboxStore) -> None:
+def test_attempts_at_budget_dead_letter_without_exceeding_max_attempts(store: MailboxStore) -> None:
     store.enqueue(RunDispatch.queued("d1", "t", "r1", 1000, max_attempts=3, attempt_count=3))
     token = token_of(claim_one(store, "t"))
 
@@ -850,17 +836,15 @@ def test_nack_at_max_attempts_dead_letters_without_exceeding_budget(store: Mailb
     assert loaded.last_error == "one more failure"
     assert_no_claim(loaded)
 
-
-def test_reclaim_at_max_attempts_dead_letters_without_exceeding_budget(
-        store: MailboxStore) -> None:
-    store.enqueue(RunDispatch.queued("d1", "t", "r1", 1000, max_attempts=2, attempt_count=2))
-    claim_one(store, "t", lease_ms=100)
+    store.enqueue(RunDispatch.queued("d2", "t2", "r1", 1000, max_attempts=2, attempt_count=2))
+    claim_one(store, "t2", lease_ms=100)
 
     [reclaimed] = store.reclaim_expired_leases(2000, 10)
 
     assert reclaimed.status == DispatchStatus.DeadLetter
     assert reclaimed.attempt_count == 2
-    assert load(store, "d1") == reclaimed
+    assert reclaimed.last_error == "lease expired; max attempts reached"
+    assert load(store, "d2") == reclaimed
 
 
 def test_nack_exhausted_keeps_projection_and_available_at(store: MailboxStore) -> None:
@@ -928,21 +912,19 @@ def test_reclaim_respects_limit(store: MailboxStore) -> None:
 
 
 # ============================================================== extend lease edge cases
-def test_extend_lease_missing_or_unclaimed_returns_false(store: MailboxStore) -> None:
+def test_extend_lease_edge_cases(store: MailboxStore) -> None:
     assert store.extend_lease("missing", "tok", 1000, 2000) is False
     store.enqueue(mk("d1", "t", "r1"))
     queued = load(store, "d1")
     assert store.extend_lease("d1", "tok", 1000, 2000) is False
     assert load(store, "d1") == queued
 
+    store.enqueue(mk("d2", "t2", "r1"))
+    token = token_of(claim_one(store, "t2", lease_ms=100))
 
-def test_extend_lease_after_deadline_but_before_reclaim_succeeds(store: MailboxStore) -> None:
-    store.enqueue(mk("d1", "t", "r1"))
-    token = token_of(claim_one(store, "t", lease_ms=100))
+    assert store.extend_lease("d2", token, 500, 5000) is True
 
-    assert store.extend_lease("d1", token, 500, 5000) is True
-
-    loaded = load(store, "d1")
+    loaded = load(store, "d2")
     assert loaded.lease_until == 5500
     assert loaded.updated_at == 5000
     assert store.reclaim_expired_leases(5500, 10) == []
@@ -980,16 +962,7 @@ def test_claim_on_busy_thread_issues_no_sql(store: MailboxStore) -> None:
     assert claim_one(store, "t", now=1300).dispatch_id == "d2"
 
 
-def test_claim_limit_zero_returns_empty_without_claiming(store: MailboxStore) -> None:
-    store.enqueue(mk("d1", "t", "r1"))
-
-    assert store.claim("t", "consumer-1", LEASE, 1000, 0) == []
-
-    assert load(store, "d1").status == DispatchStatus.Queued
-    assert claim_one(store, "t").dispatch_id == "d1"
-
-
-def test_claim_returns_at_most_one_per_call(store: MailboxStore) -> None:
+def test_claim_returns_at_most_one_per_call_and_nothing_for_limit_zero(store: MailboxStore) -> None:
     for i in range(3):
         store.enqueue(mk(f"d{i}", "t", f"r{i}", 128, 1000 + i))
 
@@ -1000,6 +973,13 @@ def test_claim_returns_at_most_one_per_call(store: MailboxStore) -> None:
     assert claimed[0].updated_at == 5000
     assert claimed[0].available_at == 1000
     assert claimed[0].attempt_count == 0
+
+    store.enqueue(mk("z1", "t-zero", "r1"))
+
+    assert store.claim("t-zero", "consumer-1", LEASE, 1000, 0) == []
+
+    assert load(store, "z1").status == DispatchStatus.Queued
+    assert claim_one(store, "t-zero").dispatch_id == "z1"
 
 
 # ================================================================= persistence round trips
