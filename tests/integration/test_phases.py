@@ -708,13 +708,13 @@ def test_execute_records_start_and_marks_the_run_running(mailbox: Mailbox) -> No
 
 
 def test_heartbeat_renews_the_lease_while_a_slow_agent_runs(mailbox: Mailbox) -> None:
-    lease_ms = 300
+    lease_ms = 450  # renewals every 150 ms; a stall of up to ~300 ms is tolerated
     seen: dict[str, Any] = {}
 
     def slow(ctx: AgentContext) -> str:
         first = mailbox.store.load_dispatch(ctx.dispatch_id)
         assert first is not None
-        time.sleep(4 * lease_ms / 1000)
+        time.sleep(3 * lease_ms / 1000)
         now = now_ms()
         last = mailbox.store.load_dispatch(ctx.dispatch_id)
         assert last is not None
@@ -860,6 +860,55 @@ def test_attempt_that_lost_its_lease_does_not_decide_the_new_owners_run(
     run = run_of(mailbox, receipt.run_id)
     assert run.response == "done by the new owner"
     assert run.termination == Termination.natural_end()
+
+
+def test_old_owner_finishing_late_does_not_overwrite_the_new_owners_result(
+        mailbox: Mailbox) -> None:
+    """The same fencing, with both attempts running at once: the old owner (lease lost,
+    cancelled) ends while the new owner's agent is still running. The new owner's response
+    must be what the dispatch and the run record end with."""
+    lease_ms = 300
+    seen: dict[str, Any] = {}
+    new_owner: dict[str, Any] = {}
+    new_started = threading.Event()
+
+    def agent_body(ctx: AgentContext) -> Any:
+        if ctx.attempt == 0:
+            later = now_ms() + 10 * lease_ms
+            mailbox.store.reclaim_expired_leases(later, 10)
+            rt2 = make_runtime(mailbox, Wakes(), consumer="new-owner", clock=lambda: later,
+                               lease_ms=lease_ms)
+            ctx2 = claim(rt2, ctx.thread_id)
+            thread = threading.Thread(
+                target=lambda: new_owner.update(out=run_chain(rt2, ctx2)))
+            new_owner["thread"] = thread
+            thread.start()
+            assert new_started.wait(5)
+            return wait_for_cancel(ctx, seen)
+        new_started.set()
+        # keep running until the old owner has finished its attempt
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and seen.get("old_done") is None:
+            run = mailbox.get_run(ctx.run_id)
+            if run is not None and run.status == RunStatus.done:
+                break
+            time.sleep(0.01)
+        return "new owner's result"
+
+    name, calls = register(agent_body)
+    rt = make_runtime(mailbox, Wakes(), lease_ms=lease_ms)
+    receipt = mailbox.submit("t-late-old", name, "hi")
+    run_chain(rt, claim(rt, "t-late-old"))
+    seen["old_done"] = True
+    new_owner["thread"].join(10)
+    assert calls.count == 2 and seen["cancelled_after_s"] is not None
+
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked
+    assert dispatch.run_response == "new owner's result"
+    assert dispatch.termination == Termination.natural_end()
+    run = run_of(mailbox, receipt.run_id)
+    assert run.response == "new owner's result"
 
 
 # ===================================================================================== settle

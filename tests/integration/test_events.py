@@ -1,0 +1,87 @@
+"""Per-run event streams: resume from a cursor without gaps, explicit expiry, bounded size."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mailbox import Mailbox
+from mailbox.errors import MailboxError
+from mailbox.events import CursorExpiredError, EventStreams
+
+
+def test_reconnect_from_cursor_sees_every_event_once(mailbox: Mailbox) -> None:
+    events = mailbox.events
+    for i in range(5):
+        events.emit("run-a", "d1", "output", {"i": i})
+    first = events.read("run-a")[:2]
+    for i in range(5, 8):
+        events.emit("run-a", "d1", "output", {"i": i})
+    rest = events.read("run-a", after=first[-1].id)
+    assert [e.data["i"] for e in first + rest] == list(range(8))
+
+
+def test_follow_yields_live_events_and_stops_after_run_finish(mailbox: Mailbox) -> None:
+    events = mailbox.events
+    events.emit("run-b", "d1", "run_started", {})
+    seen: list[str] = []
+
+    def produce() -> None:
+        time.sleep(0.2)
+        events.emit("run-b", "d1", "output", {"x": 1})
+        time.sleep(0.2)
+        events.emit("run-b", "d1", "run_finish", {"termination": {"type": "natural_end"}})
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    for event in events.follow("run-b", block_ms=100, timeout_s=10):
+        seen.append(event.type)
+    producer.join()
+    assert seen == ["run_started", "output", "run_finish"]
+
+
+def test_follow_resumes_after_a_dropped_connection(mailbox: Mailbox) -> None:
+    events = mailbox.events
+    for i in range(3):
+        events.emit("run-c", "d1", "output", {"i": i})
+    stream = events.follow("run-c", block_ms=100, timeout_s=5)
+    last = next(stream).id  # the client reads one event, then its connection drops
+    stream.close()
+    for i in range(3, 5):
+        events.emit("run-c", "d1", "output", {"i": i})
+    events.emit("run-c", "d1", "run_finish", {})
+    resumed = list(events.follow("run-c", after=last, block_ms=100, timeout_s=5))
+    assert [e.data.get("i") for e in resumed] == [1, 2, 3, 4, None]
+
+
+def test_cursor_older_than_retention_is_an_explicit_error(mailbox: Mailbox) -> None:
+    small = EventStreams(mailbox.store.coordinator.client, mailbox.settings.namespace,
+                         retention_s=60, max_len=3)
+    ids = [small.emit("run-d", "d1", "output", {"i": i}) for i in range(6)]
+    assert [e.data["i"] for e in small.read("run-d")] == [3, 4, 5]
+    with pytest.raises(CursorExpiredError):
+        small.read("run-d", after=ids[0])
+    assert [e.data["i"] for e in small.read("run-d", after=ids[3])] == [4, 5]
+
+
+def test_unknown_stream_with_a_cursor_is_expired_not_empty(mailbox: Mailbox) -> None:
+    with pytest.raises(CursorExpiredError):
+        mailbox.events.read("never-existed", after="1-0")
+    assert mailbox.events.read("never-existed") == []
+
+
+def test_bad_cursor_and_bad_event_type_are_refused(mailbox: Mailbox) -> None:
+    mailbox.events.emit("run-e", "d1", "output", {})
+    with pytest.raises(MailboxError, match="invalid event cursor"):
+        mailbox.events.read("run-e", after="not-a-cursor")
+    with pytest.raises(MailboxError, match="unknown event type"):
+        mailbox.events.emit("run-e", "d1", "bogus", {})
+
+
+def test_big_payloads_are_kept_out_of_redis(mailbox: Mailbox) -> None:
+    mailbox.events.emit("run-f", "d1", "output", {"blob": "x" * 200_000})
+    [event] = mailbox.events.read("run-f")
+    assert event.data["truncated"] is True
+    assert len(event.data["preview"]) == 1024
