@@ -134,12 +134,12 @@ class Options:
                                                 "Celery chains, in one run.")
         p.add_argument("--quick", action="store_true", help="smoke run (< 2 minutes)")
         p.add_argument("--dispatches", type=int, default=None,
-                       help="items per throughput round (default 600; quick 100)")
+                       help="items per throughput round (default 300; quick 40)")
         p.add_argument("--rounds", type=int, default=None,
                        help="throughput rounds per kind in the reference configuration "
-                            "(default 3; quick 1); other configurations use rounds - 1 (>= 1)")
+                            "(default 2; quick 1); other configurations use rounds - 1 (>= 1)")
         p.add_argument("--idle", type=int, default=None,
-                       help="sequential dispatches for idle latency (default 200; quick 30)")
+                       help="sequential dispatches for idle latency (default 200; quick 20)")
         p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
         p.add_argument("--skip-rabbitmq", action="store_true")
         p.add_argument("--skip-postgres", action="store_true")
@@ -150,14 +150,14 @@ class Options:
         p.add_argument("--client", type=Path, help=argparse.SUPPRESS)
         args = p.parse_args(argv)
         quick = bool(args.quick)
-        dispatches = args.dispatches or (100 if quick else 600)
+        dispatches = args.dispatches or (40 if quick else 300)
         if dispatches < PER_THREAD:
             p.error(f"--dispatches must be at least {PER_THREAD}")
         return cls(quick=quick, dispatches=dispatches,
-                   rounds=max(1, args.rounds or (1 if quick else 3)),
-                   idle=max(5, args.idle or (30 if quick else 200)),
-                   delay_calls=200 if quick else 1000,
-                   inprocess=60 if quick else 300,
+                   rounds=max(1, args.rounds or (1 if quick else 2)),
+                   idle=max(5, args.idle or (20 if quick else 200)),
+                   delay_calls=100 if quick else 500,
+                   inprocess=40 if quick else 200,
                    out=Path(args.out), skip_rabbitmq=bool(args.skip_rabbitmq),
                    skip_postgres=bool(args.skip_postgres),
                    skip_store_bench=bool(args.skip_store_bench),
@@ -420,6 +420,7 @@ def run_configuration(cfg: Configuration, opts: Options, services: Services,
                 workers.start("benchmarks.baseline_app", f"{namespace}-baseline",
                               cfg.concurrency, f"baseline-{cfg.key}")
             plan = build_plan(cfg, opts, services, namespace)
+            plan["worker_pids"] = [proc.pid for _, proc, _ in workers.processes]
             plan_path = cdir / "plan.json"
             result_path = cdir / "result.json"
             plan["result_path"] = str(result_path)
@@ -480,6 +481,43 @@ def build_plan(cfg: Configuration, opts: Options, services: Services, namespace:
             and cfg.broker == "redis", "redis_owned": services.redis_owned, "steps": steps}
 
 
+# ======================================================================================= cpu
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def tree_cpu_s(roots: Sequence[int]) -> float:
+    """User + system CPU seconds of the processes `roots` and their children (prefork pool
+    processes), from /proc; 0.0 where /proc is not available."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").exists() else []:
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields:
+                parents[int(entry.name)] = int(fields[1])
+    wanted = set(roots)
+    frontier = list(roots)
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in wanted:
+                wanted.add(child)
+                frontier.append(child)
+    ticks = 0
+    for pid in wanted:
+        fields = _stat_fields(pid)
+        if fields:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLOCK_TICKS
+
+
 # ==================================================================================== client
 class Client:
     """The submitting side of one configuration, in a process whose environment selects the
@@ -521,6 +559,27 @@ class Client:
         total = sum(calls.values()) - own
         top = dict(Counter(calls).most_common(12))
         return {"total": total, "top": top}
+
+    def _cpu_probe(self) -> tuple[float, float, float | None]:
+        redis_cpu = None
+        if self.plan.get("redis_owned"):
+            info = self.redis.info("cpu")
+            redis_cpu = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        return (tree_cpu_s(self.plan.get("worker_pids", [])), time.process_time(), redis_cpu)
+
+    def _cpu_per_item(self, before: tuple[float, float, float | None], n: int
+                      ) -> dict[str, float | None]:
+        """CPU milliseconds per item: worker processes (main + pool), this client (submits,
+        polling), and the Redis server (broker + coordination + events) when it is ours."""
+        after = self._cpu_probe()
+        workers = 1000 * (after[0] - before[0]) / n
+        client = 1000 * (after[1] - before[1]) / n
+        redis_ms = None if after[2] is None or before[2] is None else \
+            1000 * (after[2] - before[2]) / n
+        total = workers + client + (redis_ms or 0.0)
+        return {"workers_ms": round(workers, 2), "client_ms": round(client, 2),
+                "redis_ms": None if redis_ms is None else round(redis_ms, 2),
+                "total_ms": round(total, 2)}
 
     def _counts(self) -> dict[str, int]:
         return {s.value: n for s, n in self.box.store.counts_by_status().items()}
@@ -603,27 +662,32 @@ class Client:
             return self._throughput_mailbox(n, int(step["round"]), timeout)
         key = self._key(f"tp{kind}")
         self._redis_reset()
+        cpu = self._cpu_probe()
         t0 = time.time()
         for i in range(n):
             self._chain(kind, key, i)
         submitted = time.time()
         polls = self._wait_counter(key, n, timeout, 0.05)
         end = self._last_done(key)
+        cpu_ms = self._cpu_per_item(cpu, n)
         elapsed = end - t0
         return {"n": n, "seconds": round(elapsed, 3), "per_s": round(n / elapsed, 2),
-                "submit_s": round(submitted - t0, 3),
-                "redis_commands": self._redis_commands(polls + 2)}
+                "submit_s": round(submitted - t0, 3), "cpu_per_item": cpu_ms,
+                "load_average": round(os.getloadavg()[0], 2),
+                "redis_commands": self._redis_commands(polls + 1)}
 
     def _throughput_mailbox(self, n: int, round_: int, timeout: float) -> dict[str, Any]:
         prefix = f"tp{round_}-"
         threads = max(1, n // PER_THREAD)
         before = self._terminal()
         self._redis_reset()
+        cpu = self._cpu_probe()
         t0 = time.time()
         for i in range(n):
             self.dispatch.delay(f"{prefix}t{i % threads:04d}", AGENT, f"message {i}")
         submitted = time.time()
         self._wait_terminal(before + n, timeout)
+        cpu_ms = self._cpu_per_item(cpu, n)
         redis_commands = self._redis_commands(0)
         rows = self._rows(prefix)
         statuses = Counter(str(r.status) for r in rows)
@@ -634,7 +698,8 @@ class Client:
                 "per_s": round(n / elapsed, 2), "submit_s": round(submitted - t0, 3),
                 "statuses": dict(statuses), "attempts_over_1": sum(
                     1 for r in rows if int(r.attempt_count) > 1),
-                "latency_under_load": latency_summary(lat),
+                "latency_under_load": latency_summary(lat), "cpu_per_item": cpu_ms,
+                "load_average": round(os.getloadavg()[0], 2),
                 "redis_commands": redis_commands}
 
     def idle(self, step: dict[str, Any]) -> dict[str, Any]:
@@ -755,6 +820,11 @@ def describe_step(step: dict[str, Any], value: dict[str, Any]) -> str:
         cmds = value.get("redis_commands")
         if cmds:
             extra += f", {cmds['total'] / value['n']:.1f} Redis cmds/item"
+        cpu = value.get("cpu_per_item")
+        if cpu:
+            extra += (f", CPU ms/item: workers {cpu['workers_ms']}, client {cpu['client_ms']}"
+                      f", redis {cpu['redis_ms']}")
+        extra += f", load {value.get('load_average')}"
         return (f"{KIND_LABEL[step['item']]}: {value['n']} in {value['seconds']:.2f} s = "
                 f"{value['per_s']:.1f}/s{extra}")
     if kind == "idle":
@@ -835,8 +905,9 @@ class Meter:
         if verb == "BEGIN" and len(words) > 1 and words[1].upper() == "IMMEDIATE":
             verb = "BEGIN IMMEDIATE"
         bucket.verbs[verb] += 1
-        writes = verb in ("INSERT", "UPDATE", "DELETE", "BEGIN IMMEDIATE") or \
-            "FOR UPDATE" in statement
+        # The transaction's BEGIN statement (SQLite) runs before the "begin" event, so the
+        # first data write, not BEGIN IMMEDIATE, marks a writing transaction.
+        writes = verb in ("INSERT", "UPDATE", "DELETE") or "FOR UPDATE" in statement
         if writes and not conn.info.get("bench_wrote"):
             conn.info["bench_wrote"] = True
             bucket.write_transactions += 1
@@ -1179,7 +1250,13 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "reference": {"a_per_s": _r(a), "b_per_s": _r(b), "c_per_s": _r(c),
                       "c_over_a": _r(ratio(c, a)), "c_over_b": _r(ratio(c, b)),
-                      "b_over_a": _r(ratio(b, a))},
+                      "b_over_a": _r(ratio(b, a)),
+                      "cpu_ms_a": _r(cpu_ms(ref, "a", "total_ms")),
+                      "cpu_ms_b": _r(cpu_ms(ref, "b", "total_ms")),
+                      "cpu_ms_c": _r(cpu_ms(ref, "c", "total_ms")),
+                      # the throughput ratio CPU cost alone predicts (a CPU-bound machine)
+                      "cpu_implied_c_over_a": _r(ratio(cpu_ms(ref, "a", "total_ms"),
+                                                       cpu_ms(ref, "c", "total_ms")))},
     }
     idle_c = (ref or {}).get("steps", {}).get("idle_c", {})
     idle_a = (ref or {}).get("steps", {}).get("idle_a", {})
@@ -1266,27 +1343,47 @@ def targets_table(summary: dict[str, Any]) -> str:
     return table(["target", "measured", "result", "margin"], rows)
 
 
+def _round_values(cfg: dict[str, Any], kind: str, getter: Callable[[dict[str, Any]], Any]
+                  ) -> list[float]:
+    values = []
+    for k, v in cfg.get("steps", {}).items():
+        if k.startswith(f"throughput_{kind}_"):
+            with contextlib.suppress(KeyError, TypeError, AttributeError):
+                value = getter(v)
+                if value is not None:
+                    values.append(float(value))
+    return values
+
+
+def cpu_ms(cfg: dict[str, Any] | None, kind: str, part: str) -> float:
+    if not cfg:
+        return math.nan
+    return median(_round_values(cfg, kind, lambda v: v["cpu_per_item"][part]))
+
+
 def throughput_table(report: dict[str, Any]) -> str:
     rows = []
     for key, cfg in report["configurations"].items():
         if key == "delay":
             continue
-        steps = cfg.get("steps", {})
         for kind in "abc":
             values = rates(cfg, kind)
             if not values:
                 continue
-            cmds = [v["redis_commands"]["total"] / v["n"] for k, v in steps.items()
-                    if k.startswith(f"throughput_{kind}_") and v.get("redis_commands")]
-            lat = [v.get("latency_under_load", {}).get("p50_ms") for k, v in steps.items()
-                   if k.startswith(f"throughput_{kind}_")]
-            lat = [x for x in lat if x is not None]
+            cmds = _round_values(cfg, kind, lambda v: v["redis_commands"]["total"] / v["n"])
+            lat = _round_values(cfg, kind, lambda v: v["latency_under_load"]["p50_ms"])
+            load = _round_values(cfg, kind, lambda v: v["load_average"])
             rows.append([cfg["title"], KIND_LABEL[kind], fmt(median(values)),
                          " / ".join(fmt(v) for v in values),
+                         fmt(cpu_ms(cfg, kind, "workers_ms")), fmt(cpu_ms(cfg, kind, "client_ms")),
+                         fmt(cpu_ms(cfg, kind, "redis_ms")), fmt(cpu_ms(cfg, kind, "total_ms")),
                          fmt(median(cmds)) if cmds else "-",
-                         fmt(median(lat), 0) if lat else "-"])
-    return table(["configuration", "workload", "items/s (median)", "rounds", "Redis cmds/item",
-                  "submit→settled p50 under load (ms)"], rows)
+                         fmt(median(lat), 0) if lat else "-",
+                         " / ".join(fmt(x) for x in load) if load else "-"])
+    return table(["configuration", "workload", "items/s (median)", "rounds",
+                  "CPU ms/item: workers", "client", "Redis", "total",
+                  "Redis cmds/item", "submit→settled p50 in the round (ms)",
+                  "load avg (1 min) per round"], rows)
 
 
 def counts_table(inproc: dict[str, Any]) -> str:
@@ -1311,7 +1408,11 @@ def render_markdown(report: dict[str, Any]) -> str:
              "## Throughput (same broker, pool and concurrency per configuration)",
              throughput_table(report),
              f"Reference configuration: (c)/(a) = {fmt(ref['c_over_a'], 3)}, (c)/(b) = "
-             f"{fmt(ref['c_over_b'], 3)}, (b)/(a) = {fmt(ref['b_over_a'], 3)}."]
+             f"{fmt(ref['c_over_b'], 3)}, (b)/(a) = {fmt(ref['b_over_a'], 3)}. CPU per item "
+             f"(workers + client + Redis): (a) {fmt(ref['cpu_ms_a'])} ms, (b) "
+             f"{fmt(ref['cpu_ms_b'])} ms, (c) {fmt(ref['cpu_ms_c'])} ms, so CPU cost alone "
+             f"predicts (c)/(a) = {fmt(ref['cpu_implied_c_over_a'], 3)} on a CPU-bound "
+             "machine."]
     idle = s["idle"]
     idle_rows = []
     for label, key in (("(c) mailbox echo: submit→settled (stored created_at→completed_at)",

@@ -103,7 +103,7 @@ class Config:
         parser.add_argument("--out", default="benchmarks/results", type=Path,
                             help="directory for store.json and store.md")
         parser.add_argument("--ops", type=int, default=None,
-                            help="operations per throughput test (default 3000; quick 200)")
+                            help="operations per throughput test (default 2000; quick 200)")
         parser.add_argument("--samples", type=int, default=None,
                             help="measured claims per backlog size (default 500; quick 100)")
         parser.add_argument("--per-thread", type=int, default=10,
@@ -135,14 +135,14 @@ class Config:
             parser.error(f"--history must be integers or 'none', got {raw_history!r}")
         if any(h < 0 for h in history):
             parser.error("--history sizes must not be negative")
-        ops = int(args.ops) if args.ops is not None else (200 if quick else 3000)
+        ops = int(args.ops) if args.ops is not None else (200 if quick else 2000)
         samples = int(args.samples) if args.samples is not None else (100 if quick else 500)
         if ops < 10 or samples < 10:
             parser.error("--ops and --samples must be at least 10")
         return cls(backends=backends, sizes=sizes, quick=quick, out=Path(args.out), ops=ops,
                    busy_ops=200 if quick else 1000, samples=samples,
                    warmup=10 if quick else 25, per_thread=per_thread, seed=int(args.seed),
-                   history=history, history_samples=50 if quick else 200)
+                   history=history, history_samples=50 if quick else 150)
 
 
 # ================================================================================ counting

@@ -21,6 +21,7 @@ import redis
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 EPOCH_TTL_MS = 7 * 24 * 3600 * 1000
 MIN_LEASE_TTL_MS = 60_000
+MAX_LEASE_TTL_MS = 30 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Lease:
 
 def _lease_ttl(lease_ms: int) -> int:
     # Long enough that a live, renewed lease never expires between heartbeats.
-    return max(MIN_LEASE_TTL_MS, 3 * lease_ms)
+    return min(MAX_LEASE_TTL_MS, max(MIN_LEASE_TTL_MS, 3 * lease_ms))
 
 
 class Coordinator:

@@ -25,6 +25,9 @@ PRIORITY_MIN = 0
 PRIORITY_MAX = 255
 DEFAULT_PRIORITY = 128
 DEFAULT_MAX_ATTEMPTS = 5
+# Upper bound of every millisecond time and duration: far beyond any real clock (about
+# 285,000 years), and small enough that `now + lease_ms` can never overflow a SQL BIGINT.
+MAX_MS = 2**53 - 1
 
 
 class DispatchStatus(enum.StrEnum):
@@ -200,10 +203,10 @@ def require_id(name: str, value: object) -> str:
 
 
 def require_ms(name: str, value: object) -> int:
-    """Validate a millisecond time or duration: a non-negative integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"{name} must be a non-negative integer (milliseconds), got "
-                              f"{value!r}")
+    """Validate a millisecond time or duration: an integer within 0..MAX_MS."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MS:
+        raise ValidationError(f"{name} must be an integer number of milliseconds within "
+                              f"0..{MAX_MS}, got {value!r}")
     return value
 
 
@@ -355,13 +358,15 @@ class RunDispatch:
         for name in ("priority", "dispatch_epoch", "available_at", "attempt_count",
                      "max_attempts", "created_at", "updated_at"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValidationError(f"{name} must be a non-negative integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MS:
+                raise ValidationError(f"{name} must be an integer within 0..{MAX_MS}, got "
+                                      f"{value!r}")
         for name in ("lease_until", "completed_at"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 0):
-                raise ValidationError(f"{name} must be a non-negative integer, got {value!r}")
+                                      or not 0 <= value <= 2 * MAX_MS):
+                raise ValidationError(f"{name} must be an integer within 0..{2 * MAX_MS}, got "
+                                      f"{value!r}")
         if not PRIORITY_MIN <= self.priority <= PRIORITY_MAX:
             raise ValidationError(
                 f"priority must be within {PRIORITY_MIN}..{PRIORITY_MAX} (0 is highest), "

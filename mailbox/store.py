@@ -316,10 +316,10 @@ class MailboxStore:
     def _claim_thread(self, thread_id: str, dispatch_id: str | None, consumer_id: str,
                       lease_ms: int, now: int) -> RunDispatch | None:
         token = new_token()
-        if self.coordinator.acquire(thread_id, token, now + lease_ms, consumer_id, now,
-                                    lease_ms) is not None:
-            return None  # a live lease: busy, refused without SQL
         try:
+            if self.coordinator.acquire(thread_id, token, now + lease_ms, consumer_id, now,
+                                        lease_ms) is not None:
+                return None  # a live lease: busy, refused without SQL
             claimed, holder = self._claim_in_sql(thread_id, dispatch_id, token, consumer_id,
                                                  lease_ms, now)
         except BaseException:
@@ -576,7 +576,7 @@ class MailboxStore:
         _require_page(limit, offset)
         query = sa.select(dispatches).where(dispatches.c.thread_id == thread_id)
         if statuses is not None:
-            values = [DispatchStatus(s).value for s in statuses]
+            values = [_status(s).value for s in statuses]
             if not values:
                 return []
             query = query.where(dispatches.c.status.in_(values))
@@ -587,7 +587,7 @@ class MailboxStore:
 
     @_operation("count_dispatches_by_status")
     def count_dispatches_by_status(self, status: DispatchStatus) -> int:
-        value = DispatchStatus(status).value
+        value = _status(status).value
         with self._read() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(dispatches).where(
                 dispatches.c.status == value)).scalar_one())
@@ -688,6 +688,14 @@ class MailboxStore:
         with self._read() as conn:
             value = conn.execute(query).scalar_one_or_none()
         return None if value is None else int(value)
+
+
+def _status(value: object) -> DispatchStatus:
+    try:
+        return DispatchStatus(value)  # type: ignore[arg-type]
+    except ValueError:
+        names = ", ".join(s.value for s in DispatchStatus)
+        raise ValidationError(f"unknown dispatch status {value!r} (one of {names})") from None
 
 
 def _require_page(limit: int, offset: int) -> None:

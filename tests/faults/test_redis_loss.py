@@ -303,9 +303,9 @@ def test_redis_restart_mid_workload_clients_recover(
     back_up: list[float] = []
 
     def faults(start: float, deadline: float) -> None:
-        time.sleep(max(0.0, start + 1.5 - time.monotonic()))
+        time.sleep(max(0.0, start + 1.0 - time.monotonic()))
         private_redis.restart()
-        time.sleep(1.5)
+        time.sleep(1.0)
         private_redis.kill()
         time.sleep(0.5)
         private_redis.start()

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.stack_env(MAILBOX_LEASE_MS=str(LEASE_MS),
 def _kill_mid_execute(stack: Stack, box: Mailbox, worker: subprocess.Popen[bytes],
                       dispatch_id: str, attempt: int) -> int:
     """Wait until attempt `attempt` is executing, then SIGKILL the worker's process group.
-    Returns the kill time (ms)."""
+    Returns the last `lease_until` seen before the kill (the lease ends no earlier)."""
     submitted = box.get_dispatch(dispatch_id)
     assert submitted is not None
     run_id = submitted.run_id
@@ -42,10 +42,10 @@ def _kill_mid_execute(stack: Stack, box: Mailbox, worker: subprocess.Popen[bytes
     assert current.attempt_count == attempt, current
     assert current.dispatch_instance_id is not None, "not executing yet"
     assert not events_of(box, run_id, "run_finish"), describe_events(box, run_id)
-    killed_at = int(time.time() * 1000)
+    assert current.lease_until is not None
     stack.kill(worker, signal.SIGKILL)
     assert worker.poll() is not None
-    return killed_at
+    return current.lease_until
 
 
 def test_killed_worker_is_reclaimed_and_completed_by_another(
@@ -53,7 +53,7 @@ def test_killed_worker_is_reclaimed_and_completed_by_another(
     celery_stack.start_beat()
     first = celery_stack.start_worker(concurrency=2)
     result = dispatch.delay("thread-kill", "sleep", {"ms": SLEEP_MS})
-    killed_at = _kill_mid_execute(celery_stack, publisher, first, result.id, attempt=0)
+    lease_until = _kill_mid_execute(celery_stack, publisher, first, result.id, attempt=0)
 
     celery_stack.start_worker(concurrency=2)
     final = publisher.wait(result.id, timeout_s=40)
@@ -65,7 +65,8 @@ def test_killed_worker_is_reclaimed_and_completed_by_another(
 
     started = events_of(publisher, final.run_id, "run_started")
     assert [e.data["attempt"] for e in started] == [0, 1], f"{events}{logs}"
-    assert started[1].ts >= killed_at, events
+    # Reclaimed only once the dead worker's lease had run out (never while it was live).
+    assert started[1].ts > lease_until, f"second start {started[1].ts}, lease {lease_until}"
     rescheduled = events_of(publisher, final.run_id, "run_rescheduled")
     assert [e.data["reason"] for e in rescheduled] == ["expired_lease_reclaimed"], events
     finished = events_of(publisher, final.run_id, "run_finish")

@@ -492,6 +492,7 @@ def sampler_child(cfg: WorkloadConfig, ready: Barrier) -> None:
                     last_sql[thread] = max(last_sql[thread], sql)
                     last_current[thread] = max(last_current[thread], current)
                 log.samples += 1
+                time.sleep(0.002)  # leave the CPU to the workers on small machines
             except StoreUnavailableError as exc:
                 if not cfg.tolerate_unavailable:
                     log.errors.append(repr(exc))

@@ -1007,7 +1007,9 @@ def test_projection_round_trips_through_sql_for_every_termination(store: Mailbox
 
 
 def test_large_times_round_trip(store: MailboxStore) -> None:
-    big = 2**62
+    from mailbox.model import MAX_MS
+
+    big = MAX_MS
     store.enqueue(RunDispatch.queued("d1", "t", "r1", big, available_at=big))
     [claimed] = store.claim("t", "c1", 1000, big, 1)
 

@@ -6,6 +6,7 @@ queue name, so stacks of different tests never see each other's messages.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,12 +51,13 @@ class Stack:
         self._count += 1
         name = f"w{self._count}-{self.namespace}@%h"
         log = self.workdir / f"worker{self._count}.log"
-        proc = subprocess.Popen(
-            [CELERY, "-A", "tasks", "worker", "-c", str(concurrency), "-P", pool, "-n", name,
-             "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "-Q", self.namespace, f"--logfile={log}"],
-            cwd=ROOT, env=self.env(**extra_env), start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=open(log.with_suffix(".err"), "wb"))
+        with open(log.with_suffix(".err"), "wb") as err:
+            proc = subprocess.Popen(
+                [CELERY, "-A", "tasks", "worker", "-c", str(concurrency), "-P", pool, "-n",
+                 name, "-l", "INFO", "--without-gossip", "--without-mingle",
+                 "--without-heartbeat", "-Q", self.namespace, f"--logfile={log}"],
+                cwd=ROOT, env=self.env(**extra_env), start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=err)
         self.processes.append(proc)
         if wait:
             self._wait_for(log, "ready.", proc)
@@ -63,11 +65,12 @@ class Stack:
 
     def start_beat(self, **extra_env: str) -> subprocess.Popen[bytes]:
         log = self.workdir / "beat.log"
-        proc = subprocess.Popen(
-            [CELERY, "-A", "tasks", "beat", "-l", "INFO", f"--logfile={log}",
-             "-s", str(self.workdir / "beat-schedule")],
-            cwd=ROOT, env=self.env(**extra_env), start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "beat.err", "wb"))
+        with open(self.workdir / "beat.err", "wb") as err:
+            proc = subprocess.Popen(
+                [CELERY, "-A", "tasks", "beat", "-l", "INFO", f"--logfile={log}",
+                 "-s", str(self.workdir / "beat-schedule")],
+                cwd=ROOT, env=self.env(**extra_env), start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=err)
         self.processes.append(proc)
         return proc
 
@@ -88,10 +91,8 @@ class Stack:
     @staticmethod
     def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         """Signal the worker's whole process group (main process and pool children)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

@@ -579,7 +579,9 @@ def test_termination_rejects_unknown_type() -> None:
 
 # ================================================================== JSON round trips
 ids = st.text(min_size=1, max_size=20).filter(lambda s: s.strip() != "")
-ms = st.integers(min_value=0, max_value=2**53)
+from mailbox.model import MAX_MS  # noqa: E402
+
+ms = st.integers(min_value=0, max_value=MAX_MS)
 opt_text = st.none() | st.text(max_size=30)
 terminations = st.one_of(
     st.builds(Termination.natural_end),
