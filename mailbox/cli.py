@@ -969,6 +969,35 @@ def audit_cmd(ctx: click.Context, stuck_after_s: float | None, sample: int) -> N
         ctx.exit(EXIT_VIOLATIONS)
 
 
+# ===================================================================================== up
+@main.command(help="Run the development stack in the foreground: an embedded Redis (unless "
+                   "MAILBOX_REDIS_URL is set), the database under var/ (or MAILBOX_DATABASE_URL), "
+                   "a worker, beat and Flower. Ctrl-C stops everything it started.")
+@click.option("-c", "--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+def up(concurrency: int, no_flower: bool) -> None:
+    from mailbox.devstack import DevStack
+
+    stack = DevStack(concurrency=concurrency, flower=not no_flower)
+    try:
+        stack.start(say=click.echo)
+        for name, url in stack.urls().items():
+            if name != "flower" or not no_flower:
+                click.echo(f"{name:<20}{url}")
+        click.echo("running; press Ctrl-C to stop")
+        stack.wait_forever()
+    finally:
+        stack.stop()
+
+
+@main.command(help="Start the dev stack, push a demo workload through dispatch.delay(), show "
+                   "a summary (what `make demo` runs).")
+def demo() -> None:
+    from mailbox.demo import run as run_demo
+
+    sys.exit(run_demo())
+
+
 # ===================================================================================== db
 @main.group(help="Database schema commands.")
 def db() -> None:

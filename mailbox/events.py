@@ -46,6 +46,16 @@ class Event:
     ts: int
     data: Any
 
+    @property
+    def is_final(self) -> bool:
+        """The last event of a run (not of an attempt that will be retried, nor of one that
+        suspended: a resumed run goes on with more events)."""
+        if self.type != "run_finish":
+            return False
+        data = self.data if isinstance(self.data, dict) else {}
+        termination = data.get("termination") or {}
+        return data.get("status") != "retrying" and termination.get("type") != "suspended"
+
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "run_id": self.run_id,
                 "dispatch_id": self.dispatch_id, "ts": self.ts, "data": self.data}
@@ -97,15 +107,16 @@ class EventStreams:
     def follow(self, run_id: str, after: str | None = None, *, block_ms: int = 1000,
                stop_after_finish: bool = True, timeout_s: float | None = None
                ) -> Iterator[Event]:
-        """Yield events as they come, from the cursor on. Ends after `run_finish` (when
-        asked) or at the timeout. Reconnecting with the last yielded id loses nothing."""
+        """Yield events as they come, from the cursor on. Ends after the run's final
+        `run_finish` (when asked; an attempt that will be retried is not final) or at the
+        timeout. Reconnecting with the last yielded id loses nothing."""
         stream, _ = self._keys(run_id)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         cursor = after
         for event in self.read(run_id, cursor):
             cursor = event.id
             yield event
-            if stop_after_finish and event.type == "run_finish":
+            if stop_after_finish and event.is_final:
                 return
         while deadline is None or time.monotonic() < deadline:
             self._check_cursor(run_id, cursor)
@@ -115,7 +126,7 @@ class EventStreams:
                     event = self._decode(run_id, entry_id, fields)
                     cursor = event.id
                     yield event
-                    if stop_after_finish and event.type == "run_finish":
+                    if stop_after_finish and event.is_final:
                         return
 
     def _check_cursor(self, run_id: str, after: str | None) -> None:

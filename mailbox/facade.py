@@ -9,6 +9,7 @@ the sweep of a running worker delivers it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -40,6 +41,7 @@ from mailbox.schema import upgrade
 from mailbox.settings import Settings, validate_namespace
 from mailbox.store import MailboxStore
 
+log = logging.getLogger(__name__)
 Waker = Callable[[str, int], None]
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
 
@@ -123,8 +125,16 @@ class Mailbox:
                        wake=wake or self._wake, cancel_check=self._cancel_signal)
 
     def _wake(self, thread_id: str, delay_ms: int) -> None:
-        if self.waker is not None:
+        """Publish a wake-up after a durable write. Its failure must not lose the caller's
+        receipt: the work is stored, and a worker's sweep delivers it."""
+        if self.waker is None:
+            return
+        try:
             self.waker(thread_id, delay_ms)
+        except Exception as exc:
+            metrics.count_operation("wake_publish", "error")
+            log.warning("wake-up for thread %s not published (%s); the sweep will deliver it",
+                        thread_id, exc)
 
     # ------------------------------------------------------------------------------ submit
     def submit(self, thread_id: str, agent: str, input: Any, *, priority: int = 128,

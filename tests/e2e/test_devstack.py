@@ -1,0 +1,70 @@
+"""`make demo` and `python -m mailbox up` on the embedded default (no external services)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailbox.devredis import free_port
+from tests.support.workers import ROOT
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MAILBOX_", "CELERY_", "PROMETHEUS_"))}
+    env.update({"MAILBOX_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
+                "MAILBOX_NAMESPACE": f"demo{os.getpid()}",
+                "MAILBOX_METRICS_PORT": str(free_port()),
+                "MAILBOX_FLOWER_PORT": str(free_port()),
+                "DEMO_EXIT": "1", "PYTHONPATH": str(ROOT)})
+    return env
+
+
+def _children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.slow
+def test_demo_runs_the_workload_and_prints_the_summary(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "mailbox", "demo"], cwd=ROOT,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    for expected in ("embedded Redis", "settling dispatches", "DeadLetter", "Superseded",
+                     "human in the loop", "'approved by alice'", "p50", "Flower",
+                     "/metrics", "stack stopped"):
+        assert expected in output, f"{expected!r} missing from:\n{output}"
+
+
+@pytest.mark.slow
+def test_up_starts_the_stack_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "mailbox", "up", "--no-flower"], cwd=ROOT,
+                            env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "running; press Ctrl-C" in line or proc.poll() is not None:
+            break
+    assert any("running; press Ctrl-C" in line for line in lines), "".join(lines)
+    children = _children_of(proc.pid)
+    assert len(children) >= 2  # worker and beat (each in its own session)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    time.sleep(0.5)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    assert alive == [], f"still running after Ctrl-C: {alive}"
+    assert not (ROOT / "var" / "redis.url").exists() or \
+        "MAILBOX_REDIS_URL" in os.environ
