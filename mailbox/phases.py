@@ -164,6 +164,8 @@ def verify(rt: Runtime, ctx: Context) -> Context:
         if current.is_stale(epoch):
             superseded = rt.store.supersede_claimed(ctx["dispatch_id"], ctx["token"],
                                                     rt.clock(), SUPERSEDED_BEFORE_START)
+            if superseded is None:  # a sweep fenced it first: reconcile what it left
+                superseded = rt.store.load_dispatch(ctx["dispatch_id"])
             _reconcile(rt, superseded, ctx)
             return _finish(ctx, "superseded before start")
     except VersionConflictError as exc:
@@ -276,9 +278,8 @@ def execute(rt: Runtime, ctx: Context) -> Context:
             ctx["duplicate"] = True
             return _finish(ctx, f"execute refused: attempt already started as "
                                 f"{current.dispatch_instance_id}")
-        rt.store.record_dispatch_start(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
-                                       ctx["started_at"])
-        rt.runs.mark_running(ctx["run_id"], ctx["dispatch_id"], rt.clock())
+        rt.runs.start_attempt(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
+                              ctx["run_id"], ctx["started_at"])
     except (VersionConflictError, NotFoundError) as exc:
         return _after_fence(rt, ctx, exc)
     except StoreUnavailableError as exc:
@@ -301,14 +302,21 @@ def execute(rt: Runtime, ctx: Context) -> Context:
     outcome = _run_agent(rt, ctx, spec, lease_ms, user[0] if user else None,
                          decisions[-1] if decisions else None)
     if outcome["kind"] == COMPLETED:
-        # The runtime owns the run record: write the outcome before settle acks, so a crash
-        # in between is recognised by the retry (reconstruct sees a done run) and not re-run.
+        # The runtime owns the run record: the outcome is written before settle acks, fenced
+        # by the claim token (an attempt that lost its claim cannot decide the run), so a
+        # crash before the ack is recognised by the retry (a done run) and not re-run.
+        termination: Termination = outcome.pop("termination_obj")
+        status, _ = termination.to_run_status()
+        result = RunDispatchResult(ctx["run_id"], ctx["instance_id"], status, termination,
+                                   outcome.pop("response"), outcome.get("error"))
         try:
-            rt.runs.finish(ctx["run_id"], outcome.pop("termination_obj"),
-                           outcome.pop("response"), outcome.get("error"), rt.clock(),
-                           waiting=outcome.pop("waiting", None))
+            rt.runs.record_outcome(ctx["dispatch_id"], ctx["token"], result, rt.clock(),
+                                   waiting=outcome.pop("waiting", None))
+        except (VersionConflictError, NotFoundError) as exc:
+            return _after_fence(rt, ctx, exc)
         except StoreUnavailableError as exc:
             return _finish(ctx, f"store unavailable recording the outcome: {exc}")
+        outcome["recorded"] = True
     ctx["outcome"] = outcome
     return ctx
 
@@ -398,10 +406,12 @@ def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: i
     if run is None:
         raise NotFoundError(f"run {ctx['run_id']}")
     termination = run.termination or Termination.natural_end()
-    status, _ = termination.to_run_status()
-    result = RunDispatchResult(ctx["run_id"], ctx["instance_id"], status, termination,
-                               run.response, run.error)
-    rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], result, now)
+    if not outcome.get("recorded"):
+        # The replay of an attempt that finished the run and died before its ack.
+        status, _ = termination.to_run_status()
+        rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
+            ctx["run_id"], ctx["instance_id"], status, termination, run.response, run.error),
+            now)
     try:
         rt.store.ack(ctx["dispatch_id"], ctx["token"], now)
     except StoreUnavailableError:

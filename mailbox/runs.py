@@ -19,8 +19,11 @@ from sqlalchemy import exc as sa_exc
 
 from mailbox.errors import AlreadyExistsError, NotFoundError, ValidationError
 from mailbox.model import (
+    REASON_STALE_RESULT,
+    REASON_STALE_START,
     DispatchStatus,
     RunDispatch,
+    RunDispatchResult,
     RunRecord,
     RunStatus,
     Termination,
@@ -185,47 +188,64 @@ class RunStore:
                 ) -> RunRecord | None:
         """Load, apply `change(run) -> RunRecord | None`, write back (guarded by status)."""
         with self.store._write() as conn:
-            row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).one_or_none()
-            if row is None:
-                return None
-            before = _run_from_row(row)
-            after = change(before)
-            if after is None or after == before:
-                return None
-            result = conn.execute(sa.update(runs).where(
-                runs.c.run_id == run_id, runs.c.status == before.status.value
-            ).values(**_run_row(after)))
-            if result.rowcount != 1:
-                raise ValidationError(f"run {run_id} changed concurrently")
-            return after
+            return self._update_in(conn, run_id, change)
 
-    @_operation("mark_run_running")
-    def mark_running(self, run_id: str, dispatch_id: str, now: int) -> RunRecord | None:
-        def change(run: RunRecord) -> RunRecord | None:
+    def _update_in(self, conn: sa.Connection, run_id: str,
+                   change: Callable[[RunRecord], RunRecord | None]) -> RunRecord | None:
+        row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).one_or_none()
+        if row is None:
+            return None
+        before = _run_from_row(row)
+        after = change(before)
+        if after is None or after == before:
+            return None
+        result = conn.execute(sa.update(runs).where(
+            runs.c.run_id == run_id, runs.c.status == before.status.value
+        ).values(**_run_row(after)))
+        if result.rowcount != 1:
+            raise ValidationError(f"run {run_id} changed concurrently")
+        return after
+
+    # ---------------------------------------------------- fenced writes of the executing attempt
+    @_operation("record_dispatch_start")  # reference §5.2 name: T4 + the run, together
+    def start_attempt(self, dispatch_id: str, claim_token: str, dispatch_instance_id: str,
+                      run_id: str, now: int) -> None:
+        """Record the attempt's start on the dispatch (T4) and move the run to running, in
+        one transaction fenced by the claim token: a claim that is not ours any more writes
+        neither (VersionConflictError / NotFoundError)."""
+        def running(run: RunRecord) -> RunRecord | None:
             if run.status == RunStatus.done:
                 return None
             return run.moved_to(RunStatus.running, now, dispatch_id=dispatch_id, waiting=None)
 
-        return self._update(run_id, change)
+        self.store._fenced(
+            dispatch_id, claim_token, now, REASON_STALE_START,
+            lambda d: d.started(dispatch_instance_id, now),
+            also=lambda conn, _: self._update_in(conn, run_id, running))
 
-    @_operation("finish_run")
-    def finish(self, run_id: str, termination: Termination, response: str | None,
-               error: str | None, now: int, waiting: dict[str, Any] | None = None
-               ) -> RunRecord | None:
-        """Record how the runtime ended the run: done, or waiting with a ticket."""
-        status, _ = termination.to_run_status()
+    @_operation("record_run_result")  # reference §5.2 name: T5 + the run, together
+    def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,
+                       now: int, waiting: dict[str, Any] | None = None) -> None:
+        """The runtime's outcome, written once and fenced: the dispatch projection (T5) and
+        the run record (done, or waiting with its ticket) in one transaction. An attempt
+        whose claim was reclaimed or superseded cannot decide the run any more."""
+        termination = result.termination or Termination.natural_end()
 
-        def change(run: RunRecord) -> RunRecord | None:
+        def finished(run: RunRecord) -> RunRecord | None:
             if run.status == RunStatus.done:
                 return None
-            if status == RunStatus.waiting:
+            if result.status == RunStatus.waiting:
                 return run.moved_to(RunStatus.waiting, now, termination=termination,
-                                    response=response, error=error, waiting=waiting)
+                                    response=result.response, error=result.error,
+                                    waiting=waiting)
             return run.moved_to(RunStatus.done, now, termination=termination,
-                                response=response, error=error, waiting=None,
+                                response=result.response, error=result.error, waiting=None,
                                 finished_at=now)
 
-        return self._update(run_id, change)
+        self.store._fenced(
+            dispatch_id, claim_token, now, REASON_STALE_RESULT,
+            lambda d: d.result_recorded(result, now),
+            also=lambda conn, _: self._update_in(conn, result.run_id, finished))
 
     def reconcile(self, dispatch: RunDispatch, now: int) -> RunRecord | None:
         """Bring the run in line with its terminal dispatch (reference §4.9): Cancelled and

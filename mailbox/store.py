@@ -388,7 +388,9 @@ class MailboxStore:
 
     # ------------------------------------------------------------------ fenced claimed ops
     def _fenced(self, dispatch_id: str, claim_token: str, now: int, stale_reason: str,
-                apply: Callable[[RunDispatch], RunDispatch]) -> RunDispatch:
+                apply: Callable[[RunDispatch], RunDispatch],
+                also: Callable[[sa.Connection, RunDispatch], object] | None = None
+                ) -> RunDispatch:
         """The fenced-claimed-op pattern (reference §3.2): ours, current epoch, then apply.
 
         A stale epoch supersedes the dispatch (T13) — that change is committed — and then
@@ -412,6 +414,8 @@ class MailboxStore:
             else:
                 after = apply(current)
             self._save(conn, [(current, after)])
+            if conflict is None and also is not None:
+                also(conn, after)  # more writes of the same thread, under the same fence
         if after.status != DispatchStatus.Claimed:
             self._release(after, claim_token)
         if conflict is not None:
