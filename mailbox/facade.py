@@ -220,20 +220,34 @@ class Mailbox:
         return self.runs.load_run(run_id)
 
     def wait(self, dispatch_id: str, timeout_s: float = 30.0) -> RunDispatch:
-        """Block until the dispatch is terminal; returns it. WaitTimeoutError otherwise."""
+        """Block until the dispatch is terminal and its run reflects that; returns the
+        dispatch. WaitTimeoutError otherwise.
+
+        A dispatch that ends Cancelled, Superseded or DeadLetter has its run reconciled in the
+        next transaction of the worker (or by the sweep after a crash), so `wait` also waits,
+        briefly, for that run to be done: callers read a consistent pair."""
         deadline = time.monotonic() + timeout_s
         pause = 0.01
         while True:
             dispatch = self.store.load_dispatch(dispatch_id)
             if dispatch is None:
                 raise NotFoundError(dispatch_id)
-            if dispatch.is_terminal:
+            if dispatch.is_terminal and self._run_settled(dispatch):
                 return dispatch
             if time.monotonic() >= deadline:
+                if dispatch.is_terminal:
+                    return dispatch  # the sweep will reconcile the run
                 raise WaitTimeoutError(f"dispatch {dispatch_id} still {dispatch.status.value} "
                                        f"after {timeout_s}s")
             time.sleep(pause)
             pause = min(pause * 1.5, 0.2)
+
+    def _run_settled(self, dispatch: RunDispatch) -> bool:
+        if dispatch.status == DispatchStatus.Acked:
+            return True
+        run = self.runs.load_run(dispatch.run_id)
+        return (run is None or run.status == RunStatus.done
+                or run.dispatch_id not in (None, dispatch.dispatch_id))
 
     def events_of(self, run_id: str, after: str | None = None, follow: bool = False,
                   timeout_s: float | None = None) -> Iterator[Event]:
