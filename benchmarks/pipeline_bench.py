@@ -376,6 +376,8 @@ def configurations(opts: Options, services: Services) -> list[Configuration]:
     if services.postgres_url:
         configs.append(Configuration("pg", f"Redis broker, PostgreSQL, -c {c}", "redis",
                                      "postgres", c, ("b", "c"), other))
+        configs.append(Configuration("pgc1", "Redis broker, PostgreSQL, -c 1", "redis",
+                                     "postgres", 1, ("c",), other))
     if services.rabbitmq_url:
         configs.append(Configuration("amqp", f"RabbitMQ broker, SQLite, -c {c}", "rabbitmq",
                                      "sqlite", c, ("a", "c"), other))
@@ -1181,6 +1183,116 @@ def _profile(kind: str, database_url: str, redis_url: str, n: int, path: Path
             "chain_ms_per_dispatch": round(1000 * chain_s / max(1, ran), 3)}
 
 
+# ================================================================ parallel in-process chains
+def _parallel_worker(database_url: str, redis_url: str, namespace: str, prefix: str, n: int,
+                     barrier: Any, results: Any) -> None:
+    """One process of `parallel_chains`: submit n dispatches, wait for the others, then run
+    every chain (claim_next + run_chain, the settle claiming the next inline); report the
+    chain loop's wall time and the time spent waiting for transactions to begin."""
+    from mailbox import phases
+    from mailbox.facade import Mailbox
+
+    box = Mailbox.connect(database_url, redis_url, namespace=namespace)
+    begin_waits: list[float] = []
+    started_at: dict[int, float] = {}
+
+    def before(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("BEGIN"):
+            started_at[id(conn)] = time.perf_counter()
+
+    def after(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("BEGIN") and id(conn) in started_at:
+            begin_waits.append(time.perf_counter() - started_at.pop(id(conn)))
+
+    pending: deque[dict[str, Any]] = deque()
+
+    def wake(thread_id: str, delay_ms: int) -> None:
+        ctx = phases.claim_next(rt, thread_id)
+        if ctx is not None:
+            pending.append(ctx)
+
+    rt = box.runtime(consumer_id=f"bench-par-{os.getpid()}", wake=wake)
+    threads = [f"{prefix}-t{j:03d}" for j in range(max(1, n // PER_THREAD))]
+    try:
+        for i in range(n):
+            box.submit(threads[i % len(threads)], AGENT, f"message {i}")
+        event.listen(box.store.engine, "before_cursor_execute", before)
+        event.listen(box.store.engine, "after_cursor_execute", after)
+        barrier.wait(timeout=120)
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        for thread in threads:
+            first = phases.claim_next(rt, thread)
+            if first is not None:
+                pending.append(first)
+        ran = 0
+        while pending:
+            phases.run_chain(rt, pending.popleft())
+            ran += 1
+        results.put({"prefix": prefix, "ran": ran, "seconds": time.perf_counter() - t0,
+                     "cpu_s": time.process_time() - c0, "begin_waits": begin_waits})
+    except Exception as exc:
+        results.put({"prefix": prefix, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        box.close()
+
+
+def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dict[str, Any]:
+    """The mailbox's own work in 1 and in 2 processes at once on one database, no Celery:
+    how much of '-c 2 vs -c 1' the database allows. On SQLite every write transaction takes
+    the one database-wide write lock (BEGIN IMMEDIATE), and a process that finds it taken
+    sleeps in SQLite's busy handler; PostgreSQL locks per thread row."""
+    import multiprocessing
+
+    from mailbox.facade import Mailbox
+
+    namespace = f"pbpar{uuid.uuid4().hex[:8]}"
+    setup = Mailbox.connect(database_url, redis_url, namespace=namespace)
+    setup.create_schema()
+    setup.close()
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, Any] = {"backend": kind, "dispatches_per_process": n, "runs": {}}
+    try:
+        for procs in (1, 2):
+            barrier = ctx.Barrier(procs)
+            results = ctx.Queue()
+            workers = [ctx.Process(target=_parallel_worker, args=(
+                database_url, redis_url, namespace, f"par{procs}-{k}", n, barrier, results))
+                for k in range(procs)]
+            for w in workers:
+                w.start()
+            got = [results.get(timeout=300) for _ in workers]
+            for w in workers:
+                w.join(timeout=30)
+            errors = [g["error"] for g in got if "error" in g]
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            wall = max(g["seconds"] for g in got)
+            waits = [w for g in got for w in g["begin_waits"]]
+            ran = sum(g["ran"] for g in got)
+            out["runs"][str(procs)] = {
+                "processes": procs, "dispatches": ran, "seconds": round(wall, 3),
+                "per_s": round(ran / wall, 2),
+                "cpu_ms_per_dispatch": round(1000 * sum(g["cpu_s"] for g in got) / ran, 2),
+                # psycopg sends BEGIN implicitly (no cursor execute): nothing to time there,
+                # and its row locks are per thread, which these processes do not share.
+                "begin_wait": latency_summary([1000 * w for w in waits]),
+                "begin_wait_ms_per_dispatch": round(1000 * sum(waits) / ran, 2)
+                if waits else None,
+            }
+            wait_text = (f"waiting to BEGIN {1000 * sum(waits) / ran:.2f} ms per dispatch "
+                         f"(p99 {percentile([1000 * w for w in waits], 99):.2f} ms per BEGIN)"
+                         if waits else "BEGIN not observable (implicit)")
+            say(f"  {procs} process(es): {ran / wall:.1f} dispatches/s, {wait_text}")
+        one, two = out["runs"]["1"]["per_s"], out["runs"]["2"]["per_s"]
+        out["scaling"] = round(two / one, 3) if one else None
+    finally:
+        box = Mailbox.connect(database_url, redis_url, namespace=namespace)
+        _drop_keys(box, namespace)
+        box.close()
+    return out
+
+
 # ================================================================== claim latency (store)
 def claim_latency(opts: Options, services: Services) -> dict[str, Any]:
     """Hook: the backlog test of `benchmarks.store_bench` (1k / 10k / 100k queued)."""
@@ -1261,6 +1373,7 @@ def verdict(value: float, threshold: float, higher_is_better: bool) -> dict[str,
 def analyse(report: dict[str, Any]) -> dict[str, Any]:
     cfgs = report["configurations"]
     ref, c1, pg, amqp = (cfgs.get(k) for k in ("ref", "c1", "pg", "amqp"))
+    pgc1 = cfgs.get("pgc1")
     a, b, c = (throughput(ref, k) for k in "abc")
     summary: dict[str, Any] = {
         "reference": {"a_per_s": _r(a), "b_per_s": _r(b), "c_per_s": _r(c),
@@ -1287,6 +1400,8 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
                           "a": _r(ratio(a, a_c1))}
     summary["postgres"] = None if not pg else {
         "b_per_s": _r(throughput(pg, "b")), "c_per_s": _r(throughput(pg, "c")),
+        "c_c1_per_s": _r(throughput(pgc1, "c")),
+        "c_scaling": _r(ratio(throughput(pg, "c"), throughput(pgc1, "c"))),
         "c_pg_over_c_sqlite": _r(ratio(throughput(pg, "c"), c)),
         "b_pg_over_b_sqlite": _r(ratio(throughput(pg, "b"), b))}
     summary["rabbitmq"] = None if not amqp else {
@@ -1435,6 +1550,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              "## Targets", targets_table(s),
              "## Throughput (same broker, pool and concurrency per configuration)",
              throughput_table(report),
+             *[f"**{cfg['title']}: {cfg['error']}** (numbers above may be partial)"
+               for cfg in report["configurations"].values() if cfg.get("error")],
              f"Reference configuration: (c)/(a) = {fmt(ref['c_over_a'], 3)}, (c)/(b) = "
              f"{fmt(ref['c_over_b'], 3)}, (b)/(a) = {fmt(ref['b_over_a'], 3)}. CPU per item "
              f"(workers + client + Redis): (a) {fmt(ref['cpu_ms_a'])} ms, (b) "
@@ -1470,7 +1587,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         comp_rows += [["PostgreSQL / SQLite, (c) mailbox", fmt(ref["c_per_s"]),
                        fmt(pg["c_per_s"]), fmt(pg["c_pg_over_c_sqlite"], 3)],
                       ["PostgreSQL / SQLite, (b) 1 write per link", fmt(ref["b_per_s"]),
-                       fmt(pg["b_per_s"]), fmt(pg["b_pg_over_b_sqlite"], 3)]]
+                       fmt(pg["b_per_s"]), fmt(pg["b_pg_over_b_sqlite"], 3)],
+                      ["-c 2 / -c 1, (c) mailbox on PostgreSQL", fmt(pg["c_c1_per_s"]),
+                       fmt(pg["c_per_s"]), fmt(pg["c_scaling"], 3)]]
     if s["rabbitmq"]:
         rq = s["rabbitmq"]
         comp_rows += [["RabbitMQ / Redis broker, (c) mailbox", fmt(ref["c_per_s"]),
@@ -1479,8 +1598,33 @@ def render_markdown(report: dict[str, Any]) -> str:
                        fmt(rq["a_per_s"]), fmt(rq["a_amqp_over_a_redis"], 3)],
                       ["RabbitMQ: (c)/(a)", fmt(rq["a_per_s"]), fmt(rq["c_per_s"]),
                        fmt(rq["c_over_a"], 3)]]
+    for backend, par in report.get("parallel", {}).items():
+        runs = par.get("runs", {})
+        if "1" in runs and "2" in runs:
+            comp_rows.append([f"2 / 1 processes, mailbox work without Celery ({backend})",
+                              fmt(runs["1"]["per_s"]), fmt(runs["2"]["per_s"]),
+                              fmt(par.get("scaling"), 3)])
     parts += ["## Comparisons (items/s: first, second, ratio second/first)",
               table(["comparison", "first", "second", "ratio"], comp_rows)]
+    par_rows = []
+    for backend, par in report.get("parallel", {}).items():
+        for procs, run in sorted(par.get("runs", {}).items()):
+            wait = run["begin_wait"]
+            par_rows.append([backend, procs, fmt(run["per_s"]), fmt(run["cpu_ms_per_dispatch"]),
+                             fmt(run["begin_wait_ms_per_dispatch"], 2),
+                             fmt(wait.get("p50_ms"), 2), fmt(wait.get("p99_ms"), 2)])
+        if par.get("error"):
+            par_rows.append([backend, "-", par["error"], "", "", "", ""])
+    if par_rows:
+        parts += ["### The mailbox's own work in 1 vs 2 processes (claim_next + run_chain, "
+                  "no Celery, one database)",
+                  table(["backend", "processes", "dispatches/s", "CPU ms/dispatch",
+                         "waiting for BEGIN, ms/dispatch", "BEGIN p50 ms", "BEGIN p99 ms"],
+                        par_rows),
+                  "On SQLite every write transaction starts with BEGIN IMMEDIATE, the one "
+                  "database-wide write lock; a process that finds it held waits in SQLite's "
+                  "busy handler, which sleeps in steps (1, 2, 5, 10 … ms) rather than waking "
+                  "when the lock is released."]
     notes = [n for n in (report["services"].get("postgres_note"),
                          report["services"].get("rabbitmq_note")) if n]
     if notes:
@@ -1525,6 +1669,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts += ["## Machine and run",
               table(["fact", "value"], [
                   ["date", m["date"]], ["CPUs", f"{m['cpu_count']} ({m['cpu_model']})"],
+                  ["code", f"{m.get('code', {}).get('commit', '?')}, uncommitted in "
+                           f"mailbox/ tasks/: "
+                           f"{', '.join(m.get('code', {}).get('uncommitted', [])) or 'none'}"],
                   ["Python / Celery / kombu", f"{m['python']} / {m['celery']} / {m['kombu']}"],
                   ["SQLite / SQLAlchemy", f"{m['sqlite']} / {m['sqlalchemy']}"],
                   ["Redis", f"{m['redis']} ({report['services']['redis_source']})"],
@@ -1677,11 +1824,11 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     margins = [t["margin_pct"] if t["margin_pct"] is not None else 0.0 for t in targets]
     bar_colors = ["#55a868" if t["status"] == "PASS" else "#c44e52" if t["status"] == "MISS"
                   else "#999999" for t in targets]
-    ys = list(range(len(targets)))[::-1]
-    ax.barh(ys, [max(-100.0, m) for m in margins], color=bar_colors)
-    for y, t in zip(ys, targets, strict=True):
+    rows_y = list(range(len(targets)))[::-1]
+    ax.barh(rows_y, [max(-100.0, m) for m in margins], color=bar_colors)
+    for y, t in zip(rows_y, targets, strict=True):
         ax.text(0, y, f" {t['status']} {fmt(t['value'], 3)}", va="center", fontsize=8)
-    ax.set_yticks(ys)
+    ax.set_yticks(rows_y)
     ax.set_yticklabels(names, fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("margin to the target, % (clipped at -100)")
@@ -1705,7 +1852,17 @@ def machine_facts(services: Services) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
+    code: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        code["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                        capture_output=True, text=True, check=True
+                                        ).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", "mailbox", "tasks",
+                                 "celeryconfig.py"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.splitlines()
+        code["uncommitted"] = [line[3:] for line in status]
     return {
+        "code": code,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "platform": platform.platform(),
         "python": platform.python_version(), "celery": celery.__version__,
@@ -1735,7 +1892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "postgres_note": services.postgres_note,
                      "rabbitmq_note": services.rabbitmq_note},
         "machine": machine_facts(services),
-        "configurations": {}, "inprocess": {},
+        "configurations": {}, "inprocess": {}, "parallel": {},
     }
     try:
         say(f"pipeline benchmark ({'quick' if opts.quick else 'full'}): {opts.dispatches} "
@@ -1761,9 +1918,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 inproc = {"backend": backend, "error": f"{type(exc).__name__}: {exc}"}
                 say(f"  !! {inproc['error']}")
             report["inprocess"][backend] = inproc
+            say(f"  the same work in 1 and 2 processes at once ({backend}, no Celery):")
+            try:
+                with fresh_database(backend, services, workdir, f"par-{backend}") as url:
+                    report["parallel"][backend] = parallel_chains(
+                        backend, url, services.redis_url, max(20, opts.inprocess // 2))
+            except Exception as exc:
+                report["parallel"][backend] = {"backend": backend,
+                                               "error": f"{type(exc).__name__}: {exc}"}
+                say(f"  !! {report['parallel'][backend]['error']}")
         for cfg in configurations(opts, services):
-            report["configurations"][cfg.key] = run_configuration(cfg, opts, services,
-                                                                  workdir)
+            try:
+                report["configurations"][cfg.key] = run_configuration(cfg, opts, services,
+                                                                      workdir)
+            except Exception as exc:  # one broken configuration must not lose the others
+                say(f"  !! {cfg.title}: {type(exc).__name__}: {exc}")
+                report["configurations"][cfg.key] = {
+                    "title": cfg.title, "broker": cfg.broker, "database": cfg.database,
+                    "concurrency": cfg.concurrency, "steps": {},
+                    "error": f"{type(exc).__name__}: {exc}"}
         report["claim_latency"] = claim_latency(opts, services)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

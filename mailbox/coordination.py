@@ -12,6 +12,7 @@ client; redis-py reloads it by itself after a Redis restart forgets scripts).
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,8 @@ class Coordinator:
         self.round_trips = 0
         self._scripts = {
             name: client.register_script((LUA_DIR / f"{name}.lua").read_text())
-            for name in ("lease_acquire", "lease_put", "lease_release", "epoch_raise",
-                         "lease_take_executor")
+            for name in ("lease_acquire", "lease_put", "lease_release", "lease_take_executor",
+                         "epoch_generation", "epoch_fill")
         }
 
     # -------------------------------------------------------------------------------- keys
@@ -103,8 +104,23 @@ class Coordinator:
         raw = self.client.get(self.epoch_key(thread_id))
         return None if raw is None else int(raw)
 
-    def raise_epoch(self, thread_id: str, epoch: int) -> int:
-        return int(self._run("epoch_raise", self.epoch_key(thread_id), epoch, EPOCH_TTL_MS))
+    def epoch_generation(self) -> str:
+        """Taken before reading an epoch from SQL to refill the cache (see `fill_epoch`)."""
+        self.round_trips += 1
+        return _text(self._scripts["epoch_generation"](
+            keys=[f"{self.namespace}:epoch-generation"], args=[uuid.uuid4().hex]))
+
+    def fill_epoch(self, thread_id: str, epoch: int, generation: str) -> bool:
+        """Cache an epoch read from SQL, unless Redis was flushed or restarted since the
+        generation was taken: a value read before a flush may already be old, and an empty
+        cache must never take an old value (epochs only go up). False when skipped."""
+        return int(self._run_keys("epoch_fill", [self.epoch_key(thread_id),
+                                      f"{self.namespace}:epoch-generation"],
+                       epoch, generation, EPOCH_TTL_MS)) != -1
+
+    def _run_keys(self, name: str, keys: list[str], *args: Any) -> Any:
+        self.round_trips += 1
+        return self._scripts[name](keys=keys, args=list(args))
 
 
 def _text(value: Any) -> str:

@@ -152,6 +152,7 @@ class RunStore:
             row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).one_or_none()
         return None if row is None else _run_from_row(row)
 
+    @_operation("thread_messages")
     def thread_messages(self, thread_id: str, limit: int = 1000) -> list[Message]:
         """The thread's log, oldest first (the last `limit` entries)."""
         query = (sa.select(messages).where(messages.c.thread_id == thread_id)
@@ -160,12 +161,14 @@ class RunStore:
             rows = [Message(**dict(r._mapping)) for r in conn.execute(query)]
         return list(reversed(rows))
 
+    @_operation("run_messages")
     def run_messages(self, run_id: str) -> list[Message]:
         query = (sa.select(messages).where(messages.c.run_id == run_id)
                  .order_by(messages.c.seq))
         with self.store._read() as conn:
             return [Message(**dict(r._mapping)) for r in conn.execute(query)]
 
+    @_operation("load_resolution")
     def load_resolution(self, resolution_id: str) -> Resolution | None:
         with self.store._read() as conn:
             row = conn.execute(sa.select(resolutions).where(
@@ -174,6 +177,7 @@ class RunStore:
             return None
         return Resolution(row.resolution_id, row.agent_name, row.agent_version)
 
+    @_operation("latest_open_run")
     def latest_open_run(self, thread_id: str) -> RunRecord | None:
         """The thread's most recent run that is still waiting for a decision, if any."""
         query = (sa.select(runs).where(runs.c.thread_id == thread_id,
@@ -340,6 +344,7 @@ class RunStore:
                 dispatches.c.status == DispatchStatus.DeadLetter.value))
             return int(result.rowcount)
 
+    @_operation("runs_by_status")
     def runs_by_status(self, statuses: Sequence[RunStatus]) -> dict[str, int]:
         query = (sa.select(runs.c.status, sa.func.count())
                  .where(runs.c.status.in_([s.value for s in statuses]))

@@ -247,8 +247,24 @@ class MailboxStore:
         if token:
             self._after_commit("release", lambda: self.coordinator.release(d.thread_id, token))
 
-    def _raise_epoch(self, thread_id: str, epoch: int) -> None:
-        self._after_commit("epoch", lambda: self.coordinator.raise_epoch(thread_id, epoch))
+    def _cache_epoch(self, thread_id: str, epoch: int, generation: str | None) -> None:
+        """Cache an epoch read under the thread lock. Filled only if Redis kept the
+        generation taken before the read: a flush in between could otherwise let an older
+        value into an empty cache after a newer interrupt already committed."""
+        def fill() -> None:
+            if generation is None or not self.coordinator.fill_epoch(thread_id, epoch,
+                                                                     generation):
+                # Redis was flushed meanwhile, and a reader may have cached an epoch it read
+                # before our commit: read again now that the commit is visible.
+                self._refresh_epoch(thread_id)
+
+        self._after_commit("epoch", fill)
+
+    def _generation(self) -> str | None:
+        try:
+            return self.coordinator.epoch_generation()
+        except redis.RedisError:
+            return None
 
     # =========================================================================== write path
     @_operation("enqueue")
@@ -419,7 +435,8 @@ class MailboxStore:
         if after.status != DispatchStatus.Claimed:
             self._release(after, claim_token)
         if conflict is not None:
-            self._raise_epoch(current.thread_id, conflict.actual)
+            # Rare path: re-read under a fresh generation so the cache catches up safely.
+            self._after_commit("epoch refresh", lambda: self._refresh_epoch(current.thread_id))
             raise conflict
         return after
 
@@ -521,6 +538,7 @@ class MailboxStore:
         """
         require_id("thread_id", thread_id)
         require_ms("now", now)
+        generation = self._generation()
         with self._write() as conn:
             old = self._lock_thread(conn, thread_id, create=True)
             assert old is not None
@@ -538,7 +556,7 @@ class MailboxStore:
                      if d.status == DispatchStatus.Queued and d.dispatch_epoch <= old]
             self._save(conn, pairs)
             active = next((d for d in live if d.status == DispatchStatus.Claimed), None)
-        self._raise_epoch(thread_id, new_epoch)
+        self._cache_epoch(thread_id, new_epoch, generation)
         return MailboxInterrupt(new_epoch, active, [after for _, after in pairs])
 
     @_operation("current_dispatch_epoch")
@@ -552,11 +570,25 @@ class MailboxStore:
         cached = self.coordinator.cached_epoch(thread_id)
         if cached is not None:
             return cached
-        epoch = self.sql_epoch(thread_id)
-        self._raise_epoch(thread_id, epoch)
+        generation = self.coordinator.epoch_generation()
+        epoch = self._sql_epoch(thread_id)
+        self._after_commit("epoch fill", lambda: self.coordinator.fill_epoch(
+            thread_id, epoch, generation))
         return epoch
 
+    def _refresh_epoch(self, thread_id: str, attempts: int = 3) -> None:
+        """Bring the cache up to the SQL epoch (a writer's duty after its commit). Gives up
+        only when Redis keeps being flushed, which leaves the cache empty: also correct."""
+        for _ in range(attempts):
+            generation = self.coordinator.epoch_generation()
+            if self.coordinator.fill_epoch(thread_id, self._sql_epoch(thread_id), generation):
+                return
+
+    @_operation("sql_epoch")
     def sql_epoch(self, thread_id: str) -> int:
+        return self._sql_epoch(thread_id)
+
+    def _sql_epoch(self, thread_id: str) -> int:
         """The authoritative epoch straight from SQL."""
         with self._read() as conn:
             epoch = conn.execute(sa.select(thread_epochs.c.current_epoch).where(
@@ -668,6 +700,7 @@ class MailboxStore:
             return int(result.rowcount)
 
     # ---------------------------------------------------------------------- introspection
+    @_operation("claimed_per_thread")
     def claimed_per_thread(self) -> dict[str, int]:
         """Threads with more than one Claimed dispatch (an invariant breach; for audits)."""
         query = (sa.select(dispatches.c.thread_id, sa.func.count())
@@ -676,6 +709,7 @@ class MailboxStore:
         with self._read() as conn:
             return {str(t): int(n) for t, n in conn.execute(query)}
 
+    @_operation("counts_by_status")
     def counts_by_status(self) -> dict[DispatchStatus, int]:
         query = sa.select(dispatches.c.status, sa.func.count()).group_by(dispatches.c.status)
         counts: dict[DispatchStatus, int] = defaultdict(int)
@@ -685,6 +719,7 @@ class MailboxStore:
         return {s: counts[s] for s in DispatchStatus}
 
 
+    @_operation("oldest_due_queued_at")
     def oldest_due_queued_at(self, now: int) -> int | None:
         """`available_at` of the longest-waiting due Queued dispatch (for the age gauge)."""
         query = sa.select(sa.func.min(dispatches.c.available_at)).where(

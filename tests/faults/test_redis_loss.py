@@ -29,6 +29,8 @@ from mailbox import DispatchStatus, Mailbox, RunDispatch, VersionConflictError
 from mailbox.coordination import Lease
 from mailbox.devredis import EmbeddedRedis
 
+# The race harness lives in tests/integration/test_races.py; tests/ has no packages, so it
+# is imported by module name, which spawned children resolve the same way (inherited sys.path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from test_races import (
     WorkloadConfig,
