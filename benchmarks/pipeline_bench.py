@@ -4,22 +4,25 @@ Run from the project root:
 
     python -m benchmarks.pipeline_bench                   # full run (< 15 min on 2 cores)
     python -m benchmarks.pipeline_bench --quick           # smoke run (< 2 min)
-    python -m benchmarks.pipeline_bench --skip-rabbitmq --skip-postgres --dispatches 300
+    python -m benchmarks.pipeline_bench --skip-rabbitmq --skip-postgres --dispatches 100
 
-What it measures, each configuration with its own namespace, database and worker processes
-(`celery -A tasks worker` and `celery -A benchmarks.baseline_app worker`, prefork, same
-concurrency, `-l WARNING`, no `-E`: DESIGN.md §9), killed when the configuration is done:
+What it measures, each configuration (and each pass over it) with its own namespace, database
+and worker processes (`celery -A tasks worker` and `celery -A benchmarks.baseline_app worker`,
+prefork, same concurrency, `-l WARNING`, no `-E`: DESIGN.md §9), killed when it is done:
 
 (a) a bare Celery chain of five no-op tasks, (b) the same chain with one SQL write per link on
 the mailbox's database, (c) mailbox `echo` dispatches end to end (`dispatch.delay()` →
 wake → claim → verify → reconstruct → resolve → execute → settle). Throughput rounds submit N
 items (dispatches over N/10 mailbox threads, or N chains) and time from the first submit to the
 last completion (the largest stored `completed_at` for (c); for (a)/(b) the last link stores
-its completion time in Redis). Rounds of (a), (b) and (c) alternate, so background load falls
-on all of them alike; the median round is reported.
+its completion time in Redis). Rounds of (a), (b) and (c) alternate within a configuration,
+and the passes over the configurations run in ABBA order, so background load that drifts
+during the run falls on all of them alike; the median round is reported, next to the CPU
+time per item (less sensitive to other load on the machine than wall-clock rates).
 
 Configurations: Redis broker + SQLite at -c 2 (the reference: ratios, idle latency) and at
--c 1, Redis + PostgreSQL at -c 2, RabbitMQ + SQLite at -c 2. Without workers: the rate of
+-c 1, Redis + PostgreSQL at -c 2 and -c 1, RabbitMQ + SQLite at -c 2. In this process: the
+mailbox's own work in 1 and 2 processes at once (no Celery). Without workers: the rate of
 `dispatch.delay()` against a bare `task.delay()`. In this process: SQL statements,
 transactions and Redis commands per dispatch, per phase (the phase functions called
 directly, as `mailbox.phases.run_chain` does), and a pyinstrument profile of the chain loop.
@@ -134,10 +137,11 @@ class Options:
                                                 "Celery chains, in one run.")
         p.add_argument("--quick", action="store_true", help="smoke run (< 2 minutes)")
         p.add_argument("--dispatches", type=int, default=None,
-                       help="items per throughput round (default 300; quick 40)")
+                       help="items per throughput round (default 250; quick 40)")
         p.add_argument("--rounds", type=int, default=None,
-                       help="throughput rounds per kind in the reference configuration "
-                            "(default 2; quick 1); other configurations use rounds - 1 (>= 1)")
+                       help="passes over all configurations, one throughput round per kind "
+                            "and configuration each, the order reversed every other pass "
+                            "(default 2; quick 1)")
         p.add_argument("--idle", type=int, default=None,
                        help="sequential dispatches for idle latency (default 200; quick 20)")
         p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -150,7 +154,7 @@ class Options:
         p.add_argument("--client", type=Path, help=argparse.SUPPRESS)
         args = p.parse_args(argv)
         quick = bool(args.quick)
-        dispatches = args.dispatches or (40 if quick else 300)
+        dispatches = args.dispatches or (40 if quick else 250)
         if dispatches < PER_THREAD:
             p.error(f"--dispatches must be at least {PER_THREAD}")
         return cls(quick=quick, dispatches=dispatches,
@@ -365,38 +369,40 @@ class Configuration:
 
 
 def configurations(opts: Options, services: Services) -> list[Configuration]:
+    """The worker configurations; each pass runs one round of each kind in each of them."""
     c = opts.concurrency
-    other = max(1, opts.rounds - 1)
     configs = [
         Configuration("ref", f"Redis broker, SQLite, -c {c}", "redis", "sqlite", c,
-                      ("a", "b", "c"), opts.rounds, idle=True),
-        Configuration("c1", "Redis broker, SQLite, -c 1", "redis", "sqlite", 1, ("a", "c"),
-                      other),
+                      ("a", "b", "c"), 1, idle=True),
+        Configuration("c1", "Redis broker, SQLite, -c 1", "redis", "sqlite", 1, ("a", "c"), 1),
     ]
     if services.postgres_url:
         configs.append(Configuration("pg", f"Redis broker, PostgreSQL, -c {c}", "redis",
-                                     "postgres", c, ("b", "c"), other))
+                                     "postgres", c, ("b", "c"), 1))
         configs.append(Configuration("pgc1", "Redis broker, PostgreSQL, -c 1", "redis",
-                                     "postgres", 1, ("c",), other))
+                                     "postgres", 1, ("c",), 1))
     if services.rabbitmq_url:
         configs.append(Configuration("amqp", f"RabbitMQ broker, SQLite, -c {c}", "rabbitmq",
-                                     "sqlite", c, ("a", "c"), other))
-    configs.append(Configuration("delay", "delay() rate, Redis broker, SQLite, no workers",
-                                 "redis", "sqlite", 0, (), 1, delay_rate=True))
+                                     "sqlite", c, ("a", "c"), 1))
     return configs
 
 
+DELAY_CONFIGURATION = Configuration("delay", "delay() rate, Redis broker, SQLite, no workers",
+                                    "redis", "sqlite", 0, (), 1, delay_rate=True)
+
+
 def run_configuration(cfg: Configuration, opts: Options, services: Services,
-                      workdir: Path) -> dict[str, Any]:
+                      workdir: Path, pass_no: int = 1, idle: bool = True) -> dict[str, Any]:
+    """One pass of one configuration: fresh namespace, database and workers."""
     namespace = f"pb{uuid.uuid4().hex[:8]}-{cfg.key}"
     broker_url = services.rabbitmq_url if cfg.broker == "rabbitmq" else services.redis_url
     assert broker_url is not None
     started = time.perf_counter()
-    say(f"\n== {cfg.title} (namespace {namespace}) ==")
+    say(f"\n== {cfg.title} (pass {pass_no}, namespace {namespace}) ==")
     result: dict[str, Any] = {"title": cfg.title, "broker": cfg.broker,
                               "database": cfg.database, "concurrency": cfg.concurrency,
                               "namespace": namespace}
-    cdir = workdir / cfg.key
+    cdir = workdir / f"{cfg.key}-{pass_no}"
     cdir.mkdir(parents=True, exist_ok=True)
     metrics_dir = cdir / "metrics"
     metrics_dir.mkdir()
@@ -421,7 +427,7 @@ def run_configuration(cfg: Configuration, opts: Options, services: Services,
             if "baseline" in cfg.apps:
                 workers.start("benchmarks.baseline_app", f"{namespace}-baseline",
                               cfg.concurrency, f"baseline-{cfg.key}")
-            plan = build_plan(cfg, opts, services, namespace)
+            plan = build_plan(cfg, opts, services, namespace, pass_no, idle)
             plan["worker_pids"] = [proc.pid for _, proc, _ in workers.processes]
             plan_path = cdir / "plan.json"
             result_path = cdir / "result.json"
@@ -452,8 +458,8 @@ def run_configuration(cfg: Configuration, opts: Options, services: Services,
     return result
 
 
-def build_plan(cfg: Configuration, opts: Options, services: Services, namespace: str
-               ) -> dict[str, Any]:
+def build_plan(cfg: Configuration, opts: Options, services: Services, namespace: str,
+               pass_no: int, idle: bool) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     n = opts.dispatches
     # Throughput floor for the timeouts: 3 dispatches/s, 15 chains/s.
@@ -469,11 +475,12 @@ def build_plan(cfg: Configuration, opts: Options, services: Services, namespace:
             steps.append({"id": "warmup_mailbox", "kind": "warmup_mailbox", "n": warm,
                           "timeout_s": 90})
         for r in range(cfg.rounds):
+            round_no = (pass_no - 1) * cfg.rounds + r + 1
             for kind in cfg.kinds:
                 timeout = 60 + (n // 3 if kind == "c" else n // 15)
-                steps.append({"id": f"throughput_{kind}_{r + 1}", "kind": "throughput",
-                              "item": kind, "round": r + 1, "n": n, "timeout_s": timeout})
-        if cfg.idle:
+                steps.append({"id": f"throughput_{kind}_{round_no}", "kind": "throughput",
+                              "item": kind, "round": round_no, "n": n, "timeout_s": timeout})
+        if cfg.idle and idle:
             steps.append({"id": "idle_a", "kind": "idle", "item": "a", "n": opts.idle,
                           "timeout_s": 30 + opts.idle})
             steps.append({"id": "idle_c", "kind": "idle", "item": "c", "n": opts.idle,
@@ -1680,8 +1687,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   ["load average at start / end",
                    f"{m['load_average_at_start']} / {m.get('load_average_at_end')}"],
                   ["items per throughput round", report["options"]["dispatches"]],
-                  ["rounds (reference / others)",
-                   f"{report['options']['rounds']} / {max(1, report['options']['rounds'] - 1)}"],
+                  ["passes (one round per kind and configuration each, ABBA order)",
+                   report["options"]["rounds"]],
               ]),
               "## Method", METHOD]
     return "\n\n".join(parts) + "\n"
@@ -1699,7 +1706,10 @@ METHOD = """\
   N/10 mailbox threads, 10 per thread; or N chains), while the workers run. Time = first
   submit → last completion: the largest stored `completed_at` of the round's dispatches, or
   the time the last chain's last link stored in Redis. Rounds of (a), (b), (c) alternate;
-  the table gives the median and every round.
+  passes over the configurations run in ABBA order (each pass: fresh namespace, database
+  and workers); the table gives the median and every round. CPU ms/item: user + system
+  time of the worker process trees (/proc), of the client, and of the Redis server
+  (`INFO cpu`, only when it is the benchmark's own), per item.
 - (c) per dispatch is 7 Celery messages (2 wake-ups from `dispatch.delay()`, see below, and 5
   phases), (a) and (b) are 5.
 - Idle latency: one dispatch at a time (20 threads round robin), next one 20 ms after the
@@ -1872,6 +1882,31 @@ def machine_facts(services: Services) -> dict[str, Any]:
     }
 
 
+def run_pass(cfg: Configuration, opts: Options, services: Services, workdir: Path,
+             pass_no: int, idle: bool) -> dict[str, Any]:
+    try:
+        return run_configuration(cfg, opts, services, workdir, pass_no, idle)
+    except Exception as exc:  # one broken configuration must not lose the others
+        say(f"  !! {cfg.title}: {type(exc).__name__}: {exc}")
+        return {"title": cfg.title, "broker": cfg.broker, "database": cfg.database,
+                "concurrency": cfg.concurrency, "steps": {},
+                "error": f"{type(exc).__name__}: {exc}"}
+
+
+def merge_pass(into: dict[str, Any], cfg: Configuration, result: dict[str, Any]) -> None:
+    """Collect the passes of a configuration under its key (steps carry round numbers)."""
+    if cfg.key not in into:
+        result["passes"] = 1
+        into[cfg.key] = result
+        return
+    merged = into[cfg.key]
+    merged["steps"].update(result.get("steps", {}))
+    merged["elapsed_s"] = round(merged.get("elapsed_s", 0) + result.get("elapsed_s", 0), 1)
+    merged["passes"] = merged.get("passes", 1) + 1
+    if result.get("error"):
+        merged["error"] = "; ".join(e for e in (merged.get("error"), result["error"]) if e)
+
+
 # ====================================================================================== main
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
@@ -1927,16 +1962,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["parallel"][backend] = {"backend": backend,
                                                "error": f"{type(exc).__name__}: {exc}"}
                 say(f"  !! {report['parallel'][backend]['error']}")
-        for cfg in configurations(opts, services):
-            try:
-                report["configurations"][cfg.key] = run_configuration(cfg, opts, services,
-                                                                      workdir)
-            except Exception as exc:  # one broken configuration must not lose the others
-                say(f"  !! {cfg.title}: {type(exc).__name__}: {exc}")
-                report["configurations"][cfg.key] = {
-                    "title": cfg.title, "broker": cfg.broker, "database": cfg.database,
-                    "concurrency": cfg.concurrency, "steps": {},
-                    "error": f"{type(exc).__name__}: {exc}"}
+        configs = configurations(opts, services)
+        for pass_no in range(1, opts.rounds + 1):
+            # ABBA order: background load that drifts during the run hits every
+            # configuration alike, so the ratios between configurations stay meaningful.
+            order = configs if pass_no % 2 else configs[::-1]
+            for cfg in order:
+                merge_pass(report["configurations"], cfg, run_pass(
+                    cfg, opts, services, workdir, pass_no, idle=pass_no == opts.rounds))
+        merge_pass(report["configurations"], DELAY_CONFIGURATION,
+                   run_pass(DELAY_CONFIGURATION, opts, services, workdir, 1, idle=False))
         report["claim_latency"] = claim_latency(opts, services)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

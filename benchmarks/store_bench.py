@@ -219,7 +219,10 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[rank]
 
 
-def latency_stats(durations_s: Sequence[float], wall_s: float | None = None) -> dict[str, Any]:
+def latency_stats(durations_s: Sequence[float], wall_s: float | None = None,
+                  cpu_s: float | None = None) -> dict[str, Any]:
+    """Latency summary; `cpu_s` is this process's CPU time over the loop (client side:
+    SQLAlchemy, drivers, redis-py; not the servers'), much less sensitive to other load."""
     values = sorted(durations_s)
     total = wall_s if wall_s is not None else sum(values)
     n = len(values)
@@ -231,6 +234,7 @@ def latency_stats(durations_s: Sequence[float], wall_s: float | None = None) -> 
         "p50_ms": round(1000 * percentile(values, 50), 3),
         "p99_ms": round(1000 * percentile(values, 99), 3),
         "max_ms": round(1000 * values[-1], 3) if n else None,
+        "client_cpu_ms": round(1000 * cpu_s / n, 3) if cpu_s is not None and n else None,
     }
 
 
@@ -359,7 +363,7 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
     durations: list[float] = []
     new_thread = Counts()
     old_thread = Counts()
-    wall = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         d = RunDispatch.queued(f"op-{i:07d}", threads[i % n_threads], f"run-{i:07d}",
                                base + i)
@@ -372,7 +376,8 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
             new_thread = new_thread.plus(delta)
         else:
             old_thread = old_thread.plus(delta)
-    results["enqueue"] = latency_stats(durations, time.perf_counter() - wall)
+    results["enqueue"] = latency_stats(durations, time.perf_counter() - wall,
+                                      time.process_time() - cpu)
     counts["enqueue (new thread)"] = per_op(new_thread, n_threads, postgres)
     if n > n_threads:
         counts["enqueue (existing thread)"] = per_op(old_thread, n - n_threads, postgres)
@@ -384,7 +389,7 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
     acks: list[float] = []
     claim_counts = Counts()
     ack_counts = Counts()
-    wall = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         thread = threads[i % n_threads]
         now = now_ms()
@@ -406,7 +411,8 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
         cycles.append((t1 - t0) + (t3 - t2))
         claim_counts = claim_counts.plus(mid.minus(before))
         ack_counts = ack_counts.plus(after.minus(mid))
-    results["claim→ack cycle"] = latency_stats(cycles, time.perf_counter() - wall)
+    results["claim→ack cycle"] = latency_stats(cycles, time.perf_counter() - wall,
+                                      time.process_time() - cpu)
     results["claim (in cycle)"] = latency_stats(claims)
     results["ack (in cycle)"] = latency_stats(acks)
     counts["claim→ack cycle"] = per_op(claim_counts.plus(ack_counts), n, postgres)
@@ -424,7 +430,7 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
         holders.append(got[0])
     durations = []
     before = meter.snapshot()
-    wall = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         h = holders[i % len(holders)]
         token = h.claim_token or ""
@@ -433,7 +439,8 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
         durations.append(time.perf_counter() - start)
         if not ok:
             raise RuntimeError(f"extend_lease refused for {h.dispatch_id}")
-    results["extend_lease"] = latency_stats(durations, time.perf_counter() - wall)
+    results["extend_lease"] = latency_stats(durations, time.perf_counter() - wall,
+                                      time.process_time() - cpu)
     counts["extend_lease"] = per_op(meter.snapshot().minus(before), n, postgres)
     report_op("extend_lease", results["extend_lease"])
 
@@ -441,13 +448,14 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
     busy = holders[0]
     durations = []
     before = meter.snapshot()
+    cpu = time.process_time()
     for _ in range(cfg.busy_ops):
         start = time.perf_counter()
         got = store.claim(busy.thread_id, CONSUMER, LEASE_MS, now_ms())
         durations.append(time.perf_counter() - start)
         if got:
             raise RuntimeError("a busy thread was claimed twice")
-    results["claim (busy thread)"] = latency_stats(durations)
+    results["claim (busy thread)"] = latency_stats(durations, None, time.process_time() - cpu)
     counts["claim (busy thread, live lease)"] = per_op(meter.snapshot().minus(before),
                                                         cfg.busy_ops, postgres)
     report_op("claim (busy thread)", results["claim (busy thread)"])
@@ -744,7 +752,8 @@ def run_backend(backend: str, cfg: Config, services: Services, workdir: Path
                 ) -> dict[str, Any]:
     postgres = backend == "postgres"
     say(f"\n== {backend} ==")
-    result: dict[str, Any] = {"status": "ok"}
+    result: dict[str, Any] = {"status": "ok",
+                              "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     started = time.perf_counter()
     with fresh_database(backend, services, workdir, "ops") as url, \
             open_mailbox(url, services.redis_url) as box:
@@ -763,6 +772,7 @@ def run_backend(backend: str, cfg: Config, services: Services, workdir: Path
                 f"({cfg.history_samples} claims per size, in the {cfg.sizes[-1]} database)")
             result["history"] = bench_history(boxes[-1][1], cfg, postgres, backend)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
 
 
@@ -888,7 +898,7 @@ def summary_tables(report: dict[str, Any]) -> str:
             s = res["operations"].get(op)
             if s:
                 ops_rows.append([name, op, s["n"], s["ops_per_s"], s["mean_ms"], s["p50_ms"],
-                                 s["p99_ms"]])
+                                 s["p99_ms"], s.get("client_cpu_ms")])
     backlog_rows = []
     for name, res in ok.items():
         for r in res["backlog"]["sizes"]:
@@ -916,7 +926,8 @@ def summary_tables(report: dict[str, Any]) -> str:
                                c["db_round_trips_est"]])
     parts = [
         "### Throughput and latency per operation (one process, sequential)",
-        table(["backend", "operation", "n", "ops/s", "mean ms", "p50 ms", "p99 ms"], ops_rows),
+        table(["backend", "operation", "n", "ops/s", "mean ms", "p50 ms", "p99 ms",
+               "client CPU ms/op"], ops_rows),
         "### Claim latency vs queued backlog (claim on a random thread, then ack)",
         table(["backend", "queued", "threads", "load s", "claims", "claim p50 ms",
                "claim p99 ms", "ack p50 ms", "ack p99 ms"], backlog_rows),
@@ -954,12 +965,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         ["Redis", f"{m['redis']} ({m['redis_source']})"],
         ["Load average (1/5/15 min)", f"{_loads(m.get('load_average_at_start'))} at start, "
                                       f"{_loads(m.get('load_average_at_end'))} at end"],
+        *[[f"Load average, {name}", f"{_loads(res.get('load_average_at_start'))} → "
+                                    f"{_loads(res.get('load_average_at_end'))}"]
+          for name, res in report["backends"].items() if res.get("status") == "ok"],
         ["Run", f"`{report['command'].strip()}` ({'quick' if cfg['quick'] else 'full'}), "
                 f"{report['elapsed_s']} s"],
     ]
     notes = [
         "- Everything runs in one process, sequentially; times are wall-clock per store call "
-        "(`time.perf_counter`), including Redis calls and the store's metrics.",
+        "(`time.perf_counter`), including Redis calls and the store's metrics. The machine may "
+        "be shared (see the load averages): *client CPU ms/op* (this process's CPU time per "
+        "call: SQLAlchemy, psycopg/sqlite3, redis-py, the model; not the database or Redis "
+        "server) is much less sensitive to other load than wall-clock numbers.",
         f"- Throughput tests: {cfg['ops']} enqueues over {max(1, cfg['ops'] // cfg['per_thread'])}"
         f" threads (round robin; the first pass creates each thread's epoch row), then "
         f"{cfg['ops']} claim→ack cycles consuming them, then {cfg['ops']} `extend_lease` calls "

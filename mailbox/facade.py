@@ -139,14 +139,15 @@ class Mailbox:
     # ------------------------------------------------------------------------------ submit
     def submit(self, thread_id: str, agent: str, input: Any, *, priority: int = 128,
                dedupe_key: str | None = None, delay_ms: int = 0, max_attempts: int | None = None,
-               interrupt: bool = False) -> Receipt:
+               interrupt: bool = False, wake: bool = True) -> Receipt:
         """Validate, then write the run, its input and its dispatch in one transaction.
 
         Bad arguments raise ValidationError before anything is written; a dedupe key still
         held by a live dispatch of the thread raises AlreadyExistsError. `interrupt=True` is
         "latest wins": the thread is interrupted first (queued work superseded, the running
         one cancelled). A plain input on a thread whose latest run waits for a decision
-        resumes that run with the input as the decision.
+        resumes that run with the input as the decision. `wake=False` leaves publishing the
+        wake-up to the caller (dispatch.delay publishes its own, under the dispatch id).
         """
         if not isinstance(thread_id, str) or not thread_id.strip():
             raise ValidationError("thread_id must be a non-empty string")
@@ -174,7 +175,7 @@ class Mailbox:
                                       dedupe_key=dedupe_key, available_at=now + delay_ms,
                                       max_attempts=attempts)
         if waiting is not None:
-            return self._resume(waiting, dispatch, input, now, delay_ms)
+            return self._resume(waiting, dispatch, input, now, delay_ms, wake=wake)
         run = RunRecord(dispatch.run_id, thread_id, spec.name, spec.resolution_id,
                         RunStatus.created, dispatch_id=dispatch_id, created_at=now,
                         updated_at=now)
@@ -182,7 +183,8 @@ class Mailbox:
                          _new_id(), input, now)
         self.events.emit(run.run_id, dispatch_id, "run_queued",
                          {"agent": spec.resolution_id, "priority": priority}, ts=now)
-        self._wake(thread_id, delay_ms)
+        if wake:
+            self._wake(thread_id, delay_ms)
         return Receipt(dispatch_id, run.run_id, thread_id)
 
     def resume(self, run_id: str, decision: Any) -> Receipt:
@@ -200,7 +202,7 @@ class Mailbox:
         return self._resume(run, dispatch, decision, now, 0)
 
     def _resume(self, run: RunRecord, dispatch: RunDispatch, decision: Any, now: int,
-                delay_ms: int) -> Receipt:
+                delay_ms: int, *, wake: bool = True) -> Receipt:
         if run.resolution_id is None:
             raise ValidationError(f"run {run.run_id} has no pinned agent")
         name, _, version = run.resolution_id.partition("@")
@@ -209,7 +211,8 @@ class Mailbox:
                          _new_id(), decision, now, new_run=False, role="decision")
         self.events.emit(run.run_id, dispatch.dispatch_id, "run_queued",
                          {"agent": run.resolution_id, "resume": True}, ts=now)
-        self._wake(run.thread_id, delay_ms)
+        if wake:
+            self._wake(run.thread_id, delay_ms)
         return Receipt(dispatch.dispatch_id, run.run_id, run.thread_id, resumed=True)
 
     # ------------------------------------------------------------------------------- reads

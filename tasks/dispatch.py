@@ -43,7 +43,7 @@ class DispatchTask(Task):
               interrupt: bool = False) -> AsyncResult:
         receipt = mailbox().submit(thread_id, agent, input, priority=priority,
                                    dedupe_key=dedupe_key, delay_ms=delay_ms,
-                                   max_attempts=max_attempts, interrupt=interrupt)
+                                   max_attempts=max_attempts, interrupt=interrupt, wake=False)
         countdown = delay_ms / 1000 if 0 < delay_ms <= MAX_COUNTDOWN_MS else None
         if delay_ms > MAX_COUNTDOWN_MS:
             return self.AsyncResult(receipt.dispatch_id)

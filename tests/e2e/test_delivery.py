@@ -19,6 +19,7 @@ from tests.support.e2e_helpers import (
     received_count,
     status_counts,
     wait_all_terminal,
+    wait_for_events,
     wait_until,
     worker_logs,
 )
@@ -75,7 +76,7 @@ def test_duplicated_wake_ups_execute_each_dispatch_once(celery_stack: Stack,
     for dispatch_id in ids:
         d = final[dispatch_id]
         started = events_of(publisher, d.run_id, "run_started")
-        finished = events_of(publisher, d.run_id, "run_finish")
+        finished = wait_for_events(publisher, d.run_id, "run_finish", 1, celery_stack)
         assert d.status == DispatchStatus.Acked and d.attempt_count == 0, (d, logs)
         assert d.run_response == "slept 30", d
         assert len(started) == 1 and len(finished) == 1, (

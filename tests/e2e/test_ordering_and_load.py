@@ -27,6 +27,7 @@ from tests.support.e2e_helpers import (
     events_of,
     status_counts,
     wait_all_terminal,
+    wait_for_events,
     worker_logs,
 )
 from tests.support.workers import Stack
@@ -114,7 +115,7 @@ def test_priority_then_fifo_per_thread_and_one_claim_per_thread(
         timing: dict[str, tuple[int, int]] = {}
         for s in items:
             started = events_of(publisher, s.run_id, "run_started")
-            finished = events_of(publisher, s.run_id, "run_finish")
+            finished = wait_for_events(publisher, s.run_id, "run_finish", 1, celery_stack)
             assert len(started) == 1 and len(finished) == 1, (
                 f"run {s.run_id} of {thread_id}: {len(started)} run_started, "
                 f"{len(finished)} run_finish\n{describe_events(publisher, s.run_id)}{logs}")

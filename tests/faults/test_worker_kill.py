@@ -17,7 +17,13 @@ import pytest
 from mailbox import DispatchStatus, Mailbox, RunStatus, Termination
 from tasks import dispatch
 from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
-from tests.support.e2e_helpers import describe_events, events_of, wait_until, worker_logs
+from tests.support.e2e_helpers import (
+    describe_events,
+    events_of,
+    wait_for_events,
+    wait_until,
+    worker_logs,
+)
 from tests.support.workers import Stack
 
 LEASE_MS = 2000
@@ -69,7 +75,7 @@ def test_killed_worker_is_reclaimed_and_completed_by_another(
     assert started[1].ts > lease_until, f"second start {started[1].ts}, lease {lease_until}"
     rescheduled = events_of(publisher, final.run_id, "run_rescheduled")
     assert [e.data["reason"] for e in rescheduled] == ["expired_lease_reclaimed"], events
-    finished = events_of(publisher, final.run_id, "run_finish")
+    finished = wait_for_events(publisher, final.run_id, "run_finish", 1, celery_stack)
     assert len(finished) == 1 and finished[0].data["status"] == "acked", events
 
     run = publisher.get_run(final.run_id)

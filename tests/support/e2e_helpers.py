@@ -87,6 +87,22 @@ def events_of(box: Mailbox, run_id: str, type_: str | None = None) -> list[Event
     return [e for e in events if type_ is None or e.type == type_]
 
 
+def wait_for_events(box: Mailbox, run_id: str, type_: str, count: int, stack: Stack,
+                    timeout_s: float = 10) -> list[Event]:
+    """The run's events of `type_` once at least `count` arrived. Events are emitted after
+    the SQL write they describe (`run_finish` follows the ack), so a test that saw the
+    dispatch terminal must still wait for them."""
+    def enough() -> list[Event] | None:
+        found = events_of(box, run_id, type_)
+        return found if len(found) >= count else None
+
+    try:
+        return wait_until(enough, timeout_s, f"{count} {type_} event(s) of run {run_id}",
+                          stack)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{describe_events(box, run_id)}") from None
+
+
 def describe_events(box: Mailbox, run_id: str) -> str:
     return "\n".join(f"  {e.id} {e.type} ts={e.ts} dispatch={e.dispatch_id} data={e.data}"
                      for e in events_of(box, run_id))
