@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import json
 import math
@@ -567,7 +568,7 @@ class Client:
         calls.pop("info", None)
         total = sum(calls.values()) - own
         top = dict(Counter(calls).most_common(12))
-        return {"total": total, "top": top}
+        return {"total": total, "top": top, "calls": calls}
 
     def _cpu_probe(self) -> tuple[float, float, float | None]:
         redis_cpu = None
@@ -956,12 +957,13 @@ SECTION_ORDER = ["submit (dispatch.delay's SQL + run_queued event)",
 
 
 def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
-                        profile_path: Path) -> dict[str, Any]:
+                        profile_path: Path, wakes_per_delay: int = 1) -> dict[str, Any]:
     """Count and time the mailbox's work per dispatch without Celery, in the throughput
-    scenario (10 dispatches per thread, all submitted first): submit; the two wake tasks
-    each `dispatch.delay()` publishes (the first of a thread claims, the others find the
-    thread busy); the five phases; the settle's inline claim of the thread's next dispatch
-    (tasks.runtime.worker_wake). That is what the workers run, minus the messages."""
+    scenario (10 dispatches per thread, all submitted first): submit; the wake task(s) each
+    `dispatch.delay()` publishes (`wakes_per_delay`, as measured on the broker: the first of
+    a thread claims, the others find the thread busy); the five phases; the settle's inline
+    claim of the thread's next dispatch (tasks.runtime.worker_wake). That is what the
+    workers run, minus the messages."""
     from mailbox import phases
     from mailbox.facade import Mailbox
 
@@ -993,8 +995,8 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
                 box.submit(threads[i % len(threads)], AGENT, f"message {i}")
         t1 = time.perf_counter()
         c1 = time.process_time()
-        for i in range(2 * count):  # two wake-ups per dispatch.delay()
-            thread = threads[(i // 2) % len(threads)]
+        for i in range(wakes_per_delay * count):  # the wake-ups of dispatch.delay()
+            thread = threads[(i // wakes_per_delay) % len(threads)]
             with meter.section(SECTION_ORDER[1]) as section:
                 ctx = phases.claim_next(rt, thread)
                 if ctx is None:
@@ -1033,7 +1035,7 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
         _drop_keys(box, namespace)
         box.close()
     profile = _profile(kind, database_url, redis_url, n, profile_path)
-    return {"backend": kind, "dispatches": n, "rows": rows,
+    return {"backend": kind, "dispatches": n, "rows": rows, "wakes_per_delay": wakes_per_delay,
             "submit_ms_per_dispatch": round(1000 * submit_s / n, 3),
             "chain_ms_per_dispatch": round(1000 * chain_s / n, 3),
             "submit_cpu_ms_per_dispatch": round(1000 * cpu_s[0] / n, 3),
@@ -1564,7 +1566,8 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"(workers + client + Redis): (a) {fmt(ref['cpu_ms_a'])} ms, (b) "
              f"{fmt(ref['cpu_ms_b'])} ms, (c) {fmt(ref['cpu_ms_c'])} ms, so CPU cost alone "
              f"predicts (c)/(a) = {fmt(ref['cpu_implied_c_over_a'], 3)} on a CPU-bound "
-             "machine."]
+             f"machine. Celery messages per mailbox dispatch (LPUSH on the broker): "
+             f"{fmt(report.get('celery_messages_per_dispatch'), 2)}, against 5 per chain."]
     idle = s["idle"]
     idle_rows = []
     for label, key in (("(c) mailbox echo: submit→settled (stored created_at→completed_at)",
@@ -1673,6 +1676,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{json.dumps(inproc['profile']['groups_pct']['chain'])}; submit loop "
                   f"{json.dumps(inproc['profile']['groups_pct']['submit'])}. "
                   f"Full profile: `{inproc['profile']['file']}`."]
+    if m.get("code_at_end") and m.get("code_at_end") != m.get("code"):
+        parts.append(f"**Warning: the code under test changed during the run** (start "
+                     f"{m.get('code')}, end {m.get('code_at_end')}); configurations may have "
+                     "measured different code.")
     parts += ["## Machine and run",
               table(["fact", "value"], [
                   ["date", m["date"]], ["CPUs", f"{m['cpu_count']} ({m['cpu_model']})"],
@@ -1710,8 +1717,9 @@ METHOD = """\
   and workers); the table gives the median and every round. CPU ms/item: user + system
   time of the worker process trees (/proc), of the client, and of the Redis server
   (`INFO cpu`, only when it is the benchmark's own), per item.
-- (c) per dispatch is 7 Celery messages (2 wake-ups from `dispatch.delay()`, see below, and 5
-  phases), (a) and (b) are 5.
+- Celery messages per item: (a) and (b) 5; (c) as measured on the Redis broker (LPUSH per
+  dispatch, in "Work per dispatch" below): the wake-up(s) `dispatch.delay()` publishes plus
+  the five phases.
 - Idle latency: one dispatch at a time (20 threads round robin), next one 20 ms after the
   previous settled; submit→settled from the stored `created_at` / `completed_at` (ms), so
   the client's polling does not count. run_started from the run's event stream.
@@ -1819,7 +1827,8 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
     keys = ["sql_data_statements", "transactions", "write_transactions", "redis_commands"]
     for j, inproc in enumerate(inprocs):
         total = inproc["rows"][-1]
-        values = [float(total[k]) for k in keys] + [7.0]
+        values = [float(total[k]) for k in keys] + [
+            float(report.get("celery_messages_per_dispatch") or math.nan)]
         xs = [i + j * 0.35 for i in range(len(values))]
         bars = ax.bar(xs, values, 0.35, label=inproc["backend"])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
@@ -1862,6 +1871,19 @@ def machine_facts(services: Services) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
+    return {
+        "code": code_version(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "platform": platform.platform(),
+        "python": platform.python_version(), "celery": celery.__version__,
+        "kombu": kombu.__version__, "sqlalchemy": sa.__version__,
+        "sqlite": sqlite3.sqlite_version, **services.versions,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit and the uncommitted files of the code under test (mailbox/, tasks/)."""
     code: dict[str, Any] = {}
     with contextlib.suppress(Exception):
         code["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
@@ -1871,15 +1893,20 @@ def machine_facts(services: Services) -> dict[str, Any]:
                                  "celeryconfig.py"], cwd=ROOT, capture_output=True,
                                 text=True, check=True).stdout.splitlines()
         code["uncommitted"] = [line[3:] for line in status]
-    return {
-        "code": code,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "cpu_count": os.cpu_count(), "cpu_model": cpu_model, "platform": platform.platform(),
-        "python": platform.python_version(), "celery": celery.__version__,
-        "kombu": kombu.__version__, "sqlalchemy": sa.__version__,
-        "sqlite": sqlite3.sqlite_version, **services.versions,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "mailbox", "tasks",
+                               "celeryconfig.py"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+        code["diff_sha1"] = hashlib.sha1(diff.encode()).hexdigest()[:12]
+    return code
+
+
+def celery_messages_per_dispatch(ref: dict[str, Any] | None) -> float | None:
+    """Messages the broker carried per mailbox dispatch (LPUSH per dispatch: the Redis
+    transport pushes every message once), from the reference configuration's (c) rounds."""
+    if not ref:
+        return None
+    values = _round_values(ref, "c", lambda v: v["redis_commands"]["calls"]["lpush"] / v["n"])
+    return None if not values else round(median(values), 2)
 
 
 def run_pass(cfg: Configuration, opts: Options, services: Services, workdir: Path,
@@ -1935,14 +1962,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({services.redis_source}); PostgreSQL "
             f"{services.versions.get('postgres') or services.postgres_note}; RabbitMQ "
             f"{services.versions.get('rabbitmq') or services.rabbitmq_note}")
+        configs = configurations(opts, services)
+        for pass_no in range(1, opts.rounds + 1):
+            # ABBA order: background load that drifts during the run hits every
+            # configuration alike, so the ratios between configurations stay meaningful.
+            order = configs if pass_no % 2 else configs[::-1]
+            for cfg in order:
+                merge_pass(report["configurations"], cfg, run_pass(
+                    cfg, opts, services, workdir, pass_no, idle=pass_no == opts.rounds))
+        merge_pass(report["configurations"], DELAY_CONFIGURATION,
+                   run_pass(DELAY_CONFIGURATION, opts, services, workdir, 1, idle=False))
+        messages = celery_messages_per_dispatch(report["configurations"].get("ref"))
+        report["celery_messages_per_dispatch"] = messages
+        wakes = 1 if messages is None else max(0, min(3, round(messages) - 5))
         backends = ["sqlite"] + (["postgres"] if services.postgres_url else [])
         for backend in backends:
-            say(f"\n== in-process per-dispatch counts and profile: {backend} ==")
+            say(f"\n== in-process per-dispatch counts and profile: {backend} ({wakes} wake-up "
+                f"task(s) per dispatch.delay(), as measured on the broker) ==")
             try:
                 with fresh_database(backend, services, workdir, f"inproc-{backend}") as url:
                     inproc = inprocess_breakdown(backend, url, services.redis_url,
                                                  opts.inprocess,
-                                                 opts.out / f"profile_{backend}.txt")
+                                                 opts.out / f"profile_{backend}.txt", wakes)
                 total = inproc["rows"][-1]
                 say(f"  {total['ms']:.2f} ms, {total['sql_data_statements']} SQL statements, "
                     f"{total['transactions']} transactions ({total['write_transactions']} "
@@ -1962,16 +2003,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["parallel"][backend] = {"backend": backend,
                                                "error": f"{type(exc).__name__}: {exc}"}
                 say(f"  !! {report['parallel'][backend]['error']}")
-        configs = configurations(opts, services)
-        for pass_no in range(1, opts.rounds + 1):
-            # ABBA order: background load that drifts during the run hits every
-            # configuration alike, so the ratios between configurations stay meaningful.
-            order = configs if pass_no % 2 else configs[::-1]
-            for cfg in order:
-                merge_pass(report["configurations"], cfg, run_pass(
-                    cfg, opts, services, workdir, pass_no, idle=pass_no == opts.rounds))
-        merge_pass(report["configurations"], DELAY_CONFIGURATION,
-                   run_pass(DELAY_CONFIGURATION, opts, services, workdir, 1, idle=False))
         report["claim_latency"] = claim_latency(opts, services)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -1979,6 +2010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             services.embedded.stop()
             shutil.rmtree(services.embedded.workdir, ignore_errors=True)
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["code_at_end"] = code_version()
     report["elapsed_s"] = round(time.perf_counter() - wall, 1)
     report["summary"] = analyse(report)
     (opts.out / "pipeline.json").write_text(json.dumps(report, indent=1, default=str) + "\n")

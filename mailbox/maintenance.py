@@ -32,12 +32,20 @@ def sweep(rt: Runtime, now: int) -> SweepReport:
         batch = rt.store.reclaim_expired_leases(now, RECLAIM_BATCH)
         for dispatch in batch:
             ctx = {"run_id": dispatch.run_id, "dispatch_id": dispatch.dispatch_id}
+            # The crashed attempt ended: followers get its run_finish like any other's.
+            error = "lease expired: the attempt's worker stopped renewing it"
             if dispatch.status == DispatchStatus.Queued:
                 report.reclaimed.append(dispatch.dispatch_id)
+                _emit(rt, ctx, "run_finish", {"termination": {"type": "error", "value": error},
+                                              "error": error, "status": "retrying"})
                 _emit(rt, ctx, "run_rescheduled", {"reason": "expired_lease_reclaimed",
                                                    "attempt_count": dispatch.attempt_count})
             else:
                 report.dead_lettered.append(dispatch.dispatch_id)
+                rt.runs.reconcile(dispatch, now)
+                reason = dispatch.last_error or error
+                _emit(rt, ctx, "run_finish", {"termination": {"type": "error", "value": reason},
+                                              "error": reason, "status": "dead_letter"})
         if len(batch) < RECLAIM_BATCH:
             break
     for dispatch in rt.runs.unreconciled_terminal_dispatches(limit=1000):

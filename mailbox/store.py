@@ -72,6 +72,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _TERMINAL_VALUES = [s.value for s in TERMINAL_STATUSES]
+# Status values rendered into the SQL text: with bound parameters, a prepared statement's
+# generic plan cannot use the status indexes and scans the thread's whole history.
+_CLAIMED = sa.literal(DispatchStatus.Claimed.value, literal_execute=True)
+_QUEUED = sa.literal(DispatchStatus.Queued.value, literal_execute=True)
 _NOT_OURS = (0, 1)  # VersionConflict(expected=0, actual=1): "not your claim"
 
 
@@ -370,9 +374,9 @@ class MailboxStore:
             blockers = [_from_row(r) for r in conn.execute(
                 sa.select(dispatches).where(
                     dispatches.c.thread_id == thread_id,
-                    sa.or_(dispatches.c.status == DispatchStatus.Claimed.value,
-                           sa.and_(dispatches.c.status == DispatchStatus.Queued.value,
-                                   dispatches.c.dispatch_epoch < epoch)))
+                    dispatches.c.status.in_([_CLAIMED, _QUEUED]),
+                    sa.or_(dispatches.c.status == _CLAIMED,
+                           dispatches.c.dispatch_epoch < epoch))
             )]
             stale = [d for d in blockers if d.status == DispatchStatus.Queued]
             self._save(conn, [(d, d.superseded_as_stale(epoch, now)) for d in stale])

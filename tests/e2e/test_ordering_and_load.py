@@ -81,7 +81,7 @@ def test_priority_then_fifo_per_thread_and_one_claim_per_thread(
         celery_stack.start_worker(concurrency=4)
         began = time.monotonic()
         final = wait_all_terminal(publisher, [s.dispatch_id for s in submitted],
-                                  timeout_s=150, stack=celery_stack)
+                                  timeout_s=200, stack=celery_stack)
     print(f"submitted {len(submitted)} in {submit_s:.1f}s, all terminal "
           f"{time.monotonic() - began:.1f}s after the worker was ready; {sampler.samples} "
           f"samples, at most {sampler.max_claimed} Claimed at once")

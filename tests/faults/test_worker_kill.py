@@ -75,8 +75,10 @@ def test_killed_worker_is_reclaimed_and_completed_by_another(
     assert started[1].ts > lease_until, f"second start {started[1].ts}, lease {lease_until}"
     rescheduled = events_of(publisher, final.run_id, "run_rescheduled")
     assert [e.data["reason"] for e in rescheduled] == ["expired_lease_reclaimed"], events
-    finished = wait_for_events(publisher, final.run_id, "run_finish", 1, celery_stack)
-    assert len(finished) == 1 and finished[0].data["status"] == "acked", events
+    # Every attempt that ends has its run_finish: the crashed one (from the sweep, "retrying")
+    # and the one that completed ("acked").
+    finished = wait_for_events(publisher, final.run_id, "run_finish", 2, celery_stack)
+    assert [e.data["status"] for e in finished] == ["retrying", "acked"], events
 
     run = publisher.get_run(final.run_id)
     assert run is not None, final
@@ -118,6 +120,8 @@ def test_crash_loop_ends_in_the_dead_letter(
 
     started = events_of(publisher, final.run_id, "run_started")
     assert [e.data["attempt"] for e in started] == [0, 1], f"{events}{logs}"
+    finished = wait_for_events(publisher, final.run_id, "run_finish", 2, celery_stack)
+    assert [e.data["status"] for e in finished] == ["retrying", "dead_letter"], events
     time.sleep(1.5)  # a few more sweeps: a dead letter is never run again
     assert len(events_of(publisher, final.run_id, "run_started")) == 2, \
         describe_events(publisher, final.run_id)
