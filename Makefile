@@ -25,8 +25,9 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Against bare Celery in the same run; results (JSON, Markdown, PNG) in benchmarks/results/.
 bench: venv
-	$(BIN)/python -m benchmarks.store_bench
+	$(BIN)/python -m benchmarks.pipeline_bench
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from mailbox.devredis import free_port
+from tests.conftest import BACKENDS
 from tests.support.workers import ROOT
+
+# The dev stack always runs on SQLite: run these once, in the SQLite pass.
+pytestmark = pytest.mark.skipif("sqlite" not in BACKENDS,
+                                reason="the dev stack runs on SQLite; covered by that pass")
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
