@@ -96,6 +96,14 @@ class EventStreams:
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
+    def __call__(self, run_id: str, after: str | None = None, follow: bool = False,
+                 timeout_s: float | None = None) -> Iterator[Event]:
+        """`mailbox.events(run_id, after=None, follow=False)` of DESIGN.md §7: the run's
+        events after the cursor; with `follow`, live until the run's final event."""
+        if follow:
+            return self.follow(run_id, after, timeout_s=timeout_s)
+        return iter(self.read(run_id, after))
+
     def read(self, run_id: str, after: str | None = None, count: int = 1000) -> list[Event]:
         """Events after the cursor (all retained events when `after` is None)."""
         stream, _ = self._keys(run_id)

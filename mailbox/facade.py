@@ -254,9 +254,8 @@ class Mailbox:
 
     def events_of(self, run_id: str, after: str | None = None, follow: bool = False,
                   timeout_s: float | None = None) -> Iterator[Event]:
-        if follow:
-            return self.events.follow(run_id, after, timeout_s=timeout_s)
-        return iter(self.events.read(run_id, after))
+        """Same as `mailbox.events(run_id, ...)` (the stream object is callable)."""
+        return self.events(run_id, after, follow, timeout_s)
 
     # ---------------------------------------------------------------------- thread control
     def cancel(self, dispatch_id: str) -> bool:

@@ -85,3 +85,13 @@ def test_big_payloads_are_kept_out_of_redis(mailbox: Mailbox) -> None:
     [event] = mailbox.events.read("run-f")
     assert event.data["truncated"] is True
     assert len(event.data["preview"]) == 1024
+
+
+def test_mailbox_events_is_callable_as_designed(mailbox: Mailbox) -> None:
+    mailbox.events.emit("run-g", "d1", "run_started", {})
+    mailbox.events.emit("run-g", "d1", "run_finish", {"status": "acked"})
+    assert [e.type for e in mailbox.events("run-g")] == ["run_started", "run_finish"]
+    followed = list(mailbox.events("run-g", follow=True, timeout_s=5))
+    assert [e.type for e in followed] == ["run_started", "run_finish"]
+    first = next(iter(mailbox.events("run-g")))
+    assert [e.type for e in mailbox.events("run-g", after=first.id)] == ["run_finish"]
