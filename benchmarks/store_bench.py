@@ -64,6 +64,7 @@ import sqlalchemy as sa
 from psycopg import sql as pgsql
 from sqlalchemy import event
 
+from mailbox.database import scratch_postgres_schema
 from mailbox.devredis import EmbeddedRedis
 from mailbox.facade import Mailbox
 from mailbox.model import RunDispatch
@@ -314,20 +315,8 @@ def fresh_database(backend: str, services: Services, workdir: Path, label: str
         yield f"sqlite:///{workdir / f'{label}.sqlite3'}"
         return
     assert services.postgres_url is not None
-    base = normalize_database_url(services.postgres_url)
-    schema = f"bench_{label}_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base)
-    try:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        sep = "&" if "?" in base else "?"
-        try:
-            yield f"{base}{sep}options=-csearch_path%3D{schema}"
-        finally:
-            with admin.begin() as conn:
-                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        admin.dispose()
+    with scratch_postgres_schema(services.postgres_url, f"bench_{label}") as url:
+        yield url
 
 
 @contextmanager

@@ -11,6 +11,9 @@ thread's epoch row, and the partial unique indexes back the invariants up.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +72,27 @@ def _sqlite_engine(url: str, **kwargs: Any) -> sa.Engine:
 
 def is_postgres(engine: sa.Engine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def schema_url(base_url: str, schema: str) -> str:
+    """The PostgreSQL URL whose connections use `schema` (search_path), for isolated test and
+    benchmark databases inside one server database."""
+    base = normalize_database_url(base_url)
+    return f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+
+
+@contextlib.contextmanager
+def scratch_postgres_schema(base_url: str, prefix: str) -> Iterator[str]:
+    """Create a uniquely named schema, yield a URL bound to it, drop it afterwards."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(normalize_database_url(base_url))
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        try:
+            yield schema_url(base_url, schema)
+        finally:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        admin.dispose()

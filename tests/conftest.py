@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from mailbox import Mailbox
+from mailbox.database import scratch_postgres_schema
 from mailbox.devredis import EmbeddedRedis
-from mailbox.settings import normalize_database_url
 from mailbox.store import MailboxStore
 
 POSTGRES_URL = os.environ.get("MAILBOX_TEST_POSTGRES_URL")
@@ -60,13 +59,6 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-def _postgres_schema_url(schema: str) -> str:
-    assert POSTGRES_URL is not None
-    base = normalize_database_url(POSTGRES_URL)
-    sep = "&" if "?" in base else "?"
-    return f"{base}{sep}options=-csearch_path%3D{schema}"
-
-
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database: a SQLite file, or a PostgreSQL schema of its own."""
@@ -75,16 +67,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     if not POSTGRES_URL:
         pytest.skip("MAILBOX_TEST_POSTGRES_URL is not set")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(normalize_database_url(POSTGRES_URL))
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield _postgres_schema_url(schema)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        admin.dispose()
+    with scratch_postgres_schema(POSTGRES_URL, "t") as url:
+        yield url
 
 
 @pytest.fixture
