@@ -87,6 +87,7 @@ class RunStore:
 
     def __init__(self, store: MailboxStore) -> None:
         self.store = store
+        self._resolutions: dict[str, Resolution] = {}
 
     # ------------------------------------------------------------------------------ submit
     @_operation("submit")
@@ -170,12 +171,18 @@ class RunStore:
 
     @_operation("load_resolution")
     def load_resolution(self, resolution_id: str) -> Resolution | None:
+        """A pinned resolution never changes once written, so each process reads it once."""
+        cached = self._resolutions.get(resolution_id)
+        if cached is not None:
+            return cached
         with self.store._read() as conn:
             row = conn.execute(sa.select(resolutions).where(
                 resolutions.c.resolution_id == resolution_id)).one_or_none()
         if row is None:
             return None
-        return Resolution(row.resolution_id, row.agent_name, row.agent_version)
+        resolution = Resolution(row.resolution_id, row.agent_name, row.agent_version)
+        self._resolutions[resolution_id] = resolution
+        return resolution
 
     @_operation("latest_open_run")
     def latest_open_run(self, thread_id: str) -> RunRecord | None:

@@ -27,27 +27,17 @@ from mailbox import (
     VersionConflictError,
 )
 from mailbox.store import MailboxStore
+from tests.support.dispatches import assert_no_claim, load, mk, token_of
 
 T = TypeVar("T")
 
 LEASE = 30_000
 
 
-def mk(dispatch_id: str, thread: str, run: str, prio: int = 128, t: int = 1000) -> RunDispatch:
-    """The reference helper: created_at = available_at = T, max_attempts 5."""
-    return RunDispatch.queued(dispatch_id, thread, run, created_at=t, priority=prio,
-                              available_at=t, max_attempts=5)
 
 
-def load(store: MailboxStore, dispatch_id: str) -> RunDispatch:
-    loaded = store.load_dispatch(dispatch_id)
-    assert loaded is not None, f"dispatch {dispatch_id} should exist"
-    return loaded
 
 
-def token_of(d: RunDispatch) -> str:
-    assert d.claim_token is not None and d.claim_token.strip()
-    return d.claim_token
 
 
 def claim_one(store: MailboxStore, thread: str, now: int = 1000, lease_ms: int = LEASE,
@@ -57,10 +47,6 @@ def claim_one(store: MailboxStore, thread: str, now: int = 1000, lease_ms: int =
     return claimed[0]
 
 
-def assert_no_claim(d: RunDispatch) -> None:
-    assert d.claim_token is None
-    assert d.claimed_by is None
-    assert d.lease_until is None
 
 
 def assert_no_projection(d: RunDispatch) -> None:
