@@ -9,6 +9,7 @@ else it raises counts as transient.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,23 @@ def current(name: str) -> AgentSpec:
 def lookup(name: str, version: str) -> AgentSpec | None:
     """Exactly the pinned (name, version), or None when this process does not have it."""
     return _REGISTRY.get((name, version))
+
+
+def load_agent_modules(modules: str | None) -> list[str]:
+    """Import the comma-separated modules that define agents (MAILBOX_AGENT_MODULES), so a
+    worker and a submitting client know the same agents. A module that cannot be imported
+    is a configuration error, raised with its name."""
+    loaded = []
+    for name in (m.strip() for m in (modules or "").split(",")):
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValidationError(f"MAILBOX_AGENT_MODULES: cannot import {name!r}: {exc}"
+                                  ) from exc
+        loaded.append(name)
+    return loaded
 
 
 def registered() -> list[AgentSpec]:

@@ -98,6 +98,7 @@ class Mailbox:
             raise ValidationError(
                 "no Redis URL: pass redis_url, set MAILBOX_REDIS_URL, or start the dev stack "
                 "with `make demo` / `python -m mailbox up`")
+        agents.load_agent_modules(base.agent_modules)
         engine = create_engine(db)
         coordinator = Coordinator(connect_redis(rurl), ns)
         return cls(MailboxStore(engine, coordinator),

@@ -62,6 +62,7 @@ class Settings:
     sweep_interval_s: int = 30
     gc_interval_s: int = 60
     retention_s: int = 86_400
+    agent_modules: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +84,7 @@ class Settings:
             sweep_interval_s=_int(env, "MAILBOX_SWEEP_INTERVAL_S", 30, minimum=1),
             gc_interval_s=_int(env, "MAILBOX_GC_INTERVAL_S", 60, minimum=1),
             retention_s=_int(env, "MAILBOX_RETENTION_S", 86_400),
+            agent_modules=env.get("MAILBOX_AGENT_MODULES", ""),
         )
 
 
