@@ -1089,6 +1089,22 @@ DB_DRIVER_FUNCTIONS = {"do_execute", "do_executemany", "do_commit", "do_rollback
                        "do_begin", "do_ping", "_do_commit", "_do_rollback"}
 
 
+def drain_threads(rt: Any, threads: list[str], pending: deque[dict[str, Any]]) -> int:
+    """Claim each thread's first dispatch and run every chain in this process; settle's
+    inline claim appends the thread's next one. Returns the number of chains run."""
+    from mailbox import phases
+
+    for thread in threads:
+        first = phases.claim_next(rt, thread)
+        if first is not None:
+            pending.append(first)
+    ran = 0
+    while pending:
+        phases.run_chain(rt, pending.popleft())
+        ran += 1
+    return ran
+
+
 def _group_of(frame: Any, parent_group: str | None) -> str:
     path = str(frame.file_path or "")
     if path == "<built-in>" and parent_group is not None:
@@ -1149,14 +1165,7 @@ def _profile(kind: str, database_url: str, redis_url: str, n: int, path: Path
         chain_profiler = Profiler(interval=0.0005)
         chain_profiler.start()
         started = time.perf_counter()
-        for thread in threads:
-            first = phases.claim_next(rt, thread)
-            if first is not None:
-                pending.append(first)
-        ran = 0
-        while pending:
-            phases.run_chain(rt, pending.popleft())
-            ran += 1
+        ran = drain_threads(rt, threads, pending)
         chain_s = time.perf_counter() - started
         chain_session = chain_profiler.stop()
     finally:
@@ -1223,14 +1232,7 @@ def _parallel_worker(database_url: str, redis_url: str, namespace: str, prefix: 
         barrier.wait(timeout=120)
         t0 = time.perf_counter()
         c0 = time.process_time()
-        for thread in threads:
-            first = phases.claim_next(rt, thread)
-            if first is not None:
-                pending.append(first)
-        ran = 0
-        while pending:
-            phases.run_chain(rt, pending.popleft())
-            ran += 1
+        ran = drain_threads(rt, threads, pending)
         results.put({"prefix": prefix, "ran": ran, "seconds": time.perf_counter() - t0,
                      "cpu_s": time.process_time() - c0, "begin_waits": begin_waits})
     except Exception as exc:
