@@ -7,6 +7,7 @@ library's `mailbox` module when the project root is first on `sys.path` (DESIGN.
 from mailbox.agents import agent
 from mailbox.errors import (
     AlreadyExistsError,
+    AlreadyStartedError,
     MailboxError,
     NotFoundError,
     PermanentError,
@@ -30,6 +31,7 @@ IS_DISPATCH_MAILBOX = True
 
 __all__ = [
     "AlreadyExistsError",
+    "AlreadyStartedError",
     "DispatchStatus",
     "Mailbox",
     "MailboxError",

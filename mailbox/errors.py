@@ -54,6 +54,13 @@ class VersionConflictError(MailboxError):
         self.actual = actual
 
 
+class AlreadyStartedError(MailboxError):
+    """The attempt's start is already recorded: a second delivery of the same execute is
+    refused, so the agent never runs twice for one attempt. Nothing was written."""
+
+    prefix = "already started"
+
+
 class StoreUnavailableError(MailboxError):
     """The database or Redis could not be reached; the operation had no effect (its
     transaction was rolled back) and may be retried."""

@@ -36,7 +36,7 @@ from mailbox.model import (
     RunStatus,
 )
 from mailbox.phases import Runtime, now_ms
-from mailbox.runs import Resolution, RunStore, encode_input
+from mailbox.runs import Resolution, RunStore, Submission, encode_input
 from mailbox.schema import upgrade
 from mailbox.settings import Settings, validate_namespace
 from mailbox.store import MailboxStore
@@ -169,24 +169,25 @@ class Mailbox:
         if interrupt:
             self.interrupt(thread_id)
         now = now_ms()
-        waiting = None if interrupt else self.runs.latest_open_run(thread_id)
         dispatch_id = _new_id()
-        dispatch = RunDispatch.queued(dispatch_id, thread_id, waiting.run_id if waiting
-                                      else _new_id(), now, priority=priority,
+        dispatch = RunDispatch.queued(dispatch_id, thread_id, _new_id(), now, priority=priority,
                                       dedupe_key=dedupe_key, available_at=now + delay_ms,
                                       max_attempts=attempts)
-        if waiting is not None:
-            return self._resume(waiting, dispatch, input, now, delay_ms, wake=wake)
         run = RunRecord(dispatch.run_id, thread_id, spec.name, spec.resolution_id,
                         RunStatus.created, dispatch_id=dispatch_id, created_at=now,
                         updated_at=now)
-        self.runs.submit(run, dispatch, Resolution(spec.resolution_id, spec.name, spec.version),
-                         _new_id(), input, now)
-        self.events.emit(run.run_id, dispatch_id, "run_queued",
-                         {"agent": spec.resolution_id, "priority": priority}, ts=now)
+        resolution = Resolution(spec.resolution_id, spec.name, spec.version)
+        if interrupt:  # latest wins: the input starts a new run, it never resumes one
+            self.runs.submit(run, dispatch, resolution, _new_id(), input, now)
+            stored = Submission(dispatch, run, resumed=False)
+        else:
+            stored = self.runs.submit_input(run, dispatch, resolution, _new_id(), input, now)
+        data: dict[str, Any] = {"agent": stored.run.resolution_id}
+        data.update({"resume": True} if stored.resumed else {"priority": priority})
+        self.events.emit(stored.run.run_id, dispatch_id, "run_queued", data, ts=now)
         if wake:
             self._wake(thread_id, delay_ms)
-        return Receipt(dispatch_id, run.run_id, thread_id)
+        return Receipt(dispatch_id, stored.run.run_id, thread_id, resumed=stored.resumed)
 
     def resume(self, run_id: str, decision: Any) -> Receipt:
         """Queue a new dispatch for a waiting run, carrying the human decision."""

@@ -25,6 +25,7 @@ import uuid6
 from mailbox import agents, metrics
 from mailbox.agents import AgentContext, AgentResult, SuspendRequested
 from mailbox.errors import (
+    AlreadyStartedError,
     MailboxError,
     NotFoundError,
     PermanentError,
@@ -38,6 +39,7 @@ from mailbox.model import (
     DispatchStatus,
     RunDispatch,
     RunDispatchResult,
+    RunRecord,
     RunStatus,
     Termination,
 )
@@ -184,14 +186,14 @@ def reconstruct(rt: Runtime, ctx: Context) -> Context:
     ctx["instance_id"] = str(uuid6.uuid7())
     ctx["started_at"] = rt.clock()
     try:
-        run = rt.runs.load_run(ctx["run_id"])
+        run, has_input = rt.runs.load_run_for_attempt(ctx["run_id"])
         if run is None:
             return _unreconstructable(rt, ctx, f"run '{ctx['run_id']}' not found for dispatch "
                                                f"'{ctx['dispatch_id']}'")
         if run.thread_id != ctx["thread_id"]:
             return _unreconstructable(rt, ctx, f"run '{run.run_id}' belongs to thread "
                                                f"'{run.thread_id}', not '{ctx['thread_id']}'")
-        if not any(m.role == "user" for m in rt.runs.run_messages(run.run_id)):
+        if not has_input:
             return _unreconstructable(rt, ctx, f"input message for run '{run.run_id}' not "
                                                f"found")
         ctx["resolution_id"] = run.resolution_id
@@ -270,16 +272,13 @@ def execute(rt: Runtime, ctx: Context) -> Context:
         if held != "ok":
             ctx["duplicate"] = True
             return _finish(ctx, f"execute refused: {held}")
-        current = rt.store.load_dispatch(ctx["dispatch_id"])
-        if current is None or current.claim_token != ctx["token"]:
-            return _after_fence(rt, ctx, VersionConflictError(0, 1))
-        if current.dispatch_instance_id is not None:
-            # Redis forgot the executor (restart, flush) but SQL remembers the start.
-            ctx["duplicate"] = True
-            return _finish(ctx, f"execute refused: attempt already started as "
-                                f"{current.dispatch_instance_id}")
-        rt.runs.start_attempt(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
-                              ctx["run_id"], ctx["started_at"])
+        inputs = rt.runs.start_attempt(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
+                                       ctx["run_id"], ctx["started_at"],
+                                       thread_id=ctx["thread_id"])
+    except AlreadyStartedError as exc:
+        # Redis forgot the executor (restart, flush) but SQL remembers the start.
+        ctx["duplicate"] = True
+        return _finish(ctx, f"execute refused: {exc.message}")
     except (VersionConflictError, NotFoundError) as exc:
         return _after_fence(rt, ctx, exc)
     except StoreUnavailableError as exc:
@@ -293,10 +292,6 @@ def execute(rt: Runtime, ctx: Context) -> Context:
     name, version = ctx["agent"]
     spec = agents.lookup(name, version)
     assert spec is not None
-    try:
-        inputs = rt.runs.run_messages(ctx["run_id"])
-    except StoreUnavailableError as exc:
-        return _finish(ctx, f"store unavailable loading input: {exc}")
     user = [m.content for m in inputs if m.role == "user"]
     decisions = [m.content for m in inputs if m.role == "decision"]
     outcome = _run_agent(rt, ctx, spec, lease_ms, user[0] if user else None,
@@ -311,7 +306,8 @@ def execute(rt: Runtime, ctx: Context) -> Context:
                                    outcome.pop("response"), outcome.get("error"))
         try:
             rt.runs.record_outcome(ctx["dispatch_id"], ctx["token"], result, rt.clock(),
-                                   waiting=outcome.pop("waiting", None))
+                                   waiting=outcome.pop("waiting", None),
+                                   thread_id=ctx["thread_id"])
         except (VersionConflictError, NotFoundError) as exc:
             return _after_fence(rt, ctx, exc)
         except StoreUnavailableError as exc:
@@ -402,40 +398,51 @@ def _settle_outcome(rt: Runtime, ctx: Context) -> None:
 
 
 def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: int) -> None:
-    run = rt.runs.load_run(ctx["run_id"])
-    if run is None:
-        raise NotFoundError(f"run {ctx['run_id']}")
-    termination = run.termination or Termination.natural_end()
+    run: RunRecord | None = None
     if not outcome.get("recorded"):
         # The replay of an attempt that finished the run and died before its ack.
+        run = rt.runs.load_run(ctx["run_id"])
+        if run is None:
+            raise NotFoundError(f"run {ctx['run_id']}")
+        termination = run.termination or Termination.natural_end()
         status, _ = termination.to_run_status()
         rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
             ctx["run_id"], ctx["instance_id"], status, termination, run.response, run.error),
             now)
     try:
-        rt.store.ack(ctx["dispatch_id"], ctx["token"], now)
+        acked_run = rt.runs.ack(ctx["dispatch_id"], ctx["token"], ctx["run_id"], now,
+                                thread_id=ctx["thread_id"])
+        run = acked_run or run
     except StoreUnavailableError:
         raise
     except MailboxError:
-        _recover_ack(rt, ctx, now)
+        run = _recover_ack(rt, ctx, now) or run
+    if run is None:
+        run = rt.runs.load_run(ctx["run_id"])
+        if run is None:
+            raise NotFoundError(f"run {ctx['run_id']}")
+    termination = run.termination or Termination.natural_end()
     if run.waiting is not None:
         _emit(rt, ctx, "suspended", run.waiting)
     _emit(rt, ctx, "run_finish", {"termination": termination.to_json(),
                                   "response": run.response, "status": "acked"})
 
 
-def _recover_ack(rt: Runtime, ctx: Context, now: int) -> None:
+def _recover_ack(rt: Runtime, ctx: Context, now: int) -> RunRecord | None:
     """Reference §4.4: the result is recorded but the ack failed; ack once more if the claim
-    is still ours and the recorded result is done (never force-ack a waiting run)."""
+    is still ours and the recorded result is done (never force-ack a waiting run). Returns
+    the run when this ack read it."""
     current = rt.store.load_dispatch(ctx["dispatch_id"])
     if current is None:
         raise NotFoundError(ctx["dispatch_id"])
     if current.status == DispatchStatus.Acked:
-        return
+        return None
     if current.status != DispatchStatus.Claimed or current.claim_token != ctx["token"]:
         raise VersionConflictError(0, 1)
-    rt.store.ack(ctx["dispatch_id"], ctx["token"], now)
+    run = rt.runs.ack(ctx["dispatch_id"], ctx["token"], ctx["run_id"], now,
+                      thread_id=ctx["thread_id"])
     metrics.count_operation("ack_recovery", "ok")
+    return run
 
 
 def _settle_transient(rt: Runtime, ctx: Context, error: str, now: int) -> None:

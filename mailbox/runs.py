@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from mailbox.errors import AlreadyExistsError, NotFoundError, ValidationError
+from mailbox.errors import (
+    AlreadyExistsError,
+    AlreadyStartedError,
+    NotFoundError,
+    ValidationError,
+)
 from mailbox.model import (
+    REASON_STALE_ACK,
     REASON_STALE_RESULT,
     REASON_STALE_START,
     DispatchStatus,
@@ -29,9 +35,34 @@ from mailbox.model import (
     Termination,
 )
 from mailbox.schema import dispatches, messages, resolutions, runs
-from mailbox.store import MailboxStore, _operation, _to_row
+from mailbox.store import INSERT_DISPATCH, MailboxStore, _operation, _to_row
 
 MAX_INPUT_BYTES = 256 * 1024
+
+# Built once (see mailbox.store): the hot path only binds values.
+_R = runs.c
+_M = messages.c
+_SELECT_RUN = sa.select(runs).where(_R.run_id == sa.bindparam("run_id"))
+_INSERT_RUN = runs.insert()
+# SET from the parameters named after columns; the guards are not column names.
+_UPDATE_RUN = runs.update().where(_R.run_id == sa.bindparam("guard_run_id"))
+_UPDATE_RUN_GUARDED = runs.update().where(_R.run_id == sa.bindparam("guard_run_id"),
+                                          _R.status == sa.bindparam("guard_status"))
+_SELECT_LATEST_WAITING = (sa.select(runs)
+                          .where(_R.thread_id == sa.bindparam("thread_id"),
+                                 _R.status == RunStatus.waiting.value)
+                          .order_by(_R.updated_at.desc()).limit(1))
+_SELECT_LAST_SEQ = sa.select(sa.func.coalesce(sa.func.max(_M.seq), 0)).where(
+    _M.thread_id == sa.bindparam("thread_id"))
+_INSERT_MESSAGE = messages.insert()
+_SELECT_RUN_MESSAGES = (sa.select(messages).where(_M.run_id == sa.bindparam("run_id"))
+                        .order_by(_M.seq))
+_HAS_INPUT = "has_input"
+_SELECT_RUN_WITH_INPUT = sa.select(
+    runs, sa.exists().where(_M.run_id == _R.run_id, _M.role == "user").label(_HAS_INPUT)
+).where(_R.run_id == sa.bindparam("run_id"))
+_SELECT_RESOLUTION = sa.select(resolutions).where(
+    resolutions.c.resolution_id == sa.bindparam("resolution_id"))
 
 
 @dataclass(frozen=True)
@@ -77,9 +108,20 @@ def _run_row(run: RunRecord) -> dict[str, Any]:
 
 def _run_from_row(row: sa.Row[Any]) -> RunRecord:
     values = dict(row._mapping)
+    values.pop(_HAS_INPUT, None)
     if values.get("termination") is not None:
         values["termination"] = Termination.from_json(values["termination"])
     return RunRecord(**values)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `submit_input` stored: the dispatch (stamped with the thread epoch) and its run,
+    a new one or the waiting run it resumes."""
+
+    dispatch: RunDispatch
+    run: RunRecord
+    resumed: bool
 
 
 class RunStore:
@@ -88,6 +130,7 @@ class RunStore:
     def __init__(self, store: MailboxStore) -> None:
         self.store = store
         self._resolutions: dict[str, Resolution] = {}
+        self._insert_resolution = store.insert_ignoring_conflict(resolutions)
 
     # ------------------------------------------------------------------------------ submit
     @_operation("submit")
@@ -97,41 +140,80 @@ class RunStore:
         """Write run + input message + resolution + dispatch atomically; return the stored
         dispatch (stamped with the thread epoch). `new_run=False` adds a dispatch to an
         existing run (a resume), moving it back to Queued-able state."""
+        self._check_submission(run, dispatch, content)
+        try:
+            with self.store._write() as conn:
+                return self._write_submission(conn, run, dispatch, resolution, message_id,
+                                              content, now, new_run=new_run, role=role)
+        except sa_exc.IntegrityError:
+            raise self._submit_conflict(run, dispatch) from None
+
+    @_operation("submit")
+    def submit_input(self, run: RunRecord, dispatch: RunDispatch, resolution: Resolution,
+                     message_id: str, content: Any, now: int) -> Submission:
+        """A new input on the thread, in one transaction of the thread: a new run, or, when
+        the thread's latest run waits for a decision, that run resumed with the input as its
+        decision. Deciding under the thread lock, not before it, means the choice cannot go
+        stale between the read and the write."""
+        self._check_submission(run, dispatch, content)
+        try:
+            with self.store._write() as conn:
+                epoch = self.store._lock_thread(conn, dispatch.thread_id, create=True)
+                assert epoch is not None
+                row = conn.execute(_SELECT_LATEST_WAITING,
+                                   {"thread_id": run.thread_id}).one_or_none()
+                if row is None:
+                    stored = self._write_submission(conn, run, dispatch, resolution,
+                                                    message_id, content, now, epoch=epoch)
+                    return Submission(stored, run, resumed=False)
+                waiting = _run_from_row(row)
+                if waiting.resolution_id is None:
+                    raise ValidationError(f"run {waiting.run_id} has no pinned agent")
+                dispatch = replace(dispatch, run_id=waiting.run_id)
+                resumed = replace(waiting, dispatch_id=dispatch.dispatch_id, updated_at=now)
+                stored = self._write_submission(conn, resumed, dispatch, None, message_id,
+                                                content, now, new_run=False, role="decision",
+                                                epoch=epoch)
+                return Submission(stored, resumed, resumed=True)
+        except sa_exc.IntegrityError:
+            raise self._submit_conflict(run, dispatch) from None
+
+    @staticmethod
+    def _check_submission(run: RunRecord, dispatch: RunDispatch, content: Any) -> None:
         run.validate_for_persist()
         dispatch.validate_for_enqueue()
         if run.thread_id != dispatch.thread_id or run.run_id != dispatch.run_id:
             raise ValidationError("run and dispatch must name the same thread and run")
         encode_input(content)
-        try:
-            with self.store._write() as conn:
-                epoch = self.store._lock_thread(conn, dispatch.thread_id, create=True)
-                assert epoch is not None
-                stored = dispatch.enqueued(epoch)
-                conn.execute(sa.insert(dispatches).values(**_to_row(stored)))
-                self._ensure_resolution(conn, resolution, now)
-                if new_run:
-                    conn.execute(sa.insert(runs).values(**_run_row(run)))
-                else:
-                    result = conn.execute(sa.update(runs).where(
-                        runs.c.run_id == run.run_id).values(**_run_row(run)))
-                    if result.rowcount != 1:
-                        raise NotFoundError(f"run {run.run_id}")
-                seq = conn.execute(sa.select(sa.func.coalesce(sa.func.max(messages.c.seq), 0))
-                                   .where(messages.c.thread_id == run.thread_id)).scalar_one()
-                conn.execute(sa.insert(messages).values(
-                    thread_id=run.thread_id, seq=int(seq) + 1, message_id=message_id,
-                    run_id=run.run_id, role=role, content=content, created_at=now))
-        except sa_exc.IntegrityError:
-            raise self._submit_conflict(run, dispatch) from None
+
+    def _write_submission(self, conn: sa.Connection, run: RunRecord, dispatch: RunDispatch,
+                          resolution: Resolution | None, message_id: str, content: Any,
+                          now: int, *, new_run: bool = True, role: str = "user",
+                          epoch: int | None = None) -> RunDispatch:
+        if epoch is None:
+            epoch = self.store._lock_thread(conn, dispatch.thread_id, create=True)
+            assert epoch is not None
+        stored = dispatch.enqueued(epoch)
+        conn.execute(INSERT_DISPATCH, _to_row(stored))
+        if resolution is not None:
+            self._ensure_resolution(conn, resolution, now)
+        if new_run:
+            conn.execute(_INSERT_RUN, _run_row(run))
+        else:
+            result = conn.execute(_UPDATE_RUN, {**_run_row(run), "guard_run_id": run.run_id})
+            if result.rowcount != 1:
+                raise NotFoundError(f"run {run.run_id}")
+        seq = conn.execute(_SELECT_LAST_SEQ, {"thread_id": run.thread_id}).scalar_one()
+        conn.execute(_INSERT_MESSAGE, {
+            "thread_id": run.thread_id, "seq": int(seq) + 1, "message_id": message_id,
+            "run_id": run.run_id, "role": role, "content": content, "created_at": now})
         return stored
 
     def _ensure_resolution(self, conn: sa.Connection, resolution: Resolution, now: int) -> None:
-        exists = conn.execute(sa.select(resolutions.c.resolution_id).where(
-            resolutions.c.resolution_id == resolution.resolution_id)).first()
-        if exists is None:
-            conn.execute(sa.insert(resolutions).values(
-                resolution_id=resolution.resolution_id, agent_name=resolution.agent_name,
-                agent_version=resolution.agent_version, created_at=now))
+        """Pinned resolutions never change: an existing one is simply kept."""
+        conn.execute(self._insert_resolution, {
+            "resolution_id": resolution.resolution_id, "agent_name": resolution.agent_name,
+            "agent_version": resolution.agent_version, "created_at": now})
 
     def _submit_conflict(self, run: RunRecord, dispatch: RunDispatch) -> AlreadyExistsError:
         with self.store._read() as conn:
@@ -150,8 +232,18 @@ class RunStore:
     @_operation("load_run")
     def load_run(self, run_id: str) -> RunRecord | None:
         with self.store._read() as conn:
-            row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).one_or_none()
+            row = conn.execute(_SELECT_RUN, {"run_id": run_id}).one_or_none()
         return None if row is None else _run_from_row(row)
+
+    @_operation("load_run")
+    def load_run_for_attempt(self, run_id: str) -> tuple[RunRecord | None, bool]:
+        """The run and whether its user input is stored, in one read (what reconstruct
+        checks before an attempt)."""
+        with self.store._read() as conn:
+            row = conn.execute(_SELECT_RUN_WITH_INPUT, {"run_id": run_id}).one_or_none()
+        if row is None:
+            return None, False
+        return _run_from_row(row), bool(row._mapping[_HAS_INPUT])
 
     @_operation("thread_messages")
     def thread_messages(self, thread_id: str, limit: int = 1000) -> list[Message]:
@@ -164,10 +256,13 @@ class RunStore:
 
     @_operation("run_messages")
     def run_messages(self, run_id: str) -> list[Message]:
-        query = (sa.select(messages).where(messages.c.run_id == run_id)
-                 .order_by(messages.c.seq))
         with self.store._read() as conn:
-            return [Message(**dict(r._mapping)) for r in conn.execute(query)]
+            return self._run_messages(conn, run_id)
+
+    @staticmethod
+    def _run_messages(conn: sa.Connection, run_id: str) -> list[Message]:
+        return [Message(**dict(r._mapping))
+                for r in conn.execute(_SELECT_RUN_MESSAGES, {"run_id": run_id})]
 
     @_operation("load_resolution")
     def load_resolution(self, resolution_id: str) -> Resolution | None:
@@ -176,8 +271,8 @@ class RunStore:
         if cached is not None:
             return cached
         with self.store._read() as conn:
-            row = conn.execute(sa.select(resolutions).where(
-                resolutions.c.resolution_id == resolution_id)).one_or_none()
+            row = conn.execute(_SELECT_RESOLUTION,
+                               {"resolution_id": resolution_id}).one_or_none()
         if row is None:
             return None
         resolution = Resolution(row.resolution_id, row.agent_name, row.agent_version)
@@ -187,11 +282,8 @@ class RunStore:
     @_operation("latest_open_run")
     def latest_open_run(self, thread_id: str) -> RunRecord | None:
         """The thread's most recent run that is still waiting for a decision, if any."""
-        query = (sa.select(runs).where(runs.c.thread_id == thread_id,
-                                       runs.c.status == RunStatus.waiting.value)
-                 .order_by(runs.c.updated_at.desc()).limit(1))
         with self.store._read() as conn:
-            row = conn.execute(query).one_or_none()
+            row = conn.execute(_SELECT_LATEST_WAITING, {"thread_id": thread_id}).one_or_none()
         return None if row is None else _run_from_row(row)
 
     # ------------------------------------------------------------------------------ writes
@@ -203,16 +295,19 @@ class RunStore:
 
     def _update_in(self, conn: sa.Connection, run_id: str,
                    change: Callable[[RunRecord], RunRecord | None]) -> RunRecord | None:
-        row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).one_or_none()
+        row = conn.execute(_SELECT_RUN, {"run_id": run_id}).one_or_none()
         if row is None:
             return None
         before = _run_from_row(row)
         after = change(before)
         if after is None or after == before:
             return None
-        result = conn.execute(sa.update(runs).where(
-            runs.c.run_id == run_id, runs.c.status == before.status.value
-        ).values(**_run_row(after)))
+        old, new = _run_row(before), _run_row(after)
+        changed = {key: value for key, value in new.items() if old[key] != value}
+        if not changed:
+            return None
+        result = conn.execute(_UPDATE_RUN_GUARDED, {
+            **changed, "guard_run_id": run_id, "guard_status": before.status.value})
         if result.rowcount != 1:
             raise ValidationError(f"run {run_id} changed concurrently")
         return after
@@ -220,23 +315,54 @@ class RunStore:
     # ---------------------------------------------------- fenced writes of the executing attempt
     @_operation("record_dispatch_start")  # reference §5.2 name: T4 + the run, together
     def start_attempt(self, dispatch_id: str, claim_token: str, dispatch_instance_id: str,
-                      run_id: str, now: int) -> None:
+                      run_id: str, now: int, *, thread_id: str | None = None
+                      ) -> list[Message]:
         """Record the attempt's start on the dispatch (T4) and move the run to running, in
         one transaction fenced by the claim token: a claim that is not ours any more writes
-        neither (VersionConflictError / NotFoundError)."""
+        neither (VersionConflictError / NotFoundError). An attempt whose start is already
+        recorded is refused (AlreadyStartedError): a second delivery of the same execute
+        must not run the agent twice. Returns the run's messages (its input), read in the
+        same transaction."""
+        def begin(d: RunDispatch) -> RunDispatch:
+            if d.dispatch_instance_id is not None:
+                raise AlreadyStartedError(f"attempt already started as "
+                                          f"{d.dispatch_instance_id}")
+            return d.started(dispatch_instance_id, now)
+
         def running(run: RunRecord) -> RunRecord | None:
             if run.status == RunStatus.done:
                 return None
             return run.moved_to(RunStatus.running, now, dispatch_id=dispatch_id, waiting=None)
 
-        self.store._fenced(
-            dispatch_id, claim_token, now, REASON_STALE_START,
-            lambda d: d.started(dispatch_instance_id, now),
-            also=lambda conn, _: self._update_in(conn, run_id, running))
+        inputs: list[Message] = []
+
+        def also(conn: sa.Connection, _: RunDispatch) -> None:
+            self._update_in(conn, run_id, running)
+            inputs.extend(self._run_messages(conn, run_id))
+
+        self.store._fenced(dispatch_id, claim_token, now, REASON_STALE_START, begin,
+                           also=also, thread_id=thread_id)
+        return inputs
+
+    @_operation("ack")
+    def ack(self, dispatch_id: str, claim_token: str, run_id: str, now: int, *,
+            thread_id: str | None = None) -> RunRecord | None:
+        """Ack (T6) and read the run in the same transaction: settle reports what the run
+        record says without a second round trip."""
+        found: list[RunRecord | None] = []
+
+        def also(conn: sa.Connection, _: RunDispatch) -> None:
+            row = conn.execute(_SELECT_RUN, {"run_id": run_id}).one_or_none()
+            found.append(None if row is None else _run_from_row(row))
+
+        self.store._fenced(dispatch_id, claim_token, now, REASON_STALE_ACK,
+                           lambda d: d.acked(now), also=also, thread_id=thread_id)
+        return found[0] if found else None
 
     @_operation("record_run_result")  # reference §5.2 name: T5 + the run, together
     def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,
-                       now: int, waiting: dict[str, Any] | None = None) -> None:
+                       now: int, waiting: dict[str, Any] | None = None, *,
+                       thread_id: str | None = None) -> None:
         """The runtime's outcome, written once and fenced: the dispatch projection (T5) and
         the run record (done, or waiting with its ticket) in one transaction. An attempt
         whose claim was reclaimed or superseded cannot decide the run any more."""
@@ -256,7 +382,8 @@ class RunStore:
         self.store._fenced(
             dispatch_id, claim_token, now, REASON_STALE_RESULT,
             lambda d: d.result_recorded(result, now),
-            also=lambda conn, _: self._update_in(conn, result.run_id, finished))
+            also=lambda conn, _: self._update_in(conn, result.run_id, finished),
+            thread_id=thread_id)
 
     def reconcile(self, dispatch: RunDispatch, now: int) -> RunRecord | None:
         """Bring the run in line with its terminal dispatch (reference §4.9): Cancelled and

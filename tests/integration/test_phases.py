@@ -1139,8 +1139,8 @@ def test_ack_failing_once_is_recovered_by_a_second_ack(
         mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
     """§4.4: the result is recorded, the ack fails; recovery finds the claim still ours with a
     done result and acks once more."""
-    fault = FailOnce(mailbox.store.ack, MailboxError("injected ack failure"))
-    monkeypatch.setattr(mailbox.store, "ack", fault)
+    fault = FailOnce(mailbox.runs.ack, MailboxError("injected ack failure"))
+    monkeypatch.setattr(mailbox.runs, "ack", fault)
     wakes = Wakes()
     rt = make_runtime(mailbox, wakes, clock=Clock())
     receipt = mailbox.submit("t-ack", "echo", "finished")
@@ -1158,8 +1158,8 @@ def test_ack_failing_once_is_recovered_by_a_second_ack(
 
 def test_ack_that_landed_but_lost_its_answer_is_recovered_without_a_second_ack(
         mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    fault = FailOnce(mailbox.store.ack, MailboxError("response lost"), after_real=True)
-    monkeypatch.setattr(mailbox.store, "ack", fault)
+    fault = FailOnce(mailbox.runs.ack, MailboxError("response lost"), after_real=True)
+    monkeypatch.setattr(mailbox.runs, "ack", fault)
     rt = make_runtime(mailbox, Wakes(), clock=Clock())
     receipt = mailbox.submit("t-ack2", "echo", "finished")
     ctx = run_chain(rt, claim(rt, "t-ack2"))
@@ -1173,8 +1173,8 @@ def test_ack_outage_leaves_the_claim_and_the_retry_acks_without_rerunning(
     """DESIGN §5: an infrastructure failure in a phase leaves the dispatch Claimed; the lease
     expires, the sweep reclaims it, and the retry sees the done run and only acks."""
     name, calls = register(lambda ctx: "finished")
-    monkeypatch.setattr(mailbox.store, "ack", FailOnce(
-        mailbox.store.ack, StoreUnavailableError("injected: database unreachable")))
+    monkeypatch.setattr(mailbox.runs, "ack", FailOnce(
+        mailbox.runs.ack, StoreUnavailableError("injected: database unreachable")))
     clock = Clock()
     rt = make_runtime(mailbox, Wakes(), clock=clock)
     receipt = mailbox.submit("t-ack3", name, "x")

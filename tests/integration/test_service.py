@@ -398,8 +398,8 @@ def test_09_background_success_records_run_result_and_keeps_ids_separate(
 
 def test_10_background_success_recovers_ack_after_result_was_recorded(
         mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    fault = FailOnce(mailbox.store.ack, MailboxError("injected ack failure"))
-    monkeypatch.setattr(mailbox.store, "ack", fault)
+    fault = FailOnce(mailbox.runs.ack, MailboxError("injected ack failure"))
+    monkeypatch.setattr(mailbox.runs, "ack", fault)
     worker = Worker(mailbox, clock=Clock()).attach()
     receipt = mailbox.submit("thread-ack", "echo", "finished")
     worker.drain()
