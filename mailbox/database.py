@@ -12,7 +12,12 @@ thread's epoch row, and the partial unique indexes back the invariants up.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import threading
+import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +73,94 @@ def _sqlite_engine(url: str, **kwargs: Any) -> sa.Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+class WriteGateTimeoutError(Exception):
+    """Another writer held the gate longer than the busy timeout."""
+
+
+class SqliteWriteGate:
+    """Queues this machine's SQLite writers on a file lock beside the database.
+
+    SQLite has one write lock per database, and a writer that finds it taken sleeps in the
+    busy handler (1, 2, 5, 10, 15, 20, 25… ms between polls), so two busy processes spend
+    more time asleep than writing: measured here, two processes ran fewer dispatches per
+    second than one. Taking a flock first makes writers wait on something that frees up the
+    moment the holder commits. Threads of one process queue on a lock of their own (one
+    open file per process: flock does not exclude two threads sharing it), and a forked
+    child opens the file anew, because it would otherwise share its parent's open file and
+    with it the parent's turn. The busy timeout still bounds the wait.
+    """
+
+    def __init__(self, database_path: str, timeout_s: float) -> None:
+        self.path = f"{database_path}-writers.lock"
+        self.timeout_s = timeout_s
+        self._threads = threading.Lock()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        _GATES.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        inherited = self._fd
+        self._threads = threading.Lock()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Closing our copy never releases the parent's lock: it still holds its own.
+        os.close(inherited)
+
+    def __del__(self) -> None:
+        # Not contextlib.suppress: at interpreter exit that module may be gone already.
+        try:  # noqa: SIM105
+            os.close(self._fd)
+        except Exception:
+            pass
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        fd, threads = self._fd, self._threads
+        if not threads.acquire(timeout=self.timeout_s):
+            raise WriteGateTimeoutError(f"no turn to write within {self.timeout_s}s")
+        try:
+            self._lock(fd)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            threads.release()
+
+    def _lock(self, fd: int) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.00005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise WriteGateTimeoutError(
+                        f"another process held {self.path} for {self.timeout_s}s") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+
+
+_GATES: weakref.WeakSet[SqliteWriteGate] = weakref.WeakSet()
+
+
+def _reopen_gates_in_child() -> None:
+    for gate in list(_GATES):
+        gate._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reopen_gates_in_child)
+
+
+def write_gate(engine: sa.Engine) -> SqliteWriteGate | None:
+    """The writers' gate of a file-backed SQLite database; None for other databases."""
+    if engine.dialect.name != "sqlite":
+        return None
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return SqliteWriteGate(str(Path(database).resolve()), SQLITE_BUSY_TIMEOUT_MS / 1000)
 
 
 def is_postgres(engine: sa.Engine) -> bool:

@@ -652,7 +652,9 @@ class RunRecord:
                                    ).validate_for_persist()
 
     def to_json(self) -> JsonDict:
-        out = dataclasses.asdict(self)
+        # Shallow on purpose: asdict deep-copies the waiting ticket, which nobody mutates,
+        # and was the costliest line of a run write.
+        out = {f.name: getattr(self, f.name) for f in _RUN_FIELDS}
         out["status"] = self.status.value
         out["termination"] = self.termination.to_json() if self.termination else None
         return out
@@ -663,3 +665,6 @@ class RunRecord:
         if values.get("termination") is not None:
             values["termination"] = Termination.from_json(values["termination"])
         return cls(**values)
+
+
+_RUN_FIELDS = dataclasses.fields(RunRecord)

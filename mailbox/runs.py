@@ -143,10 +143,12 @@ class RunStore:
         self._check_submission(run, dispatch, content)
         try:
             with self.store._write() as conn:
-                return self._write_submission(conn, run, dispatch, resolution, message_id,
-                                              content, now, new_run=new_run, role=role)
+                stored = self._write_submission(conn, run, dispatch, resolution, message_id,
+                                                content, now, new_run=new_run, role=role)
         except sa_exc.IntegrityError:
             raise self._submit_conflict(run, dispatch) from None
+        self._resolutions.setdefault(resolution.resolution_id, resolution)  # committed
+        return stored
 
     @_operation("submit")
     def submit_input(self, run: RunRecord, dispatch: RunDispatch, resolution: Resolution,
@@ -165,18 +167,23 @@ class RunStore:
                 if row is None:
                     stored = self._write_submission(conn, run, dispatch, resolution,
                                                     message_id, content, now, epoch=epoch)
-                    return Submission(stored, run, resumed=False)
-                waiting = _run_from_row(row)
-                if waiting.resolution_id is None:
-                    raise ValidationError(f"run {waiting.run_id} has no pinned agent")
-                dispatch = replace(dispatch, run_id=waiting.run_id)
-                resumed = replace(waiting, dispatch_id=dispatch.dispatch_id, updated_at=now)
-                stored = self._write_submission(conn, resumed, dispatch, None, message_id,
-                                                content, now, new_run=False, role="decision",
-                                                epoch=epoch)
-                return Submission(stored, resumed, resumed=True)
+                    submission = Submission(stored, run, resumed=False)
+                else:
+                    waiting = _run_from_row(row)
+                    if waiting.resolution_id is None:
+                        raise ValidationError(f"run {waiting.run_id} has no pinned agent")
+                    dispatch = replace(dispatch, run_id=waiting.run_id)
+                    resumed = replace(waiting, dispatch_id=dispatch.dispatch_id,
+                                      updated_at=now)
+                    stored = self._write_submission(conn, resumed, dispatch, None, message_id,
+                                                    content, now, new_run=False,
+                                                    role="decision", epoch=epoch)
+                    submission = Submission(stored, resumed, resumed=True)
         except sa_exc.IntegrityError:
             raise self._submit_conflict(run, dispatch) from None
+        if not submission.resumed:
+            self._resolutions.setdefault(resolution.resolution_id, resolution)  # committed
+        return submission
 
     @staticmethod
     def _check_submission(run: RunRecord, dispatch: RunDispatch, content: Any) -> None:
@@ -210,7 +217,10 @@ class RunStore:
         return stored
 
     def _ensure_resolution(self, conn: sa.Connection, resolution: Resolution, now: int) -> None:
-        """Pinned resolutions never change: an existing one is simply kept."""
+        """Pinned resolutions never change and are never deleted: an existing one is kept,
+        and one this store has already seen stored is not written again."""
+        if resolution.resolution_id in self._resolutions:
+            return
         conn.execute(self._insert_resolution, {
             "resolution_id": resolution.resolution_id, "agent_name": resolution.agent_name,
             "agent_version": resolution.agent_version, "created_at": now})

@@ -37,7 +37,7 @@ from sqlalchemy import exc as sa_exc
 
 from mailbox import metrics
 from mailbox.coordination import Coordinator, Lease
-from mailbox.database import READ_ONLY, is_postgres
+from mailbox.database import READ_ONLY, WriteGateTimeoutError, is_postgres, write_gate
 from mailbox.errors import (
     AlreadyExistsError,
     MailboxError,
@@ -193,13 +193,21 @@ class MailboxStore:
         self.coordinator = coordinator
         self._postgres = is_postgres(engine)
         self._reader = engine.execution_options(**{READ_ONLY: True})
+        self._gate = write_gate(engine)
         self._insert_epoch_if_missing = self.insert_ignoring_conflict(thread_epochs)
 
     # ------------------------------------------------------------------------ transactions
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        if self._gate is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        try:
+            with self._gate.held(), self.engine.begin() as conn:
+                yield conn
+        except WriteGateTimeoutError as exc:
+            raise StoreUnavailableError(f"database is locked: {exc}") from exc
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:

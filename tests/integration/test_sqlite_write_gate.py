@@ -1,0 +1,135 @@
+"""The SQLite writers' gate (mailbox.database.SqliteWriteGate): real processes, real files.
+
+SQLite writers queue on a flock beside the database instead of sleeping in the busy handler.
+These tests prove what that must never break: one writer at a time across processes and
+across a fork, a bounded wait that ends in StoreUnavailableError with nothing written, and
+threads of one process taking turns.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mailbox import Mailbox, StoreUnavailableError
+from mailbox.database import SqliteWriteGate, WriteGateTimeoutError, write_gate
+
+pytestmark = pytest.mark.usefixtures("sqlite_only")
+
+
+@pytest.fixture
+def sqlite_only(mailbox: Mailbox) -> None:
+    if mailbox.store.engine.dialect.name != "sqlite":
+        pytest.skip("the write gate exists for SQLite only")
+
+
+def _hold_and_log(lock_base: str, log_path: str, rounds: int) -> None:
+    gate = SqliteWriteGate(lock_base, timeout_s=30)
+    for _ in range(rounds):
+        with gate.held():
+            fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.write(fd, f"enter {os.getpid()}\n".encode())
+            time.sleep(0.001)
+            os.write(fd, f"exit {os.getpid()}\n".encode())
+            os.close(fd)
+
+
+def test_one_writer_at_a_time_across_processes(tmp_path: Path) -> None:
+    log = tmp_path / "turns.log"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_hold_and_log, args=(str(tmp_path / "db.sqlite"), str(log), 40))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 * 40 * 2
+    for enter, leave in zip(lines[::2], lines[1::2], strict=True):
+        # Every turn is entered and left by the same process before anyone else enters.
+        assert enter.startswith("enter ") and leave == f"exit {enter.split()[1]}", (enter, leave)
+
+
+def test_a_forked_child_does_not_share_its_parents_turn(tmp_path: Path) -> None:
+    """A prefork pool forks children from a parent that may have written already: parent
+    and child must still exclude each other (a shared open file would let both in)."""
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=0.3)
+    with gate.held():
+        pass  # the parent has its lock file open
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child takes a turn and keeps it for a while
+        try:
+            with gate.held():
+                os.write(ready_w, b"in")
+                time.sleep(1.5)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 2) == b"in"
+        with pytest.raises(WriteGateTimeoutError), gate.held():
+            pytest.fail("the parent entered while its forked child held the turn")
+    finally:
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+
+
+def test_threads_of_one_process_take_turns(tmp_path: Path) -> None:
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=10)
+    inside = 0
+    most = 0
+    guard = threading.Lock()
+
+    def work() -> None:
+        nonlocal inside, most
+        for _ in range(50):
+            with gate.held():
+                with guard:
+                    inside += 1
+                    most = max(most, inside)
+                time.sleep(0.0002)
+                with guard:
+                    inside -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1
+
+
+def test_a_writer_that_cannot_get_its_turn_fails_cleanly(mailbox: Mailbox) -> None:
+    gate = mailbox.store._gate
+    assert gate is not None, "a file-backed SQLite store must have a write gate"
+    gate.timeout_s = 0.3
+    holder = os.open(gate.path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process's writer, stuck in its turn
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="database is locked"):
+            mailbox.submit("thread-gate", "echo", "x")
+        assert time.monotonic() - started < 5
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    assert mailbox.store.list_dispatches("thread-gate") == [], "a refused write wrote"
+    receipt = mailbox.submit("thread-gate", "echo", "x")
+    assert mailbox.get_dispatch(receipt.dispatch_id) is not None
+
+
+def test_only_file_backed_sqlite_has_a_gate(mailbox: Mailbox) -> None:
+    import sqlalchemy as sa
+
+    assert write_gate(sa.create_engine("sqlite://")) is None
+    assert write_gate(sa.create_engine("postgresql+psycopg://u@h/db")) is None
+    gate = write_gate(mailbox.store.engine)
+    assert gate is not None and gate.path.endswith("-writers.lock")
