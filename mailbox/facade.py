@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -23,10 +25,11 @@ from mailbox import agents, maintenance, metrics
 from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
 from mailbox.coordination import Coordinator, connect_redis
 from mailbox.database import create_engine
-from mailbox.errors import MailboxError, NotFoundError, ValidationError
+from mailbox.errors import AlreadyExistsError, MailboxError, NotFoundError, ValidationError
 from mailbox.events import Event, EventStreams
 from mailbox.maintenance import SweepReport
 from mailbox.model import (
+    MAX_MS,
     PRIORITY_MAX,
     PRIORITY_MIN,
     DispatchStatus,
@@ -44,6 +47,8 @@ from mailbox.store import MailboxStore
 log = logging.getLogger(__name__)
 Waker = Callable[[str, int], None]
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
+MAX_ID_CHARS = 255  # the id columns' width (mailbox/schema.py)
+MAX_PAGE = 1_000_000
 
 
 class WaitTimeoutError(MailboxError, TimeoutError):
@@ -55,12 +60,19 @@ class WaitTimeoutError(MailboxError, TimeoutError):
 @dataclass(frozen=True)
 class Receipt:
     """What a submit returns: the ids to watch. `resumed` when the input resumed the thread's
-    waiting run instead of starting a new one."""
+    waiting run instead of starting a new one; `already_replayed` when a replay found the
+    dead letter replayed before and returned that replay instead of running it again."""
 
     dispatch_id: str
     run_id: str
     thread_id: str
     resumed: bool = False
+    already_replayed: bool = False
+    """For `replay`: the dead letter had been replayed before; this is that replay's run."""
+
+
+# Replay run ids are uuid5(REPLAY_NAMESPACE, dead letter's dispatch id): one replay each.
+REPLAY_NAMESPACE = uuid.UUID("6d1f3c1e-6a43-4f55-9c8e-2b8f0a7d5e11")
 
 
 def _new_id() -> str:
@@ -70,6 +82,37 @@ def _new_id() -> str:
 def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValidationError(f"{name} must be an integer within {low}..{high}, got {value!r}")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} chars)"
+
+
+def _check_text(name: str, value: Any, *, optional: bool = False) -> Any:
+    """An id or filter argument: text that every database can compare and store.
+
+    Checked here, before any statement runs, because the drivers refuse such values only
+    when they bind them, each with its own raw error (psycopg: "cannot adapt type", "text
+    fields cannot contain NUL"; SQLite: "type 'list' is not supported"; both: a lone
+    surrogate cannot be encoded), and PostgreSQL refuses a thread id over the column's 255
+    characters only when an interrupt inserts its epoch row.
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{name} must be a non-empty string, got {_show(value)}")
+    if len(value) > MAX_ID_CHARS:
+        raise ValidationError(f"{name} must be at most {MAX_ID_CHARS} characters, got "
+                              f"{len(value)}")
+    if "\x00" in value:
+        raise ValidationError(f"{name} must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValidationError(f"{name} must be valid Unicode text (it holds a lone "
+                              f"surrogate): {_show(value)}") from None
     return value
 
 
@@ -150,10 +193,7 @@ class Mailbox:
         resumes that run with the input as the decision. `wake=False` leaves publishing the
         wake-up to the caller (dispatch.delay publishes its own, under the dispatch id).
         """
-        if not isinstance(thread_id, str) or not thread_id.strip():
-            raise ValidationError("thread_id must be a non-empty string")
-        if len(thread_id) > 255:
-            raise ValidationError("thread_id must be at most 255 characters")
+        _check_text("thread_id", thread_id)
         spec = agents.current(agent)
         encode_input(input)
         if spec.check_input is not None:
@@ -162,10 +202,7 @@ class Mailbox:
         _check_int("delay_ms", delay_ms, 0, MAX_DELAY_MS)
         attempts = self.settings.max_attempts if max_attempts is None else max_attempts
         _check_int("max_attempts", attempts, 1, 1000)
-        if dedupe_key is not None and (not isinstance(dedupe_key, str) or not dedupe_key.strip()
-                                       or len(dedupe_key) > 255):
-            raise ValidationError("dedupe_key must be a non-empty string of at most 255 "
-                                  "characters, or None")
+        _check_text("dedupe_key", dedupe_key, optional=True)
         if interrupt:
             self.interrupt(thread_id)
         now = now_ms()
@@ -191,6 +228,7 @@ class Mailbox:
 
     def resume(self, run_id: str, decision: Any) -> Receipt:
         """Queue a new dispatch for a waiting run, carrying the human decision."""
+        _check_text("run_id", run_id)
         encode_input(decision)
         run = self.runs.load_run(run_id)
         if run is None:
@@ -219,10 +257,10 @@ class Mailbox:
 
     # ------------------------------------------------------------------------------- reads
     def get_dispatch(self, dispatch_id: str) -> RunDispatch | None:
-        return self.store.load_dispatch(dispatch_id)
+        return self.store.load_dispatch(_check_text("dispatch_id", dispatch_id))
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        return self.runs.load_run(run_id)
+        return self.runs.load_run(_check_text("run_id", run_id))
 
     def wait(self, dispatch_id: str, timeout_s: float = 30.0) -> RunDispatch:
         """Block until the dispatch is terminal and its run reflects that; returns the
@@ -231,6 +269,12 @@ class Mailbox:
         A dispatch that ends Cancelled, Superseded or DeadLetter has its run reconciled in the
         next transaction of the worker (or by the sweep after a crash), so `wait` also waits,
         briefly, for that run to be done: callers read a consistent pair."""
+        _check_text("dispatch_id", dispatch_id)
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
+                or not math.isfinite(timeout_s) or timeout_s < 0:
+            # NaN would never compare past the deadline: the loop would spin forever.
+            raise ValidationError(f"timeout_s must be a finite number of seconds >= 0, got "
+                                  f"{_show(timeout_s)}")
         deadline = time.monotonic() + timeout_s
         pause = 0.01
         while True:
@@ -264,6 +308,7 @@ class Mailbox:
         """Cancel a queued dispatch (it ends Cancelled) or ask the worker running it to stop
         (it ends with termination cancelled). False, with no effect, for an unknown or
         finished dispatch."""
+        _check_text("dispatch_id", dispatch_id)
         now = now_ms()
         cancelled = self.store.cancel(dispatch_id, now)
         if cancelled is not None:
@@ -284,6 +329,7 @@ class Mailbox:
     def interrupt(self, thread_id: str) -> MailboxInterrupt:
         """"Latest wins": bump the thread's epoch, supersede its queued dispatches (their runs
         end cancelled) and tell the worker running the active one to stop."""
+        _check_text("thread_id", thread_id)
         now = now_ms()
         result = self.store.interrupt(thread_id, now)
         for dispatch in result.superseded:
@@ -302,6 +348,17 @@ class Mailbox:
                      error_contains: str | None = None, since: int | None = None,
                      until: int | None = None, limit: int = 100, offset: int = 0
                      ) -> list[RunDispatch]:
+        """Dead letters, newest first, filtered by thread, agent name, error text and the
+        time they died (`since` <= completed_at < `until`, Unix milliseconds)."""
+        for name, value in (("thread_id", thread_id), ("agent", agent)):
+            _check_text(name, value, optional=True)
+        if error_contains is not None and error_contains != "":
+            _check_text("error_contains", error_contains)
+        for name, value in (("since", since), ("until", until)):
+            if value is not None:
+                _check_int(name, value, 0, MAX_MS)
+        _check_int("limit", limit, 0, MAX_PAGE)
+        _check_int("offset", offset, 0, MAX_MS)
         return self.runs.list_dead_letters(thread_id=thread_id, agent=agent,
                                            error_contains=error_contains, since=since,
                                            until=until, limit=limit, offset=offset)
@@ -312,8 +369,14 @@ class Mailbox:
 
         Refused (ValidationError) when the thread was interrupted after the dispatch was
         queued — the conversation moved on, and replaying would resurrect stale work —
-        unless `force`.
+        unless `force`. Idempotent: the replay's run id is derived from the dead letter's
+        dispatch id, so a second replay (a retried click, two operators, a bulk replay run
+        twice) returns the first replay's receipt with `already_replayed`, and the agent
+        runs once. To try again after a replay failed too, replay the replay's dead letter.
         """
+        _check_text("dispatch_id", dispatch_id)
+        if not isinstance(force, bool):
+            raise ValidationError(f"force must be True or False, got {_show(force)}")
         dead = self.store.load_dispatch(dispatch_id)
         if dead is None:
             raise NotFoundError(dispatch_id)
@@ -332,22 +395,45 @@ class Mailbox:
         if run is None or run.resolution_id is None or not user:
             raise ValidationError(f"run {dead.run_id} of dispatch {dispatch_id} cannot be "
                                   f"rebuilt (missing run, agent pin or input)")
+        replay_run_id = str(uuid.uuid5(REPLAY_NAMESPACE, dispatch_id))
+        earlier = self._earlier_replay(replay_run_id)
+        if earlier is not None:
+            return earlier
         name, _, version = run.resolution_id.partition("@")
         now = now_ms()
-        dispatch = RunDispatch.queued(_new_id(), dead.thread_id, _new_id(), now,
+        dispatch = RunDispatch.queued(_new_id(), dead.thread_id, replay_run_id, now,
                                       priority=dead.priority, max_attempts=dead.max_attempts)
         replayed = RunRecord(dispatch.run_id, dead.thread_id, run.agent_id, run.resolution_id,
                              RunStatus.created, dispatch_id=dispatch.dispatch_id,
                              created_at=now, updated_at=now)
-        self.runs.submit(replayed, dispatch, Resolution(run.resolution_id, name, version),
-                         _new_id(), user[0].content, now)
+        try:
+            self.runs.submit(replayed, dispatch, Resolution(run.resolution_id, name, version),
+                             _new_id(), user[0].content, now)
+        except AlreadyExistsError:
+            earlier = self._earlier_replay(replay_run_id)  # a concurrent replay won
+            if earlier is None:
+                raise
+            return earlier
         self.events.emit(replayed.run_id, dispatch.dispatch_id, "run_queued",
                          {"agent": run.resolution_id, "replay_of": dispatch_id}, ts=now)
         self._wake(dead.thread_id, 0)
         return Receipt(dispatch.dispatch_id, replayed.run_id, dead.thread_id)
 
+    def _earlier_replay(self, replay_run_id: str) -> Receipt | None:
+        run = self.runs.load_run(replay_run_id)
+        if run is None or run.dispatch_id is None:
+            return None
+        return Receipt(run.dispatch_id, run.run_id, run.thread_id, already_replayed=True)
+
     def purge_dead_letters(self, dispatch_ids: list[str]) -> int:
-        return self.runs.purge_dead_letters(dispatch_ids)
+        """Delete these dead letters (ids of anything else are ignored); how many went."""
+        if isinstance(dispatch_ids, str | bytes) or not isinstance(
+                dispatch_ids, list | tuple | set | frozenset):
+            # A lone string would otherwise be taken as a sequence of one-letter ids.
+            raise ValidationError(f"dispatch_ids must be a list of dispatch ids, got "
+                                  f"{_show(dispatch_ids)}")
+        ids = [_check_text("dispatch_ids item", d) for d in dispatch_ids]
+        return self.runs.purge_dead_letters(ids)
 
     # ------------------------------------------------------------------------- maintenance
     def sweep(self, now: int | None = None) -> SweepReport:

@@ -139,7 +139,12 @@ def test_replay_dead_letter_and_refuse_after_interrupt(celery_stack: Stack,
     publisher.interrupt("thread-dlq")
     with pytest.raises(ValidationError, match="moved on"):
         publisher.replay(dead.dispatch_id)
-    forced = publisher.replay(dead.dispatch_id, force=True)
+    # Replay is idempotent: the dead letter was replayed already, so even forced it answers
+    # with that replay; the replay's own dead letter is what runs again.
+    repeat = publisher.replay(dead.dispatch_id, force=True)
+    assert repeat.already_replayed and repeat.run_id == replay.run_id
+    forced = publisher.replay(replay.dispatch_id, force=True)
+    assert not forced.already_replayed
     assert publisher.wait(forced.dispatch_id, timeout_s=30).status == DispatchStatus.DeadLetter
     assert publisher.purge_dead_letters([dead.dispatch_id]) == 1
     assert publisher.get_dispatch(dead.dispatch_id) is None
