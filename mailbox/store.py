@@ -392,13 +392,31 @@ class MailboxStore:
         elif holder is not None:
             # Redis had forgotten a claim SQL still holds: rebuild the lease from the row.
             assert holder.claim_token and holder.claimed_by and holder.lease_until is not None
-            self._after_commit("rebuild", lambda: self.coordinator.put(
-                thread_id, Lease(holder.claim_token or "", holder.dispatch_id,
-                                 holder.lease_until or 0, holder.claimed_by or ""),
-                expected_token=token, allow_missing=False, lease_ms=lease_ms))
+            self._after_commit("rebuild", lambda: self._rebuild_lease(thread_id, holder, token,
+                                                                      lease_ms))
         else:
             self._release_pending(thread_id, token)
         return claimed
+
+    def _rebuild_lease(self, thread_id: str, holder: RunDispatch, pending_token: str,
+                       lease_ms: int) -> None:
+        """Put the holder's lease back in place of our pending one, then look at the row
+        again. The holder may have acked after our read and released before our put (its
+        release then found our pending token and did nothing): the rebuilt lease would stand
+        for a finished claim and stall the thread until it ran out. Seeing the row still
+        Claimed after the put means the holder's own release is still to come."""
+        token = holder.claim_token or ""
+        if not self.coordinator.put(thread_id, Lease(token, holder.dispatch_id,
+                                                     holder.lease_until or 0,
+                                                     holder.claimed_by or ""),
+                                    expected_token=pending_token, allow_missing=False,
+                                    lease_ms=lease_ms):
+            return
+        with self._read() as conn:
+            row = conn.execute(_SELECT_DISPATCH,
+                               {"dispatch_id": holder.dispatch_id}).one_or_none()
+        if row is None or row.status != DispatchStatus.Claimed.value or row.claim_token != token:
+            self.coordinator.release(thread_id, token)
 
     def _release_pending(self, thread_id: str, token: str) -> None:
         self._after_commit("release pending", lambda: self.coordinator.release(thread_id, token))
