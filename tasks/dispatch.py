@@ -20,7 +20,7 @@ from mailbox.errors import MailboxError
 from mailbox.phases import claim_next
 from tasks import phases
 from tasks.app import app
-from tasks.runtime import MAX_COUNTDOWN_MS, mailbox, queue, runtime
+from tasks.runtime import MAX_COUNTDOWN_MS, WAKE_PRIORITY, mailbox, queue, runtime
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ class DispatchTask(Task):
             return self.AsyncResult(receipt.dispatch_id)
         try:
             self.apply_async(args=(thread_id,), kwargs={"dispatch_id": receipt.dispatch_id},
-                             task_id=receipt.dispatch_id, countdown=countdown, queue=queue())
+                             task_id=receipt.dispatch_id, countdown=countdown, queue=queue(),
+                             priority=WAKE_PRIORITY)
         except Exception as exc:  # kombu raises several types for an unreachable broker
             raise WakeNotPublishedError(receipt.dispatch_id, exc) from exc
         return self.AsyncResult(receipt.dispatch_id)

@@ -13,6 +13,14 @@ from mailbox.facade import Mailbox
 from mailbox.phases import Runtime
 
 MAX_COUNTDOWN_MS = 5 * 60 * 1000
+# Wake-ups go behind phase messages. kombu's Redis transport keeps one list per priority
+# step and pops step 0 (a phase's default) before step 9, so a backlog of wake-ups never
+# delays a chain already holding a lease: under a burst, a FIFO queue made every hop of
+# every claimed chain wait behind thousands of wake-ups until leases ran out between phases
+# and attempts were spent on queueing alone (found by the 10k-dispatch load test). And since
+# a worker takes a wake-up only when no phase is waiting, claims follow capacity. RabbitMQ
+# ignores message priority unless the queue declares x-max-priority.
+WAKE_PRIORITY = 9
 
 _lock = threading.Lock()
 _state: dict[int, tuple[Mailbox, Runtime]] = {}
@@ -26,7 +34,7 @@ def publish_wake(thread_id: str, delay_ms: int = 0) -> None:
     if delay_ms > MAX_COUNTDOWN_MS:
         return
     dispatch.apply_async(args=(thread_id,), countdown=delay_ms / 1000 if delay_ms > 0 else None,
-                         queue=queue())
+                         queue=queue(), priority=WAKE_PRIORITY)
 
 
 def worker_wake(thread_id: str, delay_ms: int = 0) -> None:

@@ -124,3 +124,31 @@ def test_delayed_dispatch_waits_for_available_at_without_blocking_its_thread(
     assert now_started[0].ts < available_at, (
         f"the due dispatch waited for the delayed one: started {now_started[0].ts}, "
         f"available_at {available_at}{logs}")
+
+
+def test_a_claimed_chain_overtakes_a_backlog_of_wake_ups(celery_stack: Stack,
+                                                       publisher: Mailbox) -> None:
+    """Phases are served before wake-ups: a chain holding a lease does not wait behind a
+    burst of wake-ups (each hop of a FIFO queue would, and leases would run out between
+    phases). Wake-ups ride kombu's lowest priority list; phases the default one."""
+    from tasks.dispatch import start_next
+    from tasks.runtime import publish_wake
+
+    namespace = publisher.settings.namespace
+    client = publisher.store.coordinator.client
+    receipt = dispatch.delay("thread-overtake", "echo", "first through")
+    drop_queue(client, namespace)  # its own wake-up is not needed: we claim it here
+    assert start_next("thread-overtake") == receipt.id  # claimed; verify is on the queue
+    assert client.llen(namespace) == 1, "the chain's first phase is not on the default list"
+    backlog = 300
+    for n in range(backlog):
+        publish_wake(f"thread-idle-{n}")
+    low = f"{namespace}\x06\x169"
+    assert client.llen(low) == backlog, "wake-ups are not on the lowest priority list"
+
+    celery_stack.start_worker(concurrency=1)
+    final = publisher.wait(receipt.id, timeout_s=60)
+    left = client.llen(low)
+    assert final.status == DispatchStatus.Acked, worker_logs(celery_stack)
+    # All five phases ran while (nearly) the whole backlog still waited.
+    assert left >= backlog - 20, f"only {left} of {backlog} wake-ups were still queued"
