@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint bench clean demo
+.PHONY: venv test lint bench clean demo soak load
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,15 @@ clean:
 # workload through dispatch.delay(), a summary. Interactive: keeps running until Ctrl-C.
 demo: venv
 	$(BIN)/python -m mailbox demo
+
+# Load and soak (not in `make test`): real workers and beat, dispatches through
+# dispatch.delay(), every one audited (benchmarks/soak.py, benchmarks/README.md).
+# `make soak SOAK_ARGS="--duration-s 3600 --database-url postgresql://..."` to change it.
+SOAK_ARGS ?= --dispatches 30000 --threads 1000 --workers 2 --concurrency 2
+soak: venv
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
+
+# The 10k-dispatch / 500-thread load test, two workers -c 2, on SQLite and (when
+# MAILBOX_TEST_POSTGRES_URL is set) PostgreSQL; reports in benchmarks/results/load-*.json.
+load: venv
+	MAILBOX_LOAD=1 $(BIN)/pytest tests/load -m load -s $(PYTEST_ARGS)

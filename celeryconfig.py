@@ -19,6 +19,9 @@ QUEUE = NAMESPACE
 
 broker_url = _settings.broker_url or "redis://127.0.0.1:6379/0"
 broker_connection_retry_on_startup = True
+# kombu's Redis transport, minus the way one malformed queue entry stops a worker (tasks/app.py).
+if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+    broker_transport = "tasks.app:CheckedRedisTransport"
 # Above the longest phase and any wake-up countdown we publish (those stay under 5 minutes),
 # so Redis never redelivers a message that is still legitimately held.
 broker_transport_options = {

@@ -34,6 +34,7 @@ durable and the sweep of a running worker delivers it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -50,10 +51,10 @@ from rich.table import Table
 from sqlalchemy import exc as sa_exc
 
 from mailbox.audit import AuditReport, Finding, audit, collect_stats, iso_ms, now_ms
-from mailbox.errors import MailboxError, NotFoundError, StoreUnavailableError
+from mailbox.errors import MailboxError, NotFoundError, StoreUnavailableError, ValidationError
 from mailbox.events import CursorExpiredError, Event
-from mailbox.facade import Mailbox, Receipt
-from mailbox.model import DispatchStatus, RunDispatch, RunRecord
+from mailbox.facade import Mailbox, Receipt, check_text
+from mailbox.model import MAX_MS, DispatchStatus, RunDispatch, RunRecord
 from mailbox.schema import current_revision
 from mailbox.settings import Settings, normalize_database_url
 
@@ -133,12 +134,26 @@ def _hint(message: str) -> str:
 class MailboxGroup(click.Group):
     """The root group: turns every expected failure into one line and its exit code."""
 
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        """The root's own options are parsed here, before `invoke`: a bad one (`--nope`)
+        would otherwise get click's three-line usage message."""
+        as_json = "--json" in args  # read now: parsing consumes the list
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # no command at all: the help, as click shows it
+        except click.UsageError as exc:
+            raise CliFailure(f"{exc.format_message()} (see `{info_name or 'mailbox'} --help`)",
+                             EXIT_USAGE, "usage", as_json) from None
+
     def invoke(self, ctx: click.Context) -> Any:
         as_json = isinstance(ctx.obj, _State) and ctx.obj.json
         try:
             return super().invoke(ctx)
-        except (CliFailure, click.exceptions.Exit, click.Abort):
-            raise
+        except (CliFailure, click.exceptions.Exit, click.Abort,
+                click.exceptions.NoArgsIsHelpError):
+            raise  # the last: a group without its command (`dlq`) shows its help
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             raise CliFailure(f"{exc.format_message()} (see `{where} --help`)", EXIT_USAGE,
@@ -155,6 +170,60 @@ class MailboxGroup(click.Group):
         except sa_exc.SQLAlchemyError as exc:
             raise CliFailure(_hint(f"database: {_first_line(exc)}"), EXIT_FAILURE, "database",
                              _json_mode(ctx, as_json)) from None
+
+
+class Seconds(click.ParamType):  # type: ignore[type-arg]
+    """A duration in seconds: a finite number >= 0. click's FloatRange lets "nan" and "inf"
+    through (NaN compares false with every bound), and either breaks the loops that turn
+    seconds into deadlines and milliseconds — or, for `submit --wait`, would be refused only
+    after the dispatch was written."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a finite number of seconds >= 0", param, ctx)
+        return seconds
+
+
+SECONDS = Seconds()
+
+
+class Ident(click.ParamType):  # type: ignore[type-arg]
+    """A dispatch, run or thread id argument, checked before anything connects.
+
+    The facade refuses the same values (blank, over 255 characters, NUL, a lone surrogate —
+    which is what argv bytes that are not UTF-8 arrive as), but some commands read the store
+    directly first, where the driver would raise its own error; here they are usage errors.
+    Dispatch and run ids are the mailbox's own (UUIDs), so control characters are refused
+    too: they could only garble the one-line error that echoes the id. Thread ids are the
+    application's and may hold any text.
+    """
+
+    def __init__(self, what: str, printable: bool) -> None:
+        self.name = what
+        self.printable = printable
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            text = str(check_text(self.name, value))
+        except ValidationError as exc:
+            self.fail(exc.message, param, ctx)
+        if self.printable and not text.isprintable():
+            self.fail(f"{self.name} {text!r} holds control characters", param, ctx)
+        return text
+
+
+ID = Ident("id", printable=True)
+RUN_ID = Ident("run id", printable=True)
+DISPATCH_ID = Ident("dispatch id", printable=True)
+THREAD = Ident("thread", printable=False)
 
 
 def _json_mode(ctx: click.Context, default: bool) -> bool:
@@ -332,7 +401,7 @@ def _print_result(result: dict[str, Any]) -> None:
 
 @main.command(help="Queue a run of AGENT on THREAD. INPUT is parsed as JSON, falling back to "
                    "a plain string ('hello' and '\"hello\"' are the same input).")
-@click.argument("thread")
+@click.argument("thread", type=THREAD)
 @click.argument("agent")
 @click.argument("input_text", metavar="INPUT")
 @click.option("--priority", type=click.IntRange(0, 255), default=128, show_default=True,
@@ -346,7 +415,7 @@ def _print_result(result: dict[str, Any]) -> None:
 @click.option("--interrupt", is_flag=True,
               help="Latest wins: supersede the thread's queued work and stop its running "
                    "run first.")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=None,
+@click.option("--wait", "wait_s", type=SECONDS, default=None,
               metavar="SECONDS", help="Wait this long for the result and show it.")
 @json_option
 @click.pass_context
@@ -398,7 +467,7 @@ def _load_pair(box: Mailbox, ident: str
 
 @main.command(help="Show a dispatch or a run (by either id) with its counterpart and the "
                    "run's input messages.")
-@click.argument("ident", metavar="ID")
+@click.argument("ident", metavar="ID", type=ID)
 @json_option
 @click.pass_context
 def show(ctx: click.Context, ident: str) -> None:
@@ -452,7 +521,7 @@ def _dispatch_table(title: str, rows: Sequence[RunDispatch]) -> Table:
 
 
 @main.command("list", help="A thread's dispatches in claim order (priority, then FIFO).")
-@click.argument("thread")
+@click.argument("thread", type=THREAD)
 @click.option("--status", "statuses", multiple=True, type=_STATUS_CHOICE,
               help="Only these statuses (repeat the option for several).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
@@ -502,10 +571,10 @@ def _is_final(event: Event) -> bool:
 @main.command(help="Print a run's events as they come (from the start, or after --after). "
                    "Stops after the run's last run_finish (not a retried attempt's) unless "
                    "--no-stop; a dropped connection is resumed from the last event seen.")
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.option("--after", "cursor", default=None, callback=_check_cursor, metavar="CURSOR",
               help="Resume after this event id.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=None,
+@click.option("--timeout", "timeout_s", type=SECONDS, default=None,
               metavar="SECONDS", help="Give up after this long (default: never).")
 @click.option("--stop/--no-stop", default=True, show_default=True,
               help="Stop after the run's final run_finish event.")
@@ -558,7 +627,7 @@ def follow(ctx: click.Context, run_id: str, cursor: str | None, timeout_s: float
 @main.command(help="Cancel a Queued dispatch (it ends Cancelled, its run done/cancelled), or "
                    "ask the worker running a Claimed one to stop. ID may be a run id: its "
                    "current dispatch is cancelled.")
-@click.argument("ident", metavar="ID")
+@click.argument("ident", metavar="ID", type=ID)
 @json_option
 @click.pass_context
 def cancel(ctx: click.Context, ident: str) -> None:
@@ -587,7 +656,7 @@ def cancel(ctx: click.Context, ident: str) -> None:
 
 @main.command(help="Latest wins: raise THREAD's epoch, supersede its queued dispatches (their "
                    "runs end cancelled) and stop the one running.")
-@click.argument("thread")
+@click.argument("thread", type=THREAD)
 @json_option
 @click.pass_context
 def interrupt(ctx: click.Context, thread: str) -> None:
@@ -610,9 +679,9 @@ def interrupt(ctx: click.Context, thread: str) -> None:
 
 @main.command(help="Answer a run waiting for a decision. DECISION is parsed as JSON, falling "
                    "back to a plain string.")
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.argument("decision_text", metavar="DECISION")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=None,
+@click.option("--wait", "wait_s", type=SECONDS, default=None,
               metavar="SECONDS", help="Wait this long for the result and show it.")
 @json_option
 @click.pass_context
@@ -631,17 +700,24 @@ _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 def parse_time(text: str) -> int:
     """A point in time: Unix milliseconds, ISO 8601 (naive means UTC), or an age such as
-    `90s`, `15m`, `2h`, `3d` (that long ago). ValueError otherwise."""
+    `90s`, `15m`, `2h`, `3d` (that long ago). ValueError otherwise, also for a time before
+    1970 or past what the store keeps (an age of 1e400 seconds is not a time)."""
     text = text.strip()
-    if text.isdigit():
-        return int(text)
-    match = _RELATIVE.match(text)
-    if match:
-        return now_ms() - int(float(match.group(1)) * _UNIT_MS[match.group(2)])
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
+    if text.isascii() and text.isdigit():
+        ms = int(text)
+    elif match := _RELATIVE.match(text):
+        age = float(match.group(1)) * _UNIT_MS[match.group(2)]
+        if not math.isfinite(age):
+            raise ValueError(f"age {text!r} is too large")
+        ms = now_ms() - int(age)
+    else:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        ms = int(parsed.timestamp() * 1000)
+    if not 0 <= ms <= MAX_MS:
+        raise ValueError(f"{text!r} is outside 0..{MAX_MS} Unix milliseconds")
+    return ms
 
 
 def _time_option(_ctx: click.Context, _param: click.Parameter, value: str | None
@@ -675,7 +751,7 @@ class _Filters:
 
 def dlq_filters(func: F) -> F:
     for option in reversed([
-        click.option("--thread", default=None, help="Only this thread."),
+        click.option("--thread", default=None, type=THREAD, help="Only this thread."),
         click.option("--agent", default=None, help="Only runs of this agent (name)."),
         click.option("--error", default=None, help="Only errors containing this text."),
         click.option("--since", default=None, callback=_time_option, metavar="TIME",
@@ -782,7 +858,7 @@ def _finish_bulk(ctx: click.Context, failures: list[dict[str, str]], done: int,
 @dlq.command("replay", help="Run dead letters again: each becomes a new run with a fresh "
                             "dispatch and attempt budget. Refused when the thread was "
                             "interrupted since, unless --force.")
-@click.argument("ids", nargs=-1)
+@click.argument("ids", nargs=-1, type=DISPATCH_ID)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
 @dlq_filters
 @click.option("--force", is_flag=True, help="Replay even where the thread moved on.")
@@ -843,7 +919,7 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], all_: bool, thread: str
 
 @dlq.command("purge", help="Delete dead letters for good (their runs stay, done). Needs "
                            "--yes.")
-@click.argument("ids", nargs=-1)
+@click.argument("ids", nargs=-1, type=DISPATCH_ID)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
 @dlq_filters
 @click.option("--yes", is_flag=True, help="Really delete.")
@@ -951,7 +1027,7 @@ def _print_audit(report: AuditReport) -> None:
 @main.command("audit", help="Check the invariants of DESIGN.md §4.1 on the live database and "
                             "Redis (read-only). Exit 3 when any is violated; warnings (work "
                             "the sweep repairs) keep exit 0.")
-@click.option("--stuck-after", "stuck_after_s", type=click.FloatRange(min=0), default=None,
+@click.option("--stuck-after", "stuck_after_s", type=SECONDS, default=None,
               metavar="SECONDS",
               help="A lease expired this long ago is stuck (default: two sweep intervals).")
 @click.option("--sample", type=click.IntRange(1, 1000), default=10, show_default=True,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 EVENT_TYPES = frozenset({"run_queued", "run_started", "output", "suspended", "run_rescheduled",
                          "run_finish", "run_cancelled"})
 DEFAULT_MAX_LEN = 1000
+_CURSOR = re.compile(r"[0-9]+(-[0-9]+)?\Z", re.ASCII)
 MAX_DATA_BYTES = 64 * 1024
 
 
@@ -76,6 +79,10 @@ class EventStreams:
         self._append = client.register_script((LUA_DIR / "events_append.lua").read_text())
 
     def _keys(self, run_id: str) -> tuple[str, str]:
+        if not isinstance(run_id, str) or not run_id.strip() \
+                or (not run_id.isascii() and run_id.encode(errors="replace").decode() != run_id):
+            raise MailboxError(f"run_id must be a non-empty string of valid Unicode text, got "
+                               f"{run_id!r:.60}")
         base = f"{self.namespace}:events:{run_id}"
         return base, base + ":meta"
 
@@ -119,6 +126,11 @@ class EventStreams:
         `run_finish` (when asked; an attempt that will be retried is not final) or at the
         timeout. Reconnecting with the last yielded id loses nothing."""
         stream, _ = self._keys(run_id)
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(
+                timeout_s, int | float) or not math.isfinite(timeout_s) or timeout_s < 0):
+            # NaN and strings would fail (or never expire) only once the first read is done.
+            raise MailboxError(f"timeout_s must be None or a finite number of seconds >= 0, "
+                               f"got {timeout_s!r:.60}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         cursor = after
         for event in self.read(run_id, cursor):
@@ -140,10 +152,13 @@ class EventStreams:
     def _check_cursor(self, run_id: str, after: str | None) -> None:
         if after is None:
             return
-        try:
-            cursor = _id_tuple(after)
-        except ValueError:
-            raise MailboxError(f"invalid event cursor {after!r}") from None
+        # Checked here: Redis answers a malformed id (or one past 64 bits) with a raw
+        # ResponseError, and `int()` alone would accept " 1", "1_0" and non-ASCII digits.
+        match = _CURSOR.match(after) if isinstance(after, str) else None
+        if match is None or max(_id_tuple(after)) >= 2**64:
+            raise MailboxError(f"invalid event cursor {after!r:.60} (an event id looks like "
+                               f"1712345678901-0)")
+        cursor = _id_tuple(after)
         _, meta = self._keys(run_id)
         dropped, last = self.client.hmget(meta, ["dropped_upto", "last_id"])
         if dropped is not None and cursor < _id_tuple(dropped.decode()):

@@ -90,7 +90,7 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} chars)"
 
 
-def _check_text(name: str, value: Any, *, optional: bool = False) -> Any:
+def check_text(name: str, value: Any, *, optional: bool = False) -> Any:
     """An id or filter argument: text that every database can compare and store.
 
     Checked here, before any statement runs, because the drivers refuse such values only
@@ -114,6 +114,16 @@ def _check_text(name: str, value: Any, *, optional: bool = False) -> Any:
         raise ValidationError(f"{name} must be valid Unicode text (it holds a lone "
                               f"surrogate): {_show(value)}") from None
     return value
+
+
+def _check_input(value: Any) -> None:
+    """`encode_input`, plus the one way JSON encoding fails that it lets through: a value
+    nested deeper than the interpreter's recursion limit raises RecursionError."""
+    try:
+        encode_input(value)
+    except RecursionError:
+        raise ValidationError("input must be JSON-serializable: it is nested too deeply"
+                              ) from None
 
 
 class Mailbox:
@@ -193,16 +203,19 @@ class Mailbox:
         resumes that run with the input as the decision. `wake=False` leaves publishing the
         wake-up to the caller (dispatch.delay publishes its own, under the dispatch id).
         """
-        _check_text("thread_id", thread_id)
+        check_text("thread_id", thread_id)
         spec = agents.current(agent)
-        encode_input(input)
+        _check_input(input)
         if spec.check_input is not None:
             spec.check_input(input)
         _check_int("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
         _check_int("delay_ms", delay_ms, 0, MAX_DELAY_MS)
         attempts = self.settings.max_attempts if max_attempts is None else max_attempts
         _check_int("max_attempts", attempts, 1, 1000)
-        _check_text("dedupe_key", dedupe_key, optional=True)
+        check_text("dedupe_key", dedupe_key, optional=True)
+        if not isinstance(interrupt, bool):
+            # Any truthy value would interrupt the thread: "no" must not supersede its work.
+            raise ValidationError(f"interrupt must be True or False, got {_show(interrupt)}")
         if interrupt:
             self.interrupt(thread_id)
         now = now_ms()
@@ -228,8 +241,8 @@ class Mailbox:
 
     def resume(self, run_id: str, decision: Any) -> Receipt:
         """Queue a new dispatch for a waiting run, carrying the human decision."""
-        _check_text("run_id", run_id)
-        encode_input(decision)
+        check_text("run_id", run_id)
+        _check_input(decision)
         run = self.runs.load_run(run_id)
         if run is None:
             raise NotFoundError(f"run {run_id}")
@@ -257,10 +270,10 @@ class Mailbox:
 
     # ------------------------------------------------------------------------------- reads
     def get_dispatch(self, dispatch_id: str) -> RunDispatch | None:
-        return self.store.load_dispatch(_check_text("dispatch_id", dispatch_id))
+        return self.store.load_dispatch(check_text("dispatch_id", dispatch_id))
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        return self.runs.load_run(_check_text("run_id", run_id))
+        return self.runs.load_run(check_text("run_id", run_id))
 
     def wait(self, dispatch_id: str, timeout_s: float = 30.0) -> RunDispatch:
         """Block until the dispatch is terminal and its run reflects that; returns the
@@ -269,7 +282,7 @@ class Mailbox:
         A dispatch that ends Cancelled, Superseded or DeadLetter has its run reconciled in the
         next transaction of the worker (or by the sweep after a crash), so `wait` also waits,
         briefly, for that run to be done: callers read a consistent pair."""
-        _check_text("dispatch_id", dispatch_id)
+        check_text("dispatch_id", dispatch_id)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) \
                 or not math.isfinite(timeout_s) or timeout_s < 0:
             # NaN would never compare past the deadline: the loop would spin forever.
@@ -308,7 +321,7 @@ class Mailbox:
         """Cancel a queued dispatch (it ends Cancelled) or ask the worker running it to stop
         (it ends with termination cancelled). False, with no effect, for an unknown or
         finished dispatch."""
-        _check_text("dispatch_id", dispatch_id)
+        check_text("dispatch_id", dispatch_id)
         now = now_ms()
         cancelled = self.store.cancel(dispatch_id, now)
         if cancelled is not None:
@@ -329,7 +342,7 @@ class Mailbox:
     def interrupt(self, thread_id: str) -> MailboxInterrupt:
         """"Latest wins": bump the thread's epoch, supersede its queued dispatches (their runs
         end cancelled) and tell the worker running the active one to stop."""
-        _check_text("thread_id", thread_id)
+        check_text("thread_id", thread_id)
         now = now_ms()
         result = self.store.interrupt(thread_id, now)
         for dispatch in result.superseded:
@@ -351,12 +364,12 @@ class Mailbox:
         """Dead letters, newest first, filtered by thread, agent name, error text and the
         time they died (`since` <= completed_at < `until`, Unix milliseconds)."""
         for name, value in (("thread_id", thread_id), ("agent", agent)):
-            _check_text(name, value, optional=True)
+            check_text(name, value, optional=True)
         if error_contains is not None and error_contains != "":
-            _check_text("error_contains", error_contains)
-        for name, value in (("since", since), ("until", until)):
-            if value is not None:
-                _check_int(name, value, 0, MAX_MS)
+            check_text("error_contains", error_contains)
+        for name, moment in (("since", since), ("until", until)):
+            if moment is not None:
+                _check_int(name, moment, 0, MAX_MS)
         _check_int("limit", limit, 0, MAX_PAGE)
         _check_int("offset", offset, 0, MAX_MS)
         return self.runs.list_dead_letters(thread_id=thread_id, agent=agent,
@@ -374,7 +387,7 @@ class Mailbox:
         twice) returns the first replay's receipt with `already_replayed`, and the agent
         runs once. To try again after a replay failed too, replay the replay's dead letter.
         """
-        _check_text("dispatch_id", dispatch_id)
+        check_text("dispatch_id", dispatch_id)
         if not isinstance(force, bool):
             raise ValidationError(f"force must be True or False, got {_show(force)}")
         dead = self.store.load_dispatch(dispatch_id)
@@ -432,7 +445,7 @@ class Mailbox:
             # A lone string would otherwise be taken as a sequence of one-letter ids.
             raise ValidationError(f"dispatch_ids must be a list of dispatch ids, got "
                                   f"{_show(dispatch_ids)}")
-        ids = [_check_text("dispatch_ids item", d) for d in dispatch_ids]
+        ids = [check_text("dispatch_ids item", d) for d in dispatch_ids]
         return self.runs.purge_dead_letters(ids)
 
     # ------------------------------------------------------------------------- maintenance

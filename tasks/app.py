@@ -1,8 +1,94 @@
-"""The Celery app. `celery -A tasks worker` and `celery -A tasks beat` find it here."""
+"""The Celery app. `celery -A tasks worker` and `celery -A tasks beat` find it here.
+
+Also the Redis transport the workers use (celeryconfig selects it for `redis://` brokers):
+kombu's own lets one malformed entry on a queue list stop the worker. Its consumer decodes
+every entry it pops as a kombu envelope (JSON object → `properties.delivery_tag` → body
+decoded by `body_encoding`), and an entry that is not one — bytes that are not JSON, a JSON
+array, a body that is not base64 — raises out of the event loop: Celery logs "Unrecoverable
+error" and the worker exits. Anyone who can LPUSH to the broker could stop every worker that
+way. `CheckedRedisTransport` refuses such an entry with one log line and goes on; the entry is
+already popped, so nothing loops on it, and since a mailbox message is only a wake-up, dropping
+one loses nothing (the sweep re-wakes due threads). Well-formed envelopes are delivered as
+before, so Celery's own checks (content type, unknown task, undecodable body) still apply.
+"""
 
 from __future__ import annotations
 
+import binascii
+import json
+import logging
+from typing import Any
+
 from celery import Celery
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+PREVIEW_CHARS = 200
+
+
+def envelope_problem(message: Any) -> str | None:
+    """Why a decoded queue entry is not a kombu envelope this transport can deliver."""
+    if not isinstance(message, dict):
+        return f"a JSON {type(message).__name__}, not an envelope object"
+    properties = message.get("properties")
+    if not isinstance(properties, dict):
+        return "no 'properties' object"
+    if not isinstance(properties.get("delivery_tag"), str):
+        return "no string 'properties.delivery_tag'"
+    if not isinstance(properties.get("delivery_info", {}), dict):
+        return "'properties.delivery_info' is not an object"
+    if message.get("headers") is not None and not isinstance(message["headers"], dict):
+        return "'headers' is not an object"
+    for key in ("content-type", "content-encoding"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            return f"'{key}' is not a string"
+    body = message.get("body")
+    if body is None or body == "":
+        return None
+    if not isinstance(body, str):
+        return f"'body' is a {type(body).__name__}, not a string"
+    encoding = properties.get("body_encoding")
+    if encoding is None or str(encoding).lower() == "utf-8":
+        return None
+    if encoding != "base64":
+        return f"unknown body_encoding {encoding!r}"
+    try:
+        binascii.a2b_base64(body.encode())
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        return f"body is not base64 ({exc})"
+    return None
+
+
+def _preview(value: Any) -> str:
+    text = repr(value[:PREVIEW_CHARS + 1] if isinstance(value, str) else value)
+    return text if len(text) <= PREVIEW_CHARS else f"{text[:PREVIEW_CHARS]}... ({len(text)} chars)"
+
+
+class CheckedRedisChannel(kombu_redis.Channel):
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
+        except json.JSONDecodeError as exc:
+            # Raised by kombu's `loads` of the popped entry, before any delivery: Celery wraps
+            # its own body decode errors in kombu's DecodeError, which is not this class.
+            log.error("refused a malformed broker message: not JSON (%s): %s", exc,
+                      _preview(exc.doc))
+            return True
+
+
+class CheckedRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport, refusing queue entries that are not kombu envelopes."""
+
+    Channel = CheckedRedisChannel
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        problem = envelope_problem(message)
+        if problem is not None:
+            log.error("refused a malformed broker message on queue %s: %s: %s", queue, problem,
+                      _preview(message))
+            return
+        super()._deliver(message, queue)  # type: ignore[no-untyped-call]
+
 
 app = Celery("mailbox")
 app.config_from_object("celeryconfig")

@@ -16,7 +16,8 @@ from typing import Any
 from celery import Task
 from celery.result import AsyncResult
 
-from mailbox.errors import MailboxError
+from mailbox.errors import MailboxError, ValidationError
+from mailbox.facade import check_text
 from mailbox.phases import claim_next
 from tasks import phases
 from tasks.app import app
@@ -60,8 +61,13 @@ class DispatchTask(Task):
 @app.task(bind=True, base=DispatchTask, name="mailbox.dispatch")
 def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None) -> str | None:
     """Claim the thread's next dispatch and chain its phases; None when busy or idle."""
-    if not isinstance(thread_id, str) or not thread_id.strip():
-        log.error("mailbox.dispatch refused a malformed message: thread_id %r", thread_id)
+    try:
+        # Anyone can put bytes on the queue: a thread id no submit could have stored (blank,
+        # a non-string, 5 MB of text, NUL) is refused here, before it reaches a Redis key
+        # or a SQL parameter, with a log line that shows its shape rather than its bytes.
+        check_text("thread_id", thread_id)
+    except ValidationError as exc:
+        log.error("mailbox.dispatch refused a malformed message: %s", exc.message)
         return None
     return start_next(thread_id)
 

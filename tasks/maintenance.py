@@ -3,6 +3,7 @@ and the recovery a worker runs when it starts (reference §4.13)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -11,14 +12,17 @@ from celery.signals import worker_ready
 from mailbox import maintenance
 from mailbox.phases import now_ms
 from tasks.app import app
-from tasks.runtime import runtime
+from tasks.runtime import publish_wake, runtime
 
 log = logging.getLogger(__name__)
 
 
 @app.task(name="mailbox.sweep")
 def sweep() -> dict[str, int]:
-    report = maintenance.sweep(runtime(), now_ms())
+    # Due threads get wake-ups (behind phase messages) rather than claims made right here:
+    # claiming every due thread at once started more chains than the workers could run
+    # within a lease, and their leases ran out while they queued behind each other.
+    report = maintenance.sweep(dataclasses.replace(runtime(), wake=publish_wake), now_ms())
     return {"reclaimed": len(report.reclaimed), "dead_lettered": len(report.dead_lettered),
             "reconciled": len(report.reconciled), "woken": len(report.woken)}
 

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,15 +47,18 @@ class Stack:
         return env
 
     def start_worker(self, concurrency: int = 2, *, wait: bool = True, pool: str = "prefork",
-                     **extra_env: str) -> subprocess.Popen[bytes]:
+                     include: Sequence[str] = (), **extra_env: str) -> subprocess.Popen[bytes]:
+        """`include`: modules celery imports in the main process before it forks the pool
+        (`-I`), e.g. tests.support.fault_hooks, so every pool child starts with them."""
         self._count += 1
         name = f"w{self._count}-{self.namespace}@%h"
         log = self.workdir / f"worker{self._count}.log"
+        extra_args = ["-I", ",".join(include)] if include else []
         with open(log.with_suffix(".err"), "wb") as err:
             proc = subprocess.Popen(
                 [CELERY, "-A", "tasks", "worker", "-c", str(concurrency), "-P", pool, "-n",
                  name, "-l", "INFO", "--without-gossip", "--without-mingle",
-                 "--without-heartbeat", "-Q", self.namespace, f"--logfile={log}"],
+                 "--without-heartbeat", "-Q", self.namespace, f"--logfile={log}", *extra_args],
                 cwd=ROOT, env=self.env(**extra_env), start_new_session=True,
                 stdout=subprocess.DEVNULL, stderr=err)
         self.processes.append(proc)
@@ -98,6 +101,31 @@ class Stack:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+    @staticmethod
+    def pool_children(proc: subprocess.Popen[bytes]) -> list[int]:
+        """The pids whose parent is `proc` (a prefork worker's pool processes)."""
+        children = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+            fields = stat.rsplit(")", 1)[-1].split()
+            if len(fields) > 1 and fields[1] == str(proc.pid):
+                children.append(int(entry.name))
+        return sorted(children)
+
+    def kill_pool_child(self, proc: subprocess.Popen[bytes], pid: int,
+                        sig: int = signal.SIGKILL) -> None:
+        """SIGKILL one pool process of `proc` (the worker's main process forks a new one),
+        after checking that it really is one of ours."""
+        if pid not in self.pool_children(proc):
+            raise RuntimeError(f"pid {pid} is not a pool process of worker {proc.pid}")
+        os.kill(pid, sig)
 
     def stop_all(self) -> None:
         for proc in self.processes:
