@@ -528,6 +528,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SoakOptions, argparse.Namesp
                    help="how long to wait for every dispatch to be terminal")
     p.add_argument("--progress-s", type=float, default=5.0)
     p.add_argument("--sample-interval-s", type=float, default=0.1)
+    p.add_argument("--sweep-interval-s", type=int, default=5,
+                   help="beat's sweep interval for the run (default 5; the product's is 30)")
     p.add_argument("--database-url", default=None,
                    help="default: a scratch SQLite file; PostgreSQL gets a scratch schema")
     p.add_argument("--in-place", action="store_true",
@@ -552,7 +554,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SoakOptions, argparse.Namesp
                           duration_s=args.duration_s, max_backlog=max(0, args.max_backlog),
                           agent_mix=mix, seed=args.seed, timeout_s=args.timeout_s,
                           progress_s=args.progress_s,
-                          sample_interval_s=args.sample_interval_s)
+                          sample_interval_s=args.sample_interval_s,
+                          sweep_interval_s=max(1, args.sweep_interval_s))
     return options, args
 
 

@@ -192,7 +192,7 @@ def check_outcome(args: list[str], result: Result, wrote: bool) -> None:
         assert timed_out or bulk, f"a failed command wrote something\n{shown}"
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_cli_exits_with_a_documented_code_and_one_clear_line(mailbox: Mailbox,
@@ -213,7 +213,8 @@ def test_cli_exits_with_a_documented_code_and_one_clear_line(mailbox: Mailbox,
 
 def test_real_processes_with_hostile_argv(mailbox: Mailbox) -> None:
     """`python -m mailbox` as an operator runs it: argv bytes that are not UTF-8 (Python
-    hands them over as lone surrogates), an unknown id, a usage error, a NaN timeout."""
+    hands them over as lone surrogates), an unknown id, an age past what a float holds,
+    a NaN wait (which must be refused before the submit writes anything)."""
     s = mailbox.settings
     assert s.redis_url is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILBOX_", "CELERY_"))}
@@ -223,9 +224,7 @@ def test_real_processes_with_hostile_argv(mailbox: Mailbox) -> None:
     cases: list[tuple[list[bytes], int, str]] = [
         ([b"show", b"\xff\xfe-not-utf8"], 2, "error: "),
         ([b"--json", b"show", b"no-such-id"], 4, '{"error"'),
-        ([b"submit", b"t-proc", b"echo", b"hi", b"--priority", b"999"], 2, "error: "),
         ([b"dlq", b"list", b"--since", b"9" * 400 + b"s"], 2, "error: "),
-        ([b"follow", b"no-such-run", b"--timeout", b"nan"], 2, "error: "),
         ([b"submit", b"t-proc", b"echo", b"hi", b"--wait", b"nan"], 2, "error: "),
     ]
     for args, code, prefix in cases:

@@ -203,7 +203,7 @@ OPS = ["get_dispatch", "get_run", "cancel", "interrupt", "resume", "replay", "de
        "purge", "events", "follow", "wait"]
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(op=st.sampled_from(OPS), data=st.data())
 def test_facade_answers_or_refuses_clearly_without_writing(mailbox: Mailbox, op: str,

@@ -21,10 +21,12 @@ traps     HASH thread_id -> "phase:when[:hold_s]". The first call of that phase 
           60), so the test can SIGKILL that pool process exactly there. A chain that already
           ended (its context is done: fenced, superseded, lease lost) is never trapped.
 publish   HASH task name -> JSON list of rules {"copies": n, "attempt": a, "thread_prefix": p,
-          "priority": q} (all but copies optional; the first rule that matches applies). Each
-          matching message this process publishes is sent n times: 0 drops it, 3 triples it.
-          `attempt` matches phase messages whose context has that attempt; `thread_prefix`
-          matches the message's thread; `priority` publishes it with that broker priority.
+          "not_from": t, "priority": q} (all but copies optional; the first rule that matches
+          applies). Each matching message this process publishes is sent n times: 0 drops it,
+          3 triples it. `attempt` matches phase messages whose context has that attempt;
+          `thread_prefix` matches the message's thread; `not_from` skips messages published
+          while the task named t runs (e.g. the sweep's own wake-ups); `priority` publishes
+          it with that broker priority.
           Counters: `dropped`, `duplicated` (HASH task name -> n).
 
 A hook that cannot reach Redis (the test restarts it) injects nothing: faults are opt-in.
@@ -163,6 +165,14 @@ def _message_target(name: str, message: Any) -> tuple[str | None, int | None]:
     return _thread_and_attempt(first)
 
 
+def _publishing_task() -> str | None:
+    """The name of the task this process is running while it publishes (None outside one)."""
+    from celery._state import get_current_task
+
+    task = get_current_task()
+    return None if task is None else str(getattr(task, "name", None))
+
+
 def _rule(name: str, message: Any) -> dict[str, Any] | None:
     """The first publish rule for `name` that matches this message, if any."""
     keys, client = CONFIG.keys, CONFIG.client()
@@ -180,6 +190,8 @@ def _rule(name: str, message: Any) -> dict[str, Any] | None:
             continue
         prefix = rule.get("thread_prefix")
         if prefix is not None and not (thread_id or "").startswith(prefix):
+            continue
+        if "not_from" in rule and _publishing_task() == rule["not_from"]:
             continue
         copies = int(rule.get("copies", 1))
         with contextlib.suppress(redis.RedisError):
@@ -273,9 +285,12 @@ class Faults:
                 return dict(json.loads(reply[1]))
 
     def publish_rule(self, task_name: str, copies: int = 1, *, attempt: int | None = None,
-                     thread_prefix: str | None = None, priority: int | None = None) -> None:
+                     thread_prefix: str | None = None, not_from: str | None = None,
+                     priority: int | None = None) -> None:
         """Add a rule for `task_name` after those already set (the first match applies)."""
         rule: dict[str, Any] = {"copies": copies}
+        if not_from is not None:
+            rule["not_from"] = not_from
         if priority is not None:
             rule["priority"] = priority
         if attempt is not None:
