@@ -140,7 +140,10 @@ class EventStreams:
                 return
         while deadline is None or time.monotonic() < deadline:
             self._check_cursor(run_id, cursor)
-            reply = self.client.xread({stream: cursor or "0-0"}, block=block_ms, count=100)
+            # Never block past the deadline: a 50 ms timeout must not wait a whole block_ms.
+            block = block_ms if deadline is None else max(
+                1, min(block_ms, int((deadline - time.monotonic()) * 1000)))
+            reply = self.client.xread({stream: cursor or "0-0"}, block=block, count=100)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     event = self._decode(run_id, entry_id, fields)

@@ -14,6 +14,7 @@ dispatch Claimed: its lease runs out and the sweep reclaims it with attempt_coun
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +75,23 @@ def error_text(error: BaseException) -> str:
     if isinstance(error, TransientError | PermanentError):
         return str(error) or type(error).__name__
     return f"{type(error).__name__}: {error}"
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """An agent's text as every database can keep it: NUL (refused by PostgreSQL's text and
+    jsonb) and lone surrogates (not UTF-8, refused by both drivers) become U+FFFD, in strings
+    nested in lists and dicts too. Without this, one odd character in a model's answer makes
+    the outcome write fail with a driver error, and the attempt waits out its lease."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
 
 
 @dataclass
@@ -345,17 +363,20 @@ def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
         with heartbeat:
             value = spec.handler(agent_ctx)
     except SuspendRequested as suspend:
-        ticket = dict(suspend.ticket, since_dispatch_id=ctx["dispatch_id"])
+        ticket = storable(dict(suspend.ticket, since_dispatch_id=ctx["dispatch_id"]))
         return {"kind": COMPLETED, "termination_obj": Termination.suspended(),
                 "response": None, "error": None, "waiting": ticket}
     except Exception as exc:  # the agent's failure is data here, classified below
-        return {"kind": classify(exc), "error": error_text(exc)}
+        return {"kind": classify(exc), "error": storable(error_text(exc))}
     finally:
         rt.active.pop(ctx["dispatch_id"], None)
     if isinstance(value, AgentResult):
-        termination, response = value.termination, value.response
+        termination, response = value.termination, storable(value.response)
+        if termination.value is not None:
+            termination = Termination(termination.type, storable(termination.value))
     else:
-        termination, response = Termination.natural_end(), None if value is None else str(value)
+        termination = Termination.natural_end()
+        response = None if value is None else storable(str(value))
     if cancel.is_set() and termination == Termination.natural_end() and response is None:
         termination = Termination.cancelled()
     error = termination.value if termination.type == "error" else None
@@ -446,21 +467,27 @@ def _recover_ack(rt: Runtime, ctx: Context, now: int) -> RunRecord | None:
 
 
 def _settle_transient(rt: Runtime, ctx: Context, error: str, now: int) -> None:
-    _emit(rt, ctx, "run_finish", {"termination": Termination.error(error).to_json(),
-                                  "error": error, "status": "retrying"})
+    """Nack, then tell followers what the nack decided: "retrying" when the dispatch went back
+    to the queue, "dead_letter" when that was its last attempt. The event follows the write,
+    so a follower never sees "retrying" for an attempt that was the last one (its `follow`
+    would never end)."""
     delay = retry_delay_ms(ctx["attempt"], rt.settings.retry_base_ms, rt.settings.retry_max_ms)
     rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
         ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error(error), None,
         error), now)
     rt.store.nack(ctx["dispatch_id"], ctx["token"], now + delay, error, now)
     after = rt.store.load_dispatch(ctx["dispatch_id"])
+    finish = {"termination": Termination.error(error).to_json(), "error": error}
     if after is not None and after.status == DispatchStatus.Queued:
+        _emit(rt, ctx, "run_finish", {**finish, "status": "retrying"})
         _emit(rt, ctx, "run_rescheduled", {"reason": "retry_backoff",
                                            "attempt_count": after.attempt_count,
                                            "available_at": after.available_at})
         rt.wake(ctx["thread_id"], delay)
-    else:
-        _reconcile(rt, after, ctx)
+        return
+    if after is not None and after.status == DispatchStatus.DeadLetter:
+        _emit(rt, ctx, "run_finish", {**finish, "status": "dead_letter"})
+    _reconcile(rt, after, ctx)
 
 
 def _settle_permanent(rt: Runtime, ctx: Context, error: str, now: int) -> None:

@@ -10,6 +10,8 @@ way. `CheckedRedisTransport` refuses such an entry with one log line and goes on
 already popped, so nothing loops on it, and since a mailbox message is only a wake-up, dropping
 one loses nothing (the sweep re-wakes due threads). Well-formed envelopes are delivered as
 before, so Celery's own checks (content type, unknown task, undecodable body) still apply.
+Its channel also turns kombu's AttributeError on closing a channel after losing Redis into a
+connection error, which Celery reconnects on (`CheckedRedisChannel._connparams`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu.transport import redis as kombu_redis
 
@@ -65,6 +68,28 @@ def _preview(value: Any) -> str:
 
 
 class CheckedRedisChannel(kombu_redis.Channel):
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        """kombu's, but a channel whose connection is gone raises a connection error.
+
+        kombu 5.7 builds a channel's connection pool lazily, from `self.connection.client` (the
+        transport's kombu Connection). When Redis goes away, Celery's consumer runs
+        `connection.collect()`: its first `Channel.close()` disconnects the pools, then fails
+        draining the pending BRPOP, and the transport is detached (`client = None`). Celery
+        then closes the connection, closing the channel again, and restoring the received,
+        unacked messages (`QoS.restore_unacked`) needs a client, so a new pool, so this method:
+        `None.hostname` raised AttributeError, which Celery does not recover from ("Unrecoverable
+        error"), and the worker exited. A redis ConnectionError is one of the transport's
+        `connection_errors`: the close swallows it (`maybe_close_channel`, `ignore_errors`) and
+        Celery reconnects. The messages it could not restore stay in Redis' unacked set,
+        restored after the visibility timeout (`restore_visible`), or lost with Redis itself.
+        The same holds for a channel already removed from its transport (`connection = None`).
+        """
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise redis.exceptions.ConnectionError(
+                "the Redis channel has no connection (closed after losing Redis)")
+        return dict(super()._connparams(asynchronous=asynchronous))  # type: ignore[no-untyped-call]
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]

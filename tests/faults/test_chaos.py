@@ -347,10 +347,12 @@ def test_every_wake_message_tripled(celery_stack: Stack,  # noqa: F811
         assert final is not None
         started = [e.data["attempt"] for e in events_of(publisher, final.run_id,
                                                         "run_started")]
-        if final.status == DispatchStatus.Superseded:  # interrupted before it ran
-            assert started == [], (final, started)
-            continue
         expected = [0, 1] if final.thread_id.startswith("flaky") else [0]
+        if final.status == DispatchStatus.Superseded:
+            # Interrupted before it ran, or while it ran (its epoch went stale before the
+            # result or the ack: superseded there): each attempt it began, begun once.
+            assert started == expected[:len(started)], (final, started)
+            continue
         assert started == expected, (final, started)
 
 
@@ -496,10 +498,6 @@ def test_backlog_longer_than_the_lease_completes(celery_stack: Stack,  # noqa: F
 
 
 # ================================================== finding: worker dies on broker loss
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="kombu 5.7: closing a Redis "
-                   "channel after the connection was collected restores unacked messages "
-                   "through a detached transport: AttributeError, which Celery treats as "
-                   "unrecoverable, and the worker exits (report: broker-loss finding)")
 def test_closing_the_channel_after_losing_redis_raises_only_connection_errors(
         private_redis: EmbeddedRedis) -> None:
     """The end state a worker reaches when Redis dies while its BRPOP is pending and it holds
@@ -509,7 +507,8 @@ def test_closing_the_channel_after_losing_redis_raises_only_connection_errors(
     `Channel.close()` failed draining the BRPOP after it had disconnected the pools, and the
     transport was detached (`client = None`) — then `connection.close()` closes the channel
     again and restoring the unacked message builds a pool from the detached connection.
-    Celery reconnects after connection errors; anything else stops the worker."""
+    Celery reconnects after connection errors; anything else stops the worker. kombu 5.7
+    raised AttributeError there; `CheckedRedisChannel._connparams` raises ConnectionError."""
     import importlib
 
     from tasks.app import CheckedRedisTransport  # what celeryconfig uses for redis://

@@ -36,8 +36,10 @@ bad_cursors = st.one_of(
     st.from_regex(r"\A[0-9]{1,22}(-[0-9]{1,22})?\Z"), st.text(max_size=12),
 )
 short_timeouts = st.floats(min_value=0, max_value=0.05)
-bad_timeouts = st.one_of(junk.filter(lambda v: not isinstance(v, int | float)
-                                     or isinstance(v, bool)),
+# None is not among them: for `follow` it means "until the run's final event" (forever, on a
+# run that waits for a decision).
+bad_timeouts = st.one_of(junk.filter(lambda v: v is not None and (
+    not isinstance(v, int | float) or isinstance(v, bool))),
                          st.sampled_from([-1, -0.001, math.nan, math.inf, -math.inf]))
 
 

@@ -937,6 +937,52 @@ def test_settle_completed_acks_and_keeps_the_projection(mailbox: Mailbox) -> Non
     assert mailbox.store.coordinator.read_lease("t-ok") is None, "settle releases the lease"
 
 
+HOSTILE = "a\x00b\ud800c\udfffd"  # NUL and lone surrogates: no database stores them as-is
+HOSTILE_STORED = "a\ufffdb\ufffdc\ufffdd"
+
+
+def raise_hostile(kind: type[Exception]) -> Callable[[AgentContext], Any]:
+    def behaviour(ctx: AgentContext) -> Any:
+        raise kind(HOSTILE)
+    return behaviour
+
+
+def suspend_hostile(ctx: AgentContext) -> Any:
+    ctx.suspend("approve", HOSTILE, {"why": [HOSTILE]})
+
+
+@pytest.mark.parametrize("behaviour, expected", [
+    pytest.param(lambda ctx: HOSTILE, ("Acked", HOSTILE_STORED, None), id="response"),
+    pytest.param(lambda ctx: AgentResult(termination=Termination.error(HOSTILE)),
+                 ("Acked", None, HOSTILE_STORED), id="error-termination"),
+    pytest.param(raise_hostile(PermanentError), ("DeadLetter", None, HOSTILE_STORED),
+                 id="permanent-error"),
+    pytest.param(raise_hostile(TransientError), ("DeadLetter", None, HOSTILE_STORED),
+                 id="transient-error"),
+    pytest.param(suspend_hostile, ("Acked", None, None), id="suspend-ticket"),
+])
+def test_agent_text_no_database_can_store_is_kept_with_replacement_characters(
+        mailbox: Mailbox, behaviour: Callable[[AgentContext], Any],
+        expected: tuple[str, str | None, str | None]) -> None:
+    """An odd character in a model's answer must not turn a finished attempt into a driver
+    error (the dispatch would stay Claimed until its lease ran out, attempt after attempt)."""
+    name, calls = register(behaviour)
+    rt = make_runtime(mailbox, Wakes())
+    receipt = mailbox.submit("t-hostile", name, "hi", max_attempts=1)
+    ctx = run_chain(rt, claim(rt, "t-hostile"))
+
+    assert "settled" in ctx, ctx
+    dispatch = load(mailbox, receipt.dispatch_id)
+    status, response, error = expected
+    assert dispatch.status.value == status
+    run = run_of(mailbox, receipt.run_id)
+    assert (run.response, run.error) == (response, error)
+    if run.waiting is not None:
+        assert run.waiting["message"] == HOSTILE_STORED
+        assert run.waiting["parameters"] == {"why": [HOSTILE_STORED]}
+    assert calls.count == 1
+
+
 def test_settle_agent_result_with_error_termination_is_completed(mailbox: Mailbox) -> None:
     """§4.5: a successful return carrying an Error termination is Completed (acked), with the
     error projected, not retried."""
@@ -1048,6 +1094,14 @@ def test_settle_exhausted_dead_letters_and_errors_the_run_immediately(
     assert run.status == RunStatus.done
     assert run.termination == Termination.error("flaky failure 2 of 10")
     assert wakes.calls == [("t-exhaust", 0)], "no delayed wake for a dead letter"
+    # Followers learn it: the first attempt "retrying", the last one "dead_letter" (final,
+    # so `follow` ends), and nothing says the spent attempt will be retried.
+    finishes = [e.data["status"] for e in mailbox.events_of(receipt.run_id)
+                if e.type == "run_finish"]
+    assert finishes == ["retrying", "dead_letter"]
+    followed = list(mailbox.events_of(receipt.run_id, follow=True, timeout_s=5))
+    assert followed[-1].type == "run_finish" and followed[-1].is_final
+    assert event_types(mailbox, receipt.run_id).count("run_rescheduled") == 1
 
 
 def test_settle_permanent_error_dead_letters_after_one_run(mailbox: Mailbox) -> None:

@@ -20,9 +20,9 @@ import pytest
 
 from benchmarks.soak import DEFAULT_MIX, RESULTS, SoakOptions, drop_namespace, parse_mix, run_soak
 
-# The CI mix leaves out `exhaust` (flaky past its attempt budget) until the run_finish event
-# of an exhausting attempt is fixed: see the comment in test_10k_dispatches_over_500_threads.
-CI_MIX = "echo=85,flaky=8,sleep=5,fail=2"
+# The soak's mix: echo, flaky (retried then Acked), exhaust (retried until its budget is
+# spent: the last attempt's run_finish must say "dead_letter"), sleep and fail.
+CI_MIX = DEFAULT_MIX
 
 
 def run(options: SoakOptions, database_url: str, redis_url: str, namespace: str,
@@ -64,10 +64,7 @@ def test_small_load_is_audited(database_url: str, redis_url: str, namespace: str
                     reason="the 10k-dispatch load run: set MAILBOX_LOAD=1 (`make load`)")
 def test_10k_dispatches_over_500_threads(database_url: str, redis_url: str, namespace: str,
                                          tmp_path: Path) -> None:
-    # The full mix, `exhaust` included (MAILBOX_LOAD_MIX overrides it): until
-    # mailbox/phases.py emits the last run_finish of an attempt that spends the budget as
-    # "dead_letter" (it says "retrying", so `python -m mailbox follow` never stops on such a
-    # run), the audit reports each of those dispatches.
+    # The soak's mix (MAILBOX_LOAD_MIX overrides it).
     options = SoakOptions(dispatches=10_000, threads=500, workers=2, concurrency=2,
                           agent_mix=parse_mix(os.environ.get("MAILBOX_LOAD_MIX", DEFAULT_MIX)),
                           timeout_s=2 * 3600, progress_s=15)
