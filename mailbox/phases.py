@@ -415,7 +415,8 @@ def _settle_outcome(rt: Runtime, ctx: Context) -> None:
         # Left Claimed: the lease expires and the sweep reclaims it (attempt + 1).
         _finish(ctx, f"store unavailable settling: {exc}")
     else:
-        ctx["settled"] = kind
+        if not ctx.get("duplicate"):
+            ctx["settled"] = kind
 
 
 def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: int) -> None:
@@ -436,7 +437,18 @@ def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: i
         run = acked_run or run
     except StoreUnavailableError:
         raise
+    except VersionConflictError:
+        # Refused outright: the claim was not ours when the ack looked. If the dispatch is
+        # Acked, another delivery of this same settle (a duplicated message) acked it and
+        # reports it; reporting it here too would tell followers of a second result.
+        current = rt.store.load_dispatch(ctx["dispatch_id"])
+        if current is not None and current.status == DispatchStatus.Acked:
+            ctx["duplicate"] = True
+            _finish(ctx, "settled by another delivery of this attempt")
+            return
+        raise
     except MailboxError:
+        # Unknown whether the ack landed (its answer was lost): §4.4 recovery.
         run = _recover_ack(rt, ctx, now) or run
     if run is None:
         run = rt.runs.load_run(ctx["run_id"])

@@ -532,9 +532,6 @@ def test_closing_the_channel_after_losing_redis_raises_only_connection_errors(
 
 
 # ============================================ finding: a replayed attempt settled twice
-@pytest.mark.xfail(strict=True, reason="execute passes a replayed attempt on before its "
-                   "executor guard, and _recover_ack takes 'already Acked' for its own ack: "
-                   "two deliveries both report the result (report: replay finding)")
 def test_a_replayed_attempt_delivered_twice_reports_its_result_once(mailbox: Mailbox) -> None:
     """Seen in test_every_wake_message_tripled on PostgreSQL: attempt 0 recorded the outcome
     (run done), its lease ran out before settle acked, the retry is a replay (reconstruct

@@ -1244,6 +1244,26 @@ def test_ack_outage_leaves_the_claim_and_the_retry_acks_without_rerunning(
     assert dispatch.run_response == "finished" and calls.count == 1
 
 
+def test_settle_delivered_twice_reports_the_result_once(mailbox: Mailbox) -> None:
+    """At-least-once delivery: a second settle of the same attempt finds its ack refused and
+    the dispatch Acked by the first; it neither reports the result again nor wakes."""
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=Clock())
+    receipt = mailbox.submit("t-twice", "echo", "once")
+    ctx = claim(rt, "t-twice")
+    for phase in (verify, reconstruct, resolve, execute):
+        ctx = phase(rt, ctx)
+    first, second = settle(rt, copy.deepcopy(ctx)), settle(rt, copy.deepcopy(ctx))
+
+    assert first["settled"] == "completed"
+    assert second.get("duplicate") and "settled" not in second, second
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
+    finishes = [e.data["status"] for e in mailbox.events_of(receipt.run_id)
+                if e.type == "run_finish"]
+    assert finishes == ["acked"]
+    assert wakes.calls == [("t-twice", 0)]
+
+
 def test_settle_of_a_finished_context_only_wakes(mailbox: Mailbox) -> None:
     name, _ = register(lambda ctx: "ok")
     wakes = Wakes()
