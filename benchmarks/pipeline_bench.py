@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -64,12 +63,12 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from benchmarks.processes import ProcessGroup
 from mailbox.database import scratch_postgres_schema
 from mailbox.devredis import EmbeddedRedis
 from mailbox.settings import normalize_database_url
 
 ROOT = Path(__file__).resolve().parent.parent
-CELERY = str(Path(sys.executable).parent / "celery")
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 PER_THREAD = 10  # dispatches per mailbox thread in throughput rounds
@@ -290,51 +289,11 @@ def cleanup_broker(namespace: str, services: Services, broker: str) -> None:
 
 
 # =================================================================================== workers
-@dataclass
-class Workers:
+class Workers(ProcessGroup):
     """The worker processes of one configuration; each in its own process group."""
 
-    workdir: Path
-    env: dict[str, str]
-    processes: list[tuple[str, subprocess.Popen[bytes], Path]] = field(default_factory=list)
-
     def start(self, app: str, queue: str, concurrency: int, label: str) -> None:
-        log = self.workdir / f"{label}.log"
-        err = open(log.with_suffix(".err"), "wb")  # noqa: SIM115 (the child owns it)
-        proc = subprocess.Popen(
-            [CELERY, "-A", app, "worker", "-c", str(concurrency), "-P", "prefork",
-             "-n", f"{label}@%h", "-l", "WARNING", "--without-gossip", "--without-mingle",
-             "--without-heartbeat", "-Q", queue, f"--logfile={log}"],
-            cwd=ROOT, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
-            stderr=err)
-        err.close()
-        self.processes.append((label, proc, log))
-
-    def dead(self) -> list[str]:
-        return [label for label, proc, _ in self.processes if proc.poll() is not None]
-
-    def stop(self) -> None:
-        for _, proc, _ in self.processes:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for _, proc, _ in self.processes:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.processes.clear()
-
-    def log_tails(self) -> str:
-        parts = []
-        for label, _, log in self.processes:
-            for path in (log, log.with_suffix(".err")):
-                if path.exists() and path.stat().st_size:
-                    parts.append(f"--- {label} {path.name}\n"
-                                 f"{path.read_text(errors='replace')[-3000:]}")
-        return "\n".join(parts)
+        self.start_worker(label, app, queue, concurrency, f"{label}@%h")
 
 
 # ============================================================================ configurations
@@ -422,7 +381,7 @@ def run_configuration(cfg: Configuration, opts: Options, services: Services,
                 workers.start("benchmarks.baseline_app", f"{namespace}-baseline",
                               cfg.concurrency, f"baseline-{cfg.key}")
             plan = build_plan(cfg, opts, services, namespace, pass_no, idle)
-            plan["worker_pids"] = [proc.pid for _, proc, _ in workers.processes]
+            plan["worker_pids"] = workers.pids()
             plan_path = cdir / "plan.json"
             result_path = cdir / "result.json"
             plan["result_path"] = str(result_path)

@@ -48,7 +48,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,8 +61,9 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
+from benchmarks.processes import ProcessGroup
+
 ROOT = Path(__file__).resolve().parent.parent
-CELERY = str(Path(sys.executable).parent / "celery")
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_MIX = "echo=84,flaky=8,exhaust=1,sleep=5,fail=2"
 AGENTS = ("echo", "flaky", "exhaust", "sleep", "fail")
@@ -122,33 +122,17 @@ class SoakOptions:
 
 
 # ================================================================================ processes
-@dataclass
-class Processes:
+class Processes(ProcessGroup):
     """The workers and beat this run started, each in its own process group."""
-
-    workdir: Path
-    env: dict[str, str]
-    started: list[tuple[str, subprocess.Popen[bytes], Path]] = field(default_factory=list)
-
-    def _spawn(self, label: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = self.workdir / f"{label}.log"
-        with open(log.with_suffix(".err"), "wb") as err:
-            proc = subprocess.Popen([CELERY, "-A", "tasks", *args, f"--logfile={log}"],
-                                    cwd=ROOT, env=self.env, start_new_session=True,
-                                    stdout=subprocess.DEVNULL, stderr=err)
-        self.started.append((label, proc, log))
-        return proc
 
     def start(self, workers: int, concurrency: int, queue: str) -> list[str]:
         """Spawn the workers and beat; returns the worker name prefixes (`name@host`)."""
         names = []
         for n in range(1, workers + 1):
             names.append(f"soak{n}-{queue}@")
-            self._spawn(f"worker{n}", [
-                "worker", "-c", str(concurrency), "-P", "prefork", "-n",
-                f"soak{n}-{queue}@%h", "-l", "WARNING", "--without-gossip",
-                "--without-mingle", "--without-heartbeat", "-Q", queue])
-        self._spawn("beat", ["beat", "-l", "WARNING", "-s", str(self.workdir / "beat-schedule")])
+            self.start_worker(f"worker{n}", "tasks", queue, concurrency, f"soak{n}-{queue}@%h")
+        self.spawn("beat", "tasks",
+                   ["beat", "-l", "WARNING", "-s", str(self.workdir / "beat-schedule")])
         return names
 
     def wait_ready(self, names: Sequence[str], timeout_s: float = 90) -> None:
@@ -167,35 +151,6 @@ class Processes:
                 return
         raise TimeoutError(f"workers did not answer a ping in {timeout_s:.0f}s\n"
                            f"{self.log_tails()}")
-
-    def dead(self) -> list[str]:
-        return [f"{label} (exit {proc.returncode})" for label, proc, _ in self.started
-                if proc.poll() is not None]
-
-    def pids(self) -> list[int]:
-        return [proc.pid for _, proc, _ in self.started]
-
-    def stop(self) -> None:
-        for _, proc, _ in self.started:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        for _, proc, _ in self.started:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def log_tails(self, chars: int = 3000) -> str:
-        parts = []
-        for label, _, log in self.started:
-            for path in (log, log.with_suffix(".err")):
-                if path.exists() and path.stat().st_size:
-                    text = path.read_text(errors="replace")[-chars:]
-                    parts.append(f"--- {label} {path.name}\n{text}")
-        return "\n".join(parts)
 
 
 def stack_env(database_url: str, redis_url: str, namespace: str, workdir: Path,

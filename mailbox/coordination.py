@@ -1,4 +1,5 @@
-"""Hot coordination state in Redis: per-thread leases and per-thread epochs (DESIGN.md §4.2).
+"""Hot coordination state in Redis: per-thread leases and per-thread epochs (DESIGN.md §4.2),
+and the sweep's per-thread "wake-up pending" marks.
 
 SQL is the durable truth; these are fast copies that let a claim on a busy thread be refused
 without touching SQL and let `verify` read the epoch without a SQL round trip. Everything
@@ -13,6 +14,7 @@ client; redis-py reloads it by itself after a Redis restart forgets scripts).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ class Coordinator:
         self._scripts = {
             name: client.register_script((LUA_DIR / f"{name}.lua").read_text())
             for name in ("lease_acquire", "lease_put", "lease_release", "lease_take_executor",
-                         "epoch_generation", "epoch_fill")
+                         "epoch_generation", "epoch_fill", "wake_consume")
         }
 
     # -------------------------------------------------------------------------------- keys
@@ -57,6 +59,9 @@ class Coordinator:
 
     def epoch_key(self, thread_id: str) -> str:
         return f"{self.namespace}:epoch:{thread_id}"
+
+    def wake_pending_key(self, thread_id: str) -> str:
+        return f"{self.namespace}:wake-pending:{thread_id}"
 
     def _run(self, name: str, key: str, *args: Any) -> Any:
         self.round_trips += 1
@@ -117,6 +122,35 @@ class Coordinator:
         return int(self._run_keys("epoch_fill", [self.epoch_key(thread_id),
                                       f"{self.namespace}:epoch-generation"],
                        epoch, generation, EPOCH_TTL_MS)) != -1
+
+    # ----------------------------------------------------------------- sweep wake-ups
+    def mark_wakes_pending(self, wakes: Sequence[tuple[str, str]], ttl_ms: int) -> list[bool]:
+        """For each (thread_id, wake_id), SET NX PX the thread's pending-wake mark to the wake
+        id; all in one round trip. True where the mark was newly set (publish that wake-up),
+        False where an earlier sweep's wake-up is still pending."""
+        if not wakes:
+            return []
+        self.round_trips += 1
+        pipe = self.client.pipeline(transaction=False)
+        for thread_id, wake_id in wakes:
+            pipe.set(self.wake_pending_key(thread_id), wake_id, nx=True, px=ttl_ms)
+        return [bool(reply) for reply in pipe.execute()]
+
+    def consume_wake(self, thread_id: str, wake_id: str) -> bool:
+        """Clear the thread's mark if it still names this wake-up: one round trip."""
+        return bool(self._run("wake_consume", self.wake_pending_key(thread_id), wake_id))
+
+    def clear_wakes_pending(self, wakes: Sequence[tuple[str, str]]) -> None:
+        """`consume_wake` for wake-ups that were marked but never published, in one round
+        trip."""
+        if not wakes:
+            return
+        self.round_trips += 1
+        pipe = self.client.pipeline(transaction=False)
+        for thread_id, wake_id in wakes:
+            self._scripts["wake_consume"](keys=[self.wake_pending_key(thread_id)],
+                                          args=[wake_id], client=pipe)
+        pipe.execute()
 
     def _run_keys(self, name: str, keys: list[str], *args: Any) -> Any:
         self.round_trips += 1

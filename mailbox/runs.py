@@ -436,9 +436,11 @@ class RunStore:
             return [_from_row(r) for r in conn.execute(query)]
 
     @_operation("due_thread_ids")
-    def due_thread_ids(self, now: int, limit: int = 1000) -> list[str]:
+    def due_thread_ids(self, now: int, limit: int = 1000, after: str | None = None
+                       ) -> list[str]:
         """Threads with a Queued dispatch due now and no Claimed dispatch: those a wake-up
-        would start (delayed availability, retries in backoff, lost publishes)."""
+        would start (delayed availability, retries in backoff, lost publishes). Ordered by
+        thread id; `after` pages on from the last id of the previous page."""
         claimed = sa.select(dispatches.c.thread_id).where(
             dispatches.c.status == DispatchStatus.Claimed.value)
         query = (sa.select(dispatches.c.thread_id).distinct()
@@ -446,6 +448,8 @@ class RunStore:
                         dispatches.c.available_at <= now,
                         dispatches.c.thread_id.not_in(claimed))
                  .order_by(dispatches.c.thread_id).limit(limit))
+        if after is not None:
+            query = query.where(dispatches.c.thread_id > after)
         with self.store._read() as conn:
             return [str(t) for t in conn.execute(query).scalars()]
 

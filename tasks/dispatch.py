@@ -18,6 +18,7 @@ from celery.result import AsyncResult
 
 from mailbox.errors import MailboxError, ValidationError
 from mailbox.facade import check_text
+from mailbox.maintenance import consume_sweep_wake, is_sweep_wake_id
 from mailbox.phases import claim_next
 from tasks import phases
 from tasks.app import app
@@ -69,6 +70,10 @@ def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None)
     except ValidationError as exc:
         log.error("mailbox.dispatch refused a malformed message: %s", exc.message)
         return None
+    # A sweep's wake-up clears the thread's pending mark before the claim, so that anything
+    # that sweep saw due is claimed here or woken by the next sweep (other wake-ups: no-op).
+    if is_sweep_wake_id(self.request.id):
+        consume_sweep_wake(mailbox().store.coordinator, thread_id, self.request.id)
     return start_next(thread_id)
 
 

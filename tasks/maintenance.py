@@ -12,19 +12,31 @@ from celery.signals import worker_ready
 from mailbox import maintenance
 from mailbox.phases import now_ms
 from tasks.app import app
-from tasks.runtime import publish_wake, runtime
+from tasks.runtime import WAKE_PRIORITY, publish_wake, queue, runtime
 
 log = logging.getLogger(__name__)
+
+
+def publish_sweep_wake(thread_id: str, wake_id: str) -> None:
+    """`publish_wake`, with the sweep's wake id as the task id: the `mailbox.dispatch` body
+    that consumes it clears the thread's pending mark (`maintenance.consume_sweep_wake`)."""
+    from tasks.dispatch import dispatch
+
+    dispatch.apply_async(args=(thread_id,), task_id=wake_id, queue=queue(),
+                         priority=WAKE_PRIORITY)
 
 
 @app.task(name="mailbox.sweep")
 def sweep() -> dict[str, int]:
     # Due threads get wake-ups (behind phase messages) rather than claims made right here:
     # claiming every due thread at once started more chains than the workers could run
-    # within a lease, and their leases ran out while they queued behind each other.
-    report = maintenance.sweep(dataclasses.replace(runtime(), wake=publish_wake), now_ms())
+    # within a lease, and their leases ran out while they queued behind each other. A thread
+    # whose previous sweep wake-up is still queued is not woken again ("already_pending").
+    report = maintenance.sweep(dataclasses.replace(runtime(), wake=publish_wake), now_ms(),
+                               publish=publish_sweep_wake)
     return {"reclaimed": len(report.reclaimed), "dead_lettered": len(report.dead_lettered),
-            "reconciled": len(report.reconciled), "woken": len(report.woken)}
+            "reconciled": len(report.reconciled), "woken": len(report.woken),
+            "already_pending": len(report.already_pending)}
 
 
 @app.task(name="mailbox.gc")

@@ -27,4 +27,4 @@ def test_no_mailbox_module_imports_celery() -> None:
 def test_lua_scripts_are_files_loaded_by_the_coordinator() -> None:
     scripts = {p.stem for p in (ROOT / "mailbox" / "lua").glob("*.lua")}
     assert {"lease_acquire", "lease_put", "lease_release", "epoch_generation", "epoch_fill",
-            "lease_take_executor", "events_append"} <= scripts
+            "lease_take_executor", "events_append", "wake_consume"} <= scripts
