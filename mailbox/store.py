@@ -102,6 +102,10 @@ _SELECT_HEAD = (sa.select(dispatches)
                        _D.available_at <= sa.bindparam("now"))
                 .order_by(_D.priority, _D.created_at, _D.dispatch_id)
                 .limit(1))
+_SELECT_ANY_DUE = (sa.select(_D.dispatch_id)
+                   .where(_D.thread_id == sa.bindparam("thread_id"), _D.status == _QUEUED,
+                          _D.available_at <= sa.bindparam("now"))
+                   .limit(1))
 _SELECT_QUEUED_BY_ID = sa.select(dispatches).where(
     _D.dispatch_id == sa.bindparam("dispatch_id"), _D.status == _QUEUED)
 
@@ -373,6 +377,17 @@ class MailboxStore:
             return None
         return self._claim_thread(thread_id, dispatch_id, consumer_id, lease_ms, now)
 
+    def _has_due(self, thread_id: str, now: int) -> bool:
+        """A plain read before the claim's write transaction: most claims made when an
+        attempt settles find the thread empty, and on SQLite a write transaction takes the
+        database's one write lock. Skipping on "nothing due" loses nothing: a dispatch
+        committed after this read is woken by its own submit (or retry, or the sweep), like
+        any dispatch that arrives after a claim. (A Claimed row that Redis forgot is then
+        not rebuilt into a lease here; the next claim that finds work does it.)"""
+        with self._read() as conn:
+            return conn.execute(_SELECT_ANY_DUE, {"thread_id": thread_id, "now": now}
+                                ).first() is not None
+
     def _claim_thread(self, thread_id: str, dispatch_id: str | None, consumer_id: str,
                       lease_ms: int, now: int) -> RunDispatch | None:
         token = new_token()
@@ -380,6 +395,9 @@ class MailboxStore:
             if self.coordinator.acquire(thread_id, token, now + lease_ms, consumer_id, now,
                                         lease_ms) is not None:
                 return None  # a live lease: busy, refused without SQL
+            if dispatch_id is None and not self._has_due(thread_id, now):
+                self._release_pending(thread_id, token)
+                return None
             claimed, holder = self._claim_in_sql(thread_id, dispatch_id, token, consumer_id,
                                                  lease_ms, now)
         except BaseException:
