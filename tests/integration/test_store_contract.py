@@ -948,6 +948,21 @@ def test_claim_on_busy_thread_issues_no_sql(store: MailboxStore) -> None:
     assert claim_one(store, "t", now=1300).dispatch_id == "d2"
 
 
+def test_claim_on_a_thread_with_nothing_due_only_reads(store: MailboxStore) -> None:
+    """No write transaction (on SQLite the database's one write lock) for an empty thread,
+    nor for one whose only dispatch is not due yet; the lease it took is given back."""
+    store.enqueue(mk("d1", "t", "r1", t=5000))  # created and available at 5000
+    for thread_id in ("t", "empty"):
+        with count_sql(store) as statements:
+            assert store.claim(thread_id, "consumer-1", LEASE, 1000, 1) == []
+        writes = [sql for sql in statements if sql.lstrip().upper().startswith(
+            ("INSERT", "UPDATE", "DELETE", "BEGIN IMMEDIATE", "SELECT PG_ADVISORY"))
+            or "FOR UPDATE" in sql.upper()]
+        assert statements and writes == [], statements
+        assert store.coordinator.read_lease(thread_id) is None
+    assert claim_one(store, "t", now=5000).dispatch_id == "d1"
+
+
 def test_claim_returns_at_most_one_per_call_and_nothing_for_limit_zero(store: MailboxStore) -> None:
     for i in range(3):
         store.enqueue(mk(f"d{i}", "t", f"r{i}", 128, 1000 + i))
