@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 
+from kombu.entity import Exchange, Queue
+
 from mailbox.settings import Settings
+from tasks.runtime import AMQP_PHASE_PRIORITY, is_amqp
 
 _settings = Settings.from_env()
 NAMESPACE = _settings.namespace
@@ -22,6 +25,13 @@ broker_connection_retry_on_startup = True
 # kombu's Redis transport, minus the way one malformed queue entry stops a worker (tasks/app.py).
 if broker_url.split("://", 1)[0] in ("redis", "rediss"):
     broker_transport = "tasks.app:CheckedRedisTransport"
+if is_amqp(broker_url):
+    # A priority queue, so that phase messages go before wake-ups as they do on Redis (see
+    # tasks/runtime.py). RabbitMQ refuses to redeclare an existing queue with other
+    # arguments: a queue made by an older version must be deleted once.
+    task_queues = (Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE,  # type: ignore[no-untyped-call]
+                         queue_arguments={"x-max-priority": AMQP_PHASE_PRIORITY}),)
+    task_default_priority = AMQP_PHASE_PRIORITY
 # Above the longest phase and any wake-up countdown we publish (those stay under 5 minutes),
 # so Redis never redelivers a message that is still legitimately held.
 broker_transport_options = {

@@ -22,7 +22,7 @@ from mailbox.maintenance import consume_sweep_wake, is_sweep_wake_id
 from mailbox.phases import claim_next
 from tasks import phases
 from tasks.app import app
-from tasks.runtime import MAX_COUNTDOWN_MS, WAKE_PRIORITY, mailbox, queue, runtime
+from tasks.runtime import MAX_COUNTDOWN_MS, mailbox, queue, runtime, wake_priority
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class DispatchTask(Task):
         try:
             self.apply_async(args=(thread_id,), kwargs={"dispatch_id": receipt.dispatch_id},
                              task_id=receipt.dispatch_id, countdown=countdown, queue=queue(),
-                             priority=WAKE_PRIORITY)
+                             priority=wake_priority())
         except Exception as exc:  # kombu raises several types for an unreachable broker
             raise WakeNotPublishedError(receipt.dispatch_id, exc) from exc
         return self.AsyncResult(receipt.dispatch_id)

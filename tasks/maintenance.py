@@ -12,7 +12,7 @@ from celery.signals import worker_ready
 from mailbox import maintenance
 from mailbox.phases import now_ms
 from tasks.app import app
-from tasks.runtime import WAKE_PRIORITY, publish_wake, queue, runtime
+from tasks.runtime import publish_wake, queue, runtime, wake_priority
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def publish_sweep_wake(thread_id: str, wake_id: str) -> None:
     from tasks.dispatch import dispatch
 
     dispatch.apply_async(args=(thread_id,), task_id=wake_id, queue=queue(),
-                         priority=WAKE_PRIORITY)
+                         priority=wake_priority())
 
 
 @app.task(name="mailbox.sweep")

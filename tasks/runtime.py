@@ -18,9 +18,14 @@ MAX_COUNTDOWN_MS = 5 * 60 * 1000
 # delays a chain already holding a lease: under a burst, a FIFO queue made every hop of
 # every claimed chain wait behind thousands of wake-ups until leases ran out between phases
 # and attempts were spent on queueing alone (found by the 10k-dispatch load test). And since
-# a worker takes a wake-up only when no phase is waiting, claims follow capacity. RabbitMQ
-# ignores message priority unless the queue declares x-max-priority.
+# a worker takes a wake-up only when no phase is waiting, claims follow capacity.
+# RabbitMQ counts the other way (larger is served first) and only on a queue declared with
+# x-max-priority: celeryconfig declares ours so on amqp, with the phases at
+# AMQP_PHASE_PRIORITY (the default priority there) and wake-ups at 0.
 WAKE_PRIORITY = 9
+AMQP_WAKE_PRIORITY = 0
+AMQP_PHASE_PRIORITY = 1
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")
 
 _lock = threading.Lock()
 _state: dict[int, tuple[Mailbox, Runtime]] = {}
@@ -34,7 +39,18 @@ def publish_wake(thread_id: str, delay_ms: int = 0) -> None:
     if delay_ms > MAX_COUNTDOWN_MS:
         return
     dispatch.apply_async(args=(thread_id,), countdown=delay_ms / 1000 if delay_ms > 0 else None,
-                         queue=queue(), priority=WAKE_PRIORITY)
+                         queue=queue(), priority=wake_priority())
+
+
+def is_amqp(broker_url: object) -> bool:
+    return isinstance(broker_url, str) and broker_url.split("://", 1)[0] in AMQP_SCHEMES
+
+
+def wake_priority() -> int:
+    """The priority that puts a wake-up behind phase messages on this app's broker."""
+    from tasks.app import app
+
+    return AMQP_WAKE_PRIORITY if is_amqp(app.conf.broker_url) else WAKE_PRIORITY
 
 
 def worker_wake(thread_id: str, delay_ms: int = 0) -> None:
