@@ -503,12 +503,14 @@ def _settle_transient(rt: Runtime, ctx: Context, error: str, now: int) -> None:
 
 
 def _settle_permanent(rt: Runtime, ctx: Context, error: str, now: int) -> None:
-    _emit(rt, ctx, "run_finish", {"termination": Termination.error(error).to_json(),
-                                  "error": error, "status": "dead_letter"})
+    """Dead-letter, then report it: like a nack, the event follows the write it reports (a
+    dead letter fenced off by an interrupt reports the cancellation instead)."""
     rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
         ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error(error), None,
         error), now)
     rt.store.dead_letter(ctx["dispatch_id"], ctx["token"], error, now)
+    _emit(rt, ctx, "run_finish", {"termination": Termination.error(error).to_json(),
+                                  "error": error, "status": "dead_letter"})
     _reconcile(rt, rt.store.load_dispatch(ctx["dispatch_id"]), ctx)
 
 
