@@ -43,6 +43,11 @@ MAX_INPUT_BYTES = 256 * 1024
 _R = runs.c
 _M = messages.c
 _SELECT_RUN = sa.select(runs).where(_R.run_id == sa.bindparam("run_id"))
+# A read-modify-write of a run locks its row first: two writers that both read the same
+# status (say the caller of interrupt() and the worker, each reconciling the superseded run)
+# must not both decide from it. On PostgreSQL the second waits and then reads the first's
+# result; SQLite renders no FOR UPDATE, its write transactions are serialised already.
+_SELECT_RUN_FOR_UPDATE = _SELECT_RUN.with_for_update()
 _INSERT_RUN = runs.insert()
 # SET from the parameters named after columns; the guards are not column names.
 _UPDATE_RUN = runs.update().where(_R.run_id == sa.bindparam("guard_run_id"))
@@ -299,13 +304,13 @@ class RunStore:
     # ------------------------------------------------------------------------------ writes
     def _update(self, run_id: str, change: Callable[[RunRecord], RunRecord | None]
                 ) -> RunRecord | None:
-        """Load, apply `change(run) -> RunRecord | None`, write back (guarded by status)."""
+        """Lock the run, apply `change(run) -> RunRecord | None`, write back (guarded by status)."""
         with self.store._write() as conn:
             return self._update_in(conn, run_id, change)
 
     def _update_in(self, conn: sa.Connection, run_id: str,
                    change: Callable[[RunRecord], RunRecord | None]) -> RunRecord | None:
-        row = conn.execute(_SELECT_RUN, {"run_id": run_id}).one_or_none()
+        row = conn.execute(_SELECT_RUN_FOR_UPDATE, {"run_id": run_id}).one_or_none()
         if row is None:
             return None
         before = _run_from_row(row)

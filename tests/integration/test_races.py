@@ -863,3 +863,48 @@ def test_concurrent_claim_dispatch_has_exactly_one_winner(
         claimed = store.list_dispatches(f"cd-thread-{rnd}", [DispatchStatus.Claimed])
         assert [d.dispatch_id for d in claimed] == [target]
 
+
+
+
+RECONCILE_ROUNDS = 20
+
+
+def race_reconciles(box: Mailbox, dispatch: RunDispatch, racers: int) -> list[object]:
+    """`racers` threads reconcile the same terminal dispatch at once; what each returned or
+    raised."""
+    barrier = threading.Barrier(racers)
+    outcomes: list[object] = []
+
+    def reconcile() -> None:
+        barrier.wait(10)
+        try:
+            outcomes.append(box.runs.reconcile(dispatch, now_ms()))
+        except Exception as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=reconcile) for _ in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return outcomes
+
+
+def test_concurrent_reconciles_of_one_superseded_run_finish_it_exactly_once(
+        mailbox: Mailbox) -> None:
+    """The caller of interrupt() and the worker that finds its dispatch superseded both
+    reconcile the run. Racing, each must either finish the run or see it finished: neither
+    may fail with "changed concurrently", and exactly one reports the change (the one that
+    emits run_finish). PostgreSQL's read-committed writers raced here before runs were
+    locked for their read-modify-write (seen in CI through interrupt())."""
+    racers = 4
+    for i in range(RECONCILE_ROUNDS):
+        receipt = mailbox.submit(f"reconcile-race-{i}", "echo", "x")
+        [superseded] = mailbox.store.interrupt(receipt.thread_id, now_ms()).superseded
+        outcomes = race_reconciles(mailbox, superseded, racers)
+        errors = [o for o in outcomes if isinstance(o, Exception)]
+        assert not errors, f"{receipt.thread_id}: {errors}"
+        finished = [o for o in outcomes if o is not None]
+        assert len(outcomes) == racers and len(finished) == 1, outcomes
+        run = mailbox.runs.load_run(receipt.run_id)
+        assert run is not None and run.status == RunStatus.done
