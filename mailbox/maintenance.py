@@ -1,11 +1,12 @@
 """Sweep and garbage collection (reference §4.13), run by the beat schedule and at worker
 start.
 
-The sweep is what makes a Celery message "only a wake-up": it reclaims expired leases (each
-a failed attempt, so crash loops reach the dead letter), reconciles runs whose dispatch ended
-without them (a crash between two writes), and wakes every thread that has a due Queued
-dispatch and nothing Claimed — which delivers retries in backoff, delayed availability and
-publishes that were lost.
+The sweep is what makes a Celery message "only a wake-up": it acks expired claims whose
+attempt had already written the run's outcome (only the ack was lost), reclaims the other
+expired leases (each a failed attempt, so crash loops reach the dead letter), reconciles
+runs whose dispatch ended without them (a crash between two writes), and wakes every thread
+that has a due Queued dispatch and nothing Claimed — which delivers retries in backoff,
+delayed availability and publishes that were lost.
 
 When the wake-ups are broker messages (the beat task passes `publish`), a thread whose
 previous sweep wake-up is still waiting in the queue is not woken again: the sweep marks each
@@ -35,7 +36,7 @@ import redis
 from mailbox import metrics
 from mailbox.coordination import Coordinator
 from mailbox.model import DispatchStatus
-from mailbox.phases import Runtime, _emit
+from mailbox.phases import Runtime, _emit, report_acked
 from mailbox.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ SweepWakePublisher = Callable[[str, str], None]
 
 @dataclass
 class SweepReport:
+    acked: list[str] = field(default_factory=list)
+    """Expired claims whose attempt had written its outcome: acked, not counted as failed."""
     reclaimed: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
     reconciled: list[str] = field(default_factory=list)
@@ -109,6 +112,13 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
     whose previous sweep wake-up is still pending is skipped (see the module docstring);
     `pending_ttl_ms` overrides `wake_pending_ttl_ms(rt.settings)`."""
     report = SweepReport()
+    while True:
+        finished = rt.runs.ack_expired_finished(now, RECLAIM_BATCH)
+        for dispatch, run in finished:
+            report.acked.append(dispatch.dispatch_id)
+            report_acked(rt, {"run_id": run.run_id, "dispatch_id": dispatch.dispatch_id}, run)
+        if len(finished) < RECLAIM_BATCH:
+            break
     while True:
         batch = rt.store.reclaim_expired_leases(now, RECLAIM_BATCH)
         for dispatch in batch:

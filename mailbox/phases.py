@@ -454,6 +454,12 @@ def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: i
         run = rt.runs.load_run(ctx["run_id"])
         if run is None:
             raise NotFoundError(f"run {ctx['run_id']}")
+    report_acked(rt, ctx, run)
+
+
+def report_acked(rt: Runtime, ctx: Context, run: RunRecord) -> None:
+    """What followers hear when an attempt's outcome is acked, whoever acked it (settle, or
+    the sweep when the settle never came)."""
     termination = run.termination or Termination.natural_end()
     if run.waiting is not None:
         _emit(rt, ctx, "suspended", run.waiting)

@@ -34,9 +34,8 @@ def sweep() -> dict[str, int]:
     # whose previous sweep wake-up is still queued is not woken again ("already_pending").
     report = maintenance.sweep(dataclasses.replace(runtime(), wake=publish_wake), now_ms(),
                                publish=publish_sweep_wake)
-    return {"reclaimed": len(report.reclaimed), "dead_lettered": len(report.dead_lettered),
-            "reconciled": len(report.reconciled), "woken": len(report.woken),
-            "already_pending": len(report.already_pending)}
+    return {name: len(getattr(report, name)) for name in (
+        "acked", "reclaimed", "dead_lettered", "reconciled", "woken", "already_pending")}
 
 
 @app.task(name="mailbox.gc")

@@ -33,6 +33,7 @@ from mailbox import (
     MailboxError,
     PermanentError,
     RunDispatch,
+    RunDispatchResult,
     RunRecord,
     RunStatus,
     StoreUnavailableError,
@@ -536,8 +537,10 @@ def test_reconstruct_missing_input_message_dead_letters_and_errors_the_run(
 
 def test_reconstruct_done_run_settles_without_running_the_agent_again(
         mailbox: Mailbox) -> None:
-    """An attempt finished the run and died before its ack; the retry acks what the run
-    record says instead of running the agent a second time."""
+    """An attempt finished the run and died before its ack, and its claim was reclaimed
+    anyway (the sweep acks such a claim first, but an attempt can record its outcome after
+    an expired lease, between the sweep's ack step and its reclaim): the retry acks what the
+    run record says instead of running the agent a second time."""
     name, calls = register(lambda ctx: f"answer {ctx.attempt}")
     clock = Clock()
     rt = make_runtime(mailbox, Wakes(), clock=clock)
@@ -545,9 +548,10 @@ def test_reconstruct_done_run_settles_without_running_the_agent_again(
     first = phases(rt, claim(rt, "t-done"), verify, reconstruct, resolve, execute)
     assert calls.count == 1 and first["outcome"]["kind"] == "completed"
     assert run_of(mailbox, receipt.run_id).status == RunStatus.done
-    # ... crash before settle. The lease runs out and the sweep reclaims it.
-    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
-    assert report.reclaimed == [receipt.dispatch_id]
+    # ... crash before settle. The lease runs out and a reclaim takes the claim back.
+    reclaimed = mailbox.store.reclaim_expired_leases(
+        clock.advance(mailbox.settings.lease_ms + 1), 10)
+    assert [d.dispatch_id for d in reclaimed] == [receipt.dispatch_id]
 
     retry = phases(rt, claim(rt, "t-done"), verify, reconstruct)
     assert retry["attempt"] == 1
@@ -1225,7 +1229,8 @@ def test_ack_that_landed_but_lost_its_answer_is_recovered_without_a_second_ack(
 def test_ack_outage_leaves_the_claim_and_the_retry_acks_without_rerunning(
         mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
     """DESIGN §5: an infrastructure failure in a phase leaves the dispatch Claimed; the lease
-    expires, the sweep reclaims it, and the retry sees the done run and only acks."""
+    expires, and the sweep, finding the run done by this very attempt, acks it: no second
+    attempt, no second run of the agent."""
     name, calls = register(lambda ctx: "finished")
     monkeypatch.setattr(mailbox.runs, "ack", FailOnce(
         mailbox.runs.ack, StoreUnavailableError("injected: database unreachable")))
@@ -1236,11 +1241,11 @@ def test_ack_outage_leaves_the_claim_and_the_retry_acks_without_rerunning(
     assert ctx["done"] is True and ctx["reason"].startswith("store unavailable settling")
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Claimed
 
-    assert sweep(rt, clock.advance(mailbox.settings.lease_ms + 1)).reclaimed == [
-        receipt.dispatch_id]
-    run_chain(rt, claim(rt, "t-ack3"))
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert report.acked == [receipt.dispatch_id] and report.reclaimed == []
+    assert claim_next(rt, "t-ack3") is None
     dispatch = load(mailbox, receipt.dispatch_id)
-    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 1
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
     assert dispatch.run_response == "finished" and calls.count == 1
 
 
@@ -1274,3 +1279,149 @@ def test_settle_of_a_finished_context_only_wakes(mailbox: Mailbox) -> None:
     settle(rt, {"thread_id": "t-noop", "done": True, "reason": "test"})
     assert wakes.calls == [("t-noop", 0)]
     assert load(mailbox, receipt.dispatch_id) == before
+
+
+# ============================================ sweep: an expired claim whose outcome was written
+def finish_without_settle(rt: Runtime, thread_id: str) -> Context:
+    """An attempt that wrote its outcome and died before settle (worker killed, settle
+    message lost, or settle queued longer than the lease)."""
+    ctx = phases(rt, claim(rt, thread_id), verify, reconstruct, resolve, execute)
+    assert ctx["outcome"].get("recorded"), ctx
+    return ctx
+
+
+def finishes(box: Mailbox, run_id: str) -> list[str]:
+    return [e.data["status"] for e in box.events_of(run_id) if e.type == "run_finish"]
+
+
+def test_sweep_acks_an_expired_claim_whose_run_it_finished_on_the_last_attempt(
+        mailbox: Mailbox) -> None:
+    """Reclaiming would count the finished attempt as failed and, on the last attempt,
+    dead-letter a dispatch whose run says done. The sweep acks it instead, keeps the
+    projection, reports the result once, and the thread's next dispatch runs."""
+    name, calls = register(lambda ctx: f"answer {ctx.input}")
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-late-ack", name, "a", max_attempts=1)
+    following = mailbox.submit("t-late-ack", name, "b")
+    ctx = finish_without_settle(rt, "t-late-ack")
+    expired = load(mailbox, receipt.dispatch_id).lease_until
+    assert expired is not None
+    acked_before = ops("ack_expired_finished")
+
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert report.acked == [receipt.dispatch_id]
+    assert report.reclaimed == [] and report.dead_lettered == []
+    assert ops("ack_expired_finished") == acked_before + 1
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
+    assert dispatch.run_status == RunStatus.done and dispatch.run_response == "answer a"
+    assert dispatch.completed_at == clock() and dispatch.claim_token is None
+    assert mailbox.store.coordinator.read_lease("t-late-ack") is None
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.response == "answer a"
+    assert finishes(mailbox, receipt.run_id) == ["acked"]
+    assert "t-late-ack" in report.woken
+
+    # The attempt's settle arrives after all: a duplicate, reported by nobody twice.
+    late = settle(rt, ctx)
+    assert late.get("duplicate") and "settled" not in late, late
+    assert finishes(mailbox, receipt.run_id) == ["acked"]
+    run_chain(rt, claim(rt, "t-late-ack"))
+    assert load(mailbox, following.dispatch_id).status == DispatchStatus.Acked
+    assert calls.count == 2
+
+
+def test_sweep_acks_an_expired_claim_whose_run_waits_for_a_decision(
+        mailbox: Mailbox) -> None:
+    """A suspended attempt that died before its ack: acked with the run left waiting and its
+    ticket kept (re-running it would ask the human again); the decision resumes it."""
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-late-ask", "ask", "approve?", max_attempts=1)
+    finish_without_settle(rt, "t-late-ask")
+
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert report.acked == [receipt.dispatch_id] and report.dead_lettered == []
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked
+    assert dispatch.run_status == RunStatus.waiting
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.waiting and run.waiting is not None
+    assert run.waiting["since_dispatch_id"] == receipt.dispatch_id
+    assert event_types(mailbox, receipt.run_id)[-2:] == ["suspended", "run_finish"]
+
+    resumed = mailbox.resume(receipt.run_id, "yes")
+    run_chain(rt, claim(rt, "t-late-ask"))
+    assert run_of(mailbox, receipt.run_id).response == "yes"
+    assert load(mailbox, resumed.dispatch_id).status == DispatchStatus.Acked
+
+
+def test_sweep_reclaims_an_expired_claim_whose_failure_was_recorded_but_not_nacked(
+        mailbox: Mailbox) -> None:
+    """A transient failure writes the error to the dispatch's projection before its nack;
+    the run is still running. That attempt failed: the sweep reclaims it (T15) and does not
+    ack it."""
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-late-nack", "echo", "x", max_attempts=3)
+    ctx = phases(rt, claim(rt, "t-late-nack"), verify, reconstruct, resolve)
+    rt.runs.start_attempt(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
+                          ctx["run_id"], clock(), thread_id="t-late-nack")
+    mailbox.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
+        ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error("boom"), None,
+        "boom"), clock())
+    assert run_of(mailbox, receipt.run_id).status == RunStatus.running
+
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert report.acked == [] and report.reclaimed == [receipt.dispatch_id]
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
+
+
+def test_sweep_leaves_an_interrupted_finished_claim_to_be_superseded(
+        mailbox: Mailbox) -> None:
+    """The thread was interrupted after the attempt wrote its outcome: the claim is stale, so
+    the sweep does not ack it; reclaim supersedes it (T17), and the run keeps its outcome."""
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-late-int", "echo", "x")
+    finish_without_settle(rt, "t-late-int")
+    mailbox.interrupt("t-late-int")
+
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert report.acked == [] and report.reclaimed == []
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Superseded
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.termination == Termination.natural_end()
+
+
+def test_sweeps_racing_over_finished_claims_ack_each_once(mailbox: Mailbox) -> None:
+    """Four sweeps at once over eight expired finished claims: each is acked by exactly one
+    sweep and reported once; none is reclaimed."""
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipts = [mailbox.submit(f"t-race-ack-{i}", "echo", str(i), max_attempts=1)
+                for i in range(8)]
+    for receipt in receipts:
+        finish_without_settle(rt, receipt.thread_id)
+    later = clock.advance(mailbox.settings.lease_ms + 1)
+    barrier = threading.Barrier(4)
+    reports: list[Any] = []
+
+    def one_sweep() -> None:
+        barrier.wait(10)
+        reports.append(sweep(rt, later))
+
+    racers = [threading.Thread(target=one_sweep) for _ in range(4)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(60)
+    assert len(reports) == 4
+    acked = sorted(d for report in reports for d in report.acked)
+    assert acked == sorted(r.dispatch_id for r in receipts)
+    assert not [d for report in reports for d in report.reclaimed + report.dead_lettered]
+    for receipt in receipts:
+        assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
+        assert finishes(mailbox, receipt.run_id) == ["acked"]
