@@ -114,6 +114,8 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
     report = SweepReport()
     while True:
         finished = rt.runs.ack_expired_finished(now, RECLAIM_BATCH)
+        if finished:  # mailbox_operations_total{operation="sweep_ack"}: acks the settle lost
+            metrics.count_operation("sweep_ack", "ok", len(finished))
         for dispatch, run in finished:
             report.acked.append(dispatch.dispatch_id)
             report_acked(rt, {"run_id": run.run_id, "dispatch_id": dispatch.dispatch_id}, run)

@@ -1307,12 +1307,12 @@ def test_sweep_acks_an_expired_claim_whose_run_it_finished_on_the_last_attempt(
     ctx = finish_without_settle(rt, "t-late-ack")
     expired = load(mailbox, receipt.dispatch_id).lease_until
     assert expired is not None
-    acked_before = ops("ack_expired_finished")
+    acked_before = ops("sweep_ack")
 
     report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
     assert report.acked == [receipt.dispatch_id]
     assert report.reclaimed == [] and report.dead_lettered == []
-    assert ops("ack_expired_finished") == acked_before + 1
+    assert ops("sweep_ack") == acked_before + 1
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
     assert dispatch.run_status == RunStatus.done and dispatch.run_response == "answer a"
