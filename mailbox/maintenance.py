@@ -113,18 +113,16 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
     `pending_ttl_ms` overrides `wake_pending_ttl_ms(rt.settings)`."""
     report = SweepReport()
     while True:
-        finished = rt.runs.ack_expired_finished(now, RECLAIM_BATCH)
-        if finished:  # mailbox_operations_total{operation="sweep_ack"}: acks the settle lost
-            metrics.count_operation("sweep_ack", "ok", len(finished))
-        for dispatch, run in finished:
-            report.acked.append(dispatch.dispatch_id)
-            report_acked(rt, {"run_id": run.run_id, "dispatch_id": dispatch.dispatch_id}, run)
-        if len(finished) < RECLAIM_BATCH:
-            break
-    while True:
-        batch = rt.store.reclaim_expired_leases(now, RECLAIM_BATCH)
-        for dispatch in batch:
+        page, finished_runs = rt.runs.reclaim_expired(now, RECLAIM_BATCH)
+        for dispatch in page.transitioned:
             ctx = {"run_id": dispatch.run_id, "dispatch_id": dispatch.dispatch_id}
+            if dispatch.status == DispatchStatus.Acked:
+                # Its attempt wrote the outcome; only the ack was lost. Report it as settle
+                # would have (mailbox_operations_total{operation="sweep_ack"} counts these).
+                report.acked.append(dispatch.dispatch_id)
+                metrics.count_operation("sweep_ack", "ok")
+                report_acked(rt, ctx, finished_runs[dispatch.dispatch_id])
+                continue
             # The crashed attempt ended: followers get its run_finish like any other's.
             error = "lease expired: the attempt's worker stopped renewing it"
             if dispatch.status == DispatchStatus.Queued:
@@ -139,7 +137,7 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
                 reason = dispatch.last_error or error
                 _emit(rt, ctx, "run_finish", {"termination": {"type": "error", "value": reason},
                                               "error": reason, "status": "dead_letter"})
-        if len(batch) < RECLAIM_BATCH:
+        if not page.more:
             break
     for dispatch in rt.runs.unreconciled_terminal_dispatches(limit=1000):
         if rt.runs.reconcile(dispatch, now) is not None:

@@ -450,6 +450,9 @@ def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: i
     except MailboxError:
         # Unknown whether the ack landed (its answer was lost): §4.4 recovery.
         run = _recover_ack(rt, ctx, now) or run
+        if ctx.get("duplicate"):
+            _finish(ctx, "settled by another delivery of this attempt or by the sweep")
+            return
     if run is None:
         run = rt.runs.load_run(ctx["run_id"])
         if run is None:
@@ -475,6 +478,10 @@ def _recover_ack(rt: Runtime, ctx: Context, now: int) -> RunRecord | None:
     if current is None:
         raise NotFoundError(ctx["dispatch_id"])
     if current.status == DispatchStatus.Acked:
+        if current.completed_at != now:
+            # Not our ack (it would carry our time): another delivery of this settle, or the
+            # sweep once the lease ran out, acked it, and that one reports it.
+            ctx["duplicate"] = True
         return None
     if current.status != DispatchStatus.Claimed or current.claim_token != ctx["token"]:
         raise VersionConflictError(0, 1)

@@ -33,10 +33,9 @@ from mailbox.model import (
     RunRecord,
     RunStatus,
     Termination,
-    require_ms,
 )
 from mailbox.schema import dispatches, messages, resolutions, runs
-from mailbox.store import INSERT_DISPATCH, MailboxStore, _operation, _to_row
+from mailbox.store import INSERT_DISPATCH, MailboxStore, ReclaimPage, _operation, _to_row
 
 MAX_INPUT_BYTES = 256 * 1024
 
@@ -426,59 +425,47 @@ class RunStore:
         updated: RunRecord | None = _operation(op)(self._update)(dispatch.run_id, change)
         return updated
 
-    @_operation("ack_expired_finished")
-    def ack_expired_finished(self, now: int, limit: int) -> list[tuple[RunDispatch, RunRecord]]:
-        """Ack the expired claims whose attempt had already written its outcome: the run is
-        done (or waiting for a decision) by this dispatch, and only the ack was lost (the
-        settle message, the worker before settle, or a backlog longer than the lease).
+    @_operation("reclaim")
+    def reclaim_expired(self, now: int, limit: int
+                        ) -> tuple[ReclaimPage, dict[str, RunRecord]]:
+        """`MailboxStore.reclaim_page`, except that a claim whose attempt already wrote the
+        run's outcome is acked, not counted as a failed attempt: only its ack was lost (the
+        worker died before settle, the settle message was lost, or it queued longer than
+        the lease). Reclaiming it would retry a finished run and, on the last attempt,
+        dead-letter a dispatch whose run says done. Decided under the thread lock, per claim,
+        so no outcome written before the reclaim's transaction can be missed. Returns the
+        page and, for each acked dispatch, its run (what settle would have reported)."""
+        finished_runs: dict[str, RunRecord] = {}
 
-        Reclaiming such a claim would count a finished run as a failed attempt, and on the
-        last attempt dead-letter a dispatch whose run says done. The sweep calls this first;
-        what it acks, reclaim no longer sees. A stale claim (the thread was interrupted) is
-        left to reclaim, which supersedes it. Returns each acked dispatch with its run.
-        """
-        require_ms("now", now)
-        finished = [RunStatus.done.value, RunStatus.waiting.value]
-        with self.store._read() as conn:
-            candidates = conn.execute(
-                sa.select(dispatches.c.dispatch_id, dispatches.c.thread_id)
-                .join(runs, sa.and_(runs.c.run_id == dispatches.c.run_id,
-                                    runs.c.dispatch_id == dispatches.c.dispatch_id,
-                                    runs.c.status == dispatches.c.run_status))
-                .where(dispatches.c.status == DispatchStatus.Claimed.value,
-                       dispatches.c.lease_until < now,
-                       dispatches.c.run_status.in_(finished),
-                       dispatches.c.completed_at.is_not(None))
-                .order_by(dispatches.c.lease_until).limit(limit)).all()
-        acked: list[tuple[RunDispatch, RunRecord]] = []
-        for dispatch_id, thread_id in candidates:
-            done = self._ack_if_finished(str(dispatch_id), str(thread_id), now)
-            if done is not None:
-                acked.append(done)
-        return acked
+        def finished(conn: sa.Connection, claim: RunDispatch) -> bool:
+            run = self._finished_by(conn, claim)
+            if run is not None:
+                finished_runs[claim.dispatch_id] = run
+            return run is not None
 
-    def _ack_if_finished(self, dispatch_id: str, thread_id: str, now: int
-                         ) -> tuple[RunDispatch, RunRecord] | None:
-        with self.store._write() as conn:
-            found = self.store._lock_dispatch(conn, dispatch_id, thread_id)
-            if found is None:
-                return None
-            current, epoch = found
-            if (current.status != DispatchStatus.Claimed or current.lease_until is None
-                    or current.lease_until >= now or current.is_stale(epoch)
-                    or current.completed_at is None
-                    or current.run_status not in (RunStatus.done, RunStatus.waiting)):
-                return None  # settled, renewed or taken since the read: not ours to decide
-            row = conn.execute(_SELECT_RUN_FOR_UPDATE,
-                               {"run_id": current.run_id}).one_or_none()
-            run = None if row is None else _run_from_row(row)
-            if (run is None or run.dispatch_id != dispatch_id
-                    or run.status != current.run_status):
-                return None
-            after = current.acked(now)
-            self.store._save(conn, [(current, after)])
-        self.store._release(after, current.claim_token)
-        return after, run
+        page = self.store.reclaim_page(now, limit, finished=finished)
+        acked = {d.dispatch_id for d in page.transitioned if d.status == DispatchStatus.Acked}
+        return page, {k: v for k, v in finished_runs.items() if k in acked}
+
+    @staticmethod
+    def _finished_by(conn: sa.Connection, claim: RunDispatch) -> RunRecord | None:
+        """The run, when `claim`'s attempt wrote its outcome: the projection records done or
+        waiting, and the run says the same by this dispatch. A waiting run may already be
+        resumed by a newer dispatch (its ticket still names this one). A failure recorded
+        before its nack leaves the run running, so it does not count."""
+        if (claim.completed_at is None
+                or claim.run_status not in (RunStatus.done, RunStatus.waiting)):
+            return None
+        row = conn.execute(_SELECT_RUN_FOR_UPDATE, {"run_id": claim.run_id}).one_or_none()
+        run = None if row is None else _run_from_row(row)
+        if run is None or run.status != claim.run_status:
+            return None
+        if run.dispatch_id == claim.dispatch_id:
+            return run
+        if run.status == RunStatus.waiting and run.waiting is not None \
+                and run.waiting.get("since_dispatch_id") == claim.dispatch_id:
+            return run
+        return None
 
     @_operation("unreconciled_terminal_dispatches")
     def unreconciled_terminal_dispatches(self, limit: int = 100) -> list[RunDispatch]:

@@ -28,6 +28,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis
@@ -77,6 +78,19 @@ _TERMINAL_VALUES = [s.value for s in TERMINAL_STATUSES]
 _CLAIMED = sa.literal(DispatchStatus.Claimed.value, literal_execute=True)
 _QUEUED = sa.literal(DispatchStatus.Queued.value, literal_execute=True)
 _NOT_OURS = (0, 1)  # VersionConflict(expected=0, actual=1): "not your claim"
+
+FinishedCheck = Callable[[sa.Connection, RunDispatch], bool]
+"""`finished(conn, claim)`: did this expired claim's attempt already write the run's outcome?
+Asked by reclaim under the claim's thread lock, in its transaction."""
+
+
+@dataclass(frozen=True)
+class ReclaimPage:
+    """What one page of reclaim transitioned (Queued, DeadLetter, or Acked when `finished`
+    said so; superseded claims are not listed), and whether another page may follow."""
+
+    transitioned: list[RunDispatch]
+    more: bool
 
 # Hot-path statements are built once, with bound parameters: building and cache-keying a
 # statement per call cost more than executing it (about 3x on SQLite, measured), and
@@ -717,14 +731,25 @@ class MailboxStore:
 
     # ========================================================================= maintenance
     @_operation("reclaim")
-    def reclaim_expired_leases(self, now: int, limit: int) -> list[RunDispatch]:
+    def reclaim_expired_leases(self, now: int, limit: int, *,
+                               finished: FinishedCheck | None = None) -> list[RunDispatch]:
         """Take back claims whose lease ended strictly before `now`.
 
         Each expired claim counts as a failed attempt: back to Queued (T15) or to the dead
         letter when the budget is spent (T16). A stale claim is superseded instead (T17) and
         not returned. Each dispatch is transitioned in its own thread's transaction, so
         concurrent sweeps transition it exactly once.
+
+        `finished(conn, claim)`, asked under the thread lock, says whether the claim's attempt
+        already wrote the run's outcome (the run store knows; see `RunStore.reclaim_expired`):
+        such a claim only lost its ack, and is acked (returned Acked) instead of reclaimed.
         """
+        return self.reclaim_page(now, limit, finished=finished).transitioned
+
+    def reclaim_page(self, now: int, limit: int, *, finished: FinishedCheck | None = None
+                     ) -> ReclaimPage:
+        """One page of `reclaim_expired_leases`, saying whether more expired claims may be
+        left: the page had `limit` candidates, whatever each of them turned out to be."""
         require_ms("now", now)
         _require_page(limit, 0)
         with self._read() as conn:
@@ -733,14 +758,15 @@ class MailboxStore:
                 .where(dispatches.c.status == DispatchStatus.Claimed.value,
                        dispatches.c.lease_until < now)
                 .order_by(dispatches.c.lease_until).limit(limit)).scalars().all()
-        reclaimed: list[RunDispatch] = []
+        transitioned: list[RunDispatch] = []
         for dispatch_id in candidates:
-            after = self._reclaim_one(str(dispatch_id), now)
+            after = self._reclaim_one(str(dispatch_id), now, finished)
             if after is not None:
-                reclaimed.append(after)
-        return reclaimed
+                transitioned.append(after)
+        return ReclaimPage(transitioned, more=len(candidates) == limit)
 
-    def _reclaim_one(self, dispatch_id: str, now: int) -> RunDispatch | None:
+    def _reclaim_one(self, dispatch_id: str, now: int, finished: FinishedCheck | None
+                     ) -> RunDispatch | None:
         with self._write() as conn:
             found = self._lock_dispatch(conn, dispatch_id)
             if found is None:
@@ -751,6 +777,8 @@ class MailboxStore:
                 return None  # another sweep or the owner got there first
             if current.is_stale(epoch):
                 after = current.fenced(epoch, REASON_STALE_RECLAIM, now)
+            elif finished is not None and finished(conn, current):
+                after = current.acked(now)
             else:
                 after = current.lease_expired(now)
             self._save(conn, [(current, after)])

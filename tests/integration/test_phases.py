@@ -538,9 +538,9 @@ def test_reconstruct_missing_input_message_dead_letters_and_errors_the_run(
 def test_reconstruct_done_run_settles_without_running_the_agent_again(
         mailbox: Mailbox) -> None:
     """An attempt finished the run and died before its ack, and its claim was reclaimed
-    anyway (the sweep acks such a claim first, but an attempt can record its outcome after
-    an expired lease, between the sweep's ack step and its reclaim): the retry acks what the
-    run record says instead of running the agent a second time."""
+    anyway, by a reclaim that does not ask the run store (`MailboxStore` alone; the sweep
+    acks such a claim instead): the retry acks what the run record says instead of running
+    the agent a second time."""
     name, calls = register(lambda ctx: f"answer {ctx.attempt}")
     clock = Clock()
     rt = make_runtime(mailbox, Wakes(), clock=clock)
@@ -1226,6 +1226,34 @@ def test_ack_that_landed_but_lost_its_answer_is_recovered_without_a_second_ack(
     assert dispatch.status == DispatchStatus.Acked and dispatch.run_response == "finished"
 
 
+def test_ack_whose_answer_was_lost_after_the_sweep_acked_reports_nothing_twice(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ack's answer is lost (unknown whether it landed) and meanwhile the lease ran out
+    and the sweep acked the finished claim and reported it: §4.4 recovery finds the dispatch
+    Acked by someone else and reports nothing more, and does not wake the thread again."""
+    clock = Clock()
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    real_ack = mailbox.runs.ack
+    swept: list[Any] = []
+
+    def ack_lost_while_the_sweep_acks(*args: Any, **kwargs: Any) -> Any:
+        if not swept:
+            swept.append(sweep(rt, clock.now + mailbox.settings.lease_ms + 1))
+            raise MailboxError("response lost")
+        return real_ack(*args, **kwargs)
+
+    monkeypatch.setattr(mailbox.runs, "ack", ack_lost_while_the_sweep_acks)
+    receipt = mailbox.submit("t-ack-swept", "echo", "once")
+    ctx = run_chain(rt, claim(rt, "t-ack-swept"))
+
+    assert swept[0].acked == [receipt.dispatch_id]
+    assert ctx.get("duplicate") and "settled" not in ctx, ctx
+    assert finishes(mailbox, receipt.run_id) == ["acked"]
+    assert ("t-ack-swept", 0) not in wakes.calls
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
+
+
 def test_ack_outage_leaves_the_claim_and_the_retry_acks_without_rerunning(
         mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
     """DESIGN §5: an infrastructure failure in a phase leaves the dispatch Claimed; the lease
@@ -1394,6 +1422,58 @@ def test_sweep_leaves_an_interrupted_finished_claim_to_be_superseded(
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Superseded
     run = run_of(mailbox, receipt.run_id)
     assert run.status == RunStatus.done and run.termination == Termination.natural_end()
+
+
+def test_sweep_acks_a_finished_claim_whose_waiting_run_was_already_resumed(
+        mailbox: Mailbox) -> None:
+    """The run says waiting as soon as the outcome is written, before the ack: a decision
+    can resume it while the claim is still held. The claim still finished its attempt (the
+    ticket names it): acked, not dead-lettered, and the decision's dispatch runs next."""
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-late-resumed", "ask", "approve?", max_attempts=1)
+    finish_without_settle(rt, "t-late-resumed")
+    resumed = mailbox.resume(receipt.run_id, "yes")
+    assert resumed.dispatch_id != receipt.dispatch_id
+
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert report.acked == [receipt.dispatch_id] and report.dead_lettered == []
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
+    assert finishes(mailbox, receipt.run_id) == ["acked"]
+    run_chain(rt, claim(rt, "t-late-resumed"))
+    assert load(mailbox, resumed.dispatch_id).status == DispatchStatus.Acked
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.response == "yes"
+
+
+def test_sweep_acks_every_finished_claim_across_pages_with_others_among_them(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of two: an interrupted claim (superseded, not listed) and a claim that did not
+    finish (reclaimed) among finished ones must not end the sweep's paging early, and no
+    finished claim may fall through to the dead letter."""
+    from mailbox import maintenance
+
+    monkeypatch.setattr(maintenance, "RECLAIM_BATCH", 2)
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    interrupted = mailbox.submit("t-page-0", "echo", "0", max_attempts=1)
+    finish_without_settle(rt, "t-page-0")
+    clock.advance(1)  # leases expire in this order: the page boundaries are fixed
+    unfinished = mailbox.submit("t-page-1", "echo", "1", max_attempts=1)
+    claim(rt, "t-page-1")
+    finished = []
+    for i in range(2, 6):
+        clock.advance(1)
+        finished.append(mailbox.submit(f"t-page-{i}", "echo", str(i), max_attempts=1))
+        finish_without_settle(rt, f"t-page-{i}")
+    mailbox.interrupt("t-page-0")
+
+    report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
+    assert sorted(report.acked) == sorted(r.dispatch_id for r in finished)
+    assert report.dead_lettered == [unfinished.dispatch_id] and report.reclaimed == []
+    assert load(mailbox, interrupted.dispatch_id).status == DispatchStatus.Superseded
+    for receipt in finished:
+        assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
 
 
 def test_sweeps_racing_over_finished_claims_ack_each_once(mailbox: Mailbox) -> None:
