@@ -443,9 +443,9 @@ class RunStore:
                 finished_runs[claim.dispatch_id] = run
             return run is not None
 
-        page = self.store.reclaim_page(now, limit, finished=finished)
-        acked = {d.dispatch_id for d in page.transitioned if d.status == DispatchStatus.Acked}
-        return page, {k: v for k, v in finished_runs.items() if k in acked}
+        # A claim found finished is acked in the same transaction: each run collected here
+        # belongs to a dispatch the page lists as Acked.
+        return self.store.reclaim_page(now, limit, finished=finished), finished_runs
 
     @staticmethod
     def _finished_by(conn: sa.Connection, claim: RunDispatch) -> RunRecord | None:
