@@ -731,25 +731,24 @@ class MailboxStore:
 
     # ========================================================================= maintenance
     @_operation("reclaim")
-    def reclaim_expired_leases(self, now: int, limit: int, *,
-                               finished: FinishedCheck | None = None) -> list[RunDispatch]:
+    def reclaim_expired_leases(self, now: int, limit: int) -> list[RunDispatch]:
         """Take back claims whose lease ended strictly before `now`.
 
         Each expired claim counts as a failed attempt: back to Queued (T15) or to the dead
         letter when the budget is spent (T16). A stale claim is superseded instead (T17) and
         not returned. Each dispatch is transitioned in its own thread's transaction, so
         concurrent sweeps transition it exactly once.
-
-        `finished(conn, claim)`, asked under the thread lock, says whether the claim's attempt
-        already wrote the run's outcome (the run store knows; see `RunStore.reclaim_expired`):
-        such a claim only lost its ack, and is acked (returned Acked) instead of reclaimed.
         """
-        return self.reclaim_page(now, limit, finished=finished).transitioned
+        return self.reclaim_page(now, limit).transitioned
 
     def reclaim_page(self, now: int, limit: int, *, finished: FinishedCheck | None = None
                      ) -> ReclaimPage:
         """One page of `reclaim_expired_leases`, saying whether more expired claims may be
-        left: the page had `limit` candidates, whatever each of them turned out to be."""
+        left: the page had `limit` candidates, whatever each of them turned out to be.
+
+        `finished(conn, claim)`, asked under the thread lock, says whether the claim's attempt
+        already wrote the run's outcome (the run store knows; see `RunStore.reclaim_expired`):
+        such a claim only lost its ack, and is acked (listed Acked) instead of reclaimed."""
         require_ms("now", now)
         _require_page(limit, 0)
         with self._read() as conn:

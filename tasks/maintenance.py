@@ -12,7 +12,7 @@ from celery.signals import worker_ready
 from mailbox import maintenance
 from mailbox.phases import now_ms
 from tasks.app import app
-from tasks.runtime import publish_wake, queue, runtime, wake_priority
+from tasks.runtime import publish_wake, runtime
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +20,7 @@ log = logging.getLogger(__name__)
 def publish_sweep_wake(thread_id: str, wake_id: str) -> None:
     """`publish_wake`, with the sweep's wake id as the task id: the `mailbox.dispatch` body
     that consumes it clears the thread's pending mark (`maintenance.consume_sweep_wake`)."""
-    from tasks.dispatch import dispatch
-
-    dispatch.apply_async(args=(thread_id,), task_id=wake_id, queue=queue(),
-                         priority=wake_priority())
+    publish_wake(thread_id, 0, wake_id=wake_id)
 
 
 @app.task(name="mailbox.sweep")

@@ -31,15 +31,16 @@ _lock = threading.Lock()
 _state: dict[int, tuple[Mailbox, Runtime]] = {}
 
 
-def publish_wake(thread_id: str, delay_ms: int = 0) -> None:
+def publish_wake(thread_id: str, delay_ms: int = 0, *, wake_id: str | None = None) -> None:
     """Ask a worker to claim the thread's next dispatch. Delays longer than a few minutes are
-    left to the sweep: long ETAs are where Redis visibility timeouts duplicate messages."""
+    left to the sweep: long ETAs are where Redis visibility timeouts duplicate messages.
+    `wake_id`, when given, is the message's task id (the sweep's wake-ups name their mark)."""
     from tasks.dispatch import dispatch
 
     if delay_ms > MAX_COUNTDOWN_MS:
         return
     dispatch.apply_async(args=(thread_id,), countdown=delay_ms / 1000 if delay_ms > 0 else None,
-                         queue=queue(), priority=wake_priority())
+                         task_id=wake_id, queue=queue(), priority=wake_priority())
 
 
 def is_amqp(broker_url: object) -> bool:
