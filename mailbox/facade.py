@@ -19,13 +19,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import redis
 import uuid6
 
 from mailbox import agents, maintenance, metrics
 from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
 from mailbox.coordination import Coordinator, connect_redis
 from mailbox.database import create_engine
-from mailbox.errors import AlreadyExistsError, MailboxError, NotFoundError, ValidationError
+from mailbox.errors import (
+    AlreadyExistsError,
+    MailboxError,
+    NotFoundError,
+    StoreUnavailableError,
+    ValidationError,
+)
 from mailbox.events import Event, EventStreams
 from mailbox.maintenance import SweepReport
 from mailbox.model import (
@@ -353,7 +360,14 @@ class Mailbox:
                                  {"termination": {"type": "cancelled"}, "status": "superseded"},
                                  ts=now)
         if result.active_dispatch is not None and result.active_dispatch.claim_token:
-            self._signal_cancel(result.active_dispatch.claim_token, "interrupted")
+            try:
+                self._signal_cancel(result.active_dispatch.claim_token, "interrupted")
+            except StoreUnavailableError as exc:
+                # The interrupt is committed: the running attempt's next lease renewal (within
+                # a third of a lease) is fenced by the new epoch and stops the agent anyway.
+                metrics.count_operation("cancel_signal", "error")
+                log.warning("thread %s interrupted, but its worker could not be signalled "
+                            "(%s); it stops at its next lease renewal", thread_id, exc)
         return result
 
     # ------------------------------------------------------------------------ dead letters
@@ -464,15 +478,27 @@ class Mailbox:
         return f"{self.settings.namespace}:cancel:{token}"
 
     def _signal_cancel(self, token: str, reason: str) -> None:
+        """Tell the worker holding this claim to stop its agent (read by its heartbeat every
+        100 ms). StoreUnavailableError when Redis cannot take the signal."""
         payload = json.dumps({"reason": reason, "at": now_ms()})
-        self.store.coordinator.client.set(self._cancel_key(token), payload,
-                                          px=max(60_000, 3 * self.settings.lease_ms))
+        try:
+            self.store.coordinator.client.set(self._cancel_key(token), payload,
+                                              px=max(60_000, 3 * self.settings.lease_ms))
+        except redis.RedisError as exc:
+            raise StoreUnavailableError(f"redis unreachable signalling the worker to stop: "
+                                        f"{exc}") from exc
 
     def _cancel_signal(self, thread_id: str, token: str) -> str | None:
-        """Read by the heartbeat every 100 ms: a cancel signal for this claim."""
+        """Read by the heartbeat every 100 ms: a cancel signal for this claim. A Redis error
+        propagates: the heartbeat counts it, and stops the agent when it lasts a lease."""
         raw = self.store.coordinator.client.get(self._cancel_key(token))
         if raw is None:
             return None
-        signal = json.loads(raw)
-        metrics.CANCEL_LATENCY.observe(max(0, now_ms() - int(signal.get("at", now_ms()))) / 1000)
-        return str(signal.get("reason", "cancelled"))
+        try:
+            signal = json.loads(raw)
+            reason, at = str(signal.get("reason") or "cancelled"), int(signal["at"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # The key exists, so somebody asked this claim to stop; only its payload is odd.
+            return "cancelled"
+        metrics.CANCEL_LATENCY.observe(max(0, now_ms() - at) / 1000)
+        return reason

@@ -1,42 +1,93 @@
-"""Lease renewal while an agent runs (DESIGN.md §5, reference §4.2).
+"""Lease renewal and cancel checks while an agent runs (DESIGN.md §5, reference §4.2).
 
 A thread of its own renews the lease every lease/3, so a CPU-bound or blocked agent never
-starves it (the BullMQ stalled-job trap). When renewal says the claim is gone — reclaimed,
-or fenced by an interrupt — the agent is cancelled cooperatively, because fencing alone
-cannot stop side effects already under way. When renewal keeps failing on errors until the
-lease has surely run out, the agent is cancelled too: past that point another worker may own
-the dispatch.
+starves it (the BullMQ stalled-job trap), and reads the attempt's cancel signal every 100 ms.
+
+Nothing but `stop()` or a decision ends this thread. Every error of a renewal or a cancel
+check — Redis or SQL, expected or not — is caught, counted and logged, and the loop goes on.
+(A heartbeat that died of one ConnectionError stopped renewing without a word; the lease ran
+out under the still-running agent and the sweep gave the attempt to another worker, so one
+attempt ran twice at once.)
+
+It stops the agent, cooperatively, for one of three reasons (`StopKind`):
+- `requested`: a cancel signal arrived (`Mailbox.cancel`, `Mailbox.interrupt`);
+- `lease_lost`: a renewal was refused — the claim was reclaimed, or fenced by an interrupt —
+  so nothing this attempt writes any more can land;
+- `unsafe`: renewals, or cancel checks, kept failing for a whole lease. Past that point
+  another worker may own the dispatch, or a cancel may have gone unheard, and the attempt
+  must not run on silently. The execute phase turns such a stop into a transient failure
+  (retried with backoff), not a cancellation: nobody asked the run to stop.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
 from collections.abc import Callable
 
 from mailbox import metrics
-from mailbox.errors import MailboxError
 from mailbox.store import MailboxStore
 
 log = logging.getLogger(__name__)
 
+CANCEL_CHECK_INTERVAL_S = 0.1
+
+
+class StopKind(enum.Enum):
+    requested = "requested"
+    lease_lost = "lease_lost"
+    unsafe = "unsafe"
+
+
+OnStop = Callable[[str, StopKind], None]
+CancelCheck = Callable[[], str | None]
+
+
+class _Streak:
+    """Consecutive failures of one kind of call: logged once when they start and once when
+    they end, counted every time (a cancel check fails ten times a second during an
+    outage; a warning per failure would bury the log)."""
+
+    def __init__(self, what: str, dispatch_id: str, clock: Callable[[], int]) -> None:
+        self.what = what
+        self.dispatch_id = dispatch_id
+        self.clock = clock
+        self.last_ok = clock()
+        self.failures = 0
+
+    def ok(self) -> None:
+        if self.failures:
+            log.warning("%s of %s works again after %d failures", self.what, self.dispatch_id,
+                        self.failures)
+        self.failures = 0
+        self.last_ok = self.clock()
+
+    def failed(self, exc: BaseException) -> int:
+        """Count a failure; return how long (ms) this call has not succeeded."""
+        if not self.failures:
+            log.warning("%s of %s failed (%s: %s); retrying", self.what, self.dispatch_id,
+                        type(exc).__name__, exc)
+        self.failures += 1
+        return self.clock() - self.last_ok
+
 
 class Heartbeat:
     def __init__(self, store: MailboxStore, *, dispatch_id: str, token: str, lease_ms: int,
-                 clock: Callable[[], int], on_lost: Callable[[str], None],
-                 interval_s: float | None = None,
-                 extra_check: Callable[[], str | None] | None = None) -> None:
+                 clock: Callable[[], int], on_stop: OnStop, interval_s: float | None = None,
+                 cancel_check: CancelCheck | None = None) -> None:
         self.store = store
         self.dispatch_id = dispatch_id
         self.token = token
         self.lease_ms = lease_ms
         self.clock = clock
-        self.on_lost = on_lost
+        self.on_stop = on_stop
         self.interval_s = interval_s if interval_s is not None else lease_ms / 3000
-        self.extra_check = extra_check
+        self.cancel_check = cancel_check
         self.renewals = 0
-        self.lost_reason: str | None = None
+        self.stop_reason: str | None = None
+        self.stop_kind: StopKind | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{dispatch_id}",
                                         daemon=True)
@@ -49,46 +100,78 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def __enter__(self) -> Heartbeat:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _lose(self, reason: str) -> None:
-        self.lost_reason = reason
-        self.on_lost(reason)
+    def _decide(self, reason: str, kind: StopKind) -> None:
+        self.stop_reason, self.stop_kind = reason, kind
+        metrics.count_operation("heartbeat_stop", kind.value)
+        try:
+            self.on_stop(reason, kind)
+        except Exception:  # the callback is the caller's; its bug must not look like ours
+            log.exception("stopping the agent of %s failed", self.dispatch_id)
 
     def _loop(self) -> None:
-        last_ok = self.clock()
-        # Fast checks (cancel signals) run often; renewals every interval.
-        tick = min(self.interval_s, 0.1) if self.extra_check else self.interval_s
+        checks = _Streak("cancel check", self.dispatch_id, self.clock)
+        renewals = _Streak("lease renewal", self.dispatch_id, self.clock)
+        tick = min(self.interval_s, CANCEL_CHECK_INTERVAL_S) if self.cancel_check \
+            else self.interval_s
         next_renewal = time.monotonic() + self.interval_s
         while not self._stop.wait(tick):
-            if self.extra_check is not None:
-                reason = self.extra_check()
-                if reason:
-                    self._lose(reason)
-                    return
-            if time.monotonic() < next_renewal:
-                continue
-            next_renewal = time.monotonic() + self.interval_s
-            started = time.perf_counter()
-            try:
-                renewed = self.store.extend_lease(self.dispatch_id, self.token, self.lease_ms,
-                                                  self.clock())
-            except MailboxError as exc:
-                metrics.record_operation("lease_renewal", "error", time.perf_counter() - started)
-                log.warning("lease renewal of %s failed: %s", self.dispatch_id, exc)
-                if self.clock() - last_ok >= self.lease_ms:
-                    self._lose("lease renewal failing past the lease")
-                    return
-                continue
-            if renewed:
-                last_ok = self.clock()
-                self.renewals += 1
-                metrics.record_operation("lease_renewal", "ok", time.perf_counter() - started)
-            else:
-                metrics.record_operation("lease_renewal", "lost", time.perf_counter() - started)
-                self._lose("lease lost")
+            if self.cancel_check is not None and self._check_cancel(checks):
                 return
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + self.interval_s
+                if self._renew(renewals):
+                    return
+
+    def _check_cancel(self, streak: _Streak) -> bool:
+        """True when the loop is over (a cancel arrived, or the signal is unreadable past a
+        lease)."""
+        assert self.cancel_check is not None
+        try:
+            reason = self.cancel_check()
+        except Exception as exc:
+            metrics.count_operation("cancel_check", "error")
+            blind_ms = streak.failed(exc)
+            if blind_ms >= self.lease_ms:
+                self._decide(f"cancel signal unreadable for {blind_ms} ms (lease {self.lease_ms}"
+                             f" ms): {type(exc).__name__}: {exc}", StopKind.unsafe)
+                return True
+            return False
+        streak.ok()
+        if reason:
+            self._decide(reason, StopKind.requested)
+            return True
+        return False
+
+    def _renew(self, streak: _Streak) -> bool:
+        """True when the loop is over (the lease is lost, or renewals failed past it)."""
+        started = time.perf_counter()
+        try:
+            renewed = self.store.extend_lease(self.dispatch_id, self.token, self.lease_ms,
+                                              self.clock())
+        except Exception as exc:
+            metrics.record_operation("lease_renewal", "error", time.perf_counter() - started)
+            unrenewed_ms = streak.failed(exc)
+            if unrenewed_ms >= self.lease_ms:
+                self._decide(f"lease renewal failing for {unrenewed_ms} ms (lease "
+                             f"{self.lease_ms} ms): {type(exc).__name__}: {exc}",
+                             StopKind.unsafe)
+                return True
+            return False
+        if not renewed:
+            metrics.record_operation("lease_renewal", "lost", time.perf_counter() - started)
+            self._decide("lease lost", StopKind.lease_lost)
+            return True
+        streak.ok()
+        self.renewals += 1
+        metrics.record_operation("lease_renewal", "ok", time.perf_counter() - started)
+        return False

@@ -35,7 +35,7 @@ from mailbox.errors import (
     VersionConflictError,
 )
 from mailbox.events import EventStreams
-from mailbox.heartbeat import Heartbeat
+from mailbox.heartbeat import CancelCheck, Heartbeat, StopKind
 from mailbox.model import (
     DispatchStatus,
     RunDispatch,
@@ -340,16 +340,17 @@ def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
     cancel = threading.Event()
     rt.active[ctx["dispatch_id"]] = cancel
 
-    def on_lost(reason: str) -> None:
+    def on_stop(reason: str, kind: StopKind) -> None:
         ctx["cancel_reason"] = reason
+        ctx["stop_kind"] = kind.value
         cancel.set()
 
-    extra = None
+    check: CancelCheck | None = None
     if rt.cancel_check is not None:
-        check = rt.cancel_check
+        signal = rt.cancel_check
 
-        def extra() -> str | None:
-            return check(ctx["thread_id"], ctx["token"])
+        def check() -> str | None:
+            return signal(ctx["thread_id"], ctx["token"])
 
     agent_ctx = AgentContext(
         run_id=ctx["run_id"], thread_id=ctx["thread_id"], dispatch_id=ctx["dispatch_id"],
@@ -357,19 +358,25 @@ def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
         load_messages=lambda: [m.content for m in rt.runs.thread_messages(ctx["thread_id"])],
         emit=lambda type_, data: _emit(rt, ctx, type_, data), cancel_event=cancel)
     heartbeat = Heartbeat(rt.store, dispatch_id=ctx["dispatch_id"], token=ctx["token"],
-                          lease_ms=lease_ms, clock=rt.clock, on_lost=on_lost,
-                          extra_check=extra)
+                          lease_ms=lease_ms, clock=rt.clock, on_stop=on_stop,
+                          cancel_check=check)
     try:
         with heartbeat:
             value = spec.handler(agent_ctx)
     except SuspendRequested as suspend:
+        if heartbeat.stop_kind == StopKind.unsafe:
+            return _stopped_unsafely(heartbeat)
         ticket = storable(dict(suspend.ticket, since_dispatch_id=ctx["dispatch_id"]))
         return {"kind": COMPLETED, "termination_obj": Termination.suspended(),
                 "response": None, "error": None, "waiting": ticket}
     except Exception as exc:  # the agent's failure is data here, classified below
+        if heartbeat.stop_kind == StopKind.unsafe:
+            return _stopped_unsafely(heartbeat)
         return {"kind": classify(exc), "error": storable(error_text(exc))}
     finally:
         rt.active.pop(ctx["dispatch_id"], None)
+    if heartbeat.stop_kind == StopKind.unsafe:
+        return _stopped_unsafely(heartbeat)
     if isinstance(value, AgentResult):
         termination, response = value.termination, storable(value.response)
         if termination.value is not None:
@@ -382,6 +389,14 @@ def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
     error = termination.value if termination.type == "error" else None
     return {"kind": COMPLETED, "termination_obj": termination, "response": response or None,
             "error": error}
+
+
+def _stopped_unsafely(heartbeat: Heartbeat) -> dict[str, Any]:
+    """The heartbeat stopped the agent because it could not renew the lease, or read the
+    cancel signal, for a whole lease (see `mailbox.heartbeat`). Nobody asked the run to
+    stop, so this is not a cancellation, and whatever the agent returned after it was told
+    to stop is not its answer: the attempt is a transient failure, retried with backoff."""
+    return {"kind": TRANSIENT, "error": f"attempt stopped: {heartbeat.stop_reason}"}
 
 
 # ================================================================================== settle

@@ -1,0 +1,261 @@
+"""The heartbeat never dies of a fault (mailbox/heartbeat.py).
+
+An attempt's heartbeat renews its lease in SQL (and Redis) and reads its cancel signal in
+Redis. Before, one Redis error in the cancel check ended the heartbeat thread: renewals
+stopped, the lease ran out under a still-running agent, the sweep reclaimed the attempt and
+another worker ran it a second time while the first still ran. These tests inject errors of
+every kind into both calls, against real SQL and Redis, with a sweep racing the attempt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis
+
+from mailbox import DispatchStatus, Mailbox, RunStatus, StoreUnavailableError
+from mailbox.agents import AgentContext, AgentResult
+from mailbox.model import Termination
+from mailbox.phases import Runtime, now_ms, run_chain
+from tests.support.phase_kit import (
+    Wakes,
+    claim,
+    event_types,
+    load,
+    make_runtime,
+    ops,
+    register,
+    run_of,
+)
+
+ERRORS: tuple[Callable[[], Exception], ...] = (
+    lambda: redis.ConnectionError("injected: Connection refused"),
+    lambda: redis.TimeoutError("injected: Timeout reading from socket"),
+    lambda: StoreUnavailableError("injected: redis unreachable during extend_lease"),
+    lambda: RuntimeError("injected: something nobody expected"),
+)
+
+
+class Bursts:
+    """Fails in bursts: `fail_s` of errors (cycling through ERRORS), then `ok_s` of normal
+    calls, over and over. Counts both."""
+
+    def __init__(self, real: Callable[..., Any], fail_s: float, ok_s: float) -> None:
+        self.real, self.fail_s, self.ok_s = real, fail_s, ok_s
+        self.started = time.monotonic()
+        self.failures = self.successes = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        phase = (time.monotonic() - self.started) % (self.fail_s + self.ok_s)
+        if phase < self.fail_s:
+            with self._lock:
+                self.failures += 1
+                error = ERRORS[self.failures % len(ERRORS)]()
+            raise error
+        value = self.real(*args, **kwargs)
+        with self._lock:
+            self.successes += 1
+        return value
+
+
+class EveryOther:
+    """Every other call fails (cycling through ERRORS); the others go through."""
+
+    def __init__(self, real: Callable[..., Any]) -> None:
+        self.real = real
+        self.calls = self.failures = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls % 2 == 1:
+            self.failures += 1
+            raise ERRORS[self.failures % len(ERRORS)]()
+        return self.real(*args, **kwargs)
+
+
+def with_cancel_check(rt: Runtime, check: Callable[[str, str], str | None]) -> Runtime:
+    return replace(rt, cancel_check=check)
+
+
+@contextmanager
+def sweeping(box: Mailbox, every_s: float = 0.05) -> Iterator[list[Any]]:
+    """Another process's sweep at wall-clock time, racing the attempt: it reclaims the claim
+    the moment its SQL lease runs out."""
+    reports: list[Any] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            reports.append(box.sweep())
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield reports
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def sleeper(seconds: float) -> Callable[[AgentContext], Any]:
+    def run(ctx: AgentContext) -> Any:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if ctx.cancelled():
+                return AgentResult(termination=Termination.cancelled())
+            time.sleep(0.02)
+        return f"ran {seconds}s"
+
+    return run
+
+
+def test_errors_in_cancel_checks_and_renewals_over_three_leases_change_nothing(
+        make_mailbox: Callable[..., Mailbox], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancel checks fail in bursts shorter than a lease, every other renewal fails, with
+    every kind of error; the agent runs four leases while another sweep races it. One
+    execution, no reclaim, the run completes."""
+    lease_ms = 1500
+    worker, other = make_mailbox(), make_mailbox()
+    name, calls = register(sleeper(4 * lease_ms / 1000))
+    rt = make_runtime(worker, Wakes(), lease_ms=lease_ms)
+    checks = Bursts(rt.cancel_check, fail_s=0.9, ok_s=0.15)
+    renewals = EveryOther(worker.store.extend_lease)
+    monkeypatch.setattr(worker.store, "extend_lease", renewals)
+    rt = with_cancel_check(rt, checks)
+    errors_before = ops("cancel_check", "error")
+    receipt = worker.submit("t-blips", name, "go")
+
+    with sweeping(other) as sweeps:
+        out = run_chain(rt, claim(rt, "t-blips"))
+
+    assert calls.count == 1, "the agent ran more than once"
+    assert "cancel_reason" not in out, f"the heartbeat stopped the agent: {out}"
+    assert out.get("settled") == "completed", out
+    dispatch = load(worker, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
+    run = run_of(worker, receipt.run_id)
+    assert run.status == RunStatus.done and run.response == f"ran {4 * lease_ms / 1000}s"
+    assert not any(r.reclaimed or r.dead_lettered or r.acked for r in sweeps), sweeps
+    assert len(sweeps) > 20, "the racing sweep hardly ran"
+    assert event_types(worker, receipt.run_id).count("run_started") == 1
+    # The faults really happened, in both calls, and were counted.
+    assert checks.failures > 20 and checks.successes > 5, vars(checks)
+    assert renewals.failures >= 3 and renewals.calls - renewals.failures >= 3, vars(renewals)
+    assert ops("cancel_check", "error") - errors_before == checks.failures
+
+
+def test_cancel_signal_unreadable_for_a_lease_stops_the_attempt_as_a_transient_failure(
+        mailbox: Mailbox) -> None:
+    """Blind to cancels for a whole lease, the attempt must not run on silently: the agent is
+    told to stop, and the attempt counts as a transient failure (nobody cancelled the run,
+    so it is retried, not ended cancelled)."""
+    lease_ms = 400
+
+    def unreadable(thread_id: str, token: str) -> str | None:
+        raise redis.ConnectionError("injected: Connection refused")
+
+    name, calls = register(sleeper(10))
+    rt = with_cancel_check(make_runtime(mailbox, Wakes(), lease_ms=lease_ms), unreadable)
+    receipt = mailbox.submit("t-blind", name, "go")
+    started = time.monotonic()
+    out = run_chain(rt, claim(rt, "t-blind"))
+    elapsed = time.monotonic() - started
+
+    assert calls.count == 1
+    assert out["stop_kind"] == "unsafe"
+    assert out["cancel_reason"].startswith("cancel signal unreadable for ")
+    assert out["settled"] == "transient_error"
+    assert lease_ms / 1000 <= elapsed < 5, elapsed
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
+    assert dispatch.last_error is not None
+    assert dispatch.last_error.startswith("attempt stopped: cancel signal unreadable for ")
+    assert "ConnectionError" in dispatch.last_error
+    assert run_of(mailbox, receipt.run_id).status != RunStatus.done
+    finish = [e for e in mailbox.events_of(receipt.run_id) if e.type == "run_finish"]
+    assert [e.data["status"] for e in finish] == ["retrying"]
+
+
+def test_renewals_failing_for_a_lease_stop_the_attempt_as_a_transient_failure(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    lease_ms = 400
+
+    def failing(*args: Any, **kwargs: Any) -> bool:
+        raise StoreUnavailableError("injected: database unreachable during extend_lease")
+
+    monkeypatch.setattr(mailbox.store, "extend_lease", failing)
+    name, calls = register(sleeper(10))
+    rt = make_runtime(mailbox, Wakes(), lease_ms=lease_ms)
+    receipt = mailbox.submit("t-unrenewed", name, "go")
+    out = run_chain(rt, claim(rt, "t-unrenewed"))
+
+    assert calls.count == 1
+    assert out["stop_kind"] == "unsafe"
+    assert out["cancel_reason"].startswith("lease renewal failing for ")
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
+    assert dispatch.last_error is not None
+    assert dispatch.last_error.startswith("attempt stopped: lease renewal failing for ")
+
+
+def test_an_agent_that_ignores_the_safety_stop_and_raises_is_still_a_stopped_attempt(
+        mailbox: Mailbox) -> None:
+    """Whatever the agent does once stopped for safety — here it raises PermanentError — the
+    attempt is the transient 'attempt stopped' failure, never a dead letter of its own."""
+    from mailbox import PermanentError
+
+    def stubborn(ctx: AgentContext) -> str:
+        while not ctx.cancelled():
+            time.sleep(0.02)
+        raise PermanentError("I was interrupted, so I give up for good")
+
+    def unreadable(thread_id: str, token: str) -> str | None:
+        raise redis.ConnectionError("injected")
+
+    name, _ = register(stubborn)
+    rt = with_cancel_check(make_runtime(mailbox, Wakes(), lease_ms=300), unreadable)
+    receipt = mailbox.submit("t-stubborn", name, "go")
+    run_chain(rt, claim(rt, "t-stubborn"))
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
+    assert dispatch.last_error is not None and dispatch.last_error.startswith("attempt stopped")
+
+
+def test_a_garbled_cancel_signal_still_cancels(mailbox: Mailbox) -> None:
+    """The key exists, so somebody asked the claim to stop; its payload is not JSON."""
+    rt = make_runtime(mailbox, Wakes(), lease_ms=1000)
+    receipt = mailbox.submit("t-garbled", "sleep", {"ms": 10_000})
+    ctx = claim(rt, "t-garbled")
+    mailbox.store.coordinator.client.set(f"{mailbox.settings.namespace}:cancel:{ctx['token']}",
+                                         b"\xff not json")
+    out = run_chain(rt, ctx)
+    assert out["stop_kind"] == "requested" and out["cancel_reason"] == "cancelled"
+    assert load(mailbox, receipt.dispatch_id).termination == Termination.cancelled()
+
+
+def test_interrupt_commits_when_redis_cannot_take_the_cancel_signal(
+        make_mailbox: Callable[..., Mailbox]) -> None:
+    """The interrupt is durable in SQL; the running attempt is fenced at its next renewal, so
+    a Redis that cannot take the signal must not turn a done interrupt into an error. A
+    cancel of a running dispatch has only the signal: it says Redis is unreachable."""
+    box = make_mailbox()
+    blind = make_mailbox("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    rt = make_runtime(box, Wakes())
+    receipt = box.submit("t-nosignal", "sleep", {"ms": 10_000})
+    ctx = claim(rt, "t-nosignal")
+
+    with pytest.raises(StoreUnavailableError, match="signalling the worker"):
+        blind.cancel(receipt.dispatch_id)
+    result = blind.interrupt("t-nosignal")
+    assert result.new_dispatch_epoch == 1
+    assert result.active_dispatch is not None
+    assert result.active_dispatch.dispatch_id == ctx["dispatch_id"]
+    assert box.store.sql_epoch("t-nosignal") == 1
+    assert box.store.extend_lease(ctx["dispatch_id"], ctx["token"], 1000, now_ms()) is False
