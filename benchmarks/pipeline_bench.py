@@ -65,7 +65,7 @@ from sqlalchemy import event
 
 from benchmarks.processes import ProcessGroup
 from mailbox.database import scratch_postgres_schema
-from mailbox.devredis import EmbeddedRedis
+from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.settings import normalize_database_url
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ What one run does, and why:
   flaky agent failing 5 times (dead-lettered when its 3 attempts are spent); `sleep` 10-100
   ms; `fail` (a permanent error: dead letter at once). With `--duration-s`, submitting
   goes on until then, paced by `--max-backlog` (dispatches submitted but not terminal).
-* Audit: `mailbox.workload_audit.WorkloadAudit` records every submission in order, samples
+* Audit: `mailbox.dev.workload_audit.WorkloadAudit` records every submission in order, samples
   "never two Claimed on a thread" and "epochs never go back" while the workload runs, waits
   for every dispatch to be terminal, then checks none lost, results per attempt, per-thread
   order and the store's own audit.
@@ -267,8 +267,8 @@ def run_soak(options: SoakOptions, database_url: str, redis_url: str, namespace:
              workdir: Path, out: Callable[[str], None] = say) -> dict[str, Any]:
     """One audited run against existing services (schema created here). Returns the report
     (see `summary`); `report["ok"]` is the verdict. Stops every process it started."""
+    from mailbox.dev.workload_audit import WorkloadAudit
     from mailbox.facade import Mailbox
-    from mailbox.workload_audit import WorkloadAudit
 
     workdir.mkdir(parents=True, exist_ok=True)
     setup = Mailbox.connect(database_url, redis_url, namespace=namespace)
@@ -519,7 +519,7 @@ def services(args: argparse.Namespace, workdir: Path, namespace: str
              ) -> Iterator[tuple[str, str]]:
     """(database URL, Redis URL) for the run; what was started or created here goes away."""
     from mailbox.database import scratch_postgres_schema
-    from mailbox.devredis import EmbeddedRedis
+    from mailbox.dev.embedded_redis import EmbeddedRedis
 
     with contextlib.ExitStack() as stack:
         redis_url = args.redis_url

@@ -65,7 +65,7 @@ from psycopg import sql as pgsql
 from sqlalchemy import event
 
 from mailbox.database import scratch_postgres_schema
-from mailbox.devredis import EmbeddedRedis
+from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.facade import Mailbox
 from mailbox.model import RunDispatch
 from mailbox.schema import dispatches, thread_epochs

@@ -1052,7 +1052,7 @@ def audit_cmd(ctx: click.Context, stuck_after_s: float | None, sample: int) -> N
 @click.option("-c", "--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 def up(concurrency: int, no_flower: bool) -> None:
-    from mailbox.devstack import DevStack
+    from mailbox.dev.stack import DevStack
 
     stack = DevStack(concurrency=concurrency, flower=not no_flower)
     try:
@@ -1069,7 +1069,7 @@ def up(concurrency: int, no_flower: bool) -> None:
 @main.command(help="Start the dev stack, push a demo workload through dispatch.delay(), show "
                    "a summary (what `make demo` runs).")
 def demo() -> None:
-    from mailbox.demo import run as run_demo
+    from mailbox.dev.demo import run as run_demo
 
     sys.exit(run_demo())
 

@@ -20,7 +20,7 @@ import pytest
 
 from mailbox import Mailbox
 from mailbox.database import scratch_postgres_schema
-from mailbox.devredis import EmbeddedRedis
+from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.store import MailboxStore
 
 POSTGRES_URL = os.environ.get("MAILBOX_TEST_POSTGRES_URL")

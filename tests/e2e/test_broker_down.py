@@ -8,7 +8,7 @@ import sys
 import time
 
 from mailbox import DispatchStatus, Mailbox
-from mailbox.devredis import free_port
+from mailbox.dev.embedded_redis import free_port
 from tests.support.workers import ROOT, Stack
 
 CLIENT = """

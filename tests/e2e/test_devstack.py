@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailbox.devredis import free_port
+from mailbox.dev.embedded_redis import free_port
 from tests.conftest import BACKENDS
 from tests.support.workers import ROOT
 

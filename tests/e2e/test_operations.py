@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mailbox import DispatchStatus, Mailbox
-from mailbox.devredis import free_port
+from mailbox.dev.embedded_redis import free_port
 from tasks import dispatch
 from tests.support.workers import CELERY, ROOT, Stack
 

@@ -9,7 +9,7 @@ Real `celery -A tasks worker` and `celery -A tasks beat` processes, real Redis a
   dead-letter);
 - beat stopped and restarted in the middle of a load.
 `tests.support.fault_hooks` injects the message faults, in the workers (`-I`) and in this
-process. `mailbox.workload_audit.WorkloadAudit` samples "one Claimed per thread" and "epochs
+process. `mailbox.dev.workload_audit.WorkloadAudit` samples "one Claimed per thread" and "epochs
 never go back" throughout and audits the end: every dispatch terminal, none lost, one result
 per attempt, per-thread order, the store's own audit.
 
@@ -41,8 +41,8 @@ import pytest
 import redis
 
 from mailbox import DispatchStatus, Mailbox
-from mailbox.devredis import EmbeddedRedis, free_port
-from mailbox.workload_audit import WorkloadAudit, WorkloadReport
+from mailbox.dev.embedded_redis import EmbeddedRedis, free_port
+from mailbox.dev.workload_audit import WorkloadAudit, WorkloadReport
 from tests.conftest import BACKENDS, POSTGRES_URL
 from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
 from tests.support.e2e_helpers import events_of, received_count, worker_logs

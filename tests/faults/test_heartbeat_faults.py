@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from mailbox import DispatchStatus, Mailbox
-from mailbox.devredis import EmbeddedRedis
+from mailbox.dev.embedded_redis import EmbeddedRedis
 from tests.e2e.conftest import celery_stack  # noqa: F401  (fixture)
 from tests.support.e2e_helpers import events_of, wait_all_terminal, wait_until, worker_logs
 from tests.support.heartbeat_faults import counts

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from mailbox import DispatchStatus, Mailbox, RunDispatch
-from mailbox.devredis import EmbeddedRedis
+from mailbox.dev.embedded_redis import EmbeddedRedis
 
 T = "t-rebuild"
 

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from mailbox import DispatchStatus, Mailbox
-from mailbox.workload_audit import WorkloadAudit
+from mailbox.dev.workload_audit import WorkloadAudit
 from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
 from tests.support.e2e_helpers import events_of, worker_logs
 from tests.support.fault_hooks import PHASES, WHENS, Driver, Faults, Item

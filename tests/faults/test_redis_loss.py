@@ -27,7 +27,7 @@ from sqlalchemy import event
 
 from mailbox import DispatchStatus, Mailbox, RunDispatch, VersionConflictError
 from mailbox.coordination import Lease
-from mailbox.devredis import EmbeddedRedis
+from mailbox.dev.embedded_redis import EmbeddedRedis
 
 # The race harness lives in tests/integration/test_races.py; tests/ has no packages, so it
 # is imported by module name, which spawned children resolve the same way (inherited sys.path).

@@ -42,7 +42,7 @@ from mailbox import (
 )
 from mailbox.coordination import Coordinator, Lease, connect_redis
 from mailbox.database import create_engine
-from mailbox.devredis import EmbeddedRedis, free_port
+from mailbox.dev.embedded_redis import EmbeddedRedis, free_port
 from mailbox.schema import thread_epochs
 from mailbox.store import MailboxStore
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from mailbox import DispatchStatus, Mailbox
-from mailbox.devredis import EmbeddedRedis
+from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.maintenance import SWEEP_WAKE_PREFIX, consume_sweep_wake, sweep, wake_pending_ttl_ms
 from mailbox.phases import Runtime, claim_next, now_ms
 from mailbox.settings import Settings

@@ -1,4 +1,4 @@
-"""The workload checker (mailbox/workload_audit.py) passes a clean workload and catches each
+"""The workload checker (mailbox/dev/workload_audit.py) passes a clean workload and catches each
 kind of breach: every check is shown failing on a state built directly in SQL, Redis or the
 event streams of a scratch mailbox (a checker that cannot fail proves nothing).
 
@@ -13,9 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from mailbox import DispatchStatus, Mailbox
+from mailbox.dev.workload_audit import WorkloadAudit, WorkloadReport
 from mailbox.phases import claim_next, run_chain
 from mailbox.schema import dispatches, runs, thread_epochs
-from mailbox.workload_audit import WorkloadAudit, WorkloadReport
 
 
 def submit(box: Mailbox, audit: WorkloadAudit, thread_id: str, text: str) -> str:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mailbox.devstack import DevStack
+from mailbox.dev.stack import DevStack
 from mailbox.model import DispatchStatus, RunStatus
 
 console = Console()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailbox.devredis import EmbeddedRedis
+from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.errors import MailboxError
 from mailbox.settings import DEV_REDIS_URL_FILE, PROJECT_ROOT, Settings
 
