@@ -1,13 +1,14 @@
-"""Invariant audit and operator statistics of a live mailbox (DESIGN.md §4.1, §7).
+"""Invariant audit and operator statistics of a live mailbox (docs/architecture.md#invariants).
 
 `audit(mailbox)` reads the SQL truth and the Redis hot copies and reports what breaks the
-invariants of §4.1 (violations: something the store promises never happens) apart from what
+invariants (violations: something the store promises never happens) apart from what
 is only unhealthy and self-healing (warnings: the sweep repairs it, or it shows that the sweep
 is not running). It never writes.
 
-Why its own SQL: the store's readers turn every row into a validated `RunDispatch`, so a corrupt
-row would make them raise — and corrupt rows are exactly what an audit looks for. Here every
-check is one aggregate (a COUNT) plus a short, ordered sample of ids, so the cost does not grow
+Why its own queries (`mailbox.store.Inspection`): the store's readers turn every row into a
+validated `RunDispatch`, so a corrupt row would make them raise — and corrupt rows are exactly
+what an audit looks for. Every check is one aggregate (a COUNT) plus a short, ordered sample
+of ids, so the cost does not grow
 with what the tables hold beyond the index scans; Redis is walked with SCAN in pages. Each
 check is a single statement, so it sees one consistent snapshot of the rows it joins (an
 interrupt's epoch bump and the supersede of its queued work commit together).
@@ -15,18 +16,18 @@ interrupt's epoch bump and the supersede of its queued work commit together).
 What is checked:
 
 violations
-  two_claimed_per_thread  a thread with more than one Claimed dispatch (§4.1.3)
+  two_claimed_per_thread  a thread with more than one Claimed dispatch
   claimed_without_lease   a Claimed row missing claim_token, claimed_by or lease_until
   claim_fields_on_idle    a row that is not Claimed but still carries claim fields
   stale_queued            a Queued dispatch older than its thread's epoch: the interrupt that
-                          raised the epoch must have superseded it (§4.1.5)
+                          raised the epoch must have superseded it
   epoch_regressed         a dispatch stamped with an epoch above its thread's: the thread's
-                          epoch went backwards (§4.1.5)
+                          epoch went backwards
   redis_epoch_ahead       a Redis epoch cache above the SQL epoch: SQL went backwards (restored
                           from a backup?), and verify would fence current work as stale
   missing_epoch           a dispatch whose thread has no epoch row (epochs are never dropped)
   orphan_run              a created/running run with no dispatch at all: nothing will ever run
-                          it (§4.1.6). Waiting and done runs are exempt: garbage collection
+                          it. Waiting and done runs are exempt: garbage collection
                           (T18) purges their old terminal dispatches and keeps the runs.
   unknown_status          a dispatch status outside DispatchStatus
 warnings
@@ -41,16 +42,13 @@ warnings
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-import sqlalchemy as sa
-
-from mailbox.database import READ_ONLY
 from mailbox.model import DispatchStatus, RunStatus
-from mailbox.schema import dispatches, runs, thread_epochs
+from mailbox.store import Inspection
 
 if TYPE_CHECKING:
     from mailbox.facade import Mailbox
@@ -59,11 +57,6 @@ Severity = Literal["violation", "warning"]
 
 DEFAULT_SAMPLE = 10
 DEFAULT_PAGE = 500
-_TERMINAL_RECONCILED = [DispatchStatus.Cancelled.value, DispatchStatus.Superseded.value,
-                        DispatchStatus.DeadLetter.value]
-_LIVE_RUN_STATUSES = [RunStatus.created.value, RunStatus.running.value]
-# "not done", spelled as an IN list so the few open runs drive the join (ix_runs_status).
-_OPEN_RUN_STATUSES = [*_LIVE_RUN_STATUSES, RunStatus.waiting.value]
 
 
 def now_ms() -> int:
@@ -158,44 +151,6 @@ class MailboxStats:
         }
 
 
-# ------------------------------------------------------------------------------ SQL helpers
-def _reader(mailbox: Mailbox) -> sa.Connection:
-    """A read-only connection (on SQLite a deferred BEGIN: the audit never takes the write
-    lock, so it cannot slow the workers down)."""
-    return mailbox.store.engine.execution_options(**{READ_ONLY: True}).connect()
-
-
-def _status_counts(conn: sa.Connection) -> dict[str, int]:
-    """Counts per status value, every DispatchStatus present (0 when none), plus any unknown
-    value as stored — the store's own `counts_by_status` would raise on one."""
-    counts = {s.value: 0 for s in DispatchStatus}
-    query = sa.select(dispatches.c.status, sa.func.count()).group_by(dispatches.c.status)
-    for status, n in conn.execute(query):
-        counts[str(status)] = int(n)
-    return counts
-
-
-def _count_and_sample(conn: sa.Connection, id_column: sa.ColumnElement[Any],
-                      from_: sa.FromClause, where: sa.ColumnElement[bool], sample: int
-                      ) -> tuple[int, tuple[str, ...]]:
-    count = conn.execute(sa.select(sa.func.count()).select_from(from_).where(where)
-                         ).scalar_one()
-    if not count:
-        return 0, ()
-    ids = conn.execute(sa.select(id_column).select_from(from_).where(where)
-                       .order_by(id_column).limit(sample)).scalars().all()
-    return int(count), tuple(str(i) for i in ids)
-
-
-def _blank(column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
-    return sa.or_(column.is_(None), column == "")
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def _text(value: Any) -> str:
     if value is None:
         return ""
@@ -207,27 +162,37 @@ def collect_stats(mailbox: Mailbox, now: int | None = None) -> MailboxStats:
     """Counts by status, the oldest queued dispatch, threads with queued work, runs by status
     — each one aggregate query."""
     at = now_ms() if now is None else now
-    queued = dispatches.c.status == DispatchStatus.Queued.value
-    with _reader(mailbox) as conn:
-        counts = _status_counts(conn)
-        oldest = conn.execute(sa.select(sa.func.min(dispatches.c.created_at)).where(queued)
-                              ).scalar_one_or_none()
-        threads = conn.execute(sa.select(sa.func.count(sa.distinct(dispatches.c.thread_id)))
-                               .where(queued)).scalar_one()
-        due = conn.execute(sa.select(sa.func.count()).select_from(dispatches)
-                           .where(queued, dispatches.c.available_at <= at)).scalar_one()
-        by_run = {s.value: 0 for s in RunStatus}
-        for status, n in conn.execute(sa.select(runs.c.status, sa.func.count())
-                                      .group_by(runs.c.status)):
-            by_run[str(status)] = int(n)
-    return MailboxStats(at, counts, None if oldest is None else int(oldest), int(threads),
-                        int(due), by_run)
+    with Inspection.open(mailbox.store) as inspect:
+        counts = inspect.status_counts()
+        oldest, threads, due = inspect.queue_summary(at)
+        by_run = inspect.run_status_counts()
+    return MailboxStats(at, counts, oldest, threads, due, by_run)
 
 
 # ----------------------------------------------------------------------------------- audit
+# check name -> (severity, what a finding means); the queries are `statements.CHECKS`.
+SQL_CHECKS: dict[str, tuple[Severity, str]] = {
+    "claimed_without_lease": ("violation", "Claimed dispatches missing claim_token, "
+                                           "claimed_by or lease_until"),
+    "claim_fields_on_idle": ("violation", "dispatches that are not Claimed but still carry "
+                                          "claim fields"),
+    "stale_queued": ("violation", "Queued dispatches older than their thread's epoch: the "
+                                  "interrupt that raised the epoch should have superseded them"),
+    "epoch_regressed": ("violation", "dispatches stamped with an epoch above their thread's "
+                                     "current epoch: the thread's epoch went backwards"),
+    "missing_epoch": ("violation", "dispatches whose thread has no epoch row (epochs are never "
+                                   "dropped)"),
+    "unreconciled_run": ("warning", "Cancelled/Superseded/DeadLetter dispatches whose run is "
+                                    "not done yet (the sweep reconciles them)"),
+    "orphan_run": ("violation", "created/running runs without any dispatch: nothing will ever "
+                                "run them"),
+}
+
+
 def audit(mailbox: Mailbox, *, now: int | None = None, stuck_after_s: float | None = None,
           sample: int = DEFAULT_SAMPLE, page_size: int = DEFAULT_PAGE) -> AuditReport:
-    """Check the invariants of DESIGN.md §4.1 on the live database and Redis (read-only).
+    """Check the invariants (docs/architecture.md#invariants) on the live database and Redis
+    (read-only).
 
     `stuck_after_s` defaults to two sweep intervals: a lease expired longer than that means
     no sweep ran since. `sample` bounds the ids listed per finding; `page_size` the Redis
@@ -236,13 +201,18 @@ def audit(mailbox: Mailbox, *, now: int | None = None, stuck_after_s: float | No
     at = now_ms() if now is None else now
     stuck_s = (2 * mailbox.settings.sweep_interval_s if stuck_after_s is None
                else stuck_after_s)
-    with _reader(mailbox) as conn:
-        report = AuditReport(at, mailbox.settings.namespace, _status_counts(conn))
+    with Inspection.open(mailbox.store) as inspect:
+        report = AuditReport(at, mailbox.settings.namespace, inspect.status_counts())
         _check_statuses(report)
-        _check_claims(mailbox, conn, report, sample)
-        _check_epochs(conn, report, sample)
-        _check_runs(conn, report, sample)
-        _check_stuck(conn, report, at, stuck_s, sample)
+        _check_two_claimed(inspect, report, sample)
+        for name, (severity, message) in SQL_CHECKS.items():
+            report.checks.append(name)
+            n, ids = inspect.check(name, sample)
+            if n:
+                if name == "missing_epoch":
+                    ids = tuple(dict.fromkeys(ids))  # thread ids, one per dispatch
+                report.add(Finding(name, severity, message, n, ids))
+        _check_stuck(inspect, report, at, stuck_s, sample)
     _check_leases(mailbox, report, sample, page_size)
     _check_redis_epochs(mailbox, report, sample, page_size)
     return report
@@ -258,95 +228,24 @@ def _check_statuses(report: AuditReport) -> None:
                            sum(unknown.values()), tuple(sorted(unknown))))
 
 
-def _check_claims(mailbox: Mailbox, conn: sa.Connection, report: AuditReport,
-                  sample: int) -> None:
+def _check_two_claimed(inspect: Inspection, report: AuditReport, sample: int) -> None:
     report.checks.append("two_claimed_per_thread")
-    doubled = mailbox.store.claimed_per_thread()
+    doubled = {t: n for t, n in inspect.claimed_by_thread().items() if n > 1}
     if doubled:
         threads = sorted(doubled)
         report.add(Finding(
             "two_claimed_per_thread", "violation",
-            "threads with more than one Claimed dispatch (thread exclusivity, §4.1.3)",
+            "threads with more than one Claimed dispatch (thread exclusivity)",
             len(threads), tuple(f"{t} ({doubled[t]})" for t in threads[:sample])))
 
-    c = dispatches.c
-    claimed = c.status == DispatchStatus.Claimed.value
-    report.checks.append("claimed_without_lease")
-    n, ids = _count_and_sample(conn, c.dispatch_id, dispatches, sa.and_(
-        claimed, sa.or_(_blank(c.claim_token), _blank(c.claimed_by), c.lease_until.is_(None))),
-        sample)
-    if n:
-        report.add(Finding("claimed_without_lease", "violation",
-                           "Claimed dispatches missing claim_token, claimed_by or lease_until",
-                           n, ids))
-    report.checks.append("claim_fields_on_idle")
-    n, ids = _count_and_sample(conn, c.dispatch_id, dispatches, sa.and_(
-        sa.not_(claimed), sa.or_(c.claim_token.is_not(None), c.claimed_by.is_not(None),
-                                 c.lease_until.is_not(None))), sample)
-    if n:
-        report.add(Finding("claim_fields_on_idle", "violation",
-                           "dispatches that are not Claimed but still carry claim fields",
-                           n, ids))
 
-
-def _check_epochs(conn: sa.Connection, report: AuditReport, sample: int) -> None:
-    c, e = dispatches.c, thread_epochs.c
-    joined = dispatches.join(thread_epochs, e.thread_id == c.thread_id)
-    report.checks.append("stale_queued")
-    n, ids = _count_and_sample(conn, c.dispatch_id, joined, sa.and_(
-        c.status == DispatchStatus.Queued.value, c.dispatch_epoch < e.current_epoch), sample)
-    if n:
-        report.add(Finding("stale_queued", "violation",
-                           "Queued dispatches older than their thread's epoch: the interrupt "
-                           "that raised the epoch should have superseded them", n, ids))
-    report.checks.append("epoch_regressed")
-    n, ids = _count_and_sample(conn, c.dispatch_id, joined,
-                               c.dispatch_epoch > e.current_epoch, sample)
-    if n:
-        report.add(Finding("epoch_regressed", "violation",
-                           "dispatches stamped with an epoch above their thread's current "
-                           "epoch: the thread's epoch went backwards", n, ids))
-    report.checks.append("missing_epoch")
-    outer = dispatches.join(thread_epochs, e.thread_id == c.thread_id, isouter=True)
-    n, ids = _count_and_sample(conn, c.thread_id, outer, e.thread_id.is_(None), sample)
-    if n:
-        report.add(Finding("missing_epoch", "violation",
-                           "dispatches whose thread has no epoch row (epochs are never "
-                           "dropped)", n, tuple(dict.fromkeys(ids))))
-
-
-def _check_runs(conn: sa.Connection, report: AuditReport, sample: int) -> None:
-    c, r = dispatches.c, runs.c
-    report.checks.append("unreconciled_run")
-    joined = dispatches.join(runs, sa.and_(r.run_id == c.run_id, r.dispatch_id == c.dispatch_id))
-    n, ids = _count_and_sample(conn, c.dispatch_id, joined, sa.and_(
-        c.status.in_(_TERMINAL_RECONCILED), r.status.in_(_OPEN_RUN_STATUSES)), sample)
-    if n:
-        report.add(Finding("unreconciled_run", "warning",
-                           "Cancelled/Superseded/DeadLetter dispatches whose run is not done "
-                           "yet (the sweep reconciles them)", n, ids))
-    report.checks.append("orphan_run")
-    # Correlated on thread_id too, so the lookup rides the (thread_id, status, ...) index.
-    has_dispatch = sa.exists().where(c.thread_id == r.thread_id, c.run_id == r.run_id)
-    n, ids = _count_and_sample(conn, r.run_id, runs, sa.and_(
-        r.status.in_(_LIVE_RUN_STATUSES), sa.not_(has_dispatch)), sample)
-    if n:
-        report.add(Finding("orphan_run", "violation",
-                           "created/running runs without any dispatch: nothing will ever run "
-                           "them", n, ids))
-
-
-def _check_stuck(conn: sa.Connection, report: AuditReport, at: int, stuck_s: float,
+def _check_stuck(inspect: Inspection, report: AuditReport, at: int, stuck_s: float,
                  sample: int) -> None:
-    c = dispatches.c
     report.checks.append("stuck_claim")
-    cutoff = at - int(stuck_s * 1000)
-    n, ids = _count_and_sample(conn, c.dispatch_id, dispatches, sa.and_(
-        c.status == DispatchStatus.Claimed.value, c.lease_until < cutoff), sample)
+    n, ids = inspect.check("stuck_claim", sample, cutoff=at - int(stuck_s * 1000))
     if n:
-        oldest = conn.execute(sa.select(sa.func.min(c.lease_until)).where(
-            c.status == DispatchStatus.Claimed.value)).scalar_one_or_none()
-        since = "" if oldest is None else f"; oldest lease ended {iso_ms(int(oldest))}"
+        oldest = inspect.oldest_claimed_lease_until()
+        since = "" if oldest is None else f"; oldest lease ended {iso_ms(oldest)}"
         report.add(Finding("stuck_claim", "warning",
                            f"Claimed dispatches whose lease expired more than {stuck_s:g}s "
                            f"ago: is the sweep (celery beat) running?{since}", n, ids))
@@ -369,12 +268,9 @@ def _check_leases(mailbox: Mailbox, report: AuditReport, sample: int, page_size:
                 leases[_text(key)] = (fields["dispatch_id"], fields.get("token", ""))
         if not leases:
             continue
-        wanted = sorted({d for d, _ in leases.values()})
-        with _reader(mailbox) as conn:
-            rows = {str(d): (str(s), _text(t)) for d, s, t in conn.execute(
-                sa.select(dispatches.c.dispatch_id, dispatches.c.status,
-                          dispatches.c.claim_token)
-                .where(dispatches.c.dispatch_id.in_(wanted)))}
+        with Inspection.open(mailbox.store) as inspect:
+            rows = {d: (s, t or "") for d, (s, t) in inspect.claims_of(
+                sorted({d for d, _ in leases.values()})).items()}
         suspects = [k for k, (d, token) in leases.items()
                     if rows.get(d) != (DispatchStatus.Claimed.value, token)]
         if not suspects:
@@ -407,10 +303,8 @@ def _check_redis_epochs(mailbox: Mailbox, report: AuditReport, sample: int,
                                                             strict=True) if v is not None}
         if not cached:
             continue
-        with _reader(mailbox) as conn:
-            sql = {str(t): int(v) for t, v in conn.execute(
-                sa.select(thread_epochs.c.thread_id, thread_epochs.c.current_epoch)
-                .where(thread_epochs.c.thread_id.in_(list(cached))))}
+        with Inspection.open(mailbox.store) as inspect:
+            sql = inspect.epochs_of(list(cached))
         for thread, value in cached.items():
             try:
                 redis_epoch = int(value)

@@ -46,10 +46,9 @@ from mailbox.model import (
     RunStatus,
 )
 from mailbox.phases import Runtime, now_ms
-from mailbox.runs import Resolution, RunStore, Submission, encode_input
 from mailbox.schema import upgrade
 from mailbox.settings import Settings, validate_namespace
-from mailbox.store import MailboxStore
+from mailbox.store import MailboxStore, Resolution, RunStore, Submission, encode_input
 
 log = logging.getLogger(__name__)
 Waker = Callable[[str, int], None]
@@ -386,7 +385,7 @@ class Mailbox:
                 _check_int(name, moment, 0, MAX_MS)
         _check_int("limit", limit, 0, MAX_PAGE)
         _check_int("offset", offset, 0, MAX_MS)
-        return self.runs.list_dead_letters(thread_id=thread_id, agent=agent,
+        return self.store.list_dead_letters(thread_id=thread_id, agent=agent,
                                            error_contains=error_contains, since=since,
                                            until=until, limit=limit, offset=offset)
 
@@ -460,7 +459,7 @@ class Mailbox:
             raise ValidationError(f"dispatch_ids must be a list of dispatch ids, got "
                                   f"{_show(dispatch_ids)}")
         ids = [check_text("dispatch_ids item", d) for d in dispatch_ids]
-        return self.runs.purge_dead_letters(ids)
+        return self.store.purge_dead_letters(ids)
 
     # ------------------------------------------------------------------------- maintenance
     def sweep(self, now: int | None = None) -> SweepReport:

@@ -139,7 +139,7 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
                                               "error": reason, "status": "dead_letter"})
         if not page.more:
             break
-    for dispatch in rt.runs.unreconciled_terminal_dispatches(limit=1000):
+    for dispatch in rt.store.unreconciled_terminal_dispatches(limit=1000):
         if rt.runs.reconcile(dispatch, now) is not None:
             report.reconciled.append(dispatch.dispatch_id)
             if dispatch.status != DispatchStatus.DeadLetter:
@@ -161,7 +161,7 @@ def _due_threads(rt: Runtime, now: int) -> list[str]:
     leave the threads past the first page waiting for the earlier ones to drain."""
     due: list[str] = []
     while True:
-        page = rt.runs.due_thread_ids(now, DUE_THREADS_PAGE, due[-1] if due else None)
+        page = rt.store.due_thread_ids(now, DUE_THREADS_PAGE, due[-1] if due else None)
         due.extend(page)
         if len(page) < DUE_THREADS_PAGE:
             return due

@@ -42,7 +42,7 @@ class DispatchStatus(enum.StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        return self not in (DispatchStatus.Queued, DispatchStatus.Claimed)
+        return self in TERMINAL_STATUSES
 
     @property
     def label(self) -> str:
@@ -68,7 +68,15 @@ TERMINAL_STATUSES: tuple[DispatchStatus, ...] = (
     DispatchStatus.Superseded,
     DispatchStatus.DeadLetter,
 )
+"""The one definition of "terminal": every check, query and index derives from it."""
 LIVE_STATUSES: tuple[DispatchStatus, ...] = (DispatchStatus.Queued, DispatchStatus.Claimed)
+RECONCILED_STATUSES: tuple[DispatchStatus, ...] = (
+    DispatchStatus.Cancelled,
+    DispatchStatus.Superseded,
+    DispatchStatus.DeadLetter,
+)
+"""Terminal statuses that end the run too (done/cancelled or done/error), reconciled from the
+dispatch; an Acked dispatch leaves the run's outcome to what the attempt recorded."""
 
 
 class RunStatus(enum.StrEnum):

@@ -44,9 +44,8 @@ from mailbox.model import (
     RunStatus,
     Termination,
 )
-from mailbox.runs import RunStore
 from mailbox.settings import Settings
-from mailbox.store import MailboxStore
+from mailbox.store import MailboxStore, RunStore
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,18 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from mailbox.model import LIVE_STATUSES, TERMINAL_STATUSES, DispatchStatus
+
 metadata = sa.MetaData()
 
-CLAIMED_ONLY = sa.text("status = 'Claimed'")
-LIVE_DEDUPE = sa.text("status IN ('Queued', 'Claimed') AND dedupe_key IS NOT NULL")
-TERMINAL_ONLY = sa.text("status IN ('Acked', 'Cancelled', 'Superseded', 'DeadLetter')")
+
+def _status_in(statuses: tuple[DispatchStatus, ...]) -> str:
+    return "status IN (" + ", ".join(f"'{s.value}'" for s in statuses) + ")"
+
+
+CLAIMED_ONLY = sa.text(f"status = '{DispatchStatus.Claimed.value}'")
+LIVE_DEDUPE = sa.text(f"{_status_in(LIVE_STATUSES)} AND dedupe_key IS NOT NULL")
+TERMINAL_ONLY = sa.text(_status_in(TERMINAL_STATUSES))
 
 dispatches = sa.Table(
     "run_dispatches",

@@ -74,35 +74,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
 from mailbox.audit import audit as store_audit
-from mailbox.database import READ_ONLY
 from mailbox.events import Event
-from mailbox.model import DispatchStatus
-from mailbox.schema import dispatches, runs, thread_epochs
+from mailbox.model import TERMINAL_STATUSES, DispatchStatus
+from mailbox.store import Inspection
 
 if TYPE_CHECKING:
     from mailbox.facade import Mailbox
 
-TERMINAL = frozenset({DispatchStatus.Acked.value, DispatchStatus.Cancelled.value,
-                      DispatchStatus.Superseded.value, DispatchStatus.DeadLetter.value})
+TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 MISSING = "missing"
 CHUNK = 500
 MAX_SAMPLE_VIOLATIONS = 200
 RESULT_RUN_STATUSES = frozenset({"done", "waiting"})
-
-_DISPATCH_COLUMNS = (
-    dispatches.c.dispatch_id, dispatches.c.thread_id, dispatches.c.run_id,
-    dispatches.c.status, dispatches.c.priority, dispatches.c.dispatch_epoch,
-    dispatches.c.attempt_count, dispatches.c.max_attempts, dispatches.c.last_error,
-    dispatches.c.dispatch_instance_id, dispatches.c.run_status, dispatches.c.termination,
-    dispatches.c.run_response, dispatches.c.completed_at, dispatches.c.created_at,
-    dispatches.c.available_at,
-)
-_RUN_COLUMNS = (runs.c.run_id, runs.c.status, runs.c.dispatch_id, runs.c.response,
-                runs.c.termination, runs.c.error, runs.c.finished_at)
-
 
 def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
@@ -285,26 +269,15 @@ class WorkloadAudit:
             s.violations.extend(found[:max(room, 0)])
         return True
 
-    def _reader(self) -> sa.Connection:
-        return self.mailbox.store.engine.execution_options(**{READ_ONLY: True}).connect()
-
     def _read_claims(self) -> tuple[int, dict[str, int]]:
         """(Claimed dispatches in all, threads holding more than one) in one snapshot."""
-        c = dispatches.c
-        query = (sa.select(c.thread_id, sa.func.count())
-                 .where(c.status == DispatchStatus.Claimed.value).group_by(c.thread_id))
-        with self._reader() as conn:
-            per_thread = {str(t): int(n) for t, n in conn.execute(query)}
+        with Inspection.open(self.mailbox.store) as inspect:
+            per_thread = inspect.claimed_by_thread()
         return sum(per_thread.values()), {t: n for t, n in per_thread.items() if n > 1}
 
     def _read_sql_epochs(self, threads: Sequence[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
-        with self._reader() as conn:
-            for chunk in _chunks(threads):
-                query = sa.select(thread_epochs.c.thread_id, thread_epochs.c.current_epoch
-                                  ).where(thread_epochs.c.thread_id.in_(list(chunk)))
-                found.update({str(t): int(e) for t, e in conn.execute(query)})
-        return found
+        with Inspection.open(self.mailbox.store) as inspect:
+            return inspect.epochs_of(threads)
 
     def _read_redis_epochs(self, threads: Sequence[str]) -> dict[str, int]:
         coordinator = self.mailbox.store.coordinator
@@ -319,13 +292,8 @@ class WorkloadAudit:
 
     # ------------------------------------------------------------------------------ waiting
     def _statuses(self, ids: Sequence[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        with self._reader() as conn:
-            for chunk in _chunks(ids):
-                query = sa.select(dispatches.c.dispatch_id, dispatches.c.status).where(
-                    dispatches.c.dispatch_id.in_(list(chunk)))
-                found.update({str(d): str(s) for d, s in conn.execute(query)})
-        return found
+        with Inspection.open(self.mailbox.store) as inspect:
+            return inspect.statuses_of(ids)
 
     def wait_terminal(self, timeout_s: float,
                       progress: Callable[[int, int], None] | None = None, *,
@@ -474,23 +442,12 @@ class WorkloadAudit:
 
     # ------------------------------------------------------------------------ check helpers
     def _load_rows(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        rows: dict[str, dict[str, Any]] = {}
-        with self._reader() as conn:
-            for chunk in _chunks(ids):
-                query = sa.select(*_DISPATCH_COLUMNS).where(
-                    dispatches.c.dispatch_id.in_(list(chunk)))
-                for row in conn.execute(query).mappings():
-                    rows[str(row["dispatch_id"])] = dict(row)
-        return rows
+        with Inspection.open(self.mailbox.store) as inspect:
+            return inspect.outcomes_of(ids)
 
     def _load_runs(self, run_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
-        with self._reader() as conn:
-            for chunk in _chunks(run_ids):
-                query = sa.select(*_RUN_COLUMNS).where(runs.c.run_id.in_(list(chunk)))
-                for row in conn.execute(query).mappings():
-                    found[str(row["run_id"])] = dict(row)
-        return found
+        with Inspection.open(self.mailbox.store) as inspect:
+            return inspect.run_outcomes_of(run_ids)
 
     def _load_events(self, run_ids: Sequence[str]) -> dict[str, list[Event]]:
         return {run_id: self.mailbox.events.read(run_id) for run_id in run_ids}

@@ -53,8 +53,8 @@ from mailbox.phases import (
     settle,
     verify,
 )
-from mailbox.runs import Resolution
 from mailbox.schema import dispatches, messages, thread_epochs
+from mailbox.store import Resolution
 from tests.support.phase_kit import (
     Clock,
     FailOnce,

@@ -62,8 +62,8 @@ from mailbox import (
 from mailbox.agents import AgentContext, agent
 from mailbox.maintenance import SweepReport, collect_garbage, sweep
 from mailbox.phases import Context, Runtime, claim_next, now_ms, run_chain
-from mailbox.runs import Resolution
 from mailbox.schema import dispatches, messages, runs
+from mailbox.store import Resolution
 
 PERMANENT_TEXT = "unauthorized: 403 pre_consume_token_quota_failed"
 TRANSIENT_TEXT = "rate limited: 429 too many requests"

@@ -29,7 +29,7 @@ from mailbox.phases import (
     resolve,
     settle,
 )
-from mailbox.runs import Resolution
+from mailbox.store import Resolution
 
 Phase = Callable[[Runtime, Context], Context]
 

@@ -1,9 +1,15 @@
-"""The durable mailbox store: SQL is the truth, Redis the hot copy (DESIGN.md §4).
+"""The durable mailbox store: SQL is the truth, Redis the hot copy (docs/architecture.md#store).
 
-Every operation is one SQL transaction and never reads the clock (`now` is passed in). All
-dispatch SQL lives in this module. State changes go through the model: load the row, ask
-`RunDispatch` for the next record (which validates the invariants), write back only the
-columns that changed, guarded by the status we read.
+Every operation is one SQL transaction and never reads the clock (`now` is passed in). Every
+statement on the dispatch table is executed here (the statements themselves are in
+`statements.py`). State changes go through the model: load the row, ask `RunDispatch` for the
+next record (which validates the invariants), write back only the columns that changed,
+guarded by the status we read.
+
+Other stores write in the same transactions through the public transaction API: `write()`,
+`read()`, `lock_thread()`, `lock_dispatch()`, `insert_dispatch()` and `fenced_write()`, the
+fenced-claimed-op pattern whose block runs the caller's writes of the same thread under the
+same fence (the run store records a run's start and outcome that way).
 
 Concurrency. Writers of one thread are serialized by locking that thread's epoch row
 (`SELECT … FOR UPDATE` on PostgreSQL; on SQLite every write transaction is BEGIN IMMEDIATE).
@@ -21,15 +27,13 @@ SQL, so no invariant depends on Redis.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import redis
 import sqlalchemy as sa
@@ -55,29 +59,19 @@ from mailbox.model import (
     REASON_STALE_RENEWAL,
     REASON_STALE_RESULT,
     REASON_STALE_START,
-    TERMINAL_STATUSES,
     DispatchStatus,
     MailboxInterrupt,
     RunDispatch,
     RunDispatchResult,
-    RunStatus,
-    Termination,
     require_id,
     require_ms,
 )
-from mailbox.schema import dispatches, thread_epochs
+from mailbox.store import statements as q
+from mailbox.store.operations import operation
 
 log = logging.getLogger(__name__)
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-_TERMINAL_VALUES = [s.value for s in TERMINAL_STATUSES]
-# Status values rendered into the SQL text: with bound parameters, a prepared statement's
-# generic plan cannot use the status indexes and scans the thread's whole history.
-_CLAIMED = sa.literal(DispatchStatus.Claimed.value, literal_execute=True)
-_QUEUED = sa.literal(DispatchStatus.Queued.value, literal_execute=True)
-_NOT_OURS = (0, 1)  # VersionConflict(expected=0, actual=1): "not your claim"
+NOT_OURS = (0, 1)  # VersionConflict(expected=0, actual=1): "not your claim"
 
 FinishedCheck = Callable[[sa.Connection, RunDispatch], bool]
 """`finished(conn, claim)`: did this expired claim's attempt already write the run's outcome?
@@ -92,36 +86,13 @@ class ReclaimPage:
     transitioned: list[RunDispatch]
     more: bool
 
-# Hot-path statements are built once, with bound parameters: building and cache-keying a
-# statement per call cost more than executing it (about 3x on SQLite, measured), and
-# SQLAlchemy's compiled cache then serves every call.
-_D = dispatches.c
-_SELECT_EPOCH_FOR_UPDATE = (sa.select(thread_epochs.c.current_epoch)
-                            .where(thread_epochs.c.thread_id == sa.bindparam("thread_id"))
-                            .with_for_update())
-_SELECT_EPOCH = sa.select(thread_epochs.c.current_epoch).where(
-    thread_epochs.c.thread_id == sa.bindparam("thread_id"))
-_SELECT_THREAD_OF = sa.select(_D.thread_id).where(_D.dispatch_id == sa.bindparam("dispatch_id"))
-_SELECT_DISPATCH = sa.select(dispatches).where(_D.dispatch_id == sa.bindparam("dispatch_id"))
-INSERT_DISPATCH = dispatches.insert()
-# SET comes from the parameters named after columns; the guard names are not columns.
-_UPDATE_DISPATCHES = dispatches.update().where(
-    _D.dispatch_id.in_(sa.bindparam("guard_ids", expanding=True)),
-    _D.status == sa.bindparam("guard_status"))
-_SELECT_BLOCKERS = sa.select(dispatches).where(
-    _D.thread_id == sa.bindparam("thread_id"), _D.status.in_([_CLAIMED, _QUEUED]),
-    sa.or_(_D.status == _CLAIMED, _D.dispatch_epoch < sa.bindparam("epoch")))
-_SELECT_HEAD = (sa.select(dispatches)
-                .where(_D.thread_id == sa.bindparam("thread_id"), _D.status == _QUEUED,
-                       _D.available_at <= sa.bindparam("now"))
-                .order_by(_D.priority, _D.created_at, _D.dispatch_id)
-                .limit(1))
-_SELECT_ANY_DUE = (sa.select(_D.dispatch_id)
-                   .where(_D.thread_id == sa.bindparam("thread_id"), _D.status == _QUEUED,
-                          _D.available_at <= sa.bindparam("now"))
-                   .limit(1))
-_SELECT_QUEUED_BY_ID = sa.select(dispatches).where(
-    _D.dispatch_id == sa.bindparam("dispatch_id"), _D.status == _QUEUED)
+
+@dataclass(frozen=True)
+class FencedWrite:
+    """Inside `fenced_write`: the open transaction and the dispatch as it now stands."""
+
+    conn: sa.Connection
+    dispatch: RunDispatch
 
 
 def new_token() -> str:
@@ -129,94 +100,23 @@ def new_token() -> str:
     return str(uuid6.uuid7())
 
 
-def _operation(name: str, *, empty_result: bool = False
-               ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Record the operation's metric and turn driver failures into StoreUnavailableError.
-
-    With `empty_result`, a None or [] return is labelled `empty` (claims that found nothing).
-    """
-
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(func)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            started = time.perf_counter()
-            result = "error"
-            try:
-                value = func(*args, **kwargs)
-                empty = empty_result and (value is None or value == [])
-                result = "empty" if empty else "ok"
-                return value
-            except MailboxError:
-                raise
-            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
-                    sa_exc.TimeoutError) as exc:
-                raise StoreUnavailableError(f"database unreachable during {name}: "
-                                            f"{_short(exc)}") from exc
-            except sa_exc.DBAPIError as exc:
-                if exc.connection_invalidated:
-                    raise StoreUnavailableError(f"database connection lost during {name}: "
-                                                f"{_short(exc)}") from exc
-                raise
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise StoreUnavailableError(f"redis unreachable during {name}: {exc}") from exc
-            finally:
-                metrics.record_operation(name, result, time.perf_counter() - started)
-
-        return wrapper
-
-    return decorate
-
-
-def _short(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-
-
-# ------------------------------------------------------------------------------- row mapping
-_COLUMNS = [c.name for c in dispatches.columns]
-
-
-def _to_row(d: RunDispatch) -> dict[str, Any]:
-    row = {name: getattr(d, name) for name in _COLUMNS}
-    row["status"] = d.status.value
-    row["run_status"] = d.run_status.value if d.run_status is not None else None
-    row["termination"] = d.termination.to_json() if d.termination is not None else None
-    return row
-
-
-def _from_row(row: sa.Row[Any]) -> RunDispatch:
-    values = dict(row._mapping)
-    if values.get("termination") is not None:
-        values["termination"] = Termination.from_json(values["termination"])
-    if values.get("run_status") is not None:
-        values["run_status"] = RunStatus(values["run_status"])
-    values["status"] = DispatchStatus(values["status"])
-    try:
-        return RunDispatch(**values).validate_for_persist()
-    except ValidationError as exc:
-        raise MailboxError(f"stored dispatch {values.get('dispatch_id')!r} is invalid: "
-                           f"{exc.message}") from exc
-
-
-def _changes(before: RunDispatch, after: RunDispatch) -> dict[str, Any]:
-    old, new = _to_row(before), _to_row(after)
-    return {k: v for k, v in new.items() if old[k] != v}
-
-
 class MailboxStore:
-    """Dispatch queue authority over one SQL database and one Redis (DESIGN.md §4)."""
+    """Dispatch queue authority over one SQL database and one Redis
+    (docs/architecture.md#store)."""
 
     def __init__(self, engine: sa.Engine, coordinator: Coordinator) -> None:
         self.engine = engine
         self.coordinator = coordinator
-        self._postgres = is_postgres(engine)
+        self.postgres = is_postgres(engine)
         self._reader = engine.execution_options(**{READ_ONLY: True})
         self._gate = write_gate(engine)
-        self._insert_epoch_if_missing = self.insert_ignoring_conflict(thread_epochs)
+        self._insert_epoch_if_missing = q.insert_epoch_if_missing(self.postgres)
 
     # ------------------------------------------------------------------------ transactions
     @contextmanager
-    def _write(self) -> Iterator[sa.Connection]:
+    def write(self) -> Iterator[sa.Connection]:
+        """A write transaction: committed when the block ends, rolled back if it raises. On
+        SQLite it waits its turn on the writers' gate (docs/architecture.md#sqlite)."""
         if self._gate is None:
             with self.engine.begin() as conn:
                 yield conn
@@ -228,54 +128,67 @@ class MailboxStore:
             raise StoreUnavailableError(f"database is locked: {exc}") from exc
 
     @contextmanager
-    def _read(self) -> Iterator[sa.Connection]:
+    def read(self) -> Iterator[sa.Connection]:
+        """A read-only connection (a deferred BEGIN on SQLite: never the write lock)."""
         with self._reader.connect() as conn:
             yield conn
 
-    def _lock_thread(self, conn: sa.Connection, thread_id: str, *, create: bool) -> int | None:
+    def lock_thread(self, conn: sa.Connection, thread_id: str, *, create: bool) -> int | None:
         """Lock the thread's epoch row (serializing the thread's writers); return its epoch.
 
         With `create`, a missing row is created at epoch 0 first.
         """
         params = {"thread_id": thread_id}
-        epoch = conn.execute(_SELECT_EPOCH_FOR_UPDATE, params).scalar_one_or_none()
+        epoch = conn.execute(q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one_or_none()
         if epoch is None and create:
             conn.execute(self._insert_epoch_if_missing, {"thread_id": thread_id,
                                                          "current_epoch": 0})
-            epoch = conn.execute(_SELECT_EPOCH_FOR_UPDATE, params).scalar_one()
+            epoch = conn.execute(q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one()
         return None if epoch is None else int(epoch)
 
-    def insert_ignoring_conflict(self, table: sa.Table) -> sa.Executable:
-        """`INSERT … ON CONFLICT DO NOTHING` for this database, values bound at execution."""
-        if self._postgres:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            return pg_insert(table).on_conflict_do_nothing()
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(table).on_conflict_do_nothing()
-
-    def _lock_dispatch(self, conn: sa.Connection, dispatch_id: str,
-                       thread_id: str | None = None) -> tuple[RunDispatch, int] | None:
+    def lock_dispatch(self, conn: sa.Connection, dispatch_id: str,
+                      thread_id: str | None = None) -> tuple[RunDispatch, int] | None:
         """Lock the dispatch's thread, then load the dispatch; None if it does not exist.
 
         A caller that knows the thread (a phase's context) saves the lookup; a wrong thread
         finds nothing, and an unknown one is not created."""
         if thread_id is None:
-            thread_id = conn.execute(_SELECT_THREAD_OF,
+            thread_id = conn.execute(q.SELECT_THREAD_OF,
                                      {"dispatch_id": dispatch_id}).scalar_one_or_none()
             if thread_id is None:
                 return None
-            epoch = self._lock_thread(conn, thread_id, create=True)
+            epoch = self.lock_thread(conn, thread_id, create=True)
         else:
-            epoch = self._lock_thread(conn, thread_id, create=False)
+            epoch = self.lock_thread(conn, thread_id, create=False)
             if epoch is None:
                 return None
         assert epoch is not None
-        row = conn.execute(_SELECT_DISPATCH, {"dispatch_id": dispatch_id}).one_or_none()
+        row = conn.execute(q.SELECT_DISPATCH, {"dispatch_id": dispatch_id}).one_or_none()
         if row is None or row.thread_id != thread_id:
             return None
-        return _from_row(row), epoch
+        return q.dispatch_from_row(row), epoch
+
+    def insert_dispatch(self, conn: sa.Connection, dispatch: RunDispatch, epoch: int
+                        ) -> RunDispatch:
+        """T1 inside the caller's transaction, which holds the thread lock (`lock_thread`):
+        store `dispatch` Queued, stamped with `epoch`; return what was stored. A duplicate
+        raises IntegrityError out of the transaction (see `duplicate_error`)."""
+        stored = dispatch.enqueued(epoch)
+        conn.execute(q.INSERT_DISPATCH, q.dispatch_row(stored))
+        return stored
+
+    def duplicate_error(self, dispatch: RunDispatch) -> AlreadyExistsError | None:
+        """After an insert of `dispatch` failed on a unique key: which one it hit (its id, or
+        its thread's live dedupe key); None when neither explains it."""
+        with self.read() as conn:
+            if conn.execute(q.SELECT_DISPATCH_ID,
+                            {"dispatch_id": dispatch.dispatch_id}).first() is not None:
+                return AlreadyExistsError(dispatch.dispatch_id)
+            if dispatch.dedupe_key is not None and conn.execute(q.SELECT_LIVE_DEDUPE, {
+                    "thread_id": dispatch.thread_id,
+                    "dedupe_key": dispatch.dedupe_key}).first() is not None:
+                return AlreadyExistsError(f"dedupe_key={dispatch.dedupe_key}")
+        return None
 
     def _save(self, conn: sa.Connection, pairs: Iterable[tuple[RunDispatch, RunDispatch]]
               ) -> None:
@@ -283,14 +196,14 @@ class MailboxStore:
         the status each row had when read (a mismatch means a writer skipped the lock)."""
         groups: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
         for before, after in pairs:
-            change = _changes(before, after)
+            change = q.dispatch_changes(before, after)
             if not change:
                 continue
             key = (before.status.value, json.dumps(change, sort_keys=True, default=str))
             groups.setdefault(key, (change, []))[1].append(before.dispatch_id)
         for (old_status, _), (change, ids) in groups.items():
             for chunk in _chunks(ids, 500):
-                result = conn.execute(_UPDATE_DISPATCHES, {
+                result = conn.execute(q.UPDATE_DISPATCHES, {
                     **change, "guard_ids": chunk, "guard_status": old_status})
                 if result.rowcount != len(chunk):
                     raise MailboxError(f"concurrent modification of dispatches {chunk}")
@@ -329,7 +242,7 @@ class MailboxStore:
             return None
 
     # =========================================================================== write path
-    @_operation("enqueue")
+    @operation("enqueue")
     def enqueue(self, dispatch: RunDispatch) -> None:
         """Store a new Queued dispatch stamped with the thread's current epoch (T1).
 
@@ -340,22 +253,15 @@ class MailboxStore:
             raise ValidationError(f"enqueue takes a RunDispatch, got {type(dispatch).__name__}")
         dispatch.validate_for_enqueue()
         try:
-            with self._write() as conn:
-                epoch = self._lock_thread(conn, dispatch.thread_id, create=True)
+            with self.write() as conn:
+                epoch = self.lock_thread(conn, dispatch.thread_id, create=True)
                 assert epoch is not None
-                conn.execute(INSERT_DISPATCH, _to_row(dispatch.enqueued(epoch)))
+                self.insert_dispatch(conn, dispatch, epoch)
         except sa_exc.IntegrityError:
-            raise self._duplicate_error(dispatch) from None
+            raise (self.duplicate_error(dispatch)
+                   or AlreadyExistsError(f"dedupe_key={dispatch.dedupe_key}")) from None
 
-    def _duplicate_error(self, dispatch: RunDispatch) -> AlreadyExistsError:
-        with self._read() as conn:
-            exists = conn.execute(sa.select(dispatches.c.dispatch_id).where(
-                dispatches.c.dispatch_id == dispatch.dispatch_id)).first()
-        if exists is not None:
-            return AlreadyExistsError(dispatch.dispatch_id)
-        return AlreadyExistsError(f"dedupe_key={dispatch.dedupe_key}")
-
-    @_operation("claim", empty_result=True)
+    @operation("claim", empty_result=True)
     def claim(self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1
               ) -> list[RunDispatch]:
         """Claim the thread's next eligible dispatch (T2): at most one per call and per thread.
@@ -375,7 +281,7 @@ class MailboxStore:
         claimed = self._claim_thread(thread_id, None, consumer_id, lease_ms, now)
         return [] if claimed is None else [claimed]
 
-    @_operation("claim_dispatch", empty_result=True)
+    @operation("claim_dispatch", empty_result=True)
     def claim_dispatch(self, dispatch_id: str, consumer_id: str, lease_ms: int, now: int
                        ) -> RunDispatch | None:
         """Claim one dispatch by id, ignoring `available_at` (for an inline claim right after
@@ -384,8 +290,8 @@ class MailboxStore:
         require_id("consumer_id", consumer_id)
         require_ms("lease_ms", lease_ms)
         require_ms("now", now)
-        with self._read() as conn:
-            thread_id = conn.execute(_SELECT_THREAD_OF,
+        with self.read() as conn:
+            thread_id = conn.execute(q.SELECT_THREAD_OF,
                                      {"dispatch_id": dispatch_id}).scalar_one_or_none()
         if thread_id is None:
             return None
@@ -398,8 +304,8 @@ class MailboxStore:
         committed after this read is woken by its own submit (or retry, or the sweep), like
         any dispatch that arrives after a claim. (A Claimed row that Redis forgot is then
         not rebuilt into a lease here; the next claim that finds work does it.)"""
-        with self._read() as conn:
-            return conn.execute(_SELECT_ANY_DUE, {"thread_id": thread_id, "now": now}
+        with self.read() as conn:
+            return conn.execute(q.SELECT_ANY_DUE, {"thread_id": thread_id, "now": now}
                                 ).first() is not None
 
     def _claim_thread(self, thread_id: str, dispatch_id: str | None, consumer_id: str,
@@ -444,8 +350,8 @@ class MailboxStore:
                                     expected_token=pending_token, allow_missing=False,
                                     lease_ms=lease_ms):
             return
-        with self._read() as conn:
-            row = conn.execute(_SELECT_DISPATCH,
+        with self.read() as conn:
+            row = conn.execute(q.SELECT_DISPATCH,
                                {"dispatch_id": holder.dispatch_id}).one_or_none()
         if row is None or row.status != DispatchStatus.Claimed.value or row.claim_token != token:
             self.coordinator.release(thread_id, token)
@@ -457,26 +363,26 @@ class MailboxStore:
                       consumer_id: str, lease_ms: int, now: int
                       ) -> tuple[RunDispatch | None, RunDispatch | None]:
         """Returns (claimed dispatch, the Claimed dispatch that blocked us)."""
-        with self._write() as conn:
-            epoch = self._lock_thread(conn, thread_id, create=False)
+        with self.write() as conn:
+            epoch = self.lock_thread(conn, thread_id, create=False)
             if epoch is None:
                 return None, None
-            blockers = [_from_row(r) for r in conn.execute(
-                _SELECT_BLOCKERS, {"thread_id": thread_id, "epoch": epoch})]
+            blockers = [q.dispatch_from_row(r) for r in conn.execute(
+                q.SELECT_BLOCKERS, {"thread_id": thread_id, "epoch": epoch})]
             stale = [d for d in blockers if d.status == DispatchStatus.Queued]
             self._save(conn, [(d, d.superseded_as_stale(epoch, now)) for d in stale])
             holder = next((d for d in blockers if d.status == DispatchStatus.Claimed), None)
             if holder is not None:
                 return None, holder
             if dispatch_id is None:
-                row = conn.execute(_SELECT_HEAD, {"thread_id": thread_id, "now": now}
+                row = conn.execute(q.SELECT_HEAD, {"thread_id": thread_id, "now": now}
                                    ).one_or_none()
             else:
-                row = conn.execute(_SELECT_QUEUED_BY_ID, {"dispatch_id": dispatch_id}
+                row = conn.execute(q.SELECT_QUEUED_BY_ID, {"dispatch_id": dispatch_id}
                                    ).one_or_none()
             if row is None:
                 return None, None
-            head = _from_row(row)
+            head = q.dispatch_from_row(row)
             if head.is_stale(epoch):  # only reachable by id; thread scans excluded it above
                 self._save(conn, [(head, head.superseded_as_stale(epoch, now))])
                 return None, None
@@ -485,45 +391,55 @@ class MailboxStore:
             return claimed, None
 
     # ------------------------------------------------------------------ fenced claimed ops
-    def _fenced(self, dispatch_id: str, claim_token: str, now: int, stale_reason: str,
-                apply: Callable[[RunDispatch], RunDispatch],
-                also: Callable[[sa.Connection, RunDispatch], object] | None = None,
-                thread_id: str | None = None) -> RunDispatch:
-        """The fenced-claimed-op pattern (reference §3.2): ours, current epoch, then apply.
+    @contextmanager
+    def fenced_write(self, dispatch_id: str, claim_token: str, now: int, stale_reason: str,
+                     apply: Callable[[RunDispatch], RunDispatch], *,
+                     thread_id: str | None = None) -> Iterator[FencedWrite]:
+        """The fenced-claimed-op pattern (docs/behaviour.md#fencing): the claim is ours and
+        its epoch current, then `apply` makes the dispatch's transition, and the block runs
+        the caller's other writes of the same thread in the same transaction, under the same
+        fence. All of it commits together, or none of it.
 
-        A stale epoch supersedes the dispatch (T13) — that change is committed — and then
-        raises VersionConflictError(dispatch epoch, thread epoch). `thread_id`, when the
-        caller knows it, saves looking the dispatch's thread up.
+        Refused before anything is written: NotFoundError (no such dispatch), or
+        VersionConflictError(0, 1) when the claim is not ours. A stale epoch supersedes the
+        dispatch (T13) — that change is committed, the block does not run — and raises
+        VersionConflictError(dispatch epoch, thread epoch). `thread_id`, when the caller
+        knows it, saves looking the dispatch's thread up.
         """
         require_id("dispatch_id", dispatch_id)
         require_ms("now", now)
         if not isinstance(claim_token, str):
             raise ValidationError("claim_token must be a string")
         conflict: VersionConflictError | None = None
-        with self._write() as conn:
-            found = self._lock_dispatch(conn, dispatch_id, thread_id)
+        with self.write() as conn:
+            found = self.lock_dispatch(conn, dispatch_id, thread_id)
             if found is None:
                 raise NotFoundError(dispatch_id)
             current, epoch = found
             if current.status != DispatchStatus.Claimed or current.claim_token != claim_token:
-                raise VersionConflictError(*_NOT_OURS)
+                raise VersionConflictError(*NOT_OURS)
             if current.is_stale(epoch):
                 after = current.fenced(epoch, stale_reason, now)
                 conflict = VersionConflictError(current.dispatch_epoch, epoch)
             else:
                 after = apply(current)
             self._save(conn, [(current, after)])
-            if conflict is None and also is not None:
-                also(conn, after)  # more writes of the same thread, under the same fence
+            if conflict is None:
+                yield FencedWrite(conn, after)
         if after.status != DispatchStatus.Claimed:
             self._release(after, claim_token)
         if conflict is not None:
             # Rare path: re-read under a fresh generation so the cache catches up safely.
             self._after_commit("epoch refresh", lambda: self._refresh_epoch(current.thread_id))
             raise conflict
-        return after
 
-    @_operation("record_dispatch_start")
+    def _fenced(self, dispatch_id: str, claim_token: str, now: int, stale_reason: str,
+                apply: Callable[[RunDispatch], RunDispatch]) -> RunDispatch:
+        """`fenced_write` with nothing else to write; returns the dispatch after."""
+        with self.fenced_write(dispatch_id, claim_token, now, stale_reason, apply) as fenced:
+            return fenced.dispatch
+
+    @operation("record_dispatch_start")
     def record_dispatch_start(self, dispatch_id: str, claim_token: str,
                               dispatch_instance_id: str, now: int) -> None:
         """T4: the runtime invocation `dispatch_instance_id` started on our claim."""
@@ -531,7 +447,7 @@ class MailboxStore:
         self._fenced(dispatch_id, claim_token, now, REASON_STALE_START,
                      lambda d: d.started(dispatch_instance_id, now))
 
-    @_operation("record_run_result")
+    @operation("record_run_result")
     def record_run_result(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,
                           now: int) -> None:
         """T5: record the business outcome; delivery stays open until ack."""
@@ -540,12 +456,12 @@ class MailboxStore:
         self._fenced(dispatch_id, claim_token, now, REASON_STALE_RESULT,
                      lambda d: d.result_recorded(result, now))
 
-    @_operation("ack")
+    @operation("ack")
     def ack(self, dispatch_id: str, claim_token: str, now: int) -> None:
         """T6: delivery consumed (not "the agent succeeded": see the projection)."""
         self._fenced(dispatch_id, claim_token, now, REASON_STALE_ACK, lambda d: d.acked(now))
 
-    @_operation("nack")
+    @operation("nack")
     def nack(self, dispatch_id: str, claim_token: str, retry_at: int, error: str, now: int
              ) -> None:
         """T7 requeue at `retry_at`, or T8 dead letter when the attempts reach the budget."""
@@ -553,13 +469,13 @@ class MailboxStore:
         self._fenced(dispatch_id, claim_token, now, REASON_STALE_NACK,
                      lambda d: d.nacked(retry_at, str(error), now))
 
-    @_operation("dead_letter")
+    @operation("dead_letter")
     def dead_letter(self, dispatch_id: str, claim_token: str, error: str, now: int) -> None:
         """T9: permanent failure, no more attempts."""
         self._fenced(dispatch_id, claim_token, now, REASON_STALE_DEAD_LETTER,
                      lambda d: d.dead_lettered(str(error), now))
 
-    @_operation("extend_lease")
+    @operation("extend_lease")
     def extend_lease(self, dispatch_id: str, claim_token: str, extension_ms: int, now: int
                      ) -> bool:
         """T3: renew our lease to `now + extension_ms`. False when the claim is not ours any
@@ -577,34 +493,34 @@ class MailboxStore:
             lease_ms=extension_ms))
         return True
 
-    @_operation("supersede_claimed")
+    @operation("supersede_claimed")
     def supersede_claimed(self, dispatch_id: str, claim_token: str, now: int, reason: str
                           ) -> RunDispatch | None:
         """T14: give up a claim found stale before execution. None when missing or not
         Claimed; VersionConflictError(0, 1) when the token is not ours."""
         require_id("dispatch_id", dispatch_id)
         require_ms("now", now)
-        with self._write() as conn:
-            found = self._lock_dispatch(conn, dispatch_id)
+        with self.write() as conn:
+            found = self.lock_dispatch(conn, dispatch_id)
             if found is None:
                 return None
             current, epoch = found
             if current.status != DispatchStatus.Claimed:
                 return None
             if current.claim_token != claim_token:
-                raise VersionConflictError(*_NOT_OURS)
+                raise VersionConflictError(*NOT_OURS)
             after = current.superseded_claimed(epoch, str(reason), now)
             self._save(conn, [(current, after)])
         self._release(after, claim_token)
         return after
 
-    @_operation("cancel")
+    @operation("cancel")
     def cancel(self, dispatch_id: str, now: int) -> RunDispatch | None:
         """T10: withdraw a Queued dispatch. None (no error) when missing or not Queued."""
         require_id("dispatch_id", dispatch_id)
         require_ms("now", now)
-        with self._write() as conn:
-            found = self._lock_dispatch(conn, dispatch_id)
+        with self.write() as conn:
+            found = self.lock_dispatch(conn, dispatch_id)
             if found is None or found[0].status != DispatchStatus.Queued:
                 return None
             current = found[0]
@@ -612,7 +528,7 @@ class MailboxStore:
             self._save(conn, [(current, after)])
         return after
 
-    @_operation("interrupt")
+    @operation("interrupt")
     def interrupt(self, thread_id: str, now: int) -> MailboxInterrupt:
         """Bump the thread's epoch and supersede everything Queued (T11), atomically.
 
@@ -622,19 +538,14 @@ class MailboxStore:
         require_id("thread_id", thread_id)
         require_ms("now", now)
         generation = self._generation()
-        with self._write() as conn:
-            old = self._lock_thread(conn, thread_id, create=True)
+        with self.write() as conn:
+            old = self.lock_thread(conn, thread_id, create=True)
             assert old is not None
             new_epoch = old + 1
-            conn.execute(sa.update(thread_epochs).where(thread_epochs.c.thread_id == thread_id)
-                         .values(current_epoch=new_epoch))
-            live = [_from_row(r) for r in conn.execute(
-                sa.select(dispatches).where(
-                    dispatches.c.thread_id == thread_id,
-                    dispatches.c.status.in_([DispatchStatus.Queued.value,
-                                             DispatchStatus.Claimed.value]))
-                .order_by(dispatches.c.priority, dispatches.c.created_at,
-                          dispatches.c.dispatch_id))]
+            conn.execute(q.UPDATE_EPOCH, {"guard_thread_id": thread_id,
+                                          "current_epoch": new_epoch})
+            live = [q.dispatch_from_row(r) for r in conn.execute(
+                q.SELECT_LIVE_OF_THREAD, {"thread_id": thread_id})]
             pairs = [(d, d.superseded_by_interrupt(now)) for d in live
                      if d.status == DispatchStatus.Queued and d.dispatch_epoch <= old]
             self._save(conn, pairs)
@@ -642,7 +553,7 @@ class MailboxStore:
         self._cache_epoch(thread_id, new_epoch, generation)
         return MailboxInterrupt(new_epoch, active, [after for _, after in pairs])
 
-    @_operation("current_dispatch_epoch")
+    @operation("current_dispatch_epoch")
     def current_dispatch_epoch(self, thread_id: str) -> int:
         """The thread's epoch (0 for an unknown thread), from Redis when cached.
 
@@ -667,70 +578,59 @@ class MailboxStore:
             if self.coordinator.fill_epoch(thread_id, self._sql_epoch(thread_id), generation):
                 return
 
-    @_operation("sql_epoch")
+    @operation("sql_epoch")
     def sql_epoch(self, thread_id: str) -> int:
         return self._sql_epoch(thread_id)
 
     def _sql_epoch(self, thread_id: str) -> int:
         """The authoritative epoch straight from SQL."""
-        with self._read() as conn:
-            epoch = conn.execute(_SELECT_EPOCH, {"thread_id": thread_id}).scalar_one_or_none()
+        with self.read() as conn:
+            epoch = conn.execute(q.SELECT_EPOCH, {"thread_id": thread_id}).scalar_one_or_none()
         return 0 if epoch is None else int(epoch)
 
     # ============================================================================ read path
-    @_operation("load_dispatch")
+    @operation("load_dispatch")
     def load_dispatch(self, dispatch_id: str) -> RunDispatch | None:
         require_id("dispatch_id", dispatch_id)
-        with self._read() as conn:
-            row = conn.execute(_SELECT_DISPATCH, {"dispatch_id": dispatch_id}).one_or_none()
-        return None if row is None else _from_row(row)
+        with self.read() as conn:
+            row = conn.execute(q.SELECT_DISPATCH, {"dispatch_id": dispatch_id}).one_or_none()
+        return None if row is None else q.dispatch_from_row(row)
 
-    @_operation("list_dispatches")
+    @operation("list_dispatches")
     def list_dispatches(self, thread_id: str, statuses: Sequence[DispatchStatus] | None = None,
                         limit: int = 100, offset: int = 0) -> list[RunDispatch]:
         """The thread's dispatches in claim order (priority, created_at, dispatch_id)."""
         require_id("thread_id", thread_id)
         _require_page(limit, offset)
-        query = sa.select(dispatches).where(dispatches.c.thread_id == thread_id)
-        if statuses is not None:
-            values = [_status(s).value for s in statuses]
-            if not values:
-                return []
-            query = query.where(dispatches.c.status.in_(values))
-        query = (query.order_by(dispatches.c.priority, dispatches.c.created_at,
-                                dispatches.c.dispatch_id).limit(limit).offset(offset))
-        with self._read() as conn:
-            return [_from_row(r) for r in conn.execute(query)]
+        values = None if statuses is None else [_status(s).value for s in statuses]
+        if values == []:
+            return []
+        query = q.list_dispatches_query(thread_id, values, limit, offset)
+        with self.read() as conn:
+            return [q.dispatch_from_row(r) for r in conn.execute(query)]
 
-    @_operation("count_dispatches_by_status")
+    @operation("count_dispatches_by_status")
     def count_dispatches_by_status(self, status: DispatchStatus) -> int:
         value = _status(status).value
-        with self._read() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(dispatches).where(
-                dispatches.c.status == value)).scalar_one())
+        with self.read() as conn:
+            return int(conn.execute(q.COUNT_WITH_STATUS, {"status": value}).scalar_one())
 
-    @_operation("list_terminal_dispatches")
+    @operation("list_terminal_dispatches")
     def list_terminal_dispatches(self, limit: int, offset: int = 0) -> list[RunDispatch]:
         """Terminal dispatches of every thread, oldest change first."""
         _require_page(limit, offset)
-        query = (sa.select(dispatches).where(dispatches.c.status.in_(_TERMINAL_VALUES))
-                 .order_by(dispatches.c.updated_at, dispatches.c.created_at,
-                           dispatches.c.dispatch_id)
-                 .limit(limit).offset(offset))
-        with self._read() as conn:
-            return [_from_row(r) for r in conn.execute(query)]
+        with self.read() as conn:
+            return [q.dispatch_from_row(r)
+                    for r in conn.execute(q.list_terminal_query(limit, offset))]
 
-    @_operation("queued_thread_ids")
+    @operation("queued_thread_ids")
     def queued_thread_ids(self) -> list[str]:
         """Threads with at least one Queued dispatch (due or not), sorted."""
-        query = (sa.select(dispatches.c.thread_id).distinct()
-                 .where(dispatches.c.status == DispatchStatus.Queued.value)
-                 .order_by(dispatches.c.thread_id))
-        with self._read() as conn:
-            return [str(t) for t in conn.execute(query).scalars()]
+        with self.read() as conn:
+            return [str(t) for t in conn.execute(q.QUEUED_THREAD_IDS).scalars()]
 
     # ========================================================================= maintenance
-    @_operation("reclaim")
+    @operation("reclaim")
     def reclaim_expired_leases(self, now: int, limit: int) -> list[RunDispatch]:
         """Take back claims whose lease ended strictly before `now`.
 
@@ -751,12 +651,9 @@ class MailboxStore:
         such a claim only lost its ack, and is acked (listed Acked) instead of reclaimed."""
         require_ms("now", now)
         _require_page(limit, 0)
-        with self._read() as conn:
-            candidates = conn.execute(
-                sa.select(dispatches.c.dispatch_id)
-                .where(dispatches.c.status == DispatchStatus.Claimed.value,
-                       dispatches.c.lease_until < now)
-                .order_by(dispatches.c.lease_until).limit(limit)).scalars().all()
+        with self.read() as conn:
+            candidates = conn.execute(q.SELECT_EXPIRED_CLAIMS,
+                                      {"now": now, "limit": limit}).scalars().all()
         transitioned: list[RunDispatch] = []
         for dispatch_id in candidates:
             after = self._reclaim_one(str(dispatch_id), now, finished)
@@ -766,8 +663,8 @@ class MailboxStore:
 
     def _reclaim_one(self, dispatch_id: str, now: int, finished: FinishedCheck | None
                      ) -> RunDispatch | None:
-        with self._write() as conn:
-            found = self._lock_dispatch(conn, dispatch_id)
+        with self.write() as conn:
+            found = self.lock_dispatch(conn, dispatch_id)
             if found is None:
                 return None
             current, epoch = found
@@ -784,43 +681,77 @@ class MailboxStore:
         self._release(after, current.claim_token)
         return None if after.status == DispatchStatus.Superseded else after
 
-    @_operation("purge_terminal")
+    @operation("purge_terminal")
     def purge_terminal(self, older_than: int) -> int:
         """Delete terminal dispatches last changed before `older_than` (T18). Epochs stay."""
         require_ms("older_than", older_than)
-        with self._write() as conn:
-            result = conn.execute(sa.delete(dispatches).where(
-                dispatches.c.status.in_(_TERMINAL_VALUES), dispatches.c.updated_at < older_than))
+        with self.write() as conn:
+            result = conn.execute(q.DELETE_TERMINAL_BEFORE, {"older_than": older_than})
             return int(result.rowcount)
 
     # ---------------------------------------------------------------------- introspection
-    @_operation("claimed_per_thread")
+    @operation("claimed_per_thread")
     def claimed_per_thread(self) -> dict[str, int]:
         """Threads with more than one Claimed dispatch (an invariant breach; for audits)."""
-        query = (sa.select(dispatches.c.thread_id, sa.func.count())
-                 .where(dispatches.c.status == DispatchStatus.Claimed.value)
-                 .group_by(dispatches.c.thread_id).having(sa.func.count() > 1))
-        with self._read() as conn:
-            return {str(t): int(n) for t, n in conn.execute(query)}
+        with self.read() as conn:
+            return {str(t): int(n) for t, n in conn.execute(q.CLAIMED_BY_THREAD) if n > 1}
 
-    @_operation("counts_by_status")
+    @operation("counts_by_status")
     def counts_by_status(self) -> dict[DispatchStatus, int]:
-        query = sa.select(dispatches.c.status, sa.func.count()).group_by(dispatches.c.status)
         counts: dict[DispatchStatus, int] = defaultdict(int)
-        with self._read() as conn:
-            for status, n in conn.execute(query):
+        with self.read() as conn:
+            for status, n in conn.execute(q.COUNTS_BY_STATUS):
                 counts[DispatchStatus(status)] = int(n)
         return {s: counts[s] for s in DispatchStatus}
 
 
-    @_operation("oldest_due_queued_at")
+    @operation("oldest_due_queued_at")
     def oldest_due_queued_at(self, now: int) -> int | None:
         """`available_at` of the longest-waiting due Queued dispatch (for the age gauge)."""
-        query = sa.select(sa.func.min(dispatches.c.available_at)).where(
-            dispatches.c.status == DispatchStatus.Queued.value, dispatches.c.available_at <= now)
-        with self._read() as conn:
-            value = conn.execute(query).scalar_one_or_none()
+        with self.read() as conn:
+            value = conn.execute(q.SELECT_OLDEST_DUE_QUEUED_AT, {"now": now}).scalar_one_or_none()
         return None if value is None else int(value)
+
+
+    @operation("unreconciled_terminal_dispatches")
+    def unreconciled_terminal_dispatches(self, limit: int = 100) -> list[RunDispatch]:
+        """Terminal dispatches (Cancelled, Superseded, DeadLetter) whose run still points at
+        them and is not done: what a crash between the two writes leaves behind."""
+        with self.read() as conn:
+            return [q.dispatch_from_row(r)
+                    for r in conn.execute(q.SELECT_UNRECONCILED_TERMINAL, {"limit": limit})]
+
+    @operation("due_thread_ids")
+    def due_thread_ids(self, now: int, limit: int = 1000, after: str | None = None
+                       ) -> list[str]:
+        """Threads with a Queued dispatch due now and no Claimed dispatch: those a wake-up
+        would start (delayed availability, retries in backoff, lost publishes). Ordered by
+        thread id; `after` pages on from the last id of the previous page."""
+        with self.read() as conn:
+            return [str(t) for t in conn.execute(
+                q.due_thread_ids_query(now, limit, after)).scalars()]
+
+    @operation("list_dead_letters")
+    def list_dead_letters(self, *, thread_id: str | None = None, agent: str | None = None,
+                          error_contains: str | None = None, since: int | None = None,
+                          until: int | None = None, limit: int = 100, offset: int = 0
+                          ) -> list[RunDispatch]:
+        """Dead-lettered dispatches, newest first, filtered by thread, agent name, error text
+        and the time they died (`completed_at` within [since, until))."""
+        query = q.dead_letters_query(thread_id=thread_id, agent=agent,
+                                     error_contains=error_contains, since=since, until=until,
+                                     limit=limit, offset=offset)
+        with self.read() as conn:
+            return [q.dispatch_from_row(r) for r in conn.execute(query)]
+
+    @operation("purge_dead_letters")
+    def purge_dead_letters(self, dispatch_ids: Sequence[str]) -> int:
+        """Delete the given dead letters (and nothing that is not one)."""
+        if not dispatch_ids:
+            return 0
+        with self.write() as conn:
+            result = conn.execute(q.DELETE_DEAD_LETTERS, {"dispatch_ids": list(dispatch_ids)})
+            return int(result.rowcount)
 
 
 def _status(value: object) -> DispatchStatus:

@@ -34,40 +34,11 @@ from mailbox.model import (
     RunStatus,
     Termination,
 )
-from mailbox.schema import dispatches, messages, resolutions, runs
-from mailbox.store import INSERT_DISPATCH, MailboxStore, ReclaimPage, _operation, _to_row
+from mailbox.store import statements as q
+from mailbox.store.dispatches import MailboxStore, ReclaimPage
+from mailbox.store.operations import operation
 
 MAX_INPUT_BYTES = 256 * 1024
-
-# Built once (see mailbox.store): the hot path only binds values.
-_R = runs.c
-_M = messages.c
-_SELECT_RUN = sa.select(runs).where(_R.run_id == sa.bindparam("run_id"))
-# A read-modify-write of a run locks its row first: two writers that both read the same
-# status (say the caller of interrupt() and the worker, each reconciling the superseded run)
-# must not both decide from it. On PostgreSQL the second waits and then reads the first's
-# result; SQLite renders no FOR UPDATE, its write transactions are serialised already.
-_SELECT_RUN_FOR_UPDATE = _SELECT_RUN.with_for_update()
-_INSERT_RUN = runs.insert()
-# SET from the parameters named after columns; the guards are not column names.
-_UPDATE_RUN = runs.update().where(_R.run_id == sa.bindparam("guard_run_id"))
-_UPDATE_RUN_GUARDED = runs.update().where(_R.run_id == sa.bindparam("guard_run_id"),
-                                          _R.status == sa.bindparam("guard_status"))
-_SELECT_LATEST_WAITING = (sa.select(runs)
-                          .where(_R.thread_id == sa.bindparam("thread_id"),
-                                 _R.status == RunStatus.waiting.value)
-                          .order_by(_R.updated_at.desc()).limit(1))
-_SELECT_LAST_SEQ = sa.select(sa.func.coalesce(sa.func.max(_M.seq), 0)).where(
-    _M.thread_id == sa.bindparam("thread_id"))
-_INSERT_MESSAGE = messages.insert()
-_SELECT_RUN_MESSAGES = (sa.select(messages).where(_M.run_id == sa.bindparam("run_id"))
-                        .order_by(_M.seq))
-_HAS_INPUT = "has_input"
-_SELECT_RUN_WITH_INPUT = sa.select(
-    runs, sa.exists().where(_M.run_id == _R.run_id, _M.role == "user").label(_HAS_INPUT)
-).where(_R.run_id == sa.bindparam("run_id"))
-_SELECT_RESOLUTION = sa.select(resolutions).where(
-    resolutions.c.resolution_id == sa.bindparam("resolution_id"))
 
 
 @dataclass(frozen=True)
@@ -105,20 +76,6 @@ def encode_input(value: Any) -> Any:
     return value
 
 
-def _run_row(run: RunRecord) -> dict[str, Any]:
-    row = run.to_json()
-    row["status"] = run.status.value
-    return row
-
-
-def _run_from_row(row: sa.Row[Any]) -> RunRecord:
-    values = dict(row._mapping)
-    values.pop(_HAS_INPUT, None)
-    if values.get("termination") is not None:
-        values["termination"] = Termination.from_json(values["termination"])
-    return RunRecord(**values)
-
-
 @dataclass(frozen=True)
 class Submission:
     """What `submit_input` stored: the dispatch (stamped with the thread epoch) and its run,
@@ -135,10 +92,10 @@ class RunStore:
     def __init__(self, store: MailboxStore) -> None:
         self.store = store
         self._resolutions: dict[str, Resolution] = {}
-        self._insert_resolution = store.insert_ignoring_conflict(resolutions)
+        self._insert_resolution = q.insert_resolution_if_missing(store.postgres)
 
     # ------------------------------------------------------------------------------ submit
-    @_operation("submit")
+    @operation("submit")
     def submit(self, run: RunRecord, dispatch: RunDispatch, resolution: Resolution,
                message_id: str, content: Any, now: int, *, new_run: bool = True,
                role: str = "user") -> RunDispatch:
@@ -147,7 +104,7 @@ class RunStore:
         existing run (a resume), moving it back to Queued-able state."""
         self._check_submission(run, dispatch, content)
         try:
-            with self.store._write() as conn:
+            with self.store.write() as conn:
                 stored = self._write_submission(conn, run, dispatch, resolution, message_id,
                                                 content, now, new_run=new_run, role=role)
         except sa_exc.IntegrityError:
@@ -155,7 +112,7 @@ class RunStore:
         self._resolutions.setdefault(resolution.resolution_id, resolution)  # committed
         return stored
 
-    @_operation("submit")
+    @operation("submit")
     def submit_input(self, run: RunRecord, dispatch: RunDispatch, resolution: Resolution,
                      message_id: str, content: Any, now: int) -> Submission:
         """A new input on the thread, in one transaction of the thread: a new run, or, when
@@ -164,17 +121,17 @@ class RunStore:
         stale between the read and the write."""
         self._check_submission(run, dispatch, content)
         try:
-            with self.store._write() as conn:
-                epoch = self.store._lock_thread(conn, dispatch.thread_id, create=True)
+            with self.store.write() as conn:
+                epoch = self.store.lock_thread(conn, dispatch.thread_id, create=True)
                 assert epoch is not None
-                row = conn.execute(_SELECT_LATEST_WAITING,
+                row = conn.execute(q.SELECT_LATEST_WAITING,
                                    {"thread_id": run.thread_id}).one_or_none()
                 if row is None:
                     stored = self._write_submission(conn, run, dispatch, resolution,
                                                     message_id, content, now, epoch=epoch)
                     submission = Submission(stored, run, resumed=False)
                 else:
-                    waiting = _run_from_row(row)
+                    waiting = q.run_from_row(row)
                     if waiting.resolution_id is None:
                         raise ValidationError(f"run {waiting.run_id} has no pinned agent")
                     dispatch = replace(dispatch, run_id=waiting.run_id)
@@ -203,20 +160,19 @@ class RunStore:
                           now: int, *, new_run: bool = True, role: str = "user",
                           epoch: int | None = None) -> RunDispatch:
         if epoch is None:
-            epoch = self.store._lock_thread(conn, dispatch.thread_id, create=True)
+            epoch = self.store.lock_thread(conn, dispatch.thread_id, create=True)
             assert epoch is not None
-        stored = dispatch.enqueued(epoch)
-        conn.execute(INSERT_DISPATCH, _to_row(stored))
+        stored = self.store.insert_dispatch(conn, dispatch, epoch)
         if resolution is not None:
             self._ensure_resolution(conn, resolution, now)
         if new_run:
-            conn.execute(_INSERT_RUN, _run_row(run))
+            conn.execute(q.INSERT_RUN, q.run_row(run))
         else:
-            result = conn.execute(_UPDATE_RUN, {**_run_row(run), "guard_run_id": run.run_id})
+            result = conn.execute(q.UPDATE_RUN, {**q.run_row(run), "guard_run_id": run.run_id})
             if result.rowcount != 1:
                 raise NotFoundError(f"run {run.run_id}")
-        seq = conn.execute(_SELECT_LAST_SEQ, {"thread_id": run.thread_id}).scalar_one()
-        conn.execute(_INSERT_MESSAGE, {
+        seq = conn.execute(q.SELECT_LAST_SEQ, {"thread_id": run.thread_id}).scalar_one()
+        conn.execute(q.INSERT_MESSAGE, {
             "thread_id": run.thread_id, "seq": int(seq) + 1, "message_id": message_id,
             "run_id": run.run_id, "role": role, "content": content, "created_at": now})
         return stored
@@ -231,62 +187,51 @@ class RunStore:
             "agent_version": resolution.agent_version, "created_at": now})
 
     def _submit_conflict(self, run: RunRecord, dispatch: RunDispatch) -> AlreadyExistsError:
-        with self.store._read() as conn:
-            if conn.execute(sa.select(dispatches.c.dispatch_id).where(
-                    dispatches.c.dispatch_id == dispatch.dispatch_id)).first():
-                return AlreadyExistsError(dispatch.dispatch_id)
-            if dispatch.dedupe_key is not None and conn.execute(
-                    sa.select(dispatches.c.dispatch_id).where(
-                        dispatches.c.thread_id == dispatch.thread_id,
-                        dispatches.c.dedupe_key == dispatch.dedupe_key,
-                        dispatches.c.status.in_(["Queued", "Claimed"]))).first():
-                return AlreadyExistsError(f"dedupe_key={dispatch.dedupe_key}")
-        return AlreadyExistsError(f"run {run.run_id}")
+        return self.store.duplicate_error(dispatch) or AlreadyExistsError(f"run {run.run_id}")
 
     # ------------------------------------------------------------------------------- reads
-    @_operation("load_run")
+    @operation("load_run")
     def load_run(self, run_id: str) -> RunRecord | None:
-        with self.store._read() as conn:
-            row = conn.execute(_SELECT_RUN, {"run_id": run_id}).one_or_none()
-        return None if row is None else _run_from_row(row)
+        with self.store.read() as conn:
+            row = conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
+        return None if row is None else q.run_from_row(row)
 
-    @_operation("load_run")
+    @operation("load_run")
     def load_run_for_attempt(self, run_id: str) -> tuple[RunRecord | None, bool]:
         """The run and whether its user input is stored, in one read (what reconstruct
         checks before an attempt)."""
-        with self.store._read() as conn:
-            row = conn.execute(_SELECT_RUN_WITH_INPUT, {"run_id": run_id}).one_or_none()
+        with self.store.read() as conn:
+            row = conn.execute(q.SELECT_RUN_WITH_INPUT, {"run_id": run_id}).one_or_none()
         if row is None:
             return None, False
-        return _run_from_row(row), bool(row._mapping[_HAS_INPUT])
+        return q.run_from_row(row), bool(row._mapping[q.HAS_INPUT])
 
-    @_operation("thread_messages")
+    @operation("thread_messages")
     def thread_messages(self, thread_id: str, limit: int = 1000) -> list[Message]:
         """The thread's log, oldest first (the last `limit` entries)."""
-        query = (sa.select(messages).where(messages.c.thread_id == thread_id)
-                 .order_by(messages.c.seq.desc()).limit(limit))
-        with self.store._read() as conn:
-            rows = [Message(**dict(r._mapping)) for r in conn.execute(query)]
+        with self.store.read() as conn:
+            rows = [Message(**dict(r._mapping)) for r in conn.execute(
+                q.SELECT_THREAD_TAIL, {"thread_id": thread_id, "limit": limit})]
         return list(reversed(rows))
 
-    @_operation("run_messages")
+    @operation("run_messages")
     def run_messages(self, run_id: str) -> list[Message]:
-        with self.store._read() as conn:
+        with self.store.read() as conn:
             return self._run_messages(conn, run_id)
 
     @staticmethod
     def _run_messages(conn: sa.Connection, run_id: str) -> list[Message]:
         return [Message(**dict(r._mapping))
-                for r in conn.execute(_SELECT_RUN_MESSAGES, {"run_id": run_id})]
+                for r in conn.execute(q.SELECT_RUN_MESSAGES, {"run_id": run_id})]
 
-    @_operation("load_resolution")
+    @operation("load_resolution")
     def load_resolution(self, resolution_id: str) -> Resolution | None:
         """A pinned resolution never changes once written, so each process reads it once."""
         cached = self._resolutions.get(resolution_id)
         if cached is not None:
             return cached
-        with self.store._read() as conn:
-            row = conn.execute(_SELECT_RESOLUTION,
+        with self.store.read() as conn:
+            row = conn.execute(q.SELECT_RESOLUTION,
                                {"resolution_id": resolution_id}).one_or_none()
         if row is None:
             return None
@@ -294,41 +239,41 @@ class RunStore:
         self._resolutions[resolution_id] = resolution
         return resolution
 
-    @_operation("latest_open_run")
+    @operation("latest_open_run")
     def latest_open_run(self, thread_id: str) -> RunRecord | None:
         """The thread's most recent run that is still waiting for a decision, if any."""
-        with self.store._read() as conn:
-            row = conn.execute(_SELECT_LATEST_WAITING, {"thread_id": thread_id}).one_or_none()
-        return None if row is None else _run_from_row(row)
+        with self.store.read() as conn:
+            row = conn.execute(q.SELECT_LATEST_WAITING, {"thread_id": thread_id}).one_or_none()
+        return None if row is None else q.run_from_row(row)
 
     # ------------------------------------------------------------------------------ writes
     def _update(self, run_id: str, change: Callable[[RunRecord], RunRecord | None]
                 ) -> RunRecord | None:
         """Lock the run, apply `change(run) -> RunRecord | None`, write back (guarded by status)."""
-        with self.store._write() as conn:
+        with self.store.write() as conn:
             return self._update_in(conn, run_id, change)
 
     def _update_in(self, conn: sa.Connection, run_id: str,
                    change: Callable[[RunRecord], RunRecord | None]) -> RunRecord | None:
-        row = conn.execute(_SELECT_RUN_FOR_UPDATE, {"run_id": run_id}).one_or_none()
+        row = conn.execute(q.SELECT_RUN_FOR_UPDATE, {"run_id": run_id}).one_or_none()
         if row is None:
             return None
-        before = _run_from_row(row)
+        before = q.run_from_row(row)
         after = change(before)
         if after is None or after == before:
             return None
-        old, new = _run_row(before), _run_row(after)
+        old, new = q.run_row(before), q.run_row(after)
         changed = {key: value for key, value in new.items() if old[key] != value}
         if not changed:
             return None
-        result = conn.execute(_UPDATE_RUN_GUARDED, {
+        result = conn.execute(q.UPDATE_RUN_GUARDED, {
             **changed, "guard_run_id": run_id, "guard_status": before.status.value})
         if result.rowcount != 1:
             raise ValidationError(f"run {run_id} changed concurrently")
         return after
 
     # ---------------------------------------------------- fenced writes of the executing attempt
-    @_operation("record_dispatch_start")  # reference §5.2 name: T4 + the run, together
+    @operation("record_dispatch_start")  # reference §5.2 name: T4 + the run, together
     def start_attempt(self, dispatch_id: str, claim_token: str, dispatch_instance_id: str,
                       run_id: str, now: int, *, thread_id: str | None = None
                       ) -> list[Message]:
@@ -349,32 +294,22 @@ class RunStore:
                 return None
             return run.moved_to(RunStatus.running, now, dispatch_id=dispatch_id, waiting=None)
 
-        inputs: list[Message] = []
+        with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_START, begin,
+                                     thread_id=thread_id) as fenced:
+            self._update_in(fenced.conn, run_id, running)
+            return self._run_messages(fenced.conn, run_id)
 
-        def also(conn: sa.Connection, _: RunDispatch) -> None:
-            self._update_in(conn, run_id, running)
-            inputs.extend(self._run_messages(conn, run_id))
-
-        self.store._fenced(dispatch_id, claim_token, now, REASON_STALE_START, begin,
-                           also=also, thread_id=thread_id)
-        return inputs
-
-    @_operation("ack")
+    @operation("ack")
     def ack(self, dispatch_id: str, claim_token: str, run_id: str, now: int, *,
             thread_id: str | None = None) -> RunRecord | None:
         """Ack (T6) and read the run in the same transaction: settle reports what the run
         record says without a second round trip."""
-        found: list[RunRecord | None] = []
+        with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_ACK,
+                                     lambda d: d.acked(now), thread_id=thread_id) as fenced:
+            row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
+            return None if row is None else q.run_from_row(row)
 
-        def also(conn: sa.Connection, _: RunDispatch) -> None:
-            row = conn.execute(_SELECT_RUN, {"run_id": run_id}).one_or_none()
-            found.append(None if row is None else _run_from_row(row))
-
-        self.store._fenced(dispatch_id, claim_token, now, REASON_STALE_ACK,
-                           lambda d: d.acked(now), also=also, thread_id=thread_id)
-        return found[0] if found else None
-
-    @_operation("record_run_result")  # reference §5.2 name: T5 + the run, together
+    @operation("record_run_result")  # reference §5.2 name: T5 + the run, together
     def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,
                        now: int, waiting: dict[str, Any] | None = None, *,
                        thread_id: str | None = None) -> None:
@@ -394,11 +329,10 @@ class RunStore:
                                 response=result.response, error=result.error, waiting=None,
                                 finished_at=now)
 
-        self.store._fenced(
-            dispatch_id, claim_token, now, REASON_STALE_RESULT,
-            lambda d: d.result_recorded(result, now),
-            also=lambda conn, _: self._update_in(conn, result.run_id, finished),
-            thread_id=thread_id)
+        with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_RESULT,
+                                     lambda d: d.result_recorded(result, now),
+                                     thread_id=thread_id) as fenced:
+            self._update_in(fenced.conn, result.run_id, finished)
 
     def reconcile(self, dispatch: RunDispatch, now: int) -> RunRecord | None:
         """Bring the run in line with its terminal dispatch (reference §4.9): Cancelled and
@@ -422,10 +356,10 @@ class RunStore:
                                 waiting=None, finished_at=now,
                                 dispatch_id=dispatch.dispatch_id)
 
-        updated: RunRecord | None = _operation(op)(self._update)(dispatch.run_id, change)
+        updated: RunRecord | None = operation(op)(self._update)(dispatch.run_id, change)
         return updated
 
-    @_operation("reclaim")
+    @operation("reclaim")
     def reclaim_expired(self, now: int, limit: int
                         ) -> tuple[ReclaimPage, dict[str, RunRecord]]:
         """`MailboxStore.reclaim_page`, except that a claim whose attempt already wrote the
@@ -456,8 +390,8 @@ class RunStore:
         if (claim.completed_at is None
                 or claim.run_status not in (RunStatus.done, RunStatus.waiting)):
             return None
-        row = conn.execute(_SELECT_RUN_FOR_UPDATE, {"run_id": claim.run_id}).one_or_none()
-        run = None if row is None else _run_from_row(row)
+        row = conn.execute(q.SELECT_RUN_FOR_UPDATE, {"run_id": claim.run_id}).one_or_none()
+        run = None if row is None else q.run_from_row(row)
         if run is None or run.status != claim.run_status:
             return None
         if run.dispatch_id == claim.dispatch_id:
@@ -467,82 +401,8 @@ class RunStore:
             return run
         return None
 
-    @_operation("unreconciled_terminal_dispatches")
-    def unreconciled_terminal_dispatches(self, limit: int = 100) -> list[RunDispatch]:
-        """Terminal dispatches (Cancelled, Superseded, DeadLetter) whose run still points at
-        them and is not done: what a crash between the two writes leaves behind."""
-        from mailbox.store import _from_row
-
-        query = (sa.select(dispatches)
-                 .join(runs, sa.and_(runs.c.run_id == dispatches.c.run_id,
-                                     runs.c.dispatch_id == dispatches.c.dispatch_id))
-                 .where(dispatches.c.status.in_(["Cancelled", "Superseded", "DeadLetter"]),
-                        runs.c.status != RunStatus.done.value)
-                 .order_by(dispatches.c.updated_at).limit(limit))
-        with self.store._read() as conn:
-            return [_from_row(r) for r in conn.execute(query)]
-
-    @_operation("due_thread_ids")
-    def due_thread_ids(self, now: int, limit: int = 1000, after: str | None = None
-                       ) -> list[str]:
-        """Threads with a Queued dispatch due now and no Claimed dispatch: those a wake-up
-        would start (delayed availability, retries in backoff, lost publishes). Ordered by
-        thread id; `after` pages on from the last id of the previous page."""
-        claimed = sa.select(dispatches.c.thread_id).where(
-            dispatches.c.status == DispatchStatus.Claimed.value)
-        query = (sa.select(dispatches.c.thread_id).distinct()
-                 .where(dispatches.c.status == DispatchStatus.Queued.value,
-                        dispatches.c.available_at <= now,
-                        dispatches.c.thread_id.not_in(claimed))
-                 .order_by(dispatches.c.thread_id).limit(limit))
-        if after is not None:
-            query = query.where(dispatches.c.thread_id > after)
-        with self.store._read() as conn:
-            return [str(t) for t in conn.execute(query).scalars()]
-
-    @_operation("list_dead_letters")
-    def list_dead_letters(self, *, thread_id: str | None = None, agent: str | None = None,
-                          error_contains: str | None = None, since: int | None = None,
-                          until: int | None = None, limit: int = 100, offset: int = 0
-                          ) -> list[RunDispatch]:
-        """Dead-lettered dispatches, newest first, filtered by thread, agent name, error text
-        and the time they died (`completed_at` within [since, until))."""
-        from mailbox.store import _from_row
-
-        query = (sa.select(dispatches)
-                 .join(runs, runs.c.run_id == dispatches.c.run_id, isouter=True)
-                 .where(dispatches.c.status == DispatchStatus.DeadLetter.value))
-        if thread_id is not None:
-            query = query.where(dispatches.c.thread_id == thread_id)
-        if agent is not None:
-            query = query.where(runs.c.agent_id == agent)
-        if error_contains:
-            query = query.where(dispatches.c.last_error.contains(error_contains,
-                                                                  autoescape=True))
-        if since is not None:
-            query = query.where(dispatches.c.completed_at >= since)
-        if until is not None:
-            query = query.where(dispatches.c.completed_at < until)
-        query = (query.order_by(dispatches.c.completed_at.desc(), dispatches.c.dispatch_id)
-                 .limit(limit).offset(offset))
-        with self.store._read() as conn:
-            return [_from_row(r) for r in conn.execute(query)]
-
-    @_operation("purge_dead_letters")
-    def purge_dead_letters(self, dispatch_ids: Sequence[str]) -> int:
-        """Delete the given dead letters (and nothing that is not one)."""
-        if not dispatch_ids:
-            return 0
-        with self.store._write() as conn:
-            result = conn.execute(sa.delete(dispatches).where(
-                dispatches.c.dispatch_id.in_(list(dispatch_ids)),
-                dispatches.c.status == DispatchStatus.DeadLetter.value))
-            return int(result.rowcount)
-
-    @_operation("runs_by_status")
+    @operation("runs_by_status")
     def runs_by_status(self, statuses: Sequence[RunStatus]) -> dict[str, int]:
-        query = (sa.select(runs.c.status, sa.func.count())
-                 .where(runs.c.status.in_([s.value for s in statuses]))
-                 .group_by(runs.c.status))
-        with self.store._read() as conn:
-            return {str(s): int(n) for s, n in conn.execute(query)}
+        with self.store.read() as conn:
+            return {str(s): int(n) for s, n in conn.execute(
+                q.RUNS_BY_STATUS, {"statuses": [s.value for s in statuses]})}

@@ -1,0 +1,336 @@
+"""Every SQL statement of the mailbox, and the row converters (docs/architecture.md#store).
+
+The SQL text of the project lives here and nowhere else, like a query file: the stores
+(`dispatches.py`, `runs.py`) and the read-only inspection queries (`inspection.py`) execute
+these statements, and no other module imports a table. A test holds that line.
+
+Hot-path statements are built once, with bound parameters: building and cache-keying a
+statement per call cost more than executing it (about 3x on SQLite, measured), and
+SQLAlchemy's compiled cache then serves every call. Statements whose shape depends on the
+call (optional filters) are built by the functions below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from mailbox.errors import MailboxError, ValidationError
+from mailbox.model import (
+    LIVE_STATUSES,
+    RECONCILED_STATUSES,
+    TERMINAL_STATUSES,
+    DispatchStatus,
+    RunDispatch,
+    RunRecord,
+    RunStatus,
+    Termination,
+)
+from mailbox.schema import dispatches, messages, resolutions, runs, thread_epochs
+
+_D = dispatches.c
+_E = thread_epochs.c
+_R = runs.c
+_M = messages.c
+
+TERMINAL_VALUES = [s.value for s in TERMINAL_STATUSES]
+LIVE_VALUES = [s.value for s in LIVE_STATUSES]
+RECONCILED_VALUES = [s.value for s in RECONCILED_STATUSES]
+OPEN_RUN_VALUES = [RunStatus.created.value, RunStatus.running.value, RunStatus.waiting.value]
+LIVE_RUN_VALUES = [RunStatus.created.value, RunStatus.running.value]
+# Status values rendered into the SQL text: with bound parameters, a prepared statement's
+# generic plan cannot use the status indexes and scans the thread's whole history.
+_CLAIMED = sa.literal(DispatchStatus.Claimed.value, literal_execute=True)
+_QUEUED = sa.literal(DispatchStatus.Queued.value, literal_execute=True)
+
+
+def insert_ignoring_conflict(table: sa.Table, postgres: bool) -> sa.Executable:
+    """`INSERT … ON CONFLICT DO NOTHING` for this database, values bound at execution."""
+    if postgres:
+        return pg_insert(table).on_conflict_do_nothing()
+    return sqlite_insert(table).on_conflict_do_nothing()
+
+
+# ============================================================================ dispatch rows
+DISPATCH_COLUMNS = [c.name for c in dispatches.columns]
+
+
+def dispatch_row(d: RunDispatch) -> dict[str, Any]:
+    row = {name: getattr(d, name) for name in DISPATCH_COLUMNS}
+    row["status"] = d.status.value
+    row["run_status"] = d.run_status.value if d.run_status is not None else None
+    row["termination"] = d.termination.to_json() if d.termination is not None else None
+    return row
+
+
+def dispatch_from_row(row: sa.Row[Any]) -> RunDispatch:
+    values = dict(row._mapping)
+    if values.get("termination") is not None:
+        values["termination"] = Termination.from_json(values["termination"])
+    if values.get("run_status") is not None:
+        values["run_status"] = RunStatus(values["run_status"])
+    values["status"] = DispatchStatus(values["status"])
+    try:
+        return RunDispatch(**values).validate_for_persist()
+    except ValidationError as exc:
+        raise MailboxError(f"stored dispatch {values.get('dispatch_id')!r} is invalid: "
+                           f"{exc.message}") from exc
+
+
+def dispatch_changes(before: RunDispatch, after: RunDispatch) -> dict[str, Any]:
+    old, new = dispatch_row(before), dispatch_row(after)
+    return {k: v for k, v in new.items() if old[k] != v}
+
+
+# ============================================================================ thread epochs
+SELECT_EPOCH_FOR_UPDATE = (sa.select(_E.current_epoch)
+                           .where(_E.thread_id == sa.bindparam("thread_id"))
+                           .with_for_update())
+SELECT_EPOCH = sa.select(_E.current_epoch).where(_E.thread_id == sa.bindparam("thread_id"))
+UPDATE_EPOCH = (thread_epochs.update().where(_E.thread_id == sa.bindparam("guard_thread_id"))
+                .values(current_epoch=sa.bindparam("current_epoch")))
+
+
+def insert_epoch_if_missing(postgres: bool) -> sa.Executable:
+    return insert_ignoring_conflict(thread_epochs, postgres)
+
+
+# =============================================================================== dispatches
+SELECT_THREAD_OF = sa.select(_D.thread_id).where(_D.dispatch_id == sa.bindparam("dispatch_id"))
+SELECT_DISPATCH = sa.select(dispatches).where(_D.dispatch_id == sa.bindparam("dispatch_id"))
+SELECT_DISPATCH_ID = sa.select(_D.dispatch_id).where(
+    _D.dispatch_id == sa.bindparam("dispatch_id"))
+SELECT_LIVE_DEDUPE = sa.select(_D.dispatch_id).where(
+    _D.thread_id == sa.bindparam("thread_id"), _D.dedupe_key == sa.bindparam("dedupe_key"),
+    _D.status.in_(LIVE_VALUES))
+INSERT_DISPATCH = dispatches.insert()
+# SET comes from the parameters named after columns; the guard names are not columns.
+UPDATE_DISPATCHES = dispatches.update().where(
+    _D.dispatch_id.in_(sa.bindparam("guard_ids", expanding=True)),
+    _D.status == sa.bindparam("guard_status"))
+SELECT_BLOCKERS = sa.select(dispatches).where(
+    _D.thread_id == sa.bindparam("thread_id"), _D.status.in_([_CLAIMED, _QUEUED]),
+    sa.or_(_D.status == _CLAIMED, _D.dispatch_epoch < sa.bindparam("epoch")))
+_CLAIM_ORDER = (_D.priority, _D.created_at, _D.dispatch_id)
+SELECT_HEAD = (sa.select(dispatches)
+               .where(_D.thread_id == sa.bindparam("thread_id"), _D.status == _QUEUED,
+                      _D.available_at <= sa.bindparam("now"))
+               .order_by(*_CLAIM_ORDER)
+               .limit(1))
+SELECT_ANY_DUE = (sa.select(_D.dispatch_id)
+                  .where(_D.thread_id == sa.bindparam("thread_id"), _D.status == _QUEUED,
+                         _D.available_at <= sa.bindparam("now"))
+                  .limit(1))
+SELECT_QUEUED_BY_ID = sa.select(dispatches).where(
+    _D.dispatch_id == sa.bindparam("dispatch_id"), _D.status == _QUEUED)
+SELECT_LIVE_OF_THREAD = (sa.select(dispatches)
+                         .where(_D.thread_id == sa.bindparam("thread_id"),
+                                _D.status.in_(LIVE_VALUES))
+                         .order_by(*_CLAIM_ORDER))
+SELECT_EXPIRED_CLAIMS = (sa.select(_D.dispatch_id)
+                         .where(_D.status == DispatchStatus.Claimed.value,
+                                _D.lease_until < sa.bindparam("now"))
+                         .order_by(_D.lease_until).limit(sa.bindparam("limit")))
+COUNT_WITH_STATUS = sa.select(sa.func.count()).select_from(dispatches).where(
+    _D.status == sa.bindparam("status"))
+COUNTS_BY_STATUS = sa.select(_D.status, sa.func.count()).group_by(_D.status)
+QUEUED_THREAD_IDS = (sa.select(_D.thread_id).distinct()
+                     .where(_D.status == DispatchStatus.Queued.value)
+                     .order_by(_D.thread_id))
+CLAIMED_BY_THREAD = (sa.select(_D.thread_id, sa.func.count())
+                     .where(_D.status == DispatchStatus.Claimed.value)
+                     .group_by(_D.thread_id))
+SELECT_OLDEST_DUE_QUEUED_AT = sa.select(sa.func.min(_D.available_at)).where(
+    _D.status == DispatchStatus.Queued.value, _D.available_at <= sa.bindparam("now"))
+DELETE_TERMINAL_BEFORE = sa.delete(dispatches).where(
+    _D.status.in_(TERMINAL_VALUES), _D.updated_at < sa.bindparam("older_than"))
+DELETE_DEAD_LETTERS = sa.delete(dispatches).where(
+    _D.dispatch_id.in_(sa.bindparam("dispatch_ids", expanding=True)),
+    _D.status == DispatchStatus.DeadLetter.value)
+SELECT_UNRECONCILED_TERMINAL = (
+    sa.select(dispatches)
+    .join(runs, sa.and_(_R.run_id == _D.run_id, _R.dispatch_id == _D.dispatch_id))
+    .where(_D.status.in_(RECONCILED_VALUES), _R.status != RunStatus.done.value)
+    .order_by(_D.updated_at).limit(sa.bindparam("limit")))
+
+
+def list_dispatches_query(thread_id: str, statuses: Sequence[str] | None, limit: int,
+                          offset: int) -> sa.Select[Any]:
+    """A thread's dispatches in claim order (priority, created_at, dispatch_id)."""
+    query = sa.select(dispatches).where(_D.thread_id == thread_id)
+    if statuses is not None:
+        query = query.where(_D.status.in_(list(statuses)))
+    return query.order_by(*_CLAIM_ORDER).limit(limit).offset(offset)
+
+
+def list_terminal_query(limit: int, offset: int) -> sa.Select[Any]:
+    """Terminal dispatches of every thread, oldest change first."""
+    return (sa.select(dispatches).where(_D.status.in_(TERMINAL_VALUES))
+            .order_by(_D.updated_at, _D.created_at, _D.dispatch_id)
+            .limit(limit).offset(offset))
+
+
+def due_thread_ids_query(now: int, limit: int, after: str | None) -> sa.Select[Any]:
+    """Threads with a Queued dispatch due at `now` and no Claimed dispatch, by thread id."""
+    claimed = sa.select(_D.thread_id).where(_D.status == DispatchStatus.Claimed.value)
+    query = (sa.select(_D.thread_id).distinct()
+             .where(_D.status == DispatchStatus.Queued.value, _D.available_at <= now,
+                    _D.thread_id.not_in(claimed))
+             .order_by(_D.thread_id).limit(limit))
+    if after is not None:
+        query = query.where(_D.thread_id > after)
+    return query
+
+
+def dead_letters_query(*, thread_id: str | None, agent: str | None,
+                       error_contains: str | None, since: int | None, until: int | None,
+                       limit: int, offset: int) -> sa.Select[Any]:
+    """Dead letters, newest first; `agent` filters on the run's agent."""
+    query = (sa.select(dispatches)
+             .join(runs, _R.run_id == _D.run_id, isouter=True)
+             .where(_D.status == DispatchStatus.DeadLetter.value))
+    if thread_id is not None:
+        query = query.where(_D.thread_id == thread_id)
+    if agent is not None:
+        query = query.where(_R.agent_id == agent)
+    if error_contains:
+        query = query.where(_D.last_error.contains(error_contains, autoescape=True))
+    if since is not None:
+        query = query.where(_D.completed_at >= since)
+    if until is not None:
+        query = query.where(_D.completed_at < until)
+    return (query.order_by(_D.completed_at.desc(), _D.dispatch_id)
+            .limit(limit).offset(offset))
+
+
+# ===================================================================================== runs
+HAS_INPUT = "has_input"
+
+
+def run_row(run: RunRecord) -> dict[str, Any]:
+    row = run.to_json()
+    row["status"] = run.status.value
+    return row
+
+
+def run_from_row(row: sa.Row[Any]) -> RunRecord:
+    values = dict(row._mapping)
+    values.pop(HAS_INPUT, None)
+    if values.get("termination") is not None:
+        values["termination"] = Termination.from_json(values["termination"])
+    return RunRecord(**values)
+
+
+SELECT_RUN = sa.select(runs).where(_R.run_id == sa.bindparam("run_id"))
+# A read-modify-write of a run locks its row first: two writers that both read the same
+# status (say the caller of interrupt() and the worker, each reconciling the superseded run)
+# must not both decide from it. On PostgreSQL the second waits and then reads the first's
+# result; SQLite renders no FOR UPDATE, its write transactions are serialised already.
+SELECT_RUN_FOR_UPDATE = SELECT_RUN.with_for_update()
+INSERT_RUN = runs.insert()
+# SET from the parameters named after columns; the guards are not column names.
+UPDATE_RUN = runs.update().where(_R.run_id == sa.bindparam("guard_run_id"))
+UPDATE_RUN_GUARDED = runs.update().where(_R.run_id == sa.bindparam("guard_run_id"),
+                                         _R.status == sa.bindparam("guard_status"))
+SELECT_LATEST_WAITING = (sa.select(runs)
+                         .where(_R.thread_id == sa.bindparam("thread_id"),
+                                _R.status == RunStatus.waiting.value)
+                         .order_by(_R.updated_at.desc()).limit(1))
+SELECT_RUN_WITH_INPUT = sa.select(
+    runs, sa.exists().where(_M.run_id == _R.run_id, _M.role == "user").label(HAS_INPUT)
+).where(_R.run_id == sa.bindparam("run_id"))
+RUNS_BY_STATUS = (sa.select(_R.status, sa.func.count())
+                  .where(_R.status.in_(sa.bindparam("statuses", expanding=True)))
+                  .group_by(_R.status))
+ALL_RUNS_BY_STATUS = sa.select(_R.status, sa.func.count()).group_by(_R.status)
+
+# ================================================================================= messages
+SELECT_LAST_SEQ = sa.select(sa.func.coalesce(sa.func.max(_M.seq), 0)).where(
+    _M.thread_id == sa.bindparam("thread_id"))
+INSERT_MESSAGE = messages.insert()
+SELECT_RUN_MESSAGES = (sa.select(messages).where(_M.run_id == sa.bindparam("run_id"))
+                       .order_by(_M.seq))
+SELECT_THREAD_TAIL = (sa.select(messages).where(_M.thread_id == sa.bindparam("thread_id"))
+                      .order_by(_M.seq.desc()).limit(sa.bindparam("limit")))
+
+# ============================================================================== resolutions
+SELECT_RESOLUTION = sa.select(resolutions).where(
+    resolutions.c.resolution_id == sa.bindparam("resolution_id"))
+
+
+def insert_resolution_if_missing(postgres: bool) -> sa.Executable:
+    return insert_ignoring_conflict(resolutions, postgres)
+
+
+# ============================================================== inspection (audits, stats)
+# Each check is a (what, from, where) triple: `inspection.py` counts the rows and samples
+# their ids. Read-only, global scans: fine off the hot path (docs/architecture.md#sharding).
+def _blank(column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    return sa.or_(column.is_(None), column == "")
+
+
+_IS_CLAIMED = _D.status == DispatchStatus.Claimed.value
+_WITH_EPOCH = dispatches.join(thread_epochs, _E.thread_id == _D.thread_id)
+_WITH_RUN = dispatches.join(runs, sa.and_(_R.run_id == _D.run_id,
+                                          _R.dispatch_id == _D.dispatch_id))
+Check = tuple[sa.ColumnElement[Any], sa.FromClause, sa.ColumnElement[bool]]
+CHECKS: dict[str, Check] = {
+    "claimed_without_lease": (_D.dispatch_id, dispatches, sa.and_(
+        _IS_CLAIMED, sa.or_(_blank(_D.claim_token), _blank(_D.claimed_by),
+                            _D.lease_until.is_(None)))),
+    "claim_fields_on_idle": (_D.dispatch_id, dispatches, sa.and_(
+        sa.not_(_IS_CLAIMED), sa.or_(_D.claim_token.is_not(None), _D.claimed_by.is_not(None),
+                                     _D.lease_until.is_not(None)))),
+    "stale_queued": (_D.dispatch_id, _WITH_EPOCH, sa.and_(
+        _D.status == DispatchStatus.Queued.value, _D.dispatch_epoch < _E.current_epoch)),
+    "epoch_regressed": (_D.dispatch_id, _WITH_EPOCH, _D.dispatch_epoch > _E.current_epoch),
+    "missing_epoch": (_D.thread_id, dispatches.join(thread_epochs,
+                                                    _E.thread_id == _D.thread_id,
+                                                    isouter=True), _E.thread_id.is_(None)),
+    "unreconciled_run": (_D.dispatch_id, _WITH_RUN, sa.and_(
+        _D.status.in_(RECONCILED_VALUES), _R.status.in_(OPEN_RUN_VALUES))),
+    # Correlated on thread_id too, so the lookup rides the (thread_id, status, ...) index.
+    "orphan_run": (_R.run_id, runs, sa.and_(
+        _R.status.in_(LIVE_RUN_VALUES),
+        sa.not_(sa.exists().where(_D.thread_id == _R.thread_id, _D.run_id == _R.run_id)))),
+    "stuck_claim": (_D.dispatch_id, dispatches, sa.and_(
+        _IS_CLAIMED, _D.lease_until < sa.bindparam("cutoff"))),
+}
+
+
+def count_check(name: str) -> sa.Select[Any]:
+    _, from_, where = CHECKS[name]
+    return sa.select(sa.func.count()).select_from(from_).where(where)
+
+
+def sample_check(name: str, sample: int) -> sa.Select[Any]:
+    column, from_, where = CHECKS[name]
+    return sa.select(column).select_from(from_).where(where).order_by(column).limit(sample)
+
+
+SELECT_OLDEST_CLAIMED_LEASE = sa.select(sa.func.min(_D.lease_until)).where(_IS_CLAIMED)
+_QUEUED_ROWS = _D.status == DispatchStatus.Queued.value
+SELECT_OLDEST_QUEUED_CREATED = sa.select(sa.func.min(_D.created_at)).where(_QUEUED_ROWS)
+COUNT_QUEUED_THREADS = sa.select(sa.func.count(sa.distinct(_D.thread_id))).where(_QUEUED_ROWS)
+COUNT_DUE = sa.select(sa.func.count()).select_from(dispatches).where(
+    _QUEUED_ROWS, _D.available_at <= sa.bindparam("now"))
+SELECT_CLAIMS_OF = sa.select(_D.dispatch_id, _D.status, _D.claim_token).where(
+    _D.dispatch_id.in_(sa.bindparam("dispatch_ids", expanding=True)))
+SELECT_STATUSES_OF = sa.select(_D.dispatch_id, _D.status).where(
+    _D.dispatch_id.in_(sa.bindparam("dispatch_ids", expanding=True)))
+SELECT_EPOCHS_OF = sa.select(_E.thread_id, _E.current_epoch).where(
+    _E.thread_id.in_(sa.bindparam("thread_ids", expanding=True)))
+# What the workload audit compares with what it submitted.
+SELECT_OUTCOMES_OF = sa.select(
+    _D.dispatch_id, _D.thread_id, _D.run_id, _D.status, _D.priority, _D.dispatch_epoch,
+    _D.attempt_count, _D.max_attempts, _D.last_error, _D.dispatch_instance_id, _D.run_status,
+    _D.termination, _D.run_response, _D.completed_at, _D.created_at, _D.available_at,
+).where(_D.dispatch_id.in_(sa.bindparam("dispatch_ids", expanding=True)))
+SELECT_RUN_OUTCOMES_OF = sa.select(
+    _R.run_id, _R.status, _R.dispatch_id, _R.response, _R.termination, _R.error,
+    _R.finished_at,
+).where(_R.run_id.in_(sa.bindparam("run_ids", expanding=True)))
