@@ -1,6 +1,6 @@
 """The Celery processes a benchmark or soak run starts: workers and beat, each in its own
 process group so that stopping one also stops its prefork children, with its log and stderr
-in the run's work directory (shown when a process dies)."""
+in the run's work directory (shown when a process dies); `stack_env` is their environment."""
 
 from __future__ import annotations
 
@@ -9,13 +9,40 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import ROOT
+
 CELERY = str(Path(sys.executable).parent / "celery")
 WORKER_FLAGS = ("-P", "prefork", "-l", "WARNING", "--without-gossip", "--without-mingle",
                 "--without-heartbeat")
+
+# What `stack_env` sets; by default every other variable of the caller passes through.
+STACK_SETTINGS = ("MAILBOX_DATABASE_URL", "MAILBOX_REDIS_URL", "MAILBOX_NAMESPACE",
+                  "MAILBOX_BEAT_SCHEDULE", "MAILBOX_METRICS_PORT", "CELERY_BROKER_URL")
+
+
+def stack_env(database_url: str, redis_url: str, namespace: str, workdir: Path, *,
+              broker_url: str | None = None, inherit: Callable[[str], bool] | None = None
+              ) -> dict[str, str]:
+    """The environment of a run's Celery processes (and of a process publishing to them):
+    this process's environment (the variables `inherit` accepts; default: all but those set
+    here) plus the database, Redis, broker (default: the Redis), namespace, a beat schedule
+    file in `workdir`, no metrics port, and the project root on PYTHONPATH."""
+    keep = inherit or (lambda name: name not in STACK_SETTINGS)
+    env = {k: v for k, v in os.environ.items() if keep(k)}
+    env.update({
+        "MAILBOX_DATABASE_URL": database_url,
+        "MAILBOX_REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": broker_url or redis_url,
+        "MAILBOX_NAMESPACE": namespace,
+        "MAILBOX_METRICS_PORT": "0",
+        "MAILBOX_BEAT_SCHEDULE": str(workdir / "beat-schedule"),
+        "PYTHONPATH": str(ROOT),
+    })
+    return env
 
 
 @dataclass

