@@ -1,4 +1,5 @@
-"""Every Celery setting, read from the environment in one place (DESIGN.md §2, §5, §8).
+"""Every Celery setting, read from the environment in one place
+(docs/architecture.md#configuration).
 
 The mailbox does not trust Celery with correctness: a message is only a wake-up, the claim
 and its token decide. So messages are acked on receipt (no acks_late), a worker lost
@@ -14,7 +15,7 @@ import os
 from kombu.entity import Exchange, Queue
 
 from mailbox.settings import Settings
-from tasks.runtime import AMQP_PHASE_PRIORITY, is_amqp
+from tasks.priorities import AMQP_PHASE_PRIORITY, is_amqp
 
 _settings = Settings.from_env()
 NAMESPACE = _settings.namespace

@@ -8,7 +8,8 @@ Run from the project root:
 
 What it measures, each configuration (and each pass over it) with its own namespace, database
 and worker processes (`celery -A tasks worker` and `celery -A benchmarks.baseline_app worker`,
-prefork, same concurrency, `-l WARNING`, no `-E`: DESIGN.md §9), killed when it is done:
+prefork, same concurrency, `-l WARNING`, no `-E`: docs/architecture.md#configuration), killed when
+it is done:
 
 (a) a bare Celery chain of five no-op tasks, (b) the same chain with one SQL write per link on
 the mailbox's database, (c) mailbox `echo` dispatches end to end (`dispatch.delay()` →

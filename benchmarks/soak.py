@@ -166,16 +166,11 @@ def publishing_as(env: dict[str, str]) -> Iterator[Any]:
 
     saved_broker = app.conf.broker_url
     app.conf.broker_url = env["CELERY_BROKER_URL"]
-    previous = dict(tasks.runtime._state)
-    tasks.runtime._state.clear()
+    tasks.runtime.reset()
     try:
         yield tasks.runtime.mailbox()
     finally:
-        for pid, (box, _) in list(tasks.runtime._state.items()):
-            if pid == os.getpid():
-                box.close()
-        tasks.runtime._state.clear()
-        tasks.runtime._state.update(previous)
+        tasks.runtime.reset()  # the next use reconnects from the restored environment
         app.conf.broker_url = saved_broker
         for k, v in saved.items():
             if v is None:

@@ -74,7 +74,8 @@ from benchmarks.common import table as markdown_table
 from mailbox.facade import Mailbox
 from mailbox.model import RunDispatch
 from mailbox.schema import dispatches, thread_epochs
-from mailbox.store import MailboxStore, _to_row
+from mailbox.store import MailboxStore
+from mailbox.store.statements import dispatch_row
 
 CLAIM_RATIO_GOAL = 1.5
 LEASE_MS = 30_000
@@ -443,7 +444,7 @@ def bulk_load(store: MailboxStore, start: int, stop: int, per_thread: int, base:
     with store.engine.begin() as conn:
         for lo in range(start, stop, LOAD_CHUNK):
             rows = [
-                _to_row(RunDispatch.queued(
+                dispatch_row(RunDispatch.queued(
                     f"bk-{i:08d}", f"bk-t{i // per_thread:07d}", f"bk-run-{i:08d}",
                     base + i).enqueued(0))
                 for i in range(lo, min(stop, lo + LOAD_CHUNK))
@@ -556,7 +557,7 @@ def bench_history(box: Mailbox, cfg: Config, postgres: bool, backend: str) -> di
             thread = f"hist-t{size}"
             conn.execute(sa.insert(thread_epochs), [{"thread_id": thread, "current_epoch": 0}])
             conn.execute(sa.insert(dispatches), [
-                _to_row(RunDispatch.queued(f"hist-{size}-q{j:04d}", thread,
+                dispatch_row(RunDispatch.queued(f"hist-{size}-q{j:04d}", thread,
                                            f"hist-{size}-qrun{j:04d}", base + j).enqueued(0))
                 for j in range(cfg.per_thread)])
             for lo in range(0, size, LOAD_CHUNK):
@@ -566,7 +567,7 @@ def bench_history(box: Mailbox, cfg: Config, postgres: bool, backend: str) -> di
                     done = (RunDispatch.queued(f"hist-{size}-a{i:08d}", thread,
                                                f"hist-{size}-arun{i:08d}", t).enqueued(0)
                             .claimed(f"tok-{i}", CONSUMER, LEASE_MS, t).acked(t + 1))
-                    batch.append(_to_row(done))
+                    batch.append(dispatch_row(done))
                 conn.execute(sa.insert(dispatches), batch)
     if postgres:
         with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -872,9 +873,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Backlog test: {cfg['per_thread']} queued dispatches per thread. The backlog is "
         "**bulk-loaded with SQLAlchemy Core** straight into `run_dispatches` and "
         "`thread_dispatch_epochs` (rows built with `RunDispatch.queued(...).enqueued(0)` and "
-        "`mailbox.store._to_row`), not through `enqueue`, to keep set-up short. Each size has "
-        "a fresh database of its own. PostgreSQL gets `ANALYZE` after each load (what "
-        "autovacuum would do soon); SQLite gets none, like the application.",
+        "`mailbox.store.statements.dispatch_row`), not through `enqueue`, to keep set-up "
+        "short. Each size has a fresh database of its own. PostgreSQL gets `ANALYZE` after "
+        "each load (what autovacuum would do soon); SQLite gets none, like the application.",
         f"- Per size: {cfg['warmup']} warm-up then {cfg['samples']} measured claims on "
         "uniformly random threads; each claim is followed by an ack (timed separately) and an "
         "untimed replacement `enqueue` on the same thread, so the queued backlog stays at its "

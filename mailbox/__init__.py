@@ -1,7 +1,8 @@
 """Dispatch Mailbox: a durable mailbox for AI-agent runs on Celery, Redis and SQLAlchemy.
 
 The public names live here; everything else is internal. This package shadows the standard
-library's `mailbox` module when the project root is first on `sys.path` (DESIGN.md §2).
+library's `mailbox` module when the project root is first on `sys.path`
+(docs/architecture.md#layout).
 """
 
 from mailbox.agents import agent

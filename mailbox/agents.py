@@ -1,4 +1,4 @@
-"""Agents: named, versioned handlers, and the context a run gives them (DESIGN.md §6).
+"""Agents: named, versioned handlers, and the context a run gives them (docs/behaviour.md#execute).
 
 `@agent("name", version="1")` registers `handler(ctx) -> str | AgentResult`. At submit a run
 is pinned to the agent's current (name, version); the resolve phase loads exactly that pair,

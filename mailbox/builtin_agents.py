@@ -1,4 +1,5 @@
-"""The built-in agents the demo and the tests use (DESIGN.md §6), with exact behaviour."""
+"""The built-in agents the demo and the tests use (docs/behaviour.md#execute), with exact
+behaviour."""
 
 from __future__ import annotations
 

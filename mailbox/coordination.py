@@ -1,4 +1,5 @@
-"""Hot coordination state in Redis: per-thread leases and per-thread epochs (DESIGN.md §4.2),
+"""Hot coordination state in Redis: per-thread leases and per-thread epochs
+(docs/architecture.md#redis-and-sql),
 and the sweep's per-thread "wake-up pending" marks.
 
 SQL is the durable truth; these are fast copies that let a claim on a busy thread be refused
@@ -47,7 +48,7 @@ class Coordinator:
         self.client = client
         self.namespace = namespace
         self.round_trips = 0
-        self._scripts = {
+        self.scripts = {  # name -> registered script (benchmarks name EVALSHA calls by it)
             name: client.register_script((LUA_DIR / f"{name}.lua").read_text())
             for name in ("lease_acquire", "lease_put", "lease_release", "lease_take_executor",
                          "epoch_generation", "epoch_fill", "wake_consume")
@@ -65,7 +66,7 @@ class Coordinator:
 
     def _run(self, name: str, key: str, *args: Any) -> Any:
         self.round_trips += 1
-        return self._scripts[name](keys=[key], args=list(args))
+        return self.scripts[name](keys=[key], args=list(args))
 
     # ------------------------------------------------------------------------------ leases
     def acquire(self, thread_id: str, token: str, lease_until: int, holder: str, now: int,
@@ -112,7 +113,7 @@ class Coordinator:
     def epoch_generation(self) -> str:
         """Taken before reading an epoch from SQL to refill the cache (see `fill_epoch`)."""
         self.round_trips += 1
-        return _text(self._scripts["epoch_generation"](
+        return _text(self.scripts["epoch_generation"](
             keys=[f"{self.namespace}:epoch-generation"], args=[uuid.uuid4().hex]))
 
     def fill_epoch(self, thread_id: str, epoch: int, generation: str) -> bool:
@@ -148,13 +149,13 @@ class Coordinator:
         self.round_trips += 1
         pipe = self.client.pipeline(transaction=False)
         for thread_id, wake_id in wakes:
-            self._scripts["wake_consume"](keys=[self.wake_pending_key(thread_id)],
+            self.scripts["wake_consume"](keys=[self.wake_pending_key(thread_id)],
                                           args=[wake_id], client=pipe)
         pipe.execute()
 
     def _run_keys(self, name: str, keys: list[str], *args: Any) -> Any:
         self.round_trips += 1
-        return self._scripts[name](keys=keys, args=list(args))
+        return self.scripts[name](keys=keys, args=list(args))
 
 
 def _text(value: Any) -> str:

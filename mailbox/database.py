@@ -99,7 +99,8 @@ class SqliteWriteGate:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         _GATES.add(self)
 
-    def _after_fork_in_child(self) -> None:
+    def reopen_after_fork(self) -> None:
+        """In a forked child: take a lock file of its own (see the class docstring)."""
         inherited = self._fd
         self._threads = threading.Lock()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -147,7 +148,7 @@ _GATES: weakref.WeakSet[SqliteWriteGate] = weakref.WeakSet()
 
 def _reopen_gates_in_child() -> None:
     for gate in list(_GATES):
-        gate._after_fork_in_child()
+        gate.reopen_after_fork()
 
 
 os.register_at_fork(after_in_child=_reopen_gates_in_child)

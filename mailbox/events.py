@@ -1,4 +1,4 @@
-"""Per-run event streams in Redis Streams (DESIGN.md §6).
+"""Per-run event streams in Redis Streams (docs/behaviour.md#execute).
 
 Every run has a stream of JSON events `{id, type, run_id, dispatch_id, ts, data}`. Readers
 resume from a cursor (the last id they saw) and get every later event, live or not. Retention
@@ -76,7 +76,7 @@ class EventStreams:
         self.namespace = namespace
         self.retention_ms = max(1, retention_s) * 1000
         self.max_len = max_len
-        self._append = client.register_script((LUA_DIR / "events_append.lua").read_text())
+        self.append_script = client.register_script((LUA_DIR / "events_append.lua").read_text())
 
     def _keys(self, run_id: str) -> tuple[str, str]:
         if not isinstance(run_id, str) or not run_id.strip() \
@@ -95,7 +95,7 @@ class EventStreams:
                               "ts": ts if ts is not None else int(time.time() * 1000),
                               "data": _bounded(data)})
         try:
-            raw = self._append(keys=list(self._keys(run_id)),
+            raw = self.append_script(keys=list(self._keys(run_id)),
                                args=[payload, self.max_len, self.retention_ms])
         except redis.RedisError as exc:
             metrics.count_operation("event_emit", "error")
@@ -105,7 +105,7 @@ class EventStreams:
 
     def __call__(self, run_id: str, after: str | None = None, follow: bool = False,
                  timeout_s: float | None = None) -> Iterator[Event]:
-        """`mailbox.events(run_id, after=None, follow=False)` of DESIGN.md §7: the run's
+        """`mailbox.events(run_id, after=None, follow=False)` of the facade: the run's
         events after the cursor; with `follow`, live until the run's final event."""
         if follow:
             return self.follow(run_id, after, timeout_s=timeout_s)

@@ -1,4 +1,4 @@
-"""`Mailbox`: the one object applications and operators hold (DESIGN.md §7).
+"""`Mailbox`: the one object applications and operators hold (docs/architecture.md#facade).
 
 It validates and submits runs, reads them back, waits for them, and drives thread control
 (cancel, interrupt, resume). It knows nothing of Celery: whoever runs workers (see `tasks/`)
@@ -22,7 +22,7 @@ from typing import Any
 import redis
 import uuid6
 
-from mailbox import agents, maintenance, metrics
+from mailbox import agents, maintenance, metrics, reports
 from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
 from mailbox.coordination import Coordinator, connect_redis
 from mailbox.database import create_engine
@@ -44,6 +44,8 @@ from mailbox.model import (
     RunDispatch,
     RunRecord,
     RunStatus,
+    check_text,
+    show_value,
 )
 from mailbox.phases import Runtime, now_ms
 from mailbox.schema import upgrade
@@ -53,7 +55,6 @@ from mailbox.store import MailboxStore, Resolution, RunStore, Submission, encode
 log = logging.getLogger(__name__)
 Waker = Callable[[str, int], None]
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
-MAX_ID_CHARS = 255  # the id columns' width (mailbox/schema.py)
 MAX_PAGE = 1_000_000
 
 
@@ -88,37 +89,6 @@ def _new_id() -> str:
 def _check_int(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValidationError(f"{name} must be an integer within {low}..{high}, got {value!r}")
-    return value
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} chars)"
-
-
-def check_text(name: str, value: Any, *, optional: bool = False) -> Any:
-    """An id or filter argument: text that every database can compare and store.
-
-    Checked here, before any statement runs, because the drivers refuse such values only
-    when they bind them, each with its own raw error (psycopg: "cannot adapt type", "text
-    fields cannot contain NUL"; SQLite: "type 'list' is not supported"; both: a lone
-    surrogate cannot be encoded), and PostgreSQL refuses a thread id over the column's 255
-    characters only when an interrupt inserts its epoch row.
-    """
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ValidationError(f"{name} must be a non-empty string, got {_show(value)}")
-    if len(value) > MAX_ID_CHARS:
-        raise ValidationError(f"{name} must be at most {MAX_ID_CHARS} characters, got "
-                              f"{len(value)}")
-    if "\x00" in value:
-        raise ValidationError(f"{name} must not contain NUL characters")
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise ValidationError(f"{name} must be valid Unicode text (it holds a lone "
-                              f"surrogate): {_show(value)}") from None
     return value
 
 
@@ -221,7 +191,7 @@ class Mailbox:
         check_text("dedupe_key", dedupe_key, optional=True)
         if not isinstance(interrupt, bool):
             # Any truthy value would interrupt the thread: "no" must not supersede its work.
-            raise ValidationError(f"interrupt must be True or False, got {_show(interrupt)}")
+            raise ValidationError(f"interrupt must be True or False, got {show_value(interrupt)}")
         if interrupt:
             self.interrupt(thread_id)
         now = now_ms()
@@ -293,7 +263,7 @@ class Mailbox:
                 or not math.isfinite(timeout_s) or timeout_s < 0:
             # NaN would never compare past the deadline: the loop would spin forever.
             raise ValidationError(f"timeout_s must be a finite number of seconds >= 0, got "
-                                  f"{_show(timeout_s)}")
+                                  f"{show_value(timeout_s)}")
         deadline = time.monotonic() + timeout_s
         pause = 0.01
         while True:
@@ -332,11 +302,7 @@ class Mailbox:
         cancelled = self.store.cancel(dispatch_id, now)
         if cancelled is not None:
             if self.runs.reconcile(cancelled, now) is not None:
-                self.events.emit(cancelled.run_id, dispatch_id, "run_cancelled",
-                                 {"status": "cancelled"}, ts=now)
-                self.events.emit(cancelled.run_id, dispatch_id, "run_finish",
-                                 {"termination": {"type": "cancelled"}, "status": "cancelled"},
-                                 ts=now)
+                reports.cancelled(self.events, cancelled, now)
             return True
         current = self.store.load_dispatch(dispatch_id)
         if current is None or current.status != DispatchStatus.Claimed:
@@ -353,11 +319,7 @@ class Mailbox:
         result = self.store.interrupt(thread_id, now)
         for dispatch in result.superseded:
             if self.runs.reconcile(dispatch, now) is not None:
-                self.events.emit(dispatch.run_id, dispatch.dispatch_id, "run_cancelled",
-                                 {"status": "superseded"}, ts=now)
-                self.events.emit(dispatch.run_id, dispatch.dispatch_id, "run_finish",
-                                 {"termination": {"type": "cancelled"}, "status": "superseded"},
-                                 ts=now)
+                reports.cancelled(self.events, dispatch, now)
         if result.active_dispatch is not None and result.active_dispatch.claim_token:
             try:
                 self._signal_cancel(result.active_dispatch.claim_token, "interrupted")
@@ -402,7 +364,7 @@ class Mailbox:
         """
         check_text("dispatch_id", dispatch_id)
         if not isinstance(force, bool):
-            raise ValidationError(f"force must be True or False, got {_show(force)}")
+            raise ValidationError(f"force must be True or False, got {show_value(force)}")
         dead = self.store.load_dispatch(dispatch_id)
         if dead is None:
             raise NotFoundError(dispatch_id)
@@ -457,7 +419,7 @@ class Mailbox:
                 dispatch_ids, list | tuple | set | frozenset):
             # A lone string would otherwise be taken as a sequence of one-letter ids.
             raise ValidationError(f"dispatch_ids must be a list of dispatch ids, got "
-                                  f"{_show(dispatch_ids)}")
+                                  f"{show_value(dispatch_ids)}")
         ids = [check_text("dispatch_ids item", d) for d in dispatch_ids]
         return self.store.purge_dead_letters(ids)
 

@@ -1,4 +1,4 @@
-"""Lease renewal and cancel checks while an agent runs (DESIGN.md §5, reference §4.2).
+"""Lease renewal and cancel checks while an agent runs (docs/behaviour.md#heartbeat).
 
 A thread of its own renews the lease every lease/3, so a CPU-bound or blocked agent never
 starves it (the BullMQ stalled-job trap), and reads the attempt's cancel signal every 100 ms.

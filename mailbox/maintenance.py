@@ -1,4 +1,5 @@
-"""Sweep and garbage collection (reference §4.13), run by the beat schedule and at worker
+"""Sweep and garbage collection (docs/behaviour.md#maintenance), run by the beat schedule and at
+worker
 start.
 
 The sweep is what makes a Celery message "only a wake-up": it acks expired claims whose
@@ -33,15 +34,16 @@ from dataclasses import dataclass, field
 
 import redis
 
-from mailbox import metrics
+from mailbox import metrics, reports
 from mailbox.coordination import Coordinator
 from mailbox.model import DispatchStatus
-from mailbox.phases import Runtime, _emit, report_acked
+from mailbox.phases import Runtime
 from mailbox.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RECLAIM_BATCH = 100
+LEASE_EXPIRED = "lease expired: the attempt's worker stopped renewing it"
 DUE_THREADS_PAGE = 1000
 # Sweep wake-ups carry task ids with this prefix: the consumer of any other wake-up (submit,
 # settle, retry) knows without a Redis call that no mark stands for it, and Flower shows which
@@ -115,36 +117,29 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
     while True:
         page, finished_runs = rt.runs.reclaim_expired(now, RECLAIM_BATCH)
         for dispatch in page.transitioned:
-            ctx = {"run_id": dispatch.run_id, "dispatch_id": dispatch.dispatch_id}
             if dispatch.status == DispatchStatus.Acked:
                 # Its attempt wrote the outcome; only the ack was lost. Report it as settle
                 # would have (mailbox_operations_total{operation="sweep_ack"} counts these).
                 report.acked.append(dispatch.dispatch_id)
                 metrics.count_operation("sweep_ack", "ok")
-                report_acked(rt, ctx, finished_runs[dispatch.dispatch_id])
-                continue
-            # The crashed attempt ended: followers get its run_finish like any other's.
-            error = "lease expired: the attempt's worker stopped renewing it"
-            if dispatch.status == DispatchStatus.Queued:
+                reports.acked(rt.events, dispatch.dispatch_id,
+                              finished_runs[dispatch.dispatch_id], rt.clock())
+            elif dispatch.status == DispatchStatus.Queued:
+                # The crashed attempt ended: followers get its run_finish like any other's.
                 report.reclaimed.append(dispatch.dispatch_id)
-                _emit(rt, ctx, "run_finish", {"termination": {"type": "error", "value": error},
-                                              "error": error, "status": "retrying"})
-                _emit(rt, ctx, "run_rescheduled", {"reason": "expired_lease_reclaimed",
-                                                   "attempt_count": dispatch.attempt_count})
+                reports.retrying(rt.events, dispatch, LEASE_EXPIRED, rt.clock(),
+                                 reason=reports.EXPIRED_LEASE_RECLAIMED)
             else:
                 report.dead_lettered.append(dispatch.dispatch_id)
                 rt.runs.reconcile(dispatch, now)
-                reason = dispatch.last_error or error
-                _emit(rt, ctx, "run_finish", {"termination": {"type": "error", "value": reason},
-                                              "error": reason, "status": "dead_letter"})
+                reports.dead_letter(rt.events, dispatch.run_id, dispatch.dispatch_id,
+                                    dispatch.last_error or LEASE_EXPIRED, rt.clock())
         if not page.more:
             break
     for dispatch in rt.store.unreconciled_terminal_dispatches(limit=1000):
         if rt.runs.reconcile(dispatch, now) is not None:
             report.reconciled.append(dispatch.dispatch_id)
-            if dispatch.status != DispatchStatus.DeadLetter:
-                _emit(rt, {"run_id": dispatch.run_id, "dispatch_id": dispatch.dispatch_id},
-                      "run_cancelled", {"status": dispatch.status.label})
+            reports.ended(rt.events, dispatch, rt.clock())
     due = _due_threads(rt, now)
     if publish is None:
         for thread_id in due:

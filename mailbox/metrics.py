@@ -1,4 +1,4 @@
-"""Prometheus metrics of the mailbox (reference §5, under the `mailbox_` prefix).
+"""Prometheus metrics of the mailbox (under the `mailbox_` prefix).
 
 Recording is always on and cheap; exposition (an HTTP endpoint, multiprocess aggregation for
 prefork workers) is wired by the worker and the CLI, not here.
@@ -62,7 +62,7 @@ CANCEL_LATENCY = Histogram(
 
 
 class StoreCollector:
-    """Gauges computed from the store at scrape time (reference §5.1): dispatch depth by
+    """Gauges computed from the store at scrape time (docs/behaviour.md#d-gauges): dispatch depth by
     status, queue depth, active runs (Claimed dispatches) and the age of the oldest due
     Queued dispatch. Read from SQL, they are right across every worker and machine."""
 

@@ -1,10 +1,12 @@
-"""The data model of the mailbox and every state transition (reference §1 and §2).
+"""The data model of the mailbox and every state transition (docs/behaviour.md#lifecycle,
+docs/behaviour.md#transitions).
 
-This module is the only place a dispatch changes state: each transition T1-T17 of reference
-§2.1 is one method of `RunDispatch` that returns a new, validated record (records are
+This module is the only place a dispatch changes state: each transition T1-T17 is one
+method of `RunDispatch` that returns a new, validated record (records are
 immutable). The store loads a row, asks the model for the next record and writes it back, so
 the rules live here once and the SQL stays dumb. Every transition ends with
-`validate_for_persist`, which is how the invariants of §1.10 are checked on every write.
+`validate_for_persist`, which is how the record invariants (docs/behaviour.md#record-invariants)
+are checked on every write.
 
 Times are integer Unix milliseconds passed in by the caller; nothing here reads the clock.
 """
@@ -28,10 +30,11 @@ DEFAULT_MAX_ATTEMPTS = 5
 # Upper bound of every millisecond time and duration: far beyond any real clock (about
 # 285,000 years), and small enough that `now + lease_ms` can never overflow a SQL BIGINT.
 MAX_MS = 2**53 - 1
+MAX_ID_CHARS = 255  # the id columns' width (mailbox/schema.py)
 
 
 class DispatchStatus(enum.StrEnum):
-    """Lifecycle of one dispatch. Values are the exact PascalCase names of the reference."""
+    """Lifecycle of one dispatch. Values are PascalCase names, stored as they are."""
 
     Queued = "Queued"
     Claimed = "Claimed"
@@ -104,7 +107,8 @@ _RUN_TRANSITIONS: dict[RunStatus, tuple[RunStatus, ...]] = {
 
 @dataclass(frozen=True)
 class Termination:
-    """Why a run ended (reference §1.5). Serialized as ``{"type": ..., "value": ...}``.
+    """Why a run ended (docs/behaviour.md#run-statuses). Serialized as ``{"type": ..., "value":
+    ...}``.
 
     Build with the class methods; instances compare by value.
     """
@@ -153,7 +157,8 @@ class Termination:
         return cls("stopped", payload)
 
     def to_run_status(self) -> tuple[RunStatus, str | None]:
-        """The run status and done-reason this termination implies (reference §1.5)."""
+        """The run status and done-reason this termination implies
+        (docs/behaviour.md#run-statuses)."""
         if self.type == "suspended":
             return RunStatus.waiting, None
         if self.type == "natural_end":
@@ -210,6 +215,38 @@ def require_id(name: str, value: object) -> str:
     return value
 
 
+def show_value(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} chars)"
+
+
+def check_text(name: str, value: Any, *, optional: bool = False) -> Any:
+    """An id or filter argument: text that every database can compare and store.
+
+    Checked here, before any statement runs, because the drivers refuse such values only
+    when they bind them, each with its own raw error (psycopg: "cannot adapt type", "text
+    fields cannot contain NUL"; SQLite: "type 'list' is not supported"; both: a lone
+    surrogate cannot be encoded), and PostgreSQL refuses a thread id over the column's 255
+    characters only when an interrupt inserts its epoch row.
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{name} must be a non-empty string, got {show_value(value)}")
+    if len(value) > MAX_ID_CHARS:
+        raise ValidationError(f"{name} must be at most {MAX_ID_CHARS} characters, got "
+                              f"{len(value)}")
+    if "\x00" in value:
+        raise ValidationError(f"{name} must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValidationError(f"{name} must be valid Unicode text (it holds a lone "
+                              f"surrogate): {show_value(value)}") from None
+    return value
+
+
 def require_ms(name: str, value: object) -> int:
     """Validate a millisecond time or duration: an integer within 0..MAX_MS."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MS:
@@ -220,7 +257,7 @@ def require_ms(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class RunDispatchResult:
-    """The runtime outcome recorded on a dispatch by `record_run_result` (reference §1.3)."""
+    """The runtime outcome recorded on a dispatch by `record_run_result` (docs/behaviour.md#t5)."""
 
     run_id: str
     dispatch_instance_id: str
@@ -255,7 +292,7 @@ class RunDispatchResult:
         )
 
 
-# Reasons written to last_error by the fencing transitions (reference §2.1, T11-T17).
+# Reasons written to last_error by the fencing transitions (T11-T17, docs/behaviour.md#transitions).
 REASON_INTERRUPT = "queued dispatch superseded by interrupt"
 REASON_STALE_QUEUED = "queued dispatch superseded by newer dispatch epoch"
 REASON_STALE_START = "claimed dispatch superseded before runtime start"
@@ -281,7 +318,7 @@ _OMITTED_WHEN_NONE = (*_PROJECTION_FIELDS, "completed_at")
 
 @dataclass(frozen=True)
 class RunDispatch:
-    """One delivery attempt-chain for one run activation (reference §1.2).
+    """One delivery attempt-chain for one run activation (docs/behaviour.md#dispatch-statuses).
 
     It holds queue, lease, retry and audit state; the business outcome lives on the run record,
     with a compact projection of it here (`run_status`, `termination`, `run_response`,
@@ -390,7 +427,8 @@ class RunDispatch:
             raise ValidationError("dedupe_key must not be blank when given")
 
     def validate_for_persist(self) -> RunDispatch:
-        """Check the invariants of reference §1.10 for this record's status; return self."""
+        """Check the record invariants (docs/behaviour.md#record-invariants) for this record's
+        status; return self."""
         self._validate_identity()
         has_claim = any(getattr(self, f) is not None for f in _CLAIM_CLEARED)
         if self.status == DispatchStatus.Queued:
@@ -483,7 +521,7 @@ class RunDispatch:
         """T7 (requeue at `retry_at`) or T8 (dead letter once attempts reach the budget).
 
         A dispatch enqueued already at its budget is dead-lettered without counting past
-        `max_attempts` (reference §3.1 quirk).
+        `max_attempts` (as in the original: docs/behaviour.md#t8).
         """
         self._require(DispatchStatus.Claimed, "nack")
         attempts = min(self.attempt_count + 1, self.max_attempts)
@@ -561,7 +599,7 @@ class RunDispatch:
 
     # ------------------------------------------------------------------------ serialization
     def to_json(self) -> JsonDict:
-        """JSON form of reference §1.12: projection fields and completed_at omitted when None."""
+        """The JSON form: projection fields and completed_at omitted when None."""
         out: JsonDict = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -653,7 +691,7 @@ class RunRecord:
         return self
 
     def moved_to(self, status: RunStatus, now: int, **changes: Any) -> RunRecord:
-        """Change status along the allowed run transitions (reference §1.4)."""
+        """Change status along the allowed run transitions (docs/behaviour.md#run-statuses)."""
         if not self.status.can_transition_to(status):
             raise ValidationError(f"run {self.run_id} cannot go from {self.status} to {status}")
         return dataclasses.replace(self, status=status, updated_at=now, **changes

@@ -1,14 +1,14 @@
-"""The five phases of one claimed dispatch, as plain functions (reference §4.3, P0-P13).
+"""The five phases of one claimed dispatch, as plain functions (docs/behaviour.md#pipeline).
 
 `claim_next` takes a thread's next dispatch; then verify → reconstruct → resolve → execute →
-settle each take and return one small JSON-able context dict. Celery chains them (see
-`tasks/`), but nothing here knows about Celery, so tests call them directly.
+settle each take and return one `PhaseContext`. Celery chains them (see `tasks/`), but
+nothing here knows about Celery, so tests call them directly.
 
-A phase that finishes the dispatch early sets `done`; later phases pass the context on and
+A phase that finishes the dispatch early marks the context done; later phases pass it on and
 `settle` only wakes the thread. Every write is fenced by the claim token in the store, so a
 replayed or duplicated phase changes nothing. A store outage inside a phase leaves the
-dispatch Claimed: its lease runs out and the sweep reclaims it with attempt_count + 1
-(reference §7 point 7), so a failure becomes a bounded retry, never a loss.
+dispatch Claimed: its lease runs out and the sweep reclaims it with attempt_count + 1, so a
+failure becomes a bounded retry, never a loss.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 
 import uuid6
 
-from mailbox import agents, metrics
+from mailbox import agents, metrics, reports
 from mailbox.agents import AgentContext, AgentResult, SuspendRequested
+from mailbox.context import COMPLETED, PERMANENT, TRANSIENT, Outcome, OutcomeKind, PhaseContext
 from mailbox.errors import (
     AlreadyStartedError,
     MailboxError,
@@ -49,9 +50,7 @@ from mailbox.store import MailboxStore, RunStore
 
 log = logging.getLogger(__name__)
 
-Context = dict[str, Any]
 SUPERSEDED_BEFORE_START = "claimed dispatch superseded before execution start"
-COMPLETED, TRANSIENT, PERMANENT = "completed", "transient_error", "permanent_error"
 
 
 def now_ms() -> int:
@@ -59,14 +58,14 @@ def now_ms() -> int:
 
 
 def retry_delay_ms(attempt_count: int, base_ms: int, max_ms: int) -> int:
-    """Capped exponential backoff of reference §4.7 (attempt_count before the nack)."""
+    """Capped exponential backoff (attempt_count before the nack; docs/behaviour.md#retries)."""
     exponent = min(max(attempt_count - 1, 0), 6)
     return int(min(base_ms * 2**exponent, max_ms))
 
 
-def classify(error: BaseException) -> str:
-    """Reference §4.5 for our agents: PermanentError is permanent, everything else transient
-    (an unexpected exception is presumed to be a hiccup worth a bounded retry)."""
+def classify(error: BaseException) -> OutcomeKind:
+    """PermanentError is permanent, everything else transient (an unexpected exception is
+    presumed to be a hiccup worth a bounded retry)."""
     return PERMANENT if isinstance(error, PermanentError) else TRANSIENT
 
 
@@ -110,238 +109,225 @@ class Runtime:
 
 
 # ------------------------------------------------------------------------------ utilities
-def _finish(ctx: Context, reason: str) -> Context:
-    ctx["done"] = True
-    ctx["reason"] = reason
-    return ctx
-
-
-def _emit(rt: Runtime, ctx: Context, type_: str, data: Any = None) -> None:
-    rt.events.emit(ctx["run_id"], ctx["dispatch_id"], type_, data, ts=rt.clock())
-
-
-def _reconcile(rt: Runtime, dispatch: RunDispatch | None, ctx: Context) -> None:
-    """Make the run agree with a terminal dispatch; emit the matching events."""
+def _reconcile(rt: Runtime, dispatch: RunDispatch | None) -> None:
+    """Make the run agree with a terminal dispatch. A Cancelled or Superseded run that this
+    call ended is reported (`reports.cancelled`); a dead letter's caller reports it."""
     if dispatch is None or not dispatch.is_terminal:
         return
     run = rt.runs.reconcile(dispatch, rt.clock())
     if run is not None and dispatch.status in (DispatchStatus.Cancelled,
                                                DispatchStatus.Superseded):
-        _emit(rt, ctx, "run_cancelled", {"status": dispatch.status.label,
-                                         "reason": dispatch.last_error})
-        _emit(rt, ctx, "run_finish", {"termination": Termination.cancelled().to_json(),
-                                      "status": dispatch.status.label})
+        reports.cancelled(rt.events, dispatch, rt.clock())
 
 
-def _after_fence(rt: Runtime, ctx: Context, error: MailboxError) -> Context:
+def _after_fence(rt: Runtime, ctx: PhaseContext, error: MailboxError) -> PhaseContext:
     """A fenced write failed: if the dispatch ended Superseded, reconcile its run."""
-    log.info("dispatch %s is no longer ours: %s", ctx["dispatch_id"], error)
+    log.info("dispatch %s is no longer ours: %s", ctx.dispatch_id, error)
     try:
-        _reconcile(rt, rt.store.load_dispatch(ctx["dispatch_id"]), ctx)
+        _reconcile(rt, rt.store.load_dispatch(ctx.dispatch_id))
     except MailboxError as exc:
-        log.warning("could not reconcile %s: %s", ctx["dispatch_id"], exc)
-    return _finish(ctx, f"fenced: {error}")
-
-
-def context_from_claim(dispatch: RunDispatch) -> Context:
-    assert dispatch.claim_token is not None
-    return {
-        "dispatch_id": dispatch.dispatch_id,
-        "thread_id": dispatch.thread_id,
-        "run_id": dispatch.run_id,
-        "token": dispatch.claim_token,
-        "attempt": dispatch.attempt_count,
-        "epoch": dispatch.dispatch_epoch,
-        "created_at": dispatch.created_at,
-        "available_at": dispatch.available_at,
-        "claimed_at": dispatch.updated_at,
-        "done": False,
-    }
+        log.warning("could not reconcile %s: %s", ctx.dispatch_id, exc)
+    return ctx.finish(f"fenced: {error}")
 
 
 # =================================================================================== claim
-def claim_next(rt: Runtime, thread_id: str) -> Context | None:
+def claim_next(rt: Runtime, thread_id: str) -> PhaseContext | None:
     """Claim the thread's next eligible dispatch; None when busy or nothing is due."""
     claimed = rt.store.claim(thread_id, rt.consumer_id, rt.settings.lease_ms, rt.clock())
-    return context_from_claim(claimed[0]) if claimed else None
+    return PhaseContext.from_claim(claimed[0]) if claimed else None
 
 
 # ================================================================================== verify
-def verify(rt: Runtime, ctx: Context) -> Context:
-    """P1-P2: the claim is still ours and its epoch is current; else stop before running."""
-    if ctx.get("done"):
+def verify(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
+    """The claim is still ours and its epoch is current; else stop before running."""
+    if ctx.done:
         return ctx
     try:
-        current = rt.store.load_dispatch(ctx["dispatch_id"])
+        current = rt.store.load_dispatch(ctx.dispatch_id)
         if current is None:
-            return _finish(ctx, "disappeared")
-        if current.status != DispatchStatus.Claimed or current.claim_token != ctx["token"]:
+            return ctx.finish("disappeared")
+        if current.status != DispatchStatus.Claimed or current.claim_token != ctx.token:
             if current.status == DispatchStatus.Superseded:
-                _reconcile(rt, current, ctx)
-            return _finish(ctx, f"not ours: {current.status.value}")
-        epoch = rt.store.current_dispatch_epoch(ctx["thread_id"])
+                _reconcile(rt, current)
+            return ctx.finish(f"not ours: {current.status.value}")
+        epoch = rt.store.current_dispatch_epoch(ctx.thread_id)
         if current.is_stale(epoch):
-            superseded = rt.store.supersede_claimed(ctx["dispatch_id"], ctx["token"],
-                                                    rt.clock(), SUPERSEDED_BEFORE_START)
+            superseded = rt.store.supersede_claimed(ctx.dispatch_id, ctx.token, rt.clock(),
+                                                    SUPERSEDED_BEFORE_START)
             if superseded is None:  # a sweep fenced it first: reconcile what it left
-                superseded = rt.store.load_dispatch(ctx["dispatch_id"])
-            _reconcile(rt, superseded, ctx)
-            return _finish(ctx, "superseded before start")
+                superseded = rt.store.load_dispatch(ctx.dispatch_id)
+            _reconcile(rt, superseded)
+            return ctx.finish("superseded before start")
     except VersionConflictError as exc:
         return _after_fence(rt, ctx, exc)
     except StoreUnavailableError as exc:
-        return _finish(ctx, f"store unavailable in verify: {exc}")
+        return ctx.finish(f"store unavailable in verify: {exc}")
     return ctx
 
 
 # ============================================================================= reconstruct
-def reconstruct(rt: Runtime, ctx: Context) -> Context:
-    """P3-P4: rebuild the request from the run record and the message log. A run that cannot
-    be rebuilt never will be: dead-letter it once (the runtime is never entered)."""
-    if ctx.get("done"):
+def reconstruct(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
+    """Rebuild the request from the run record and the message log. A run that cannot be
+    rebuilt never will be: dead-letter it once (the runtime is never entered)."""
+    if ctx.done:
         return ctx
-    ctx["instance_id"] = str(uuid6.uuid7())
-    ctx["started_at"] = rt.clock()
+    ctx.instance_id = str(uuid6.uuid7())
+    ctx.started_at = rt.clock()
     try:
-        run, has_input = rt.runs.load_run_for_attempt(ctx["run_id"])
+        run, has_input = rt.runs.load_run_for_attempt(ctx.run_id)
         if run is None:
-            return _unreconstructable(rt, ctx, f"run '{ctx['run_id']}' not found for dispatch "
-                                               f"'{ctx['dispatch_id']}'")
-        if run.thread_id != ctx["thread_id"]:
+            return _unreconstructable(rt, ctx, f"run '{ctx.run_id}' not found for dispatch "
+                                               f"'{ctx.dispatch_id}'")
+        if run.thread_id != ctx.thread_id:
             return _unreconstructable(rt, ctx, f"run '{run.run_id}' belongs to thread "
-                                               f"'{run.thread_id}', not '{ctx['thread_id']}'")
+                                               f"'{run.thread_id}', not '{ctx.thread_id}'")
         if not has_input:
             return _unreconstructable(rt, ctx, f"input message for run '{run.run_id}' not "
                                                f"found")
-        ctx["resolution_id"] = run.resolution_id
-        ctx["resumed"] = run.status == RunStatus.waiting
+        ctx.resolution_id = run.resolution_id
+        ctx.resumed = run.status == RunStatus.waiting
         if run.status == RunStatus.done:
             # A previous attempt finished the run and died before its ack: do not run the
             # agent again, settle with what the run record already says.
-            ctx["outcome"] = {"kind": COMPLETED, "replayed": True}
+            ctx.outcome = Outcome(COMPLETED, replayed=True)
     except StoreUnavailableError as exc:
-        return _finish(ctx, f"store unavailable in reconstruct: {exc}")
+        return ctx.finish(f"store unavailable in reconstruct: {exc}")
     return ctx
 
 
-def _unreconstructable(rt: Runtime, ctx: Context, message: str) -> Context:
+def _unreconstructable(rt: Runtime, ctx: PhaseContext, message: str) -> PhaseContext:
     msg = f"validation error: {message}"
     now = rt.clock()
+    assert ctx.instance_id is not None and ctx.started_at is not None
     _record_completion(ctx, PERMANENT, now)
     try:
-        rt.store.record_dispatch_start(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
-                                       ctx["started_at"])
+        rt.store.record_dispatch_start(ctx.dispatch_id, ctx.token, ctx.instance_id,
+                                       ctx.started_at)
         try:
-            rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
-                ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error(msg),
+            rt.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
+                ctx.run_id, ctx.instance_id, RunStatus.done, Termination.error(msg),
                 None, msg), now)
         except VersionConflictError:
             raise
         except MailboxError as exc:
-            log.warning("could not record the result of %s: %s", ctx["dispatch_id"], exc)
-        rt.store.dead_letter(ctx["dispatch_id"], ctx["token"], msg, now)
-        _reconcile(rt, rt.store.load_dispatch(ctx["dispatch_id"]), ctx)
+            log.warning("could not record the result of %s: %s", ctx.dispatch_id, exc)
+        rt.store.dead_letter(ctx.dispatch_id, ctx.token, msg, now)
+        _reconcile(rt, rt.store.load_dispatch(ctx.dispatch_id))
     except (VersionConflictError, NotFoundError) as exc:
         return _after_fence(rt, ctx, exc)
     except StoreUnavailableError as exc:
-        return _finish(ctx, f"store unavailable dead-lettering: {exc}")
-    return _finish(ctx, f"dead letter: {msg}")
+        return ctx.finish(f"store unavailable dead-lettering: {exc}")
+    return ctx.finish(f"dead letter: {msg}")
 
 
 # ================================================================================= resolve
-def resolve(rt: Runtime, ctx: Context) -> Context:
-    """P8: load the pinned resolution and find exactly that agent version. A failure here is
+def resolve(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
+    """Load the pinned resolution and find exactly that agent version. A failure here is
     permanent: it becomes the attempt's result (the agent is not run)."""
-    if ctx.get("done") or ctx.get("outcome"):
+    if ctx.done or ctx.outcome is not None:
         return ctx
-    resolution_id = ctx.get("resolution_id")
+    resolution_id = ctx.resolution_id
     try:
         if not resolution_id:
-            ctx["resolve_error"] = (f"persistent dispatch for run '{ctx['run_id']}' has no "
-                                    f"resolution id")
+            ctx.resolve_error = (f"persistent dispatch for run '{ctx.run_id}' has no "
+                                 f"resolution id")
             return ctx
         resolution = rt.runs.load_resolution(resolution_id)
     except StoreUnavailableError as exc:
-        return _finish(ctx, f"store unavailable in resolve: {exc}")
+        return ctx.finish(f"store unavailable in resolve: {exc}")
     if resolution is None:
-        ctx["resolve_error"] = f"resolution '{resolution_id}' not found"
+        ctx.resolve_error = f"resolution '{resolution_id}' not found"
     elif agents.lookup(resolution.agent_name, resolution.agent_version) is None:
-        ctx["resolve_error"] = (f"runtime error: agent not found: {resolution.agent_name}@"
-                                f"{resolution.agent_version}")
+        ctx.resolve_error = (f"runtime error: agent not found: {resolution.agent_name}@"
+                             f"{resolution.agent_version}")
     else:
-        ctx["agent"] = [resolution.agent_name, resolution.agent_version]
+        ctx.agent = [resolution.agent_name, resolution.agent_version]
     return ctx
 
 
 # ================================================================================= execute
-def execute(rt: Runtime, ctx: Context) -> Context:
-    """P6, P9: record the start, then run the agent with a heartbeat beside it."""
-    if ctx.get("done") or ctx.get("outcome"):
+@dataclass
+class AgentOutcome:
+    """What one run of the agent came to, inside execute (never in a message)."""
+
+    kind: OutcomeKind
+    error: str | None = None
+    termination: Termination | None = None
+    response: str | None = None
+    waiting: dict[str, Any] | None = None
+
+
+def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
+    """Record the start, then run the agent with a heartbeat beside it."""
+    if ctx.done or ctx.outcome is not None:
         return ctx
+    assert ctx.instance_id is not None and ctx.started_at is not None
     lease_ms = rt.settings.lease_ms
     try:
         # One execution per attempt: the executor id is unique to this invocation, so a
         # second delivery of the same message is refused even inside the same process.
         executor = f"{rt.consumer_id}/{uuid6.uuid7().hex[-12:]}"
         held = rt.store.coordinator.take_executor(
-            ctx["thread_id"], ctx["token"], executor, ctx["dispatch_id"],
-            rt.clock() + lease_ms, lease_ms)
+            ctx.thread_id, ctx.token, executor, ctx.dispatch_id, rt.clock() + lease_ms,
+            lease_ms)
         if held != "ok":
-            ctx["duplicate"] = True
-            return _finish(ctx, f"execute refused: {held}")
-        inputs = rt.runs.start_attempt(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
-                                       ctx["run_id"], ctx["started_at"],
-                                       thread_id=ctx["thread_id"])
+            ctx.duplicate = True
+            return ctx.finish(f"execute refused: {held}")
+        inputs = rt.runs.start_attempt(ctx.dispatch_id, ctx.token, ctx.instance_id, ctx.run_id,
+                                       ctx.started_at, thread_id=ctx.thread_id)
     except AlreadyStartedError as exc:
         # Redis forgot the executor (restart, flush) but SQL remembers the start.
-        ctx["duplicate"] = True
-        return _finish(ctx, f"execute refused: {exc.message}")
+        ctx.duplicate = True
+        return ctx.finish(f"execute refused: {exc.message}")
     except (VersionConflictError, NotFoundError) as exc:
         return _after_fence(rt, ctx, exc)
     except StoreUnavailableError as exc:
-        return _finish(ctx, f"store unavailable starting: {exc}")
+        return ctx.finish(f"store unavailable starting: {exc}")
     _record_start(ctx)
-    _emit(rt, ctx, "run_started", {"attempt": ctx["attempt"], "resumed": ctx.get("resumed")})
+    # Stamped with the start time the store recorded, not the time of this emit: a start
+    # committed just before an interrupt must not look as if it came after it.
+    rt.events.emit(ctx.run_id, ctx.dispatch_id, "run_started",
+                   {"attempt": ctx.attempt, "resumed": ctx.resumed}, ts=ctx.started_at)
 
-    if ctx.get("resolve_error"):
-        ctx["outcome"] = {"kind": PERMANENT, "error": ctx["resolve_error"]}
+    if ctx.resolve_error:
+        ctx.outcome = Outcome(PERMANENT, ctx.resolve_error)
         return ctx
-    name, version = ctx["agent"]
-    spec = agents.lookup(name, version)
+    assert ctx.agent is not None
+    spec = agents.lookup(*ctx.agent)
     assert spec is not None
     user = [m.content for m in inputs if m.role == "user"]
     decisions = [m.content for m in inputs if m.role == "decision"]
     outcome = _run_agent(rt, ctx, spec, lease_ms, user[0] if user else None,
                          decisions[-1] if decisions else None)
-    if outcome["kind"] == COMPLETED:
-        # The runtime owns the run record: the outcome is written before settle acks, fenced
-        # by the claim token (an attempt that lost its claim cannot decide the run), so a
-        # crash before the ack is recognised by the retry (a done run) and not re-run.
-        termination: Termination = outcome.pop("termination_obj")
-        status, _ = termination.to_run_status()
-        result = RunDispatchResult(ctx["run_id"], ctx["instance_id"], status, termination,
-                                   outcome.pop("response"), outcome.get("error"))
-        try:
-            rt.runs.record_outcome(ctx["dispatch_id"], ctx["token"], result, rt.clock(),
-                                   waiting=outcome.pop("waiting", None),
-                                   thread_id=ctx["thread_id"])
-        except (VersionConflictError, NotFoundError) as exc:
-            return _after_fence(rt, ctx, exc)
-        except StoreUnavailableError as exc:
-            return _finish(ctx, f"store unavailable recording the outcome: {exc}")
-        outcome["recorded"] = True
-    ctx["outcome"] = outcome
+    if outcome.kind != COMPLETED:
+        ctx.outcome = Outcome(outcome.kind, outcome.error)
+        return ctx
+    # The runtime owns the run record: the outcome is written before settle acks, fenced by
+    # the claim token (an attempt that lost its claim cannot decide the run), so a crash
+    # before the ack is recognised by the retry (a done run) and not re-run.
+    termination = outcome.termination or Termination.natural_end()
+    status, _ = termination.to_run_status()
+    result = RunDispatchResult(ctx.run_id, ctx.instance_id, status, termination,
+                               outcome.response, outcome.error)
+    try:
+        rt.runs.record_outcome(ctx.dispatch_id, ctx.token, result, rt.clock(),
+                               waiting=outcome.waiting, thread_id=ctx.thread_id)
+    except (VersionConflictError, NotFoundError) as exc:
+        return _after_fence(rt, ctx, exc)
+    except StoreUnavailableError as exc:
+        return ctx.finish(f"store unavailable recording the outcome: {exc}")
+    ctx.outcome = Outcome(COMPLETED, outcome.error, recorded=True)
     return ctx
 
 
-def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
-               input_: Any, decision: Any) -> dict[str, Any]:
+def _run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, lease_ms: int,
+               input_: Any, decision: Any) -> AgentOutcome:
     cancel = threading.Event()
-    rt.active[ctx["dispatch_id"]] = cancel
+    rt.active[ctx.dispatch_id] = cancel
 
     def on_stop(reason: str, kind: StopKind) -> None:
-        ctx["cancel_reason"] = reason
-        ctx["stop_kind"] = kind.value
+        ctx.stop_reason = reason
+        ctx.stop_kind = kind.value
         cancel.set()
 
     check: CancelCheck | None = None
@@ -349,14 +335,17 @@ def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
         signal = rt.cancel_check
 
         def check() -> str | None:
-            return signal(ctx["thread_id"], ctx["token"])
+            return signal(ctx.thread_id, ctx.token)
+
+    def emit(type_: str, data: Any) -> None:
+        rt.events.emit(ctx.run_id, ctx.dispatch_id, type_, data, ts=rt.clock())
 
     agent_ctx = AgentContext(
-        run_id=ctx["run_id"], thread_id=ctx["thread_id"], dispatch_id=ctx["dispatch_id"],
-        attempt=ctx["attempt"], input=input_, decision=decision,
-        load_messages=lambda: [m.content for m in rt.runs.thread_messages(ctx["thread_id"])],
-        emit=lambda type_, data: _emit(rt, ctx, type_, data), cancel_event=cancel)
-    heartbeat = Heartbeat(rt.store, dispatch_id=ctx["dispatch_id"], token=ctx["token"],
+        run_id=ctx.run_id, thread_id=ctx.thread_id, dispatch_id=ctx.dispatch_id,
+        attempt=ctx.attempt, input=input_, decision=decision,
+        load_messages=lambda: [m.content for m in rt.runs.thread_messages(ctx.thread_id)],
+        emit=emit, cancel_event=cancel)
+    heartbeat = Heartbeat(rt.store, dispatch_id=ctx.dispatch_id, token=ctx.token,
                           lease_ms=lease_ms, clock=rt.clock, on_stop=on_stop,
                           cancel_check=check)
     try:
@@ -365,15 +354,14 @@ def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
     except SuspendRequested as suspend:
         if heartbeat.stop_kind == StopKind.unsafe:
             return _stopped_unsafely(heartbeat)
-        ticket = storable(dict(suspend.ticket, since_dispatch_id=ctx["dispatch_id"]))
-        return {"kind": COMPLETED, "termination_obj": Termination.suspended(),
-                "response": None, "error": None, "waiting": ticket}
+        ticket = storable(dict(suspend.ticket, since_dispatch_id=ctx.dispatch_id))
+        return AgentOutcome(COMPLETED, termination=Termination.suspended(), waiting=ticket)
     except Exception as exc:  # the agent's failure is data here, classified below
         if heartbeat.stop_kind == StopKind.unsafe:
             return _stopped_unsafely(heartbeat)
-        return {"kind": classify(exc), "error": storable(error_text(exc))}
+        return AgentOutcome(classify(exc), storable(error_text(exc)))
     finally:
-        rt.active.pop(ctx["dispatch_id"], None)
+        rt.active.pop(ctx.dispatch_id, None)
     if heartbeat.stop_kind == StopKind.unsafe:
         return _stopped_unsafely(heartbeat)
     if isinstance(value, AgentResult):
@@ -386,68 +374,67 @@ def _run_agent(rt: Runtime, ctx: Context, spec: agents.AgentSpec, lease_ms: int,
     if cancel.is_set() and termination == Termination.natural_end() and response is None:
         termination = Termination.cancelled()
     error = termination.value if termination.type == "error" else None
-    return {"kind": COMPLETED, "termination_obj": termination, "response": response or None,
-            "error": error}
+    return AgentOutcome(COMPLETED, error, termination, response or None)
 
 
-def _stopped_unsafely(heartbeat: Heartbeat) -> dict[str, Any]:
+def _stopped_unsafely(heartbeat: Heartbeat) -> AgentOutcome:
     """The heartbeat stopped the agent because it could not renew the lease, or read the
     cancel signal, for a whole lease (see `mailbox.heartbeat`). Nobody asked the run to
     stop, so this is not a cancellation, and whatever the agent returned after it was told
     to stop is not its answer: the attempt is a transient failure, retried with backoff."""
-    return {"kind": TRANSIENT, "error": f"attempt stopped: {heartbeat.stop_reason}"}
+    return AgentOutcome(TRANSIENT, f"attempt stopped: {heartbeat.stop_reason}")
 
 
 # ================================================================================== settle
-def settle(rt: Runtime, ctx: Context) -> Context:
-    """P10-P13: record the result, classify, ack / nack / dead-letter, reconcile the run,
-    and wake the thread so its next dispatch starts right away."""
+def settle(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
+    """Record the result, classify, ack / nack / dead-letter, reconcile the run, and wake
+    the thread so its next dispatch starts right away."""
     try:
-        if not ctx.get("done"):
+        if not ctx.done:
             _settle_outcome(rt, ctx)
     finally:
-        if not ctx.get("duplicate"):
-            rt.wake(ctx["thread_id"], 0)
+        if not ctx.duplicate:
+            rt.wake(ctx.thread_id, 0)
     return ctx
 
 
-def _settle_outcome(rt: Runtime, ctx: Context) -> None:
-    outcome = ctx["outcome"]
-    kind = outcome["kind"]
+def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> None:
+    outcome = ctx.outcome
+    assert outcome is not None, "settle of a context with neither outcome nor done"
     now = rt.clock()
-    _record_completion(ctx, kind, now)
+    _record_completion(ctx, outcome.kind, now)
     try:
-        if kind == COMPLETED:
+        if outcome.kind == COMPLETED:
             _settle_completed(rt, ctx, outcome, now)
-        elif kind == TRANSIENT:
-            _settle_transient(rt, ctx, outcome["error"], now)
+        elif outcome.kind == TRANSIENT:
+            _settle_transient(rt, ctx, outcome.error or "transient error", now)
         else:
-            _settle_permanent(rt, ctx, outcome["error"], now)
+            _settle_permanent(rt, ctx, outcome.error or "permanent error", now)
     except (VersionConflictError, NotFoundError) as exc:
         _after_fence(rt, ctx, exc)
     except StoreUnavailableError as exc:
         # Left Claimed: the lease expires and the sweep reclaims it (attempt + 1).
-        _finish(ctx, f"store unavailable settling: {exc}")
+        ctx.finish(f"store unavailable settling: {exc}")
     else:
-        if not ctx.get("duplicate"):
-            ctx["settled"] = kind
+        if not ctx.duplicate:
+            ctx.settled = outcome.kind
 
 
-def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: int) -> None:
+def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int) -> None:
+    assert ctx.instance_id is not None
     run: RunRecord | None = None
-    if not outcome.get("recorded"):
+    if not outcome.recorded:
         # The replay of an attempt that finished the run and died before its ack.
-        run = rt.runs.load_run(ctx["run_id"])
+        run = rt.runs.load_run(ctx.run_id)
         if run is None:
-            raise NotFoundError(f"run {ctx['run_id']}")
+            raise NotFoundError(f"run {ctx.run_id}")
         termination = run.termination or Termination.natural_end()
         status, _ = termination.to_run_status()
-        rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
-            ctx["run_id"], ctx["instance_id"], status, termination, run.response, run.error),
-            now)
+        rt.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
+            ctx.run_id, ctx.instance_id, status, termination, run.response, run.error), now)
     try:
-        acked_run = rt.runs.ack(ctx["dispatch_id"], ctx["token"], ctx["run_id"], now,
-                                thread_id=ctx["thread_id"])
+        acked_run = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
+                                thread_id=ctx.thread_id)
         run = acked_run or run
     except StoreUnavailableError:
         raise
@@ -455,110 +442,102 @@ def _settle_completed(rt: Runtime, ctx: Context, outcome: dict[str, Any], now: i
         # Refused outright: the claim was not ours when the ack looked. If the dispatch is
         # Acked, another delivery of this same settle (a duplicated message) acked it and
         # reports it; reporting it here too would tell followers of a second result.
-        current = rt.store.load_dispatch(ctx["dispatch_id"])
+        current = rt.store.load_dispatch(ctx.dispatch_id)
         if current is not None and current.status == DispatchStatus.Acked:
-            ctx["duplicate"] = True
-            _finish(ctx, "settled by another delivery of this attempt")
+            ctx.duplicate = True
+            ctx.finish("settled by another delivery of this attempt")
             return
         raise
     except MailboxError:
-        # Unknown whether the ack landed (its answer was lost): §4.4 recovery.
+        # Unknown whether the ack landed (its answer was lost): ack recovery.
         run = _recover_ack(rt, ctx, now) or run
-        if ctx.get("duplicate"):
-            _finish(ctx, "settled by another delivery of this attempt or by the sweep")
+        if ctx.duplicate:
+            ctx.finish("settled by another delivery of this attempt or by the sweep")
             return
     if run is None:
-        run = rt.runs.load_run(ctx["run_id"])
+        run = rt.runs.load_run(ctx.run_id)
         if run is None:
-            raise NotFoundError(f"run {ctx['run_id']}")
-    report_acked(rt, ctx, run)
+            raise NotFoundError(f"run {ctx.run_id}")
+    reports.acked(rt.events, ctx.dispatch_id, run, rt.clock())
 
 
-def report_acked(rt: Runtime, ctx: Context, run: RunRecord) -> None:
-    """What followers hear when an attempt's outcome is acked, whoever acked it (settle, or
-    the sweep when the settle never came)."""
-    termination = run.termination or Termination.natural_end()
-    if run.waiting is not None:
-        _emit(rt, ctx, "suspended", run.waiting)
-    _emit(rt, ctx, "run_finish", {"termination": termination.to_json(),
-                                  "response": run.response, "status": "acked"})
-
-
-def _recover_ack(rt: Runtime, ctx: Context, now: int) -> RunRecord | None:
-    """Reference §4.4: the result is recorded but the ack failed; ack once more if the claim
-    is still ours and the recorded result is done (never force-ack a waiting run). Returns
-    the run when this ack read it."""
-    current = rt.store.load_dispatch(ctx["dispatch_id"])
+def _recover_ack(rt: Runtime, ctx: PhaseContext, now: int) -> RunRecord | None:
+    """The result is recorded but the ack failed (docs/behaviour.md#ack-recovery): ack once
+    more if the claim is still ours and the recorded result is done (never force-ack a
+    waiting run). Returns the run when this ack read it."""
+    current = rt.store.load_dispatch(ctx.dispatch_id)
     if current is None:
-        raise NotFoundError(ctx["dispatch_id"])
+        raise NotFoundError(ctx.dispatch_id)
     if current.status == DispatchStatus.Acked:
         if current.completed_at != now:
             # Not our ack (it would carry our time): another delivery of this settle, or the
             # sweep once the lease ran out, acked it, and that one reports it.
-            ctx["duplicate"] = True
+            ctx.duplicate = True
         return None
-    if current.status != DispatchStatus.Claimed or current.claim_token != ctx["token"]:
+    if current.status != DispatchStatus.Claimed or current.claim_token != ctx.token:
         raise VersionConflictError(0, 1)
-    run = rt.runs.ack(ctx["dispatch_id"], ctx["token"], ctx["run_id"], now,
-                      thread_id=ctx["thread_id"])
+    run = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now, thread_id=ctx.thread_id)
     metrics.count_operation("ack_recovery", "ok")
     return run
 
 
-def _settle_transient(rt: Runtime, ctx: Context, error: str, now: int) -> None:
+def _record_failure(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> None:
+    assert ctx.instance_id is not None
+    rt.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
+        ctx.run_id, ctx.instance_id, RunStatus.done, Termination.error(error), None, error),
+        now)
+
+
+def _settle_transient(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> None:
     """Nack, then tell followers what the nack decided: "retrying" when the dispatch went back
     to the queue, "dead_letter" when that was its last attempt. The event follows the write,
     so a follower never sees "retrying" for an attempt that was the last one (its `follow`
     would never end)."""
-    delay = retry_delay_ms(ctx["attempt"], rt.settings.retry_base_ms, rt.settings.retry_max_ms)
-    rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
-        ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error(error), None,
-        error), now)
-    rt.store.nack(ctx["dispatch_id"], ctx["token"], now + delay, error, now)
-    after = rt.store.load_dispatch(ctx["dispatch_id"])
-    finish = {"termination": Termination.error(error).to_json(), "error": error}
+    delay = retry_delay_ms(ctx.attempt, rt.settings.retry_base_ms, rt.settings.retry_max_ms)
+    _record_failure(rt, ctx, error, now)
+    rt.store.nack(ctx.dispatch_id, ctx.token, now + delay, error, now)
+    after = rt.store.load_dispatch(ctx.dispatch_id)
     if after is not None and after.status == DispatchStatus.Queued:
-        _emit(rt, ctx, "run_finish", {**finish, "status": "retrying"})
-        _emit(rt, ctx, "run_rescheduled", {"reason": "retry_backoff",
-                                           "attempt_count": after.attempt_count,
-                                           "available_at": after.available_at})
-        rt.wake(ctx["thread_id"], delay)
+        reports.retrying(rt.events, after, error, rt.clock())
+        rt.wake(ctx.thread_id, delay)
         return
     if after is not None and after.status == DispatchStatus.DeadLetter:
-        _emit(rt, ctx, "run_finish", {**finish, "status": "dead_letter"})
-    _reconcile(rt, after, ctx)
+        reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, error, rt.clock())
+    _reconcile(rt, after)
 
 
-def _settle_permanent(rt: Runtime, ctx: Context, error: str, now: int) -> None:
+def _settle_permanent(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> None:
     """Dead-letter, then report it: like a nack, the event follows the write it reports (a
     dead letter fenced off by an interrupt reports the cancellation instead)."""
-    rt.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
-        ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error(error), None,
-        error), now)
-    rt.store.dead_letter(ctx["dispatch_id"], ctx["token"], error, now)
-    _emit(rt, ctx, "run_finish", {"termination": Termination.error(error).to_json(),
-                                  "error": error, "status": "dead_letter"})
-    _reconcile(rt, rt.store.load_dispatch(ctx["dispatch_id"]), ctx)
+    _record_failure(rt, ctx, error, now)
+    rt.store.dead_letter(ctx.dispatch_id, ctx.token, error, now)
+    reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, error, rt.clock())
+    _reconcile(rt, rt.store.load_dispatch(ctx.dispatch_id))
 
 
 # ================================================================================= metrics
-def _record_start(ctx: Context) -> None:
-    started = ctx["started_at"]
-    for name, since in (("enqueue_to_start", ctx["created_at"]),
-                        ("eligible_to_start", ctx["available_at"]),
-                        ("claim_to_start", ctx["claimed_at"])):
+def _record_start(ctx: PhaseContext) -> None:
+    started = ctx.started_at
+    assert started is not None
+    for name, since in (("enqueue_to_start", ctx.created_at),
+                        ("eligible_to_start", ctx.available_at),
+                        ("claim_to_start", ctx.claimed_at)):
         metrics.observe_start(name, max(0, started - since) / 1000)
 
 
-def _record_completion(ctx: Context, outcome: str, now: int) -> None:
-    started = ctx.get("started_at", now)
+def _record_completion(ctx: PhaseContext, outcome: str, now: int) -> None:
+    started = now if ctx.started_at is None else ctx.started_at
     metrics.observe_completion(outcome, runtime_s=max(0, now - started) / 1000,
-                               enqueue_to_complete_s=max(0, now - ctx["created_at"]) / 1000)
+                               enqueue_to_complete_s=max(0, now - ctx.created_at) / 1000)
 
 
 # ============================================================================ whole chain
-def run_chain(rt: Runtime, ctx: Context) -> Context:
+PHASES: tuple[Callable[[Runtime, PhaseContext], PhaseContext], ...] = (
+    verify, reconstruct, resolve, execute, settle)
+
+
+def run_chain(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     """All five phases in this process: what the Celery chain does across messages."""
-    for phase in (verify, reconstruct, resolve, execute, settle):
+    for phase in PHASES:
         ctx = phase(rt, ctx)
     return ctx

@@ -1,4 +1,5 @@
-"""Every mailbox setting, read from the environment in one place (DESIGN.md §8).
+"""Every mailbox setting, read from the environment in one place
+(docs/architecture.md#configuration).
 
 Celery's own settings live in `celeryconfig.py`; this object holds what the mailbox itself
 needs. Bad values fail loudly at start-up with the variable's name, never later mid-run.

@@ -27,12 +27,14 @@ from tasks.dispatch import WakeNotPublishedError, dispatch
 @before_task_publish.connect
 def _ids_only_in_flower(headers: dict[str, Any] | None = None, body: Any = None,
                         **_: Any) -> None:
-    """Flower and logs show the phase's ids, never the run's input."""
+    """Flower and logs show the phase's ids, never the run's input or the claim token."""
     if not headers or not str(headers.get("task", "")).startswith("mailbox."):
         return
     args = body[0] if isinstance(body, tuple | list) and body else ()
     if args and isinstance(args[0], dict):
-        headers["argsrepr"] = phases.describe(args[0])
+        ctx = args[0]
+        headers["argsrepr"] = (f"dispatch={ctx.get('dispatch_id')} "
+                               f"thread={ctx.get('thread_id')}")
         headers["kwargsrepr"] = "{}"
     elif args:
         kwargs = body[1] if len(body) > 1 else {}

@@ -9,7 +9,6 @@ wakes it again when it settles.
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -17,12 +16,11 @@ from celery import Task
 from celery.result import AsyncResult
 
 from mailbox.errors import MailboxError, ValidationError
-from mailbox.facade import check_text
 from mailbox.maintenance import consume_sweep_wake, is_sweep_wake_id
-from mailbox.phases import claim_next
-from tasks import phases
+from mailbox.model import check_text
 from tasks.app import app
-from tasks.runtime import MAX_COUNTDOWN_MS, mailbox, queue, runtime, wake_priority
+from tasks.publishing import publish_wake, start_next
+from tasks.runtime import mailbox, runtime
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +42,13 @@ class DispatchTask(Task):
     def delay(self, thread_id: str, agent: str, input: Any, *, priority: int = 128,
               dedupe_key: str | None = None, delay_ms: int = 0, max_attempts: int | None = None,
               interrupt: bool = False) -> AsyncResult:
-        receipt = mailbox().submit(thread_id, agent, input, priority=priority,
-                                   dedupe_key=dedupe_key, delay_ms=delay_ms,
-                                   max_attempts=max_attempts, interrupt=interrupt, wake=False)
-        countdown = delay_ms / 1000 if 0 < delay_ms <= MAX_COUNTDOWN_MS else None
-        if delay_ms > MAX_COUNTDOWN_MS:
-            return self.AsyncResult(receipt.dispatch_id)
+        box = mailbox()
+        receipt = box.submit(thread_id, agent, input, priority=priority,
+                             dedupe_key=dedupe_key, delay_ms=delay_ms,
+                             max_attempts=max_attempts, interrupt=interrupt, wake=False)
         try:
-            self.apply_async(args=(thread_id,), kwargs={"dispatch_id": receipt.dispatch_id},
-                             task_id=receipt.dispatch_id, countdown=countdown, queue=queue(),
-                             priority=wake_priority())
+            publish_wake(box.settings.namespace, thread_id, delay_ms,
+                         wake_id=receipt.dispatch_id, dispatch_id=receipt.dispatch_id)
         except Exception as exc:  # kombu raises several types for an unreachable broker
             raise WakeNotPublishedError(receipt.dispatch_id, exc) from exc
         return self.AsyncResult(receipt.dispatch_id)
@@ -74,27 +69,4 @@ def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None)
     # that sweep saw due is claimed here or woken by the next sweep (other wake-ups: no-op).
     if is_sweep_wake_id(self.request.id):
         consume_sweep_wake(mailbox().store.coordinator, thread_id, self.request.id)
-    return start_next(thread_id)
-
-
-def start_next(thread_id: str) -> str | None:
-    """Claim the thread's next eligible dispatch and publish its chain of five phases."""
-    ctx = claim_next(runtime(), thread_id)
-    if ctx is None:
-        return None
-    q = queue()
-    phases.verify.apply_async((ctx,), queue=q, chain=_rest_of_chain(q))
-    return str(ctx["dispatch_id"])
-
-
-@functools.cache
-def _signatures_after_verify(q: str) -> tuple[dict[str, Any], ...]:
-    # The message's `chain` field: the links after verify, last first (Celery pops from the
-    # end). Built once: composing a canvas per dispatch cost a third more CPU than the
-    # publish itself (measured 1.19 ms against 0.87 ms).
-    return tuple(dict(task.s().set(queue=q)) for task in (
-        phases.settle, phases.execute, phases.resolve, phases.reconstruct))
-
-
-def _rest_of_chain(q: str) -> list[dict[str, Any]]:
-    return [dict(signature) for signature in _signatures_after_verify(q)]
+    return start_next(runtime(), thread_id)

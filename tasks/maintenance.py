@@ -1,9 +1,10 @@
 """Beat tasks: the sweep (every MAILBOX_SWEEP_INTERVAL_S) and GC (every MAILBOX_GC_INTERVAL_S),
-and the recovery a worker runs when it starts (reference §4.13)."""
+and the recovery a worker runs when it starts (docs/behaviour.md#sweep)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -12,7 +13,8 @@ from celery.signals import worker_ready
 from mailbox import maintenance
 from mailbox.phases import now_ms
 from tasks.app import app
-from tasks.runtime import publish_wake, runtime
+from tasks.publishing import publish_wake
+from tasks.runtime import queue, runtime
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 def publish_sweep_wake(thread_id: str, wake_id: str) -> None:
     """`publish_wake`, with the sweep's wake id as the task id: the `mailbox.dispatch` body
     that consumes it clears the thread's pending mark (`maintenance.consume_sweep_wake`)."""
-    publish_wake(thread_id, 0, wake_id=wake_id)
+    publish_wake(queue(), thread_id, 0, wake_id=wake_id)
 
 
 @app.task(name="mailbox.sweep")
@@ -29,7 +31,9 @@ def sweep() -> dict[str, int]:
     # claiming every due thread at once started more chains than the workers could run
     # within a lease, and their leases ran out while they queued behind each other. A thread
     # whose previous sweep wake-up is still queued is not woken again ("already_pending").
-    report = maintenance.sweep(dataclasses.replace(runtime(), wake=publish_wake), now_ms(),
+    rt = runtime()
+    wake = functools.partial(publish_wake, rt.settings.namespace)
+    report = maintenance.sweep(dataclasses.replace(rt, wake=wake), now_ms(),
                                publish=publish_sweep_wake)
     return {name: len(getattr(report, name)) for name in (
         "acked", "reclaimed", "dead_lettered", "reconciled", "woken", "already_pending")}
@@ -44,8 +48,6 @@ def gc() -> int:
 def recover_on_start(**_: Any) -> None:
     """A starting worker sweeps once: expired claims of dead workers, stranded queues."""
     try:
-        from tasks.runtime import queue
-
         sweep.apply_async(queue=queue())
     except Exception as exc:
         log.warning("could not publish the start-up sweep: %s", exc)

@@ -1,8 +1,10 @@
 """The five phase tasks: thin wrappers of `mailbox.phases` functions.
 
-A bug or an unexpected error inside a phase must not break the chain: the wrapper logs it,
-marks the context done and lets `settle` wake the thread. The dispatch stays Claimed and the
-sweep reclaims it when its lease runs out.
+Each takes the context as the previous phase returned it (a JSON object), checks it against
+the declared shape (`PhaseContext.from_message`: anyone can put bytes on a queue), runs the
+phase and returns the context as JSON for the next link. A bug or an unexpected error inside a
+phase must not break the chain: the wrapper logs it, marks the context done and lets `settle`
+wake the thread. The dispatch stays Claimed and the sweep reclaims it when its lease runs out.
 """
 
 from __future__ import annotations
@@ -12,82 +14,65 @@ from collections.abc import Callable
 from typing import Any
 
 from mailbox import phases as phase_functions
-from mailbox.phases import Context, Runtime
+from mailbox.context import MalformedContextError, PhaseContext
+from mailbox.phases import Runtime
 from tasks.app import app
+from tasks.publishing import publish_wake
 from tasks.runtime import runtime
 
 log = logging.getLogger(__name__)
+Phase = Callable[[Runtime, PhaseContext], PhaseContext]
 
 
-REQUIRED = {"dispatch_id": str, "thread_id": str, "run_id": str, "token": str, "attempt": int,
-            "created_at": int, "available_at": int, "claimed_at": int}
+def received(name: str, message: Any) -> PhaseContext | None:
+    """The context in a phase message; None (refused with a log line, nothing run or
+    written) when it cannot be one we sent."""
+    try:
+        return PhaseContext.from_message(message)
+    except MalformedContextError as exc:
+        log.error("mailbox.%s refused a malformed message: %s", name, exc.message)
+        return None
 
 
-def malformed(ctx: Any) -> str | None:
-    """Why a phase message cannot be a context we sent (anyone can put bytes on a queue)."""
-    if not isinstance(ctx, dict):
-        return f"phase context must be an object, got {type(ctx).__name__}"
-    for key, kind in REQUIRED.items():
-        if not isinstance(ctx.get(key), kind) or isinstance(ctx.get(key), bool):
-            return f"phase context field {key!r} must be {kind.__name__}"
-    return None
-
-
-def _guarded(name: str, func: Callable[[Runtime, Context], Context], ctx: Context
-             ) -> Context | None:
-    problem = malformed(ctx)
-    if problem is not None:
-        # Nothing to fence with, nothing to write: refuse loudly, keep the worker alive.
-        log.error("mailbox.%s refused a malformed message: %s", name, problem)
+def _guarded(name: str, func: Phase, message: Any) -> dict[str, Any] | None:
+    ctx = received(name, message)
+    if ctx is None:
         return None
     try:
-        return func(runtime(), ctx)
+        return func(runtime(), ctx).to_message()
     except Exception:
-        log.exception("phase %s failed for dispatch %s", name, ctx.get("dispatch_id"))
-        ctx["done"] = True
-        ctx["reason"] = f"phase {name} crashed"
-        return ctx
+        log.exception("phase %s failed for %s", name, ctx.describe())
+        return ctx.finish(f"phase {name} crashed").to_message()
 
 
 @app.task(name="mailbox.verify")
-def verify(ctx: Context) -> Context | None:
+def verify(ctx: Any) -> dict[str, Any] | None:
     return _guarded("verify", phase_functions.verify, ctx)
 
 
 @app.task(name="mailbox.reconstruct")
-def reconstruct(ctx: Context) -> Context | None:
+def reconstruct(ctx: Any) -> dict[str, Any] | None:
     return _guarded("reconstruct", phase_functions.reconstruct, ctx)
 
 
 @app.task(name="mailbox.resolve")
-def resolve(ctx: Context) -> Context | None:
+def resolve(ctx: Any) -> dict[str, Any] | None:
     return _guarded("resolve", phase_functions.resolve, ctx)
 
 
 @app.task(name="mailbox.execute")
-def execute(ctx: Context) -> Context | None:
+def execute(ctx: Any) -> dict[str, Any] | None:
     return _guarded("execute", phase_functions.execute, ctx)
 
 
 @app.task(name="mailbox.settle")
-def settle(ctx: Context) -> Context | None:
-    problem = malformed(ctx)
-    if problem is not None:
-        log.error("mailbox.settle refused a malformed message: %s", problem)
+def settle(message: Any) -> dict[str, Any] | None:
+    ctx = received("settle", message)
+    if ctx is None:
         return None
     try:
-        return phase_functions.settle(runtime(), ctx)
+        return phase_functions.settle(runtime(), ctx).to_message()
     except Exception:
-        log.exception("settle failed for dispatch %s", ctx.get("dispatch_id"))
-        ctx["done"] = True
-        from tasks.runtime import publish_wake
-
-        publish_wake(ctx["thread_id"], 0)
-        return ctx
-
-
-def describe(ctx: Any) -> str:
-    """What Flower shows for a phase: ids only, never the payload."""
-    if isinstance(ctx, dict):
-        return f"dispatch={ctx.get('dispatch_id')} thread={ctx.get('thread_id')}"
-    return "?"
+        log.exception("settle failed for %s", ctx.describe())
+        publish_wake(runtime().settings.namespace, ctx.thread_id, 0)
+        return ctx.finish("phase settle crashed").to_message()

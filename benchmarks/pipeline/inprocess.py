@@ -71,8 +71,8 @@ class Meter:
         event.listen(engine, "begin", self._on_begin)
         event.listen(engine.pool, "checkout", self._on_checkout)
         coordinator = box.store.coordinator
-        self.script_names = {script.sha: name for name, script in coordinator._scripts.items()}
-        self.script_names[box.events._append.sha] = "events_append"
+        self.script_names = {script.sha: name for name, script in coordinator.scripts.items()}
+        self.script_names[box.events.append_script.sha] = "events_append"
         client = coordinator.client
         original = client.execute_command
 
@@ -145,7 +145,7 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
     scenario (10 dispatches per thread, all submitted first): submit; the wake task(s) each
     `dispatch.delay()` publishes (`wakes_per_delay`, as measured on the broker: the first of
     a thread claims, the others find the thread busy); the five phases; the settle's inline
-    claim of the thread's next dispatch (tasks.runtime.worker_wake). That is what the
+    claim of the thread's next dispatch (tasks.publishing.worker_wake). That is what the
     workers run, minus the messages."""
     from mailbox import phases
     from mailbox.facade import Mailbox
@@ -192,9 +192,9 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
             for name, func in chain_phases:
                 with meter.section(name):
                     ctx = func(rt, ctx)
-            if not ctx.get("settled"):
-                raise RuntimeError(f"dispatch {ctx['dispatch_id']} did not settle: "
-                                   f"{ctx.get('reason')}")
+            if not ctx.settled:
+                raise RuntimeError(f"dispatch {ctx.dispatch_id} did not settle: "
+                                   f"{ctx.reason}")
             done += 1
         if done != count:
             raise RuntimeError(f"{done} of {count} dispatches ran")
@@ -277,7 +277,7 @@ DB_DRIVER_FUNCTIONS = {"do_execute", "do_executemany", "do_commit", "do_rollback
 
 
 def inline_runtime(box: Any, consumer_id: str) -> tuple[Any, deque[dict[str, Any]]]:
-    """A runtime of `box` whose wake-ups claim inline (tasks.runtime.worker_wake without the
+    """A runtime of `box` whose wake-ups claim inline (tasks.publishing.worker_wake without the
     message): the settle's claim of a thread's next dispatch lands in `pending`."""
     from mailbox import phases
 

@@ -1,4 +1,4 @@
-"""`python -m mailbox`: operator commands (DESIGN.md §7).
+"""`python -m mailbox`: operator commands (docs/architecture.md#facade).
 
 Run from the project root (or with it on PYTHONPATH) so that `mailbox` is this package.
 
@@ -13,7 +13,7 @@ Commands::
     resume RUN_ID DECISION      answer a run waiting for a human decision
     dlq list|replay|purge       the dead letter
     stats                       counts, queue age, waiting runs
-    audit                       check the invariants of DESIGN.md §4.1 on the live system
+    audit                       check the invariants on the live system
     db upgrade                  run the migrations
 
 Every command takes `--json` (before or after the command name) for machine output.

@@ -25,7 +25,8 @@ from sqlalchemy import exc as sa_exc
 
 from mailbox.audit import iso_ms
 from mailbox.errors import MailboxError, ValidationError
-from mailbox.facade import Mailbox, check_text
+from mailbox.facade import Mailbox
+from mailbox.model import check_text
 from mailbox.settings import Settings, normalize_database_url
 
 EXIT_OK = 0
@@ -229,10 +230,10 @@ def publish_wakes(box: Mailbox, wakes: Iterable[tuple[str, int]]) -> str | None:
         return ("the --namespace/--redis-url/--database-url options differ from the MAILBOX_* "
                 "environment the Celery app reads, so a wake-up would reach the wrong workers")
     try:
-        from tasks.runtime import publish_wake
+        from tasks.publishing import publish_wake
 
         for thread_id, delay_ms in wakes:
-            publish_wake(thread_id, delay_ms)
+            publish_wake(box.settings.namespace, thread_id, delay_ms)
     except Exception as exc:  # kombu/celery raise many types for an unreachable broker
         return f"{type(exc).__name__}: {first_line(exc)}"
     return None

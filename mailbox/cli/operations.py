@@ -1,7 +1,7 @@
 """The operator's health commands: `stats`, `audit` and `db upgrade`.
 
 They look at (or, for the schema, prepare) the whole system rather than one run or thread:
-counts and queue age, the invariants of DESIGN.md §4.1 checked on the live database and
+counts and queue age, the invariants checked on the live database and
 Redis (exit 3 when one is violated), and the Alembic migrations. `db upgrade` works without
 a Mailbox, straight on the database engine, since the schema may not exist yet.
 """
@@ -105,7 +105,7 @@ def _print_audit(report: AuditReport) -> None:
     console.print(f"{verdict}, {len(report.warnings)} warning(s) ({len(report.checks)} checks)")
 
 
-@main.command("audit", help="Check the invariants of DESIGN.md §4.1 on the live database and "
+@main.command("audit", help="Check the invariants on the live database and "
                             "Redis (read-only). Exit 3 when any is violated; warnings (work "
                             "the sweep repairs) keep exit 0.")
 @click.option("--stuck-after", "stuck_after_s", type=SECONDS, default=None,

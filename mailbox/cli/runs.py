@@ -1,6 +1,7 @@
 """The commands on runs and threads: submit, show, list, follow, cancel, interrupt, resume.
 
-They are the day-to-day of an operator (DESIGN.md §7): queue a run, look at a dispatch or a
+They are the day-to-day of an operator (docs/architecture.md#facade): queue a run, look at a
+dispatch or a
 run, a thread's queue, a run's live events, and steer a thread (cancel, "latest wins",
 answer a run waiting for a decision). Their helpers (receipts, the dispatch table, the
 event cursor) serve only them, so they stay private here; what other command groups share

@@ -66,10 +66,7 @@ def run(keep_running: bool | None = None) -> int:
         _wait_status(box, ask.id, DispatchStatus.Acked, 15)
         ask_run = box.get_dispatch(ask.id)
         assert ask_run is not None
-        resumed = box.resume(ask_run.run_id, "approved by alice")
-        from tasks.runtime import publish_wake
-
-        publish_wake(resumed.thread_id)
+        resumed = box.resume(ask_run.run_id, "approved by alice")  # publishes its wake-up
         ids[resumed.dispatch_id] = "ask"
 
         _progress(box, list(ids), started)

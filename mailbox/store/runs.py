@@ -3,7 +3,8 @@
 A submission writes the run record, its input message, the pinned resolution and the
 dispatch in ONE transaction of the thread (write-ahead in the strongest form: there is no
 window where a run exists without its dispatch or the other way round). Run records change
-state only through `RunRecord.moved_to`, so the run lifecycle of reference §1.4 is enforced in
+state only through `RunRecord.moved_to`, so the run lifecycle of docs/behaviour.md#run-statuses is
+enforced in
 the model, like the dispatch transitions.
 """
 
@@ -273,7 +274,7 @@ class RunStore:
         return after
 
     # ---------------------------------------------------- fenced writes of the executing attempt
-    @operation("record_dispatch_start")  # reference §5.2 name: T4 + the run, together
+    @operation("record_dispatch_start")  # T4 and the run, together
     def start_attempt(self, dispatch_id: str, claim_token: str, dispatch_instance_id: str,
                       run_id: str, now: int, *, thread_id: str | None = None
                       ) -> list[Message]:
@@ -309,7 +310,7 @@ class RunStore:
             row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
             return None if row is None else q.run_from_row(row)
 
-    @operation("record_run_result")  # reference §5.2 name: T5 + the run, together
+    @operation("record_run_result")  # T5 and the run, together
     def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,
                        now: int, waiting: dict[str, Any] | None = None, *,
                        thread_id: str | None = None) -> None:
@@ -335,7 +336,8 @@ class RunStore:
             self._update_in(fenced.conn, result.run_id, finished)
 
     def reconcile(self, dispatch: RunDispatch, now: int) -> RunRecord | None:
-        """Bring the run in line with its terminal dispatch (reference §4.9): Cancelled and
+        """Bring the run in line with its terminal dispatch (docs/behaviour.md#reconciliation):
+        Cancelled and
         Superseded → done/cancelled, DeadLetter → done/error. A run that is missing, belongs
         to another thread, is already done, or has moved on to a newer dispatch is left."""
         if dispatch.status == DispatchStatus.DeadLetter:

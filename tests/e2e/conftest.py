@@ -36,6 +36,6 @@ def publisher(celery_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     from tasks import app as celery_app
 
     celery_app.conf.broker_url = celery_stack.redis_url
-    tasks.runtime._state.clear()
+    tasks.runtime.reset()
     yield tasks.runtime.mailbox()
-    tasks.runtime._state.clear()
+    tasks.runtime.reset()

@@ -131,18 +131,18 @@ def test_a_claimed_chain_overtakes_a_backlog_of_wake_ups(celery_stack: Stack,
     """Phases are served before wake-ups: a chain holding a lease does not wait behind a
     burst of wake-ups (each hop of a FIFO queue would, and leases would run out between
     phases). Wake-ups ride kombu's lowest priority list; phases the default one."""
-    from tasks.dispatch import start_next
-    from tasks.runtime import publish_wake
+    from tasks.publishing import publish_wake, start_next
+    from tasks.runtime import runtime
 
     namespace = publisher.settings.namespace
     client = publisher.store.coordinator.client
     receipt = dispatch.delay("thread-overtake", "echo", "first through")
     drop_queue(client, namespace)  # its own wake-up is not needed: we claim it here
-    assert start_next("thread-overtake") == receipt.id  # claimed; verify is on the queue
+    assert start_next(runtime(), "thread-overtake") == receipt.id  # claimed; verify is on the queue
     assert client.llen(namespace) == 1, "the chain's first phase is not on the default list"
     backlog = 300
     for n in range(backlog):
-        publish_wake(f"thread-idle-{n}")
+        publish_wake(namespace, f"thread-idle-{n}")
     low = f"{namespace}\x06\x169"
     assert client.llen(low) == backlog, "wake-ups are not on the lowest priority list"
 

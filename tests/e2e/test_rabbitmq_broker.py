@@ -58,12 +58,12 @@ def test_on_rabbitmq_a_claimed_chain_overtakes_a_backlog_of_wake_ups(
     celery_stack.env_overrides["CELERY_BROKER_URL"] = AMQP_URL
     backlog = 300
     client = (
-        "from tasks.dispatch import start_next\n"
-        "from tasks.runtime import mailbox, publish_wake\n"
+        "from tasks.publishing import publish_wake, start_next\n"
+        "from tasks.runtime import mailbox, queue, runtime\n"
         "r = mailbox().submit('thread-overtake', 'echo', 'first through', wake=False)\n"
-        "assert start_next('thread-overtake') == r.dispatch_id\n"
+        "assert start_next(runtime(), 'thread-overtake') == r.dispatch_id\n"
         f"for n in range({backlog}):\n"
-        "    publish_wake(f'thread-idle-{n}')\n"
+        "    publish_wake(queue(), f'thread-idle-{n}')\n"
         "print(r.dispatch_id)\n"
     )
     queue = celery_stack.namespace

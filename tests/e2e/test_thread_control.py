@@ -8,7 +8,7 @@ import pytest
 
 from mailbox import DispatchStatus, Mailbox, RunStatus, ValidationError
 from tasks import dispatch
-from tasks.runtime import publish_wake
+from tasks.publishing import publish_wake
 from tests.support.workers import Stack
 
 
@@ -116,7 +116,7 @@ def test_worker_crash_while_suspended_or_resuming_loses_nothing(celery_stack: St
     time.sleep(0.5)
     assert publisher.get_dispatch(receipt.dispatch_id).status == DispatchStatus.Queued  # type: ignore[union-attr]
     celery_stack.start_worker(concurrency=1)  # its start-up sweep finds the queued resume
-    publish_wake("thread-crash")
+    publish_wake(publisher.settings.namespace, "thread-crash")
     done = publisher.wait(receipt.dispatch_id, timeout_s=30)
     assert done.status == DispatchStatus.Acked
     run = publisher.get_run(parked.run_id)

@@ -26,6 +26,7 @@ MAILBOX_FAULT_LEASE_MS sets the lease (default 1500 ms, for an idle 2-core machi
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -98,11 +99,11 @@ def publishing_to(s: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mailbox
         celery_app.amqp._producer_pool = None
 
     repoint(s.redis_url)
-    tasks.runtime._state.clear()
+    tasks.runtime.reset()
     try:
         yield tasks.runtime.mailbox()
     finally:
-        tasks.runtime._state.clear()
+        tasks.runtime.reset()
         repoint(before)
 
 
@@ -555,17 +556,17 @@ def test_a_replayed_attempt_delivered_twice_reports_its_result_once(mailbox: Mai
     assert ctx is not None
     for phase in (verify, reconstruct, resolve, execute):
         ctx = phase(rt, ctx)
-    assert ctx["outcome"]["recorded"], ctx  # the run is done; the worker dies before settle
+    assert ctx.outcome.recorded, ctx  # the run is done; the worker dies before settle
     stored = mailbox.get_dispatch(receipt.dispatch_id)
     assert stored is not None and stored.lease_until is not None
     later = stored.lease_until + 1
     assert mailbox.store.reclaim_expired_leases(later, 10)  # what the sweep does
     retry_rt = replace(rt, clock=lambda: later + 1)
     retry = claim_next(retry_rt, "t")
-    assert retry is not None and retry["attempt"] == 1
+    assert retry is not None and retry.attempt == 1
     for phase in (verify, reconstruct, resolve, execute):
         retry = phase(retry_rt, retry)
-    assert retry["outcome"].get("replayed"), retry
+    assert retry.outcome.replayed, retry
 
     barrier = threading.Barrier(2, timeout=10)
     record = mailbox.store.record_run_result
@@ -576,7 +577,7 @@ def test_a_replayed_attempt_delivered_twice_reports_its_result_once(mailbox: Mai
             barrier.wait()
 
     mailbox.store.record_run_result = record_then_wait  # type: ignore[method-assign]
-    deliveries = [threading.Thread(target=settle, args=(retry_rt, dict(retry)))
+    deliveries = [threading.Thread(target=settle, args=(retry_rt, copy.deepcopy(retry)))
                   for _ in range(2)]
     for delivery in deliveries:
         delivery.start()

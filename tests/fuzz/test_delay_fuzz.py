@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from mailbox import AlreadyExistsError, Mailbox, ValidationError
 from tasks import dispatch
-from tasks.runtime import MAX_COUNTDOWN_MS
+from tasks.priorities import MAX_COUNTDOWN_MS
 from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
 from tests.fuzz.support import (
     bad_inputs,

@@ -192,17 +192,13 @@ def test_submit_wait_times_out_but_the_dispatch_is_durable(cli: Cli, mailbox: Ma
 
 def test_submit_publishes_the_wake_when_configured_like_the_workers(mailbox: Mailbox) -> None:
     """With the options coming from the same MAILBOX_* environment the Celery app reads, the
-    wake-up goes through `tasks.runtime.publish_wake` to the namespace's queue."""
-    import tasks.runtime as task_runtime
-
+    wake-up goes through `tasks.publishing.publish_wake` to the namespace's queue."""
     s = mailbox.settings
     assert s.redis_url is not None
     env: dict[str, str | None] = {"MAILBOX_DATABASE_URL": s.database_url,
                                   "MAILBOX_REDIS_URL": s.redis_url,
                                   "MAILBOX_NAMESPACE": s.namespace,
                                   "CELERY_BROKER_URL": s.redis_url}
-    pid = os.getpid()
-    saved = task_runtime._state.pop(pid, None)  # the per-process Mailbox of tasks.runtime
     client = mailbox.store.coordinator.client
     try:
         result = CliRunner(env=env).invoke(main, ["--json", "submit", "t-pub", "echo", "x"],
@@ -216,11 +212,6 @@ def test_submit_publishes_the_wake_when_configured_like_the_workers(mailbox: Mai
                      if client.type(k) == b"list"]
             assert sum(client.llen(k) for k in lists) == 1
     finally:
-        created = task_runtime._state.pop(pid, None)
-        if created is not None:
-            created[0].close()
-        if saved is not None:
-            task_runtime._state[pid] = saved
         for key in client.scan_iter(f"*{s.namespace}*"):
             client.delete(key)
     assert mailbox.get_dispatch(out["dispatch_id"]) is not None
@@ -392,7 +383,7 @@ def test_cancel_a_claimed_dispatch_asks_its_worker_to_stop(cli: Cli, mailbox: Ma
     assert ctx is not None
     out = as_json(cli("--json", "cancel", dispatch_id))
     assert out["action"] == "stop_requested" and out["status"] == "Claimed"
-    assert mailbox._cancel_signal("t-cancel2", ctx["token"]) is not None
+    assert mailbox._cancel_signal("t-cancel2", ctx.token) is not None
 
 
 def test_interrupt_supersedes_queued_work(cli: Cli, mailbox: Mailbox) -> None:

@@ -136,8 +136,8 @@ def test_errors_in_cancel_checks_and_renewals_over_three_leases_change_nothing(
         out = run_chain(rt, claim(rt, "t-blips"))
 
     assert calls.count == 1, "the agent ran more than once"
-    assert "cancel_reason" not in out, f"the heartbeat stopped the agent: {out}"
-    assert out.get("settled") == "completed", out
+    assert out.stop_reason is None, f"the heartbeat stopped the agent: {out}"
+    assert out.settled == "completed", out
     dispatch = load(worker, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
     run = run_of(worker, receipt.run_id)
@@ -169,9 +169,9 @@ def test_cancel_signal_unreadable_for_a_lease_stops_the_attempt_as_a_transient_f
     elapsed = time.monotonic() - started
 
     assert calls.count == 1
-    assert out["stop_kind"] == "unsafe"
-    assert out["cancel_reason"].startswith("cancel signal unreadable for ")
-    assert out["settled"] == "transient_error"
+    assert out.stop_kind == "unsafe"
+    assert out.stop_reason.startswith("cancel signal unreadable for ")
+    assert out.settled == "transient_error"
     assert lease_ms / 1000 <= elapsed < 5, elapsed
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
@@ -197,8 +197,8 @@ def test_renewals_failing_for_a_lease_stop_the_attempt_as_a_transient_failure(
     out = run_chain(rt, claim(rt, "t-unrenewed"))
 
     assert calls.count == 1
-    assert out["stop_kind"] == "unsafe"
-    assert out["cancel_reason"].startswith("lease renewal failing for ")
+    assert out.stop_kind == "unsafe"
+    assert out.stop_reason.startswith("lease renewal failing for ")
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
     assert dispatch.last_error is not None
@@ -233,10 +233,10 @@ def test_a_garbled_cancel_signal_still_cancels(mailbox: Mailbox) -> None:
     rt = make_runtime(mailbox, Wakes(), lease_ms=1000)
     receipt = mailbox.submit("t-garbled", "sleep", {"ms": 10_000})
     ctx = claim(rt, "t-garbled")
-    mailbox.store.coordinator.client.set(f"{mailbox.settings.namespace}:cancel:{ctx['token']}",
+    mailbox.store.coordinator.client.set(f"{mailbox.settings.namespace}:cancel:{ctx.token}",
                                          b"\xff not json")
     out = run_chain(rt, ctx)
-    assert out["stop_kind"] == "requested" and out["cancel_reason"] == "cancelled"
+    assert out.stop_kind == "requested" and out.stop_reason == "cancelled"
     assert load(mailbox, receipt.dispatch_id).termination == Termination.cancelled()
 
 
@@ -256,6 +256,6 @@ def test_interrupt_commits_when_redis_cannot_take_the_cancel_signal(
     result = blind.interrupt("t-nosignal")
     assert result.new_dispatch_epoch == 1
     assert result.active_dispatch is not None
-    assert result.active_dispatch.dispatch_id == ctx["dispatch_id"]
+    assert result.active_dispatch.dispatch_id == ctx.dispatch_id
     assert box.store.sql_epoch("t-nosignal") == 1
-    assert box.store.extend_lease(ctx["dispatch_id"], ctx["token"], 1000, now_ms()) is False
+    assert box.store.extend_lease(ctx.dispatch_id, ctx.token, 1000, now_ms()) is False

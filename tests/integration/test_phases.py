@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -39,10 +40,10 @@ from mailbox import (
     ValidationError,
 )
 from mailbox.agents import AgentContext, AgentResult
+from mailbox.context import Outcome, PhaseContext
 from mailbox.maintenance import sweep
 from mailbox.phases import (
     SUPERSEDED_BEFORE_START,
-    Context,
     Runtime,
     claim_next,
     execute,
@@ -82,10 +83,10 @@ def test_claim_next_returns_the_context_of_the_claim(mailbox: Mailbox) -> None:
     receipt = mailbox.submit("t-claim", name, "hi")
     ctx = claim(rt, "t-claim")
     dispatch = load(mailbox, receipt.dispatch_id)
-    assert ctx["dispatch_id"] == receipt.dispatch_id and ctx["run_id"] == receipt.run_id
-    assert ctx["token"] == dispatch.claim_token and dispatch.claimed_by == "consumer-a"
+    assert ctx.dispatch_id == receipt.dispatch_id and ctx.run_id == receipt.run_id
+    assert ctx.token == dispatch.claim_token and dispatch.claimed_by == "consumer-a"
     assert dispatch.lease_until == clock() + mailbox.settings.lease_ms
-    assert ctx["attempt"] == 0 and ctx["epoch"] == 0 and ctx["done"] is False
+    assert ctx.attempt == 0 and ctx.epoch == 0 and ctx.done is False
 
 
 def test_claim_next_is_none_when_busy_or_nothing_is_due(mailbox: Mailbox) -> None:
@@ -110,10 +111,10 @@ def test_verify_dispatch_disappeared_finishes_without_running(mailbox: Mailbox) 
     sql(mailbox, sa.delete(dispatches).where(dispatches.c.dispatch_id == receipt.dispatch_id))
 
     ctx = verify(rt, ctx)
-    assert ctx["done"] is True and ctx["reason"] == "disappeared"
+    assert ctx.done is True and ctx.reason == "disappeared"
     ctx = after_verify(rt, ctx)
     assert calls.count == 0
-    assert "instance_id" not in ctx, "later phases must pass a finished context on untouched"
+    assert ctx.instance_id is None, "later phases must pass a finished context on untouched"
     assert wakes.calls == [("t-gone", 0)], "settle still wakes the thread"
     assert run_of(mailbox, receipt.run_id).status == RunStatus.created
 
@@ -126,13 +127,13 @@ def test_verify_other_token_is_not_ours_and_changes_nothing(mailbox: Mailbox) ->
     ctx = claim(rt, "t-token")
     before = load(mailbox, receipt.dispatch_id)
 
-    forged = run_chain(rt, dict(ctx, token="someone-elses-token"))
-    assert forged["done"] is True and forged["reason"] == "not ours: Claimed"
+    forged = run_chain(rt, replace(ctx, token="someone-elses-token"))
+    assert forged.done is True and forged.reason == "not ours: Claimed"
     assert calls.count == 0
     assert load(mailbox, receipt.dispatch_id) == before, "a foreign token must change nothing"
 
     owner = run_chain(rt, ctx)
-    assert owner.get("settled") == "completed" and calls.count == 1
+    assert owner.settled == "completed" and calls.count == 1
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
 
 
@@ -148,7 +149,7 @@ def test_verify_replayed_after_ack_is_a_no_op(mailbox: Mailbox) -> None:
     assert acked.status == DispatchStatus.Acked
 
     out = run_chain(rt, duplicate)
-    assert out["done"] is True and out["reason"] == "not ours: Acked"
+    assert out.done is True and out.reason == "not ours: Acked"
     assert calls.count == 1
     assert load(mailbox, receipt.dispatch_id) == acked
 
@@ -162,12 +163,12 @@ def test_verify_superseded_dispatch_reconciles_run_cancelled(mailbox: Mailbox) -
     ctx = claim(rt, "t-sup")
     # An interrupt, then the claim's next fenced write (here a renewal) supersedes it (T13).
     mailbox.store.interrupt("t-sup", clock())
-    assert mailbox.store.extend_lease(receipt.dispatch_id, ctx["token"], 1000, clock()) is False
+    assert mailbox.store.extend_lease(receipt.dispatch_id, ctx.token, 1000, clock()) is False
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Superseded
     assert run_of(mailbox, receipt.run_id).status == RunStatus.created
 
     ctx = verify(rt, ctx)
-    assert ctx["done"] is True and ctx["reason"] == "not ours: Superseded"
+    assert ctx.done is True and ctx.reason == "not ours: Superseded"
     run = run_of(mailbox, receipt.run_id)
     assert run.status == RunStatus.done and run.termination == Termination.cancelled()
     assert run.dispatch_id == receipt.dispatch_id
@@ -191,7 +192,7 @@ def test_verify_stale_epoch_supersedes_before_the_agent_starts(mailbox: Mailbox)
     before = ops("supersede_claimed")
 
     ctx = verify(rt, ctx)
-    assert ctx["done"] is True and ctx["reason"] == "superseded before start"
+    assert ctx.done is True and ctx.reason == "superseded before start"
     assert ops("supersede_claimed") == before + 1
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Superseded
@@ -232,7 +233,7 @@ def test_verify_stale_epoch_whose_claim_was_reclaimed_meanwhile_still_cancels_th
 
     monkeypatch.setattr(mailbox.store, "current_dispatch_epoch", epoch_then_reclaim)
     ctx = verify(rt, ctx)
-    assert ctx["done"] is True
+    assert ctx.done is True
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Superseded
     after_verify(rt, ctx)
     assert calls.count == 0
@@ -267,7 +268,7 @@ def test_stale_epoch_missed_by_a_lagging_cache_is_fenced_at_start(mailbox: Mailb
 
     out = run_chain(rt, ctx)
     assert calls.count == 0
-    assert out["done"] is True and out["reason"].startswith("fenced")
+    assert out.done is True and out.reason.startswith("fenced")
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Superseded
     assert dispatch.dispatch_instance_id is None
@@ -287,10 +288,10 @@ def test_verify_store_outage_leaves_the_claim_for_the_sweep(
         mailbox.store.load_dispatch, StoreUnavailableError("injected: database unreachable")))
 
     out = run_chain(rt, ctx)
-    assert out["done"] is True and out["reason"].startswith("store unavailable in verify")
+    assert out.done is True and out.reason.startswith("store unavailable in verify")
     assert calls.count == 0
     dispatch = load(mailbox, receipt.dispatch_id)
-    assert dispatch.status == DispatchStatus.Claimed and dispatch.claim_token == ctx["token"]
+    assert dispatch.status == DispatchStatus.Claimed and dispatch.claim_token == ctx.token
 
     report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
     assert report.reclaimed == [receipt.dispatch_id]
@@ -310,12 +311,12 @@ def test_reconstruct_missing_run_dead_letters_once_and_wakes_the_next(
                                              priority=10, max_attempts=3))
     second = mailbox.submit("t-orphan", name, "b", priority=20)
     ctx = claim(rt, "t-orphan")
-    assert ctx["dispatch_id"] == "d-orphan"
+    assert ctx.dispatch_id == "d-orphan"
     start, result, dead = (ops("record_dispatch_start"), ops("record_run_result"),
                            ops("dead_letter"))
 
     ctx = phases(rt, verify(rt, ctx), reconstruct)
-    assert ctx["done"] is True and ctx["reason"].startswith("dead letter")
+    assert ctx.done is True and ctx.reason.startswith("dead letter")
     # Exactly one of each, in the only order the fences allow: the projection is on the
     # dead-lettered row, and a fenced write succeeds only while the row is still Claimed.
     assert ops("record_dispatch_start") == start + 1
@@ -325,7 +326,7 @@ def test_reconstruct_missing_run_dead_letters_once_and_wakes_the_next(
     assert dispatch.status == DispatchStatus.DeadLetter and dispatch.attempt_count == 0
     assert dispatch.last_error is not None and "not found" in dispatch.last_error
     assert "missing-run" in dispatch.last_error
-    assert dispatch.dispatch_instance_id == ctx["instance_id"]
+    assert dispatch.dispatch_instance_id == ctx.instance_id
     assert dispatch.run_status == RunStatus.done
     assert dispatch.termination == Termination.error(dispatch.last_error)
     assert dispatch.run_error == dispatch.last_error and dispatch.completed_at is not None
@@ -337,7 +338,7 @@ def test_reconstruct_missing_run_dead_letters_once_and_wakes_the_next(
 
     # The wake starts the next dispatch of the thread; the dead letter is never polled again.
     nxt = claim(rt, "t-orphan")
-    assert nxt["dispatch_id"] == second.dispatch_id
+    assert nxt.dispatch_id == second.dispatch_id
     run_chain(rt, nxt)
     assert load(mailbox, second.dispatch_id).status == DispatchStatus.Acked
     assert calls.count == 1
@@ -356,7 +357,7 @@ def test_reconstruct_failure_replayed_does_not_dead_letter_twice(mailbox: Mailbo
     dead_letter_row = load(mailbox, "d-twice")
 
     out = run_chain(rt, duplicate)
-    assert out["done"] is True and out["reason"] == "not ours: DeadLetter"
+    assert out.done is True and out.reason == "not ours: DeadLetter"
     assert ops("dead_letter") + ops("dead_letter", "error") == dead
     assert load(mailbox, "d-twice") == dead_letter_row
 
@@ -371,7 +372,7 @@ def test_reconstruct_run_of_another_thread_dead_letters_without_touching_it(
     ctx = claim(rt, "t-thief")
 
     out = run_chain(rt, ctx)
-    assert out["done"] is True and calls.count == 0
+    assert out.done is True and calls.count == 0
     dispatch = load(mailbox, "d-thief")
     assert dispatch.status == DispatchStatus.DeadLetter
     assert dispatch.last_error is not None and "belongs to thread 't-owner'" in dispatch.last_error
@@ -415,7 +416,7 @@ def test_reconstruct_done_run_settles_without_running_the_agent_again(
     rt = make_runtime(mailbox, Wakes(), clock=clock)
     receipt = mailbox.submit("t-done", name, "hi")
     first = phases(rt, claim(rt, "t-done"), verify, reconstruct, resolve, execute)
-    assert calls.count == 1 and first["outcome"]["kind"] == "completed"
+    assert calls.count == 1 and first.outcome.kind == "completed"
     assert run_of(mailbox, receipt.run_id).status == RunStatus.done
     # ... crash before settle. The lease runs out and a reclaim takes the claim back.
     reclaimed = mailbox.store.reclaim_expired_leases(
@@ -423,11 +424,11 @@ def test_reconstruct_done_run_settles_without_running_the_agent_again(
     assert [d.dispatch_id for d in reclaimed] == [receipt.dispatch_id]
 
     retry = phases(rt, claim(rt, "t-done"), verify, reconstruct)
-    assert retry["attempt"] == 1
-    assert retry["outcome"] == {"kind": "completed", "replayed": True}
+    assert retry.attempt == 1
+    assert retry.outcome == Outcome("completed", replayed=True)
     retry = phases(rt, retry, resolve, execute, settle)
     assert calls.count == 1
-    assert retry["settled"] == "completed"
+    assert retry.settled == "completed"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 1
     assert dispatch.run_response == "answer 0" and dispatch.run_status == RunStatus.done
@@ -453,11 +454,11 @@ def test_resolve_failure_is_permanent_after_one_attempt(mailbox: Mailbox, case: 
     run_id, dispatch_id = submit_raw(mailbox, "t-resolve", agent_id=name,
                                      resolution_id=resolution_id, resolution=resolution)
     ctx = phases(rt, claim(rt, "t-resolve"), verify, reconstruct, resolve)
-    assert expected in ctx["resolve_error"] and "agent" not in ctx
+    assert expected in ctx.resolve_error and ctx.agent is None
 
     ctx = phases(rt, ctx, execute, settle)
     assert calls.count == 0
-    assert ctx["settled"] == "permanent_error"
+    assert ctx.settled == "permanent_error"
     dispatch = load(mailbox, dispatch_id)
     assert dispatch.status == DispatchStatus.DeadLetter
     assert dispatch.attempt_count == 0 and dispatch.max_attempts == 5
@@ -497,8 +498,8 @@ def test_execute_twice_with_the_same_context_runs_the_agent_once(mailbox: Mailbo
     ctx = execute(rt, ctx)
     duplicate = execute(rt, duplicate)
     assert calls.count == 1
-    assert duplicate["duplicate"] is True and duplicate["done"] is True
-    assert duplicate["reason"].startswith("execute refused: held:")
+    assert duplicate.duplicate is True and duplicate.done is True
+    assert duplicate.reason.startswith("execute refused: held:")
     settle(rt, duplicate)
     assert wakes.calls == [], "a refused duplicate neither settles nor wakes"
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Claimed
@@ -522,13 +523,13 @@ def test_execute_duplicate_delivered_while_the_first_runs_is_refused(mailbox: Ma
     receipt = mailbox.submit("t-dup2", name, "hi")
     ctx = phases(rt, claim(rt, "t-dup2"), verify, reconstruct, resolve)
     duplicate = copy.deepcopy(ctx)
-    results: dict[str, Context] = {}
+    results: dict[str, PhaseContext] = {}
     worker = threading.Thread(target=lambda: results.update(first=execute(rt, ctx)))
     worker.start()
     try:
         assert started.wait(10)
         duplicate = execute(rt, duplicate)
-        assert duplicate.get("duplicate") is True
+        assert duplicate.duplicate is True
     finally:
         release.set()
         worker.join(10)
@@ -549,8 +550,8 @@ def test_execute_duplicate_after_redis_forgot_the_executor_is_refused_by_sql(
     coordinator.client.delete(coordinator.lease_key("t-dup3"))
 
     duplicate = execute(rt, duplicate)
-    assert duplicate.get("duplicate") is True
-    assert duplicate["reason"].startswith("execute refused: attempt already started")
+    assert duplicate.duplicate is True
+    assert duplicate.reason.startswith("execute refused: attempt already started")
     assert calls.count == 1
     settle(rt, ctx)
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
@@ -573,7 +574,7 @@ def test_execute_records_start_and_marks_the_run_running(mailbox: Mailbox) -> No
     dispatch, run = seen["dispatch"], seen["run"]
     assert dispatch.status == DispatchStatus.Claimed
     assert dispatch.run_status == RunStatus.running
-    assert dispatch.dispatch_instance_id == ctx["instance_id"]
+    assert dispatch.dispatch_instance_id == ctx.instance_id
     assert run.status == RunStatus.running and run.dispatch_id == receipt.dispatch_id
     assert seen["input"] == {"q": 1} and seen["attempt"] == 0 and seen["decision"] is None
     assert seen["thread"] == "t-start" and seen["messages"] == [{"q": 1}]
@@ -636,7 +637,7 @@ def test_lost_lease_by_interrupt_cancels_the_agent(mailbox: Mailbox) -> None:
     out = run_chain(rt, claim(rt, "t-lost"))
 
     assert seen["cancelled_after_s"] is not None, "ctx.cancelled() never became true"
-    assert out["cancel_reason"] == "lease lost"
+    assert out.stop_reason == "lease lost"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Superseded
     assert dispatch.last_error == "claimed dispatch superseded during lease renewal"
@@ -650,7 +651,7 @@ def test_cancel_signal_reaches_the_running_agent(mailbox: Mailbox) -> None:
     rt = make_runtime(mailbox, Wakes(), lease_ms=300)
     receipt = mailbox.submit("t-cancel", "sleep", {"ms": 10_000})
     ctx = claim(rt, "t-cancel")
-    results: dict[str, Context] = {}
+    results: dict[str, PhaseContext] = {}
     worker = threading.Thread(target=lambda: results.update(out=run_chain(rt, ctx)))
     started = time.monotonic()
     worker.start()
@@ -661,7 +662,7 @@ def test_cancel_signal_reaches_the_running_agent(mailbox: Mailbox) -> None:
     assert mailbox.cancel(receipt.dispatch_id) is True
     worker.join(10)
     assert not worker.is_alive() and time.monotonic() - started < 5
-    assert results["out"]["cancel_reason"] == "cancelled by request"
+    assert results["out"].stop_reason == "cancelled by request"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked
     assert dispatch.termination == Termination.cancelled()
@@ -688,8 +689,8 @@ def test_lost_lease_to_another_consumer_cancels_the_agent_and_spares_the_new_cla
     out = run_chain(rt, claim(rt, "t-stolen"))
 
     assert seen["cancelled_after_s"] is not None, "ctx.cancelled() never became true"
-    assert out["cancel_reason"] == "lease lost"
-    assert out["done"] is True and out["reason"].startswith("fenced")
+    assert out.stop_reason == "lease lost"
+    assert out.done is True and out.reason.startswith("fenced")
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Claimed
     assert dispatch.claimed_by == "other-consumer"
@@ -705,7 +706,7 @@ def test_attempt_that_lost_its_lease_does_not_decide_the_new_owners_run(
     be the run's result."""
     lease_ms = 300
     seen: dict[str, Any] = {}
-    holder: dict[str, Context] = {}
+    holder: dict[str, PhaseContext] = {}
 
     def agent_body(ctx: AgentContext) -> Any:
         if ctx.attempt == 0:
@@ -792,13 +793,13 @@ def test_settle_completed_acks_and_keeps_the_projection(mailbox: Mailbox) -> Non
     receipt = mailbox.submit("t-ok", "echo", "hello")
     ctx = run_chain(rt, claim(rt, "t-ok"))
 
-    assert ctx["settled"] == "completed"
+    assert ctx.settled == "completed"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
     assert dispatch.run_status == RunStatus.done
     assert dispatch.termination == Termination.natural_end()
     assert dispatch.run_response == "hello" and dispatch.run_error is None
-    assert dispatch.dispatch_instance_id == ctx["instance_id"]
+    assert dispatch.dispatch_instance_id == ctx.instance_id
     assert dispatch.completed_at == clock() and dispatch.last_error is None
     assert_no_claim(dispatch)
     run = run_of(mailbox, receipt.run_id)
@@ -844,7 +845,7 @@ def test_agent_text_no_database_can_store_is_kept_with_replacement_characters(
     receipt = mailbox.submit("t-hostile", name, "hi", max_attempts=1)
     ctx = run_chain(rt, claim(rt, "t-hostile"))
 
-    assert "settled" in ctx, ctx
+    assert ctx.settled is not None, ctx
     dispatch = load(mailbox, receipt.dispatch_id)
     status, response, error = expected
     assert dispatch.status.value == status
@@ -884,7 +885,7 @@ def test_settle_transient_nacks_with_backoff_and_wakes_after_the_delay(
     receipt = mailbox.submit("t-retry", name, "x")
     ctx = run_chain(rt, claim(rt, "t-retry"))
 
-    assert ctx["settled"] == "transient_error" and calls.count == 1
+    assert ctx.settled == "transient_error" and calls.count == 1
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
     assert dispatch.available_at == clock() + 250
@@ -912,7 +913,7 @@ def test_settle_backoff_follows_the_table_across_attempts(mailbox: Mailbox) -> N
     delays: list[int] = []
     for attempt in range(5):
         ctx = run_chain(rt, claim(rt, "t-table"))
-        assert ctx["attempt"] == attempt
+        assert ctx.attempt == attempt
         dispatch = load(mailbox, receipt.dispatch_id)
         if dispatch.status == DispatchStatus.Queued:
             delays.append(dispatch.available_at - clock())
@@ -959,7 +960,7 @@ def test_settle_exhausted_dead_letters_and_errors_the_run_immediately(
     wakes.calls.clear()
     ctx = run_chain(rt, claim(rt, "t-exhaust"))
 
-    assert ctx["settled"] == "transient_error"
+    assert ctx.settled == "transient_error"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.DeadLetter and dispatch.attempt_count == 2
     assert dispatch.last_error == "flaky failure 2 of 10"
@@ -984,14 +985,14 @@ def test_settle_permanent_error_dead_letters_after_one_run(mailbox: Mailbox) -> 
     receipt = mailbox.submit("t-fail", "fail", "x")
     ctx = run_chain(rt, claim(rt, "t-fail"))
 
-    assert ctx["settled"] == "permanent_error"
+    assert ctx.settled == "permanent_error"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.DeadLetter
     assert dispatch.attempt_count == 0, "permanent errors do not burn the retry budget"
     assert dispatch.last_error == "requested failure"
     assert dispatch.run_status == RunStatus.done and dispatch.run_error == "requested failure"
     assert dispatch.termination == Termination.error("requested failure")
-    assert dispatch.dispatch_instance_id == ctx["instance_id"]
+    assert dispatch.dispatch_instance_id == ctx.instance_id
     assert dispatch.completed_at == clock()
     assert_no_claim(dispatch)
     run = run_of(mailbox, receipt.run_id)
@@ -1020,7 +1021,7 @@ def test_suspend_then_resume_finishes_the_same_run(mailbox: Mailbox) -> None:
     receipt = mailbox.submit("t-ask", "ask", "approve the refund?")
     ctx = run_chain(rt, claim(rt, "t-ask"))
 
-    assert ctx["settled"] == "completed"
+    assert ctx.settled == "completed"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked
     assert dispatch.run_status == RunStatus.waiting
@@ -1039,7 +1040,7 @@ def test_suspend_then_resume_finishes_the_same_run(mailbox: Mailbox) -> None:
     assert resumed.run_id == receipt.run_id and resumed.resumed is True
     assert resumed.dispatch_id != receipt.dispatch_id
     ctx = run_chain(rt, claim(rt, "t-ask"))
-    assert ctx["resumed"] is True
+    assert ctx.resumed is True
     final = load(mailbox, resumed.dispatch_id)
     assert final.status == DispatchStatus.Acked and final.run_response == "yes, refund"
     assert final.run_status == RunStatus.done
@@ -1076,7 +1077,7 @@ def test_ack_failing_once_is_recovered_by_a_second_ack(
     ctx = run_chain(rt, claim(rt, "t-ack"))
     assert fault.calls == 2, "the injected failure was consumed by the recovery's ack"
     assert ops("ack_recovery") == recoveries + 1
-    assert ctx["settled"] == "completed"
+    assert ctx.settled == "completed"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
     assert dispatch.run_status == RunStatus.done and dispatch.run_response == "finished"
@@ -1090,7 +1091,7 @@ def test_ack_that_landed_but_lost_its_answer_is_recovered_without_a_second_ack(
     rt = make_runtime(mailbox, Wakes(), clock=Clock())
     receipt = mailbox.submit("t-ack2", "echo", "finished")
     ctx = run_chain(rt, claim(rt, "t-ack2"))
-    assert fault.calls == 1 and ctx["settled"] == "completed"
+    assert fault.calls == 1 and ctx.settled == "completed"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.run_response == "finished"
 
@@ -1117,7 +1118,7 @@ def test_ack_whose_answer_was_lost_after_the_sweep_acked_reports_nothing_twice(
     ctx = run_chain(rt, claim(rt, "t-ack-swept"))
 
     assert swept[0].acked == [receipt.dispatch_id]
-    assert ctx.get("duplicate") and "settled" not in ctx, ctx
+    assert ctx.duplicate and ctx.settled is None, ctx
     assert finishes(mailbox, receipt.run_id) == ["acked"]
     assert ("t-ack-swept", 0) not in wakes.calls
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
@@ -1135,7 +1136,7 @@ def test_ack_outage_leaves_the_claim_and_the_retry_acks_without_rerunning(
     rt = make_runtime(mailbox, Wakes(), clock=clock)
     receipt = mailbox.submit("t-ack3", name, "x")
     ctx = run_chain(rt, claim(rt, "t-ack3"))
-    assert ctx["done"] is True and ctx["reason"].startswith("store unavailable settling")
+    assert ctx.done is True and ctx.reason.startswith("store unavailable settling")
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Claimed
 
     report = sweep(rt, clock.advance(mailbox.settings.lease_ms + 1))
@@ -1157,8 +1158,8 @@ def test_settle_delivered_twice_reports_the_result_once(mailbox: Mailbox) -> Non
         ctx = phase(rt, ctx)
     first, second = settle(rt, copy.deepcopy(ctx)), settle(rt, copy.deepcopy(ctx))
 
-    assert first["settled"] == "completed"
-    assert second.get("duplicate") and "settled" not in second, second
+    assert first.settled == "completed"
+    assert second.duplicate and second.settled is None, second
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
     finishes = [e.data["status"] for e in mailbox.events_of(receipt.run_id)
                 if e.type == "run_finish"]
@@ -1171,19 +1172,19 @@ def test_settle_of_a_finished_context_only_wakes(mailbox: Mailbox) -> None:
     wakes = Wakes()
     rt = make_runtime(mailbox, wakes, clock=Clock())
     receipt = mailbox.submit("t-noop", name, "x")
-    claim(rt, "t-noop")
+    ctx = claim(rt, "t-noop")
     before = load(mailbox, receipt.dispatch_id)
-    settle(rt, {"thread_id": "t-noop", "done": True, "reason": "test"})
+    settle(rt, ctx.finish("test"))
     assert wakes.calls == [("t-noop", 0)]
     assert load(mailbox, receipt.dispatch_id) == before
 
 
 # ============================================ sweep: an expired claim whose outcome was written
-def finish_without_settle(rt: Runtime, thread_id: str) -> Context:
+def finish_without_settle(rt: Runtime, thread_id: str) -> PhaseContext:
     """An attempt that wrote its outcome and died before settle (worker killed, settle
     message lost, or settle queued longer than the lease)."""
     ctx = phases(rt, claim(rt, thread_id), verify, reconstruct, resolve, execute)
-    assert ctx["outcome"].get("recorded"), ctx
+    assert ctx.outcome.recorded, ctx
     return ctx
 
 
@@ -1222,7 +1223,7 @@ def test_sweep_acks_an_expired_claim_whose_run_it_finished_on_the_last_attempt(
 
     # The attempt's settle arrives after all: a duplicate, reported by nobody twice.
     late = settle(rt, ctx)
-    assert late.get("duplicate") and "settled" not in late, late
+    assert late.duplicate and late.settled is None, late
     assert finishes(mailbox, receipt.run_id) == ["acked"]
     run_chain(rt, claim(rt, "t-late-ack"))
     assert load(mailbox, following.dispatch_id).status == DispatchStatus.Acked
@@ -1263,10 +1264,10 @@ def test_sweep_reclaims_an_expired_claim_whose_failure_was_recorded_but_not_nack
     rt = make_runtime(mailbox, Wakes(), clock=clock)
     receipt = mailbox.submit("t-late-nack", "echo", "x", max_attempts=3)
     ctx = phases(rt, claim(rt, "t-late-nack"), verify, reconstruct, resolve)
-    rt.runs.start_attempt(ctx["dispatch_id"], ctx["token"], ctx["instance_id"],
-                          ctx["run_id"], clock(), thread_id="t-late-nack")
-    mailbox.store.record_run_result(ctx["dispatch_id"], ctx["token"], RunDispatchResult(
-        ctx["run_id"], ctx["instance_id"], RunStatus.done, Termination.error("boom"), None,
+    rt.runs.start_attempt(ctx.dispatch_id, ctx.token, ctx.instance_id,
+                          ctx.run_id, clock(), thread_id="t-late-nack")
+    mailbox.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
+        ctx.run_id, ctx.instance_id, RunStatus.done, Termination.error("boom"), None,
         "boom"), clock())
     assert run_of(mailbox, receipt.run_id).status == RunStatus.running
 

@@ -62,7 +62,7 @@ def test_a_failed_replay_can_itself_be_replayed(mailbox: Mailbox) -> None:
     first = mailbox.replay(dead)
     rt = mailbox.runtime(consumer_id="replay-test")
     ctx = claim_next(rt, "t-replay-chain")
-    assert ctx is not None and ctx["dispatch_id"] == first.dispatch_id
+    assert ctx is not None and ctx.dispatch_id == first.dispatch_id
     run_chain(rt, ctx)
     again = mailbox.replay(first.dispatch_id)
     assert not again.already_replayed and again.run_id not in (first.run_id,)

@@ -60,8 +60,9 @@ from mailbox import (
     VersionConflictError,
 )
 from mailbox.agents import AgentContext, agent
+from mailbox.context import PhaseContext
 from mailbox.maintenance import SweepReport, collect_garbage, sweep
-from mailbox.phases import Context, Runtime, claim_next, now_ms, run_chain
+from mailbox.phases import Runtime, claim_next, now_ms, run_chain
 from mailbox.schema import dispatches, messages, runs
 from mailbox.store import Resolution
 
@@ -145,11 +146,11 @@ class Worker:
         if delay_ms == 0:
             self.pending.append(thread_id)
 
-    def dispatch(self, thread_id: str) -> Context | None:
+    def dispatch(self, thread_id: str) -> PhaseContext | None:
         ctx = claim_next(self.rt, thread_id)
         if ctx is None:
             return None
-        self.ran.append(ctx["dispatch_id"])
+        self.ran.append(ctx.dispatch_id)
         return run_chain(self.rt, ctx)
 
     def drain(self, limit: int = 500) -> int:
@@ -798,7 +799,7 @@ def test_34_concurrent_submits_on_one_thread_only_one_runs_at_a_time(
     workers = [Worker(boxes[i % 2], consumer=f"w{i}", clock=clock) for i in range(5)]
     barrier = threading.Barrier(5)
 
-    def try_claim(worker: Worker) -> Context | None:
+    def try_claim(worker: Worker) -> PhaseContext | None:
         barrier.wait()
         return claim_next(worker.rt, "thread-conc")
 
@@ -846,12 +847,12 @@ def test_38b_late_old_owner_chain_is_a_no_op_and_the_new_owner_finishes(
     assert old.sweep(clock.advance(mailbox.settings.lease_ms + 1)).reclaimed == [
         receipt.dispatch_id]
     new_ctx = claim_next(new.rt, "thread-38b")
-    assert new_ctx is not None and new_ctx["attempt"] == 1
+    assert new_ctx is not None and new_ctx.attempt == 1
 
     late = run_chain(old.rt, old_ctx)
-    assert late["done"] is True and late["reason"] == "not ours: Claimed"
+    assert late.done is True and late.reason == "not ours: Claimed"
     assert calls.count == 0
-    assert load(mailbox, receipt.dispatch_id).claim_token == new_ctx["token"]
+    assert load(mailbox, receipt.dispatch_id).claim_token == new_ctx.token
     run_chain(new.rt, new_ctx)
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 1

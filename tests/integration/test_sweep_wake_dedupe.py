@@ -6,10 +6,10 @@ the Celery tasks' bodies (`mailbox.sweep`, `mailbox.dispatch`) in this process."
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -18,6 +18,7 @@ from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.maintenance import SWEEP_WAKE_PREFIX, consume_sweep_wake, sweep, wake_pending_ttl_ms
 from mailbox.phases import Runtime, claim_next, now_ms
 from mailbox.settings import Settings
+from tasks.publishing import worker_wake
 
 THREADS = ["wd-a", "wd-b", "wd-c"]
 
@@ -109,7 +110,7 @@ def test_consumed_wake_lets_the_next_sweep_wake_the_thread_again(mailbox: Mailbo
     worker = mailbox.runtime()
     ctx = claim_next(worker, "wd-a")
     assert ctx is not None
-    mailbox.store.ack(ctx["dispatch_id"], ctx["token"], now_ms())
+    mailbox.store.ack(ctx.dispatch_id, ctx.token, now_ms())
     # wd-a still has a due dispatch and nothing Claimed: woken again; the others are pending.
     report = sweep(rt, now_ms(), publish=published)
     assert (report.woken, report.already_pending) == (["wd-a"], ["wd-b", "wd-c"])
@@ -214,15 +215,16 @@ def tasks_runtime(mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> Iterator
     """`tasks.runtime` of this process bound to the test's mailbox (as in a worker)."""
     import tasks.runtime as task_runtime
 
-    pid = os.getpid()
-    saved = task_runtime._state.pop(pid, None)
-    task_runtime._state[pid] = (mailbox, mailbox.runtime(wake=task_runtime.worker_wake))
+    rt = mailbox.runtime()
+    rt = replace(rt, wake=lambda thread_id, delay_ms: worker_wake(rt, thread_id, delay_ms))
+    previous = task_runtime.install(mailbox, rt)
     try:
         yield mailbox
     finally:
-        task_runtime._state.pop(pid, None)
-        if saved is not None:
-            task_runtime._state[pid] = saved
+        if previous is not None:
+            task_runtime.install(*previous)
+        else:
+            task_runtime.reset(close=False)
 
 
 def test_dispatch_task_clears_the_mark_before_it_claims(tasks_runtime: Mailbox,
@@ -241,10 +243,10 @@ def test_dispatch_task_clears_the_mark_before_it_claims(tasks_runtime: Mailbox,
     claims: list[str | None] = []
     marked_at_claim: list[int] = []
 
-    def claim_only(thread_id: str) -> str | None:  # start_next without publishing the chain
+    def claim_only(rt: Runtime, thread_id: str) -> str | None:  # start_next, no publish
         marked_at_claim.append(coordinator.client.exists(key))
         ctx = claim_next(box.runtime(), thread_id)
-        claims.append(None if ctx is None else ctx["dispatch_id"])
+        claims.append(None if ctx is None else ctx.dispatch_id)
         return claims[-1]
 
     monkeypatch.setattr(dispatch_module, "start_next", claim_only)

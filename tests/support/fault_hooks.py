@@ -135,13 +135,21 @@ def _maybe_trap(phase: str, when: str, ctx: Any) -> None:
     time.sleep(hold_s)  # the test SIGKILLs this process here
 
 
+def _as_message(ctx: Any) -> Any:
+    """A phase function's context (a PhaseContext) as the JSON object it travels as."""
+    return ctx.to_message() if hasattr(ctx, "to_message") else ctx
+
+
 def _wrap_phase(phase: str, real: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def trapped(rt: Any, ctx: Any) -> Any:
-        acting = isinstance(ctx, dict) and not ctx.get("done")
-        _maybe_trap(phase, "before", ctx)
+        before = _as_message(ctx)
+        acting = isinstance(before, dict) and not before.get("done")
+        _maybe_trap(phase, "before", before)
         out = real(rt, ctx)
         if acting:  # "after" means after the phase did its work, even if it ended the chain
-            _maybe_trap(phase, "after", dict(out, done=False) if isinstance(out, dict) else ctx)
+            after = _as_message(out)
+            _maybe_trap(phase, "after", dict(after, done=False) if isinstance(after, dict)
+                        else before)
         return out
 
     trapped.__wrapped__ = real  # type: ignore[attr-defined]

@@ -19,8 +19,8 @@ from prometheus_client import REGISTRY
 
 from mailbox import Mailbox, RunDispatch, RunRecord, RunStatus
 from mailbox.agents import AgentContext, agent
+from mailbox.context import PhaseContext
 from mailbox.phases import (
-    Context,
     Runtime,
     claim_next,
     execute,
@@ -31,7 +31,7 @@ from mailbox.phases import (
 )
 from mailbox.store import Resolution
 
-Phase = Callable[[Runtime, Context], Context]
+Phase = Callable[[Runtime, PhaseContext], PhaseContext]
 
 
 class Clock:
@@ -95,19 +95,19 @@ def make_runtime(box: Mailbox, wakes: Wakes, *, clock: Callable[[], int] | None 
     return rt
 
 
-def claim(rt: Runtime, thread_id: str) -> Context:
+def claim(rt: Runtime, thread_id: str) -> PhaseContext:
     ctx = claim_next(rt, thread_id)
     assert ctx is not None, f"nothing claimable on {thread_id}"
     return ctx
 
 
-def phases(rt: Runtime, ctx: Context, *steps: Phase) -> Context:
+def phases(rt: Runtime, ctx: PhaseContext, *steps: Phase) -> PhaseContext:
     for step in steps:
         ctx = step(rt, ctx)
     return ctx
 
 
-def after_verify(rt: Runtime, ctx: Context) -> Context:
+def after_verify(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     return phases(rt, ctx, reconstruct, resolve, execute, settle)
 
 
