@@ -30,6 +30,7 @@ from mailbox.cli import main
 from mailbox.events import EventStreams
 from mailbox.phases import claim_next, run_chain
 from mailbox.schema import thread_epochs
+from tests.support.racers import racing
 
 ROOT = Path(__file__).resolve().parents[2]
 CLEAN_ENV: dict[str, str | None] = {
@@ -171,13 +172,12 @@ def test_submit_wait_shows_the_result(cli: Cli, make_mailbox: Callable[..., Mail
                 return
             time.sleep(0.02)
 
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    try:
-        out = as_json(cli("--json", "submit", "t-wait", "echo", "hi there", "--wait", "20"))
-    finally:
-        stop.set()
-        thread.join(10)
+    with racing(worker, timeout_s=30):
+        try:
+            out = as_json(cli("--json", "submit", "t-wait", "echo", "hi there", "--wait",
+                              "20"))
+        finally:
+            stop.set()
     assert out["dispatch"]["status"] == "Acked"
     assert out["run"]["status"] == "done" and out["run"]["response"] == "hi there"
 

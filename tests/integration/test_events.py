@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from mailbox import Mailbox
 from mailbox.errors import MailboxError
 from mailbox.events import CursorExpiredError, EventStreams
+from tests.support.racers import racing
 
 
 def test_reconnect_from_cursor_sees_every_event_once(mailbox: Mailbox) -> None:
@@ -34,11 +34,9 @@ def test_follow_yields_live_events_and_stops_after_run_finish(mailbox: Mailbox) 
         time.sleep(0.2)
         events.emit("run-b", "d1", "run_finish", {"termination": {"type": "natural_end"}})
 
-    producer = threading.Thread(target=produce)
-    producer.start()
-    for event in events.follow("run-b", block_ms=100, timeout_s=10):
-        seen.append(event.type)
-    producer.join()
+    with racing(produce):
+        for event in events.follow("run-b", block_ms=100, timeout_s=10):
+            seen.append(event.type)
     assert seen == ["run_started", "output", "run_finish"]
 
 

@@ -46,6 +46,7 @@ from mailbox import (
     VersionConflictError,
 )
 from mailbox.store import MailboxStore
+from tests.support.racers import race
 
 ROOT = Path(__file__).resolve().parents[2]
 SPAWN = multiprocessing.get_context("spawn")
@@ -872,22 +873,13 @@ RECONCILE_ROUNDS = 20
 def race_reconciles(box: Mailbox, dispatch: RunDispatch, racers: int) -> list[object]:
     """`racers` threads reconcile the same terminal dispatch at once; what each returned or
     raised."""
-    barrier = threading.Barrier(racers)
-    outcomes: list[object] = []
-
-    def reconcile() -> None:
-        barrier.wait(10)
+    def reconcile() -> object:
         try:
-            outcomes.append(box.runs.reconcile(dispatch, now_ms()))
-        except Exception as exc:
-            outcomes.append(exc)
+            return box.runs.reconcile(dispatch, now_ms())
+        except Exception as exc:  # an outcome the test judges, like a return value
+            return exc
 
-    threads = [threading.Thread(target=reconcile) for _ in range(racers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return outcomes
+    return race(*[reconcile] * racers, start_together=True, timeout_s=30)
 
 
 def test_concurrent_reconciles_of_one_superseded_run_finish_it_exactly_once(

@@ -3,11 +3,10 @@ for, even by two callers at once (real SQL, real Redis, real threads)."""
 
 from __future__ import annotations
 
-import threading
-
 from mailbox import DispatchStatus, Mailbox
 from mailbox.facade import Receipt
 from mailbox.phases import claim_next, run_chain
+from tests.support.racers import race
 
 
 def _dead_letter(box: Mailbox, thread_id: str) -> str:
@@ -34,23 +33,7 @@ def test_a_second_replay_returns_the_first(mailbox: Mailbox) -> None:
 
 def test_concurrent_replays_of_one_dead_letter_make_one_run(mailbox: Mailbox) -> None:
     dead = _dead_letter(mailbox, "t-replay-race")
-    barrier = threading.Barrier(6)
-    receipts: list[Receipt] = []
-    errors: list[BaseException] = []
-
-    def replay() -> None:
-        try:
-            barrier.wait()
-            receipts.append(mailbox.replay(dead))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=replay) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    receipts: list[Receipt] = race(*[lambda: mailbox.replay(dead)] * 6, start_together=True)
     assert len({(r.dispatch_id, r.run_id) for r in receipts}) == 1, receipts
     assert sum(not r.already_replayed for r in receipts) == 1
     queued = mailbox.store.list_dispatches("t-replay-race", [DispatchStatus.Queued])

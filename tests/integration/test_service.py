@@ -65,6 +65,7 @@ from mailbox.maintenance import SweepReport, collect_garbage, sweep
 from mailbox.phases import Runtime, claim_next, now_ms, run_chain
 from mailbox.schema import dispatches, messages, runs
 from mailbox.store import Resolution
+from tests.support.racers import race, racing
 
 PERMANENT_TEXT = "unauthorized: 403 pre_consume_token_quota_failed"
 TRANSIENT_TEXT = "rate limited: 429 too many requests"
@@ -193,9 +194,14 @@ def count_rows(box: Mailbox, table: sa.Table, thread_id: str) -> int:
                                 .where(table.c.thread_id == thread_id)).scalar_one())
 
 
+NO_DEPLOY_GRACE: dict[str, Any] = {"missing_agent_grace_s": 0}
+
+
 def prepare_missing_agent(box: Mailbox, thread_id: str, *, max_attempts: int = 5
                           ) -> tuple[str, str, str]:
-    """A run pinned to an agent this process does not have (another deploy submitted it)."""
+    """A run pinned to an agent this process does not have (another deploy submitted it).
+    The tests that use it as the original's permanent resolve failure run their Worker with
+    NO_DEPLOY_GRACE: a missing version is deferred for a grace period first (T19)."""
     missing = f"missing-agent-{uuid.uuid4().hex[:8]}"
     now = now_ms()
     run_id, dispatch_id = f"run-{uuid.uuid4().hex[:10]}", f"d-{uuid.uuid4().hex[:10]}"
@@ -412,7 +418,7 @@ def test_10_background_success_recovers_ack_after_result_was_recorded(
 
 def test_11_background_permanent_error_records_run_result_before_dead_letter(
         mailbox: Mailbox) -> None:
-    worker = Worker(mailbox, clock=Clock())
+    worker = Worker(mailbox, clock=Clock(), **NO_DEPLOY_GRACE)
     missing, run_id, dispatch_id = prepare_missing_agent(mailbox, "thread-missing")
     worker.wake("thread-missing", 0)  # what dispatch.delay publishes
     worker.drain()
@@ -472,25 +478,24 @@ def test_13_lease_renewal_is_wired_and_prevents_reclaim(mailbox: Mailbox) -> Non
 
     def blocking(ctx: AgentContext) -> str:
         started.set()
-        assert release.wait(10)
+        assert release.wait(30)
         return "released"
 
     name, _ = register(blocking)
     worker = Worker(mailbox, lease_ms=450)
     receipt = mailbox.submit("thread-lease", name, "x")
     renewals = ops("lease_renewal")
-    runner = threading.Thread(target=worker.dispatch, args=("thread-lease",))
-    runner.start()
-    try:
-        assert started.wait(10)
-        initial = load(mailbox, receipt.dispatch_id).lease_until
-        assert initial is not None
-        wait_until(lambda: (load(mailbox, receipt.dispatch_id).lease_until or 0) > initial)
-        time.sleep(0.6)  # longer than one lease: only renewal keeps it alive
-        assert mailbox.store.reclaim_expired_leases(now_ms(), 100) == []
-    finally:
-        release.set()
-        runner.join(10)
+    with racing(lambda: worker.dispatch("thread-lease"), timeout_s=30):
+        try:
+            assert started.wait(30)
+            initial = load(mailbox, receipt.dispatch_id).lease_until
+            assert initial is not None
+            wait_until(lambda: (load(mailbox, receipt.dispatch_id).lease_until or 0) > initial,
+                       timeout_s=30)
+            time.sleep(0.6)  # longer than one lease: only renewal keeps it alive
+            assert mailbox.store.reclaim_expired_leases(now_ms(), 100) == []
+        finally:
+            release.set()
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
     assert ops("lease_renewal") > renewals
 
@@ -577,7 +582,7 @@ def test_19_terminal_run_is_not_redispatched_by_recovery(mailbox: Mailbox) -> No
 
 def test_20_startup_recovery_runs_existing_queued_dispatches(mailbox: Mailbox) -> None:
     missing, _, dispatch_id = prepare_missing_agent(mailbox, "thread-startup")
-    worker = Worker(mailbox, clock=Clock())  # nobody poked the dispatch
+    worker = Worker(mailbox, clock=Clock(), **NO_DEPLOY_GRACE)  # nobody poked the dispatch
     report = worker.start_lifecycle()
     assert report.woken == ["thread-startup"]
     dispatch = load(mailbox, dispatch_id)
@@ -591,7 +596,7 @@ def test_21_startup_reclaims_expired_claimed_dispatches_and_executes_them(
     clock = Clock()
     mailbox.store.claim("thread-dead-consumer", "dead-consumer", 1, clock())
     clock.advance(2)
-    Worker(mailbox, clock=clock).start_lifecycle()
+    Worker(mailbox, clock=clock, **NO_DEPLOY_GRACE).start_lifecycle()
 
     dispatch = load(mailbox, dispatch_id)
     assert dispatch.status == DispatchStatus.DeadLetter
@@ -610,17 +615,7 @@ def test_22_multi_instance_lifecycle_executes_shared_dispatch_once(
     clock = Clock()
     workers = [Worker(box_a, consumer="a", clock=clock), Worker(box_b, consumer="b",
                                                                 clock=clock)]
-    barrier = threading.Barrier(2)
-
-    def start(worker: Worker) -> None:
-        barrier.wait()
-        worker.start_lifecycle()
-
-    threads = [threading.Thread(target=start, args=(w,)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    race(*(w.start_lifecycle for w in workers), start_together=True)
     assert load(box_a, receipt.dispatch_id).status == DispatchStatus.Acked
     assert calls.count == 1
     assert sorted(workers[0].ran + workers[1].ran) == [receipt.dispatch_id]
@@ -756,18 +751,7 @@ def test_27_concurrent_sweeps_of_two_instances_reclaim_once(
     box_a.store.claim("thread-two-sweeps", "crashed", 100, clock())
     workers = [Worker(box_a, clock=clock), Worker(box_b, clock=clock)]
     now = clock.advance(1000)
-    barrier = threading.Barrier(2)
-    reports: list[SweepReport] = []
-
-    def run(worker: Worker) -> None:
-        barrier.wait()
-        reports.append(worker.sweep(now))
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    reports = race(*(lambda w=w: w.sweep(now) for w in workers), start_together=True)
     assert sorted(d for r in reports for d in r.reclaimed) == [receipt.dispatch_id]
     dispatch = load(box_a, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1

@@ -19,6 +19,7 @@ import pytest
 
 from mailbox import Mailbox, StoreUnavailableError
 from mailbox.database import SqliteWriteGate, WriteGateTimeoutError, write_gate
+from tests.support.racers import race
 
 pytestmark = pytest.mark.usefixtures("sqlite_only")
 
@@ -99,11 +100,7 @@ def test_threads_of_one_process_take_turns(tmp_path: Path) -> None:
                 with guard:
                     inside -= 1
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    race(*[work] * 4, start_together=True)
     assert most == 1
 
 
