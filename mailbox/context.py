@@ -26,8 +26,9 @@ from mailbox.model import MAX_MS, RunDispatch, check_text
 COMPLETED: Final = "completed"
 TRANSIENT: Final = "transient_error"
 PERMANENT: Final = "permanent_error"
-OutcomeKind = Literal["completed", "transient_error", "permanent_error"]
-OUTCOME_KINDS: tuple[str, ...] = (COMPLETED, TRANSIENT, PERMANENT)
+DEFERRED: Final = "deferred"
+OutcomeKind = Literal["completed", "transient_error", "permanent_error", "deferred"]
+OUTCOME_KINDS: tuple[str, ...] = (COMPLETED, TRANSIENT, PERMANENT, DEFERRED)
 MAX_TOKEN_CHARS = 64  # the claim_token column's width (mailbox/schema.py)
 MAX_TEXT_CHARS = 64 * 1024  # reasons and errors travelling in a message
 
@@ -45,7 +46,8 @@ class Outcome:
     `completed`: the agent returned (or suspended) and execute recorded the run's outcome
     (`recorded`), or reconstruct found the run already done by an earlier attempt that died
     before its ack (`replayed`). `transient_error` / `permanent_error`: `error` says why;
-    settle records it, then nacks or dead-letters.
+    settle records it, then nacks or dead-letters. `deferred`: the pinned agent version is
+    not on this worker (`error` names it); nothing ran, settle puts the dispatch back.
     """
 
     kind: OutcomeKind

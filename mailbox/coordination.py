@@ -89,11 +89,14 @@ class Coordinator:
         return bool(self._run("lease_release", self.lease_key(thread_id), token))
 
     def take_executor(self, thread_id: str, token: str, executor: str, dispatch_id: str,
-                      lease_until: int, lease_ms: int) -> str:
-        """'ok' when this process may execute the attempt, 'held:<id>' when another process
-        already does, 'lost' when the thread's lease belongs to another claim."""
+                      lease_until: int, lease_ms: int, *, create: bool = False) -> str:
+        """'ok' when this process may execute the attempt (the lease now runs to at least
+        `lease_until`), 'held:<id>' when another process already does, 'lost' when the
+        thread's lease belongs to another claim, 'missing' when Redis has no lease and
+        `create` is false (pass `create` only once SQL has recorded the start)."""
         return _text(self._run("lease_take_executor", self.lease_key(thread_id), token,
-                               executor, dispatch_id, lease_until, _lease_ttl(lease_ms)))
+                               executor, dispatch_id, lease_until, _lease_ttl(lease_ms),
+                               "1" if create else "0"))
 
     def read_lease(self, thread_id: str) -> Lease | None:
         self.round_trips += 1

@@ -54,6 +54,13 @@ class VersionConflictError(MailboxError):
         self.actual = actual
 
 
+class StaleEpochError(VersionConflictError):
+    """The fenced write found the thread's epoch past the dispatch's (an interrupt): it
+    superseded the dispatch (T13), and that change is committed. Expected = the dispatch's
+    epoch, actual = the thread's. (A plain VersionConflictError(0, 1) means the claim was
+    someone else's and nothing was written.)"""
+
+
 class AlreadyStartedError(MailboxError):
     """The attempt's start is already recorded: a second delivery of the same execute is
     refused, so the agent never runs twice for one attempt. Nothing was written."""

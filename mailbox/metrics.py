@@ -45,6 +45,18 @@ ENQUEUE_TO_COMPLETE_SECONDS = Histogram("mailbox_dispatch_enqueue_to_complete_se
 RUNS = Counter("mailbox_runs_total", "Finished attempts by outcome.", ["outcome"])
 
 
+RUN_DURATION_SECONDS = Histogram(
+    "mailbox_run_duration_seconds",
+    "From a run's submit to its end (all its attempts), by termination type.",
+    ["termination"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
+TERMINAL = Counter("mailbox_dispatch_terminal_total",
+                   "Dispatches that reached a terminal status, by status.", ["status"])
+ACK_RECOVERY_SECONDS = Histogram(
+    "mailbox_ack_recovery_seconds", "Ack recovery after an ack of unknown outcome, by outcome.",
+    ["outcome"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+
+
 def observe_start(name: str, seconds: float) -> None:
     START_SECONDS[name].observe(seconds)
 
@@ -53,6 +65,23 @@ def observe_completion(outcome: str, *, runtime_s: float, enqueue_to_complete_s:
     RUNTIME_SECONDS.labels(outcome).observe(runtime_s)
     ENQUEUE_TO_COMPLETE_SECONDS.labels(outcome).observe(enqueue_to_complete_s)
     RUNS.labels(outcome).inc()
+
+
+def observe_run_end(termination: str, seconds: float) -> None:
+    RUN_DURATION_SECONDS.labels(termination).observe(seconds)
+
+
+def count_terminal(status: str, n: int = 1) -> None:
+    if n:
+        TERMINAL.labels(status).inc(n)
+
+
+def observe_ack_recovery(outcome: str, seconds: float) -> None:
+    """Ack recovery by outcome: landed (our ack had committed), acked (acked again),
+    acked_elsewhere, refused, not_ours, missing."""
+    OPERATIONS.labels("ack_recovery", outcome).inc()
+    ACK_RECOVERY_SECONDS.labels(outcome).observe(seconds)
+
 
 CANCEL_LATENCY = Histogram(
     "mailbox_cancel_latency_seconds",

@@ -313,7 +313,7 @@ _PROJECTION_CLEARED: JsonDict = {
     "run_error": None,
 }
 _PROJECTION_FIELDS = tuple(_PROJECTION_CLEARED)
-_OMITTED_WHEN_NONE = (*_PROJECTION_FIELDS, "completed_at")
+_OMITTED_WHEN_NONE = (*_PROJECTION_FIELDS, "completed_at", "deferred_since")
 
 
 @dataclass(frozen=True)
@@ -347,6 +347,9 @@ class RunDispatch:
     completed_at: int | None = None
     created_at: int = 0
     updated_at: int = 0
+    deferred_since: int | None = None
+    """When a worker first found this dispatch's pinned agent version missing (a deploy in
+    progress, T19); cleared when an attempt starts."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", DispatchStatus(self.status))
@@ -406,7 +409,7 @@ class RunDispatch:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MS:
                 raise ValidationError(f"{name} must be an integer within 0..{MAX_MS}, got "
                                       f"{value!r}")
-        for name in ("lease_until", "completed_at"):
+        for name in ("lease_until", "completed_at", "deferred_since"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= 2 * MAX_MS):
@@ -494,7 +497,7 @@ class RunDispatch:
         return self._next(
             dispatch_instance_id=dispatch_instance_id, run_status=RunStatus.running,
             termination=None, run_response=None, run_error=None, completed_at=None,
-            updated_at=now,
+            deferred_since=None, updated_at=now,
         )
 
     def result_recorded(self, result: RunDispatchResult, now: int) -> RunDispatch:
@@ -534,6 +537,17 @@ class RunDispatch:
             status=DispatchStatus.Queued, attempt_count=attempts, last_error=error,
             available_at=retry_at, completed_at=None, updated_at=now,
             **_CLAIM_CLEARED, **_PROJECTION_CLEARED,
+        )
+
+    def deferred(self, retry_at: int, reason: str, now: int) -> RunDispatch:
+        """T19: the pinned agent version is not on the worker that claimed it (a rolling
+        deploy in progress): back to the queue at `retry_at` without spending an attempt,
+        remembering since when (`deferred_since`) so the deferral can be bounded."""
+        self._require(DispatchStatus.Claimed, "defer")
+        return self._next(
+            status=DispatchStatus.Queued, last_error=reason, available_at=retry_at,
+            deferred_since=now if self.deferred_since is None else self.deferred_since,
+            completed_at=None, updated_at=now, **_CLAIM_CLEARED, **_PROJECTION_CLEARED,
         )
 
     def dead_lettered(self, error: str, now: int) -> RunDispatch:

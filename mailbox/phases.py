@@ -13,6 +13,7 @@ failure becomes a bounded retry, never a loss.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -25,12 +26,21 @@ import uuid6
 
 from mailbox import agents, metrics, reports
 from mailbox.agents import AgentContext, AgentResult, SuspendRequested
-from mailbox.context import COMPLETED, PERMANENT, TRANSIENT, Outcome, OutcomeKind, PhaseContext
+from mailbox.context import (
+    COMPLETED,
+    DEFERRED,
+    PERMANENT,
+    TRANSIENT,
+    Outcome,
+    OutcomeKind,
+    PhaseContext,
+)
 from mailbox.errors import (
     AlreadyStartedError,
     MailboxError,
     NotFoundError,
     PermanentError,
+    StaleEpochError,
     StoreUnavailableError,
     TransientError,
     VersionConflictError,
@@ -46,7 +56,7 @@ from mailbox.model import (
     Termination,
 )
 from mailbox.settings import Settings
-from mailbox.store import MailboxStore, RunStore
+from mailbox.store import MailboxStore, Message, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -109,25 +119,45 @@ class Runtime:
 
 
 # ------------------------------------------------------------------------------ utilities
-def _reconcile(rt: Runtime, dispatch: RunDispatch | None) -> None:
-    """Make the run agree with a terminal dispatch. A Cancelled or Superseded run that this
-    call ended is reported (`reports.cancelled`); a dead letter's caller reports it."""
+def _reconcile(rt: Runtime, dispatch: RunDispatch | None) -> bool:
+    """Make the run agree with a terminal dispatch; True when this call ended the run. A
+    Cancelled or Superseded run that this call ended is reported (`reports.cancelled`); a
+    dead letter's caller reports it."""
     if dispatch is None or not dispatch.is_terminal:
-        return
+        return False
     run = rt.runs.reconcile(dispatch, rt.clock())
     if run is not None and dispatch.status in (DispatchStatus.Cancelled,
                                                DispatchStatus.Superseded):
         reports.cancelled(rt.events, dispatch, rt.clock())
+    return run is not None
 
 
 def _after_fence(rt: Runtime, ctx: PhaseContext, error: MailboxError) -> PhaseContext:
-    """A fenced write failed: if the dispatch ended Superseded, reconcile its run."""
+    """A fenced write failed: if the dispatch ended Superseded, reconcile its run.
+
+    When it was our own write that fenced the claim (a stale epoch: an interrupt came after
+    the attempt recorded its outcome, before the ack), the run already holds the attempt's
+    outcome, so reconciling changes nothing; the attempt's end is still ours to report, with
+    the run's own termination."""
     log.info("dispatch %s is no longer ours: %s", ctx.dispatch_id, error)
     try:
-        _reconcile(rt, rt.store.load_dispatch(ctx.dispatch_id))
+        dispatch = rt.store.load_dispatch(ctx.dispatch_id)
+        if not _reconcile(rt, dispatch) and dispatch is not None \
+                and dispatch.status == DispatchStatus.Superseded \
+                and ctx.started_at is not None and _fenced_by_us(error):
+            run = rt.runs.load_run(ctx.run_id)
+            if run is not None and run.status == RunStatus.done \
+                    and run.dispatch_id == ctx.dispatch_id:
+                reports.ended_after_outcome(rt.events, dispatch, run, rt.clock())
     except MailboxError as exc:
         log.warning("could not reconcile %s: %s", ctx.dispatch_id, exc)
     return ctx.finish(f"fenced: {error}")
+
+
+def _fenced_by_us(error: MailboxError) -> bool:
+    """The fenced write that failed made the transition itself (T13: a stale epoch), rather
+    than finding the claim gone to someone else."""
+    return isinstance(error, StaleEpochError)
 
 
 # =================================================================================== claim
@@ -172,7 +202,6 @@ def reconstruct(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     if ctx.done:
         return ctx
     ctx.instance_id = str(uuid6.uuid7())
-    ctx.started_at = rt.clock()
     try:
         run, has_input = rt.runs.load_run_for_attempt(ctx.run_id)
         if run is None:
@@ -198,11 +227,12 @@ def reconstruct(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
 def _unreconstructable(rt: Runtime, ctx: PhaseContext, message: str) -> PhaseContext:
     msg = f"validation error: {message}"
     now = rt.clock()
-    assert ctx.instance_id is not None and ctx.started_at is not None
+    assert ctx.instance_id is not None
     _record_completion(ctx, PERMANENT, now)
     try:
-        rt.store.record_dispatch_start(ctx.dispatch_id, ctx.token, ctx.instance_id,
-                                       ctx.started_at)
+        rt.store.record_dispatch_start(ctx.dispatch_id, ctx.token, ctx.instance_id, now)
+        ctx.started_at = now
+        _record_start(ctx)
         try:
             rt.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
                 ctx.run_id, ctx.instance_id, RunStatus.done, Termination.error(msg),
@@ -212,6 +242,7 @@ def _unreconstructable(rt: Runtime, ctx: PhaseContext, message: str) -> PhaseCon
         except MailboxError as exc:
             log.warning("could not record the result of %s: %s", ctx.dispatch_id, exc)
         rt.store.dead_letter(ctx.dispatch_id, ctx.token, msg, now)
+        reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, msg, rt.clock())
         _reconcile(rt, rt.store.load_dispatch(ctx.dispatch_id))
     except (VersionConflictError, NotFoundError) as exc:
         return _after_fence(rt, ctx, exc)
@@ -238,8 +269,12 @@ def resolve(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     if resolution is None:
         ctx.resolve_error = f"resolution '{resolution_id}' not found"
     elif agents.lookup(resolution.agent_name, resolution.agent_version) is None:
-        ctx.resolve_error = (f"runtime error: agent not found: {resolution.agent_name}@"
-                             f"{resolution.agent_version}")
+        # Agent versions are code loaded per worker: during a rolling deploy, the answer
+        # depends on which worker took the message. Not a poison message (yet): settle puts
+        # it back for another worker, for a grace period (docs/behaviour.md#deferral).
+        ctx.outcome = Outcome(DEFERRED, f"agent {resolution.agent_name}@"
+                                        f"{resolution.agent_version} is not deployed on "
+                                        f"worker {rt.consumer_id}")
     else:
         ctx.agent = [resolution.agent_name, resolution.agent_version]
     return ctx
@@ -258,31 +293,14 @@ class AgentOutcome:
 
 
 def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
-    """Record the start, then run the agent with a heartbeat beside it."""
+    """Record the start, then run the agent with a heartbeat beside it, and record what it
+    came to. Nothing escapes from here but a store outage, which leaves the claim for the
+    sweep: whatever the agent does becomes the attempt's outcome."""
     if ctx.done or ctx.outcome is not None:
         return ctx
-    assert ctx.instance_id is not None and ctx.started_at is not None
-    lease_ms = rt.settings.lease_ms
-    try:
-        # One execution per attempt: the executor id is unique to this invocation, so a
-        # second delivery of the same message is refused even inside the same process.
-        executor = f"{rt.consumer_id}/{uuid6.uuid7().hex[-12:]}"
-        held = rt.store.coordinator.take_executor(
-            ctx.thread_id, ctx.token, executor, ctx.dispatch_id, rt.clock() + lease_ms,
-            lease_ms)
-        if held != "ok":
-            ctx.duplicate = True
-            return ctx.finish(f"execute refused: {held}")
-        inputs = rt.runs.start_attempt(ctx.dispatch_id, ctx.token, ctx.instance_id, ctx.run_id,
-                                       ctx.started_at, thread_id=ctx.thread_id)
-    except AlreadyStartedError as exc:
-        # Redis forgot the executor (restart, flush) but SQL remembers the start.
-        ctx.duplicate = True
-        return ctx.finish(f"execute refused: {exc.message}")
-    except (VersionConflictError, NotFoundError) as exc:
-        return _after_fence(rt, ctx, exc)
-    except StoreUnavailableError as exc:
-        return ctx.finish(f"store unavailable starting: {exc}")
+    inputs = _start(rt, ctx)
+    if inputs is None:
+        return ctx
     _record_start(ctx)
     # Stamped with the start time the store recorded, not the time of this emit: a start
     # committed just before an interrupt must not look as if it came after it.
@@ -297,14 +315,67 @@ def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     assert spec is not None
     user = [m.content for m in inputs if m.role == "user"]
     decisions = [m.content for m in inputs if m.role == "decision"]
-    outcome = _run_agent(rt, ctx, spec, lease_ms, user[0] if user else None,
-                         decisions[-1] if decisions else None)
+    try:
+        outcome = _run_agent(rt, ctx, spec, rt.settings.lease_ms, user[0] if user else None,
+                             decisions[-1] if decisions else None)
+    except Exception as exc:  # ours, not the agent's (those are caught inside)
+        log.exception("running the agent of %s failed", ctx.describe())
+        outcome = AgentOutcome(TRANSIENT, f"internal error running the agent: "
+                                          f"{error_text(exc)}")
     if outcome.kind != COMPLETED:
         ctx.outcome = Outcome(outcome.kind, outcome.error)
         return ctx
-    # The runtime owns the run record: the outcome is written before settle acks, fenced by
-    # the claim token (an attempt that lost its claim cannot decide the run), so a crash
-    # before the ack is recognised by the retry (a done run) and not re-run.
+    return _record(rt, ctx, outcome)
+
+
+def _start(rt: Runtime, ctx: PhaseContext) -> list[Message] | None:
+    """Record the attempt's start, fenced, and extend the lease from it: whatever the hops
+    since the claim took, the attempt has a whole lease before its first renewal. Returns the
+    run's messages, or None when the chain ends here (ctx says why)."""
+    assert ctx.instance_id is not None
+    lease_ms = rt.settings.lease_ms
+    now = rt.clock()
+    ctx.started_at = now
+    # One execution per attempt: the executor id is unique to this invocation, so a second
+    # delivery of the same message is refused even inside the same process.
+    executor = f"{rt.consumer_id}/{uuid6.uuid7().hex[-12:]}"
+    try:
+        held = rt.store.take_executor(ctx.thread_id, ctx.token, executor, ctx.dispatch_id,
+                                      now + lease_ms, lease_ms)
+        if held not in ("ok", "missing"):
+            ctx.duplicate = True
+            ctx.finish(f"execute refused: {held}")
+            return None
+        inputs = rt.runs.start_attempt(ctx.dispatch_id, ctx.token, ctx.instance_id, ctx.run_id,
+                                       now, lease_ms=lease_ms, thread_id=ctx.thread_id)
+    except AlreadyStartedError as exc:
+        # Redis forgot the executor (restart, flush) but SQL remembers the start.
+        ctx.duplicate = True
+        ctx.finish(f"execute refused: {exc.message}")
+        return None
+    except (VersionConflictError, NotFoundError) as exc:
+        _after_fence(rt, ctx, exc)
+        return None
+    except StoreUnavailableError as exc:
+        ctx.finish(f"store unavailable starting: {exc}")
+        return None
+    if held == "missing":
+        # Redis forgot the lease; SQL has just recorded this start under our token, so the
+        # token is one SQL issued: put the lease back, with us as its executor.
+        try:
+            rt.store.take_executor(ctx.thread_id, ctx.token, executor, ctx.dispatch_id,
+                                   now + lease_ms, lease_ms, create=True)
+        except StoreUnavailableError as exc:  # the heartbeat's renewals recreate it
+            log.warning("lease of %s not rebuilt in Redis: %s", ctx.describe(), exc)
+    return inputs
+
+
+def _record(rt: Runtime, ctx: PhaseContext, outcome: AgentOutcome) -> PhaseContext:
+    """Record a completed attempt: the run's outcome and the dispatch's projection, fenced
+    by the claim token, before settle acks (an attempt that lost its claim cannot decide the
+    run, and a crash before the ack is recognised by the retry: a done run, not re-run). A
+    result the store refuses is the agent's permanent error, with the store's reason."""
+    assert ctx.instance_id is not None
     termination = outcome.termination or Termination.natural_end()
     status, _ = termination.to_run_status()
     result = RunDispatchResult(ctx.run_id, ctx.instance_id, status, termination,
@@ -316,8 +387,17 @@ def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
         return _after_fence(rt, ctx, exc)
     except StoreUnavailableError as exc:
         return ctx.finish(f"store unavailable recording the outcome: {exc}")
+    except MailboxError as exc:
+        ctx.outcome = Outcome(PERMANENT, f"invalid agent result: the store refused it "
+                                         f"({exc})")
+        return ctx
     ctx.outcome = Outcome(COMPLETED, outcome.error, recorded=True)
     return ctx
+
+
+class InvalidAgentResultError(Exception):
+    """What an agent returned cannot be stored as its result (not a cancellation, not a
+    retryable failure: the same code returns the same thing)."""
 
 
 def _run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, lease_ms: int,
@@ -348,33 +428,81 @@ def _run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, lease_ms:
     heartbeat = Heartbeat(rt.store, dispatch_id=ctx.dispatch_id, token=ctx.token,
                           lease_ms=lease_ms, clock=rt.clock, on_stop=on_stop,
                           cancel_check=check)
+    value: Any = None
+    failure: BaseException | None = None
     try:
         with heartbeat:
             value = spec.handler(agent_ctx)
     except SuspendRequested as suspend:
-        if heartbeat.stop_kind == StopKind.unsafe:
-            return _stopped_unsafely(heartbeat)
-        ticket = storable(dict(suspend.ticket, since_dispatch_id=ctx.dispatch_id))
-        return AgentOutcome(COMPLETED, termination=Termination.suspended(), waiting=ticket)
+        value = suspend
     except Exception as exc:  # the agent's failure is data here, classified below
-        if heartbeat.stop_kind == StopKind.unsafe:
-            return _stopped_unsafely(heartbeat)
-        return AgentOutcome(classify(exc), storable(error_text(exc)))
+        failure = exc
     finally:
         rt.active.pop(ctx.dispatch_id, None)
     if heartbeat.stop_kind == StopKind.unsafe:
         return _stopped_unsafely(heartbeat)
-    if isinstance(value, AgentResult):
-        termination, response = value.termination, storable(value.response)
-        if termination.value is not None:
-            termination = Termination(termination.type, storable(termination.value))
-    else:
-        termination = Termination.natural_end()
-        response = None if value is None else storable(str(value))
+    if heartbeat.stop_kind is not None:
+        # Cancel means stop: after a cancel, an interrupt or a lost lease, whatever the agent
+        # did — returned, raised, suspended — the run ends cancelled (a lost lease's write is
+        # fenced off anyway). What it returned as text is kept as its partial answer.
+        return AgentOutcome(COMPLETED, termination=Termination.cancelled(),
+                            response=_partial_response(value))
+    if failure is not None:
+        return AgentOutcome(classify(failure), storable(error_text(failure)))
+    if isinstance(value, SuspendRequested):
+        ticket = storable(dict(value.ticket, since_dispatch_id=ctx.dispatch_id))
+        return AgentOutcome(COMPLETED, termination=Termination.suspended(), waiting=ticket)
+    try:
+        termination, response = _result_of(value)
+    except InvalidAgentResultError as exc:
+        return AgentOutcome(PERMANENT, storable(f"invalid agent result: {exc}"))
     if cancel.is_set() and termination == Termination.natural_end() and response is None:
         termination = Termination.cancelled()
     error = termination.value if termination.type == "error" else None
-    return AgentOutcome(COMPLETED, error, termination, response or None)
+    return AgentOutcome(COMPLETED, error, termination, response)
+
+
+def _result_of(value: Any) -> tuple[Termination, str | None]:
+    """An agent's return value as (termination, response), or InvalidAgentResultError that
+    says what was wrong and what to return instead."""
+    if isinstance(value, AgentResult):
+        termination = value.termination
+        if not isinstance(termination, Termination):
+            raise InvalidAgentResultError(
+                f"AgentResult.termination must be a Termination, got "
+                f"{type(termination).__name__}")
+        if termination.type == "suspended":
+            raise InvalidAgentResultError(
+                "a suspended termination cannot be returned: use ctx.suspend(action, "
+                "message, parameters) to wait for a decision")
+        if termination.value is not None:
+            termination = Termination(termination.type, storable(termination.value))
+        return termination, _response_text(value.response, "AgentResult.response")
+    return Termination.natural_end(), _response_text(value, "the agent's return value")
+
+
+def _response_text(value: Any, what: str) -> str | None:
+    """Text as it is; any other JSON value as its JSON text (None and "" as no response)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return str(storable(value))
+    try:
+        return str(storable(json.dumps(value, allow_nan=False)))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidAgentResultError(
+            f"{what} is a {type(value).__name__}, which is neither text nor JSON ({exc}): "
+            f"return a string, a JSON value or AgentResult(response=...)") from None
+
+
+def _partial_response(value: Any) -> str | None:
+    """What a stopped agent returned, kept when it is text (an answer cut short)."""
+    if isinstance(value, AgentResult):
+        value = value.response
+    try:
+        return _response_text(value, "the response") if isinstance(value, str) else None
+    except InvalidAgentResultError:
+        return None
 
 
 def _stopped_unsafely(heartbeat: Heartbeat) -> AgentOutcome:
@@ -402,9 +530,12 @@ def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> None:
     outcome = ctx.outcome
     assert outcome is not None, "settle of a context with neither outcome nor done"
     now = rt.clock()
-    _record_completion(ctx, outcome.kind, now)
+    if outcome.kind != DEFERRED:  # an attempt that ran (or could not run at all)
+        _record_completion(ctx, outcome.kind, now)
     try:
-        if outcome.kind == COMPLETED:
+        if outcome.kind == DEFERRED:
+            _settle_deferred(rt, ctx, outcome.error or "agent version not deployed", now)
+        elif outcome.kind == COMPLETED:
             _settle_completed(rt, ctx, outcome, now)
         elif outcome.kind == TRANSIENT:
             _settle_transient(rt, ctx, outcome.error or "transient error", now)
@@ -416,7 +547,7 @@ def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> None:
         # Left Claimed: the lease expires and the sweep reclaims it (attempt + 1).
         ctx.finish(f"store unavailable settling: {exc}")
     else:
-        if not ctx.duplicate:
+        if not ctx.duplicate and not ctx.done:  # done: recovery left it for the sweep
             ctx.settled = outcome.kind
 
 
@@ -436,8 +567,6 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         acked_run = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
                                 thread_id=ctx.thread_id)
         run = acked_run or run
-    except StoreUnavailableError:
-        raise
     except VersionConflictError:
         # Refused outright: the claim was not ours when the ack looked. If the dispatch is
         # Acked, another delivery of this same settle (a duplicated message) acked it and
@@ -449,11 +578,13 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
             return
         raise
     except MailboxError:
-        # Unknown whether the ack landed (its answer was lost): ack recovery.
-        run = _recover_ack(rt, ctx, now) or run
-        if ctx.duplicate:
-            ctx.finish("settled by another delivery of this attempt or by the sweep")
-            return
+        # Unknown whether the ack landed: its transaction failed, or it committed and the
+        # answer was lost on the way back (a connection dropped after COMMIT surfaces as
+        # StoreUnavailableError). Ack recovery finds out.
+        recovered = _recover_ack(rt, ctx, now)
+        if recovered is None:
+            return  # ctx says why: reported by another, or left for the sweep
+        run = recovered.run or run
     if run is None:
         run = rt.runs.load_run(ctx.run_id)
         if run is None:
@@ -461,24 +592,57 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
     reports.acked(rt.events, ctx.dispatch_id, run, rt.clock())
 
 
-def _recover_ack(rt: Runtime, ctx: PhaseContext, now: int) -> RunRecord | None:
-    """The result is recorded but the ack failed (docs/behaviour.md#ack-recovery): ack once
-    more if the claim is still ours and the recorded result is done (never force-ack a
-    waiting run). Returns the run when this ack read it."""
+@dataclass
+class RecoveredAck:
+    """The ack is ours (it had landed, or recovery acked again); `run` when it was read."""
+
+    run: RunRecord | None
+
+
+def _recover_ack(rt: Runtime, ctx: PhaseContext, now: int) -> RecoveredAck | None:
+    """Ack recovery (docs/behaviour.md#settle): the outcome is recorded, and whether our ack
+    landed is unknown. Re-read the dispatch:
+
+    - Acked with our time: our ack landed and only its answer was lost; we report it, once.
+    - Acked at another time: another delivery of this settle, or the sweep once the lease ran
+      out, acked it and reports it; we say nothing (None, ctx marked duplicate).
+    - still Claimed by us: ack again, when the recorded result is done, or waiting for a
+      decision (the documented departure: reclaiming a waiting result would run the agent
+      and ask the human again). Any other recorded state is refused (None): the claim is
+      left for the sweep, which decides with the run store under the thread lock.
+    - anything else: the claim is not ours (VersionConflictError).
+
+    A store outage while recovering propagates: the claim is left for the sweep, which acks
+    a claim whose outcome is recorded."""
+    started = time.perf_counter()
+
+    def outcome(label: str) -> None:
+        metrics.observe_ack_recovery(label, time.perf_counter() - started)
+
     current = rt.store.load_dispatch(ctx.dispatch_id)
     if current is None:
+        outcome("missing")
         raise NotFoundError(ctx.dispatch_id)
     if current.status == DispatchStatus.Acked:
-        if current.completed_at != now:
-            # Not our ack (it would carry our time): another delivery of this settle, or the
-            # sweep once the lease ran out, acked it, and that one reports it.
-            ctx.duplicate = True
+        if current.completed_at == now:
+            outcome("landed")
+            return RecoveredAck(None)
+        outcome("acked_elsewhere")
+        ctx.duplicate = True
+        ctx.finish("settled by another delivery of this attempt or by the sweep")
         return None
     if current.status != DispatchStatus.Claimed or current.claim_token != ctx.token:
+        outcome("not_ours")
         raise VersionConflictError(0, 1)
+    if current.run_status not in (RunStatus.done, RunStatus.waiting):
+        outcome("refused")
+        ctx.finish(f"ack recovery refused: the recorded result is "
+                   f"{current.run_status.value if current.run_status else 'missing'}; left "
+                   f"for the sweep")
+        return None
     run = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now, thread_id=ctx.thread_id)
-    metrics.count_operation("ack_recovery", "ok")
-    return run
+    outcome("acked")
+    return RecoveredAck(run)
 
 
 def _record_failure(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> None:
@@ -504,6 +668,34 @@ def _settle_transient(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> N
     if after is not None and after.status == DispatchStatus.DeadLetter:
         reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, error, rt.clock())
     _reconcile(rt, after)
+
+
+def _settle_deferred(rt: Runtime, ctx: PhaseContext, reason: str, now: int) -> None:
+    """Put back a dispatch whose pinned agent version this worker lacks (T19), without
+    spending an attempt, backing off as the wait grows (half the time waited so far, within
+    the retry base and cap); once it has waited MAILBOX_MISSING_AGENT_GRACE_S since a
+    worker first found the version missing, dead-letter it with a reason naming the version
+    (`mailbox_operations_total{operation="agent_missing"}` counts both)."""
+    current = rt.store.load_dispatch(ctx.dispatch_id)
+    since = now if current is None or current.deferred_since is None \
+        else current.deferred_since
+    waited_ms = max(0, now - since)
+    grace_s = rt.settings.missing_agent_grace_s
+    if waited_ms >= grace_s * 1000:
+        metrics.count_operation("agent_missing", "dead_letter")
+        _settle_permanent(rt, ctx, (
+            f"{reason}, nor on any worker that took it in {waited_ms // 1000} s "
+            f"(MAILBOX_MISSING_AGENT_GRACE_S={grace_s}): deploy that version, then replay "
+            f"this dead letter"), now)
+        return
+    delay = int(min(max(rt.settings.retry_base_ms, waited_ms // 2), rt.settings.retry_max_ms))
+    requeued = rt.store.defer(ctx.dispatch_id, ctx.token, now + delay, reason, now)
+    metrics.count_operation("agent_missing", "deferred")
+    rt.events.emit(ctx.run_id, ctx.dispatch_id, "run_rescheduled", {
+        "reason": "agent_version_missing", "error": reason,
+        "attempt_count": requeued.attempt_count, "available_at": requeued.available_at},
+        ts=rt.clock())
+    rt.wake(ctx.thread_id, delay)
 
 
 def _settle_permanent(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> None:

@@ -64,6 +64,17 @@ def cancelled(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:
         ts=ts)
 
 
+def ended_after_outcome(events: EventStreams, dispatch: RunDispatch, run: RunRecord,
+                        ts: int) -> None:
+    """The attempt recorded the run's outcome, then lost its claim before the ack (an
+    interrupt fenced it): the run ends with what the attempt recorded, and the dispatch's
+    status says why it was not acked."""
+    termination = run.termination or Termination.natural_end()
+    events.emit(run.run_id, dispatch.dispatch_id, "run_finish", {
+        "termination": termination.to_json(), "response": run.response,
+        "status": dispatch.status.label}, ts=ts)
+
+
 def ended(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:
     """The report of a terminal dispatch whose run this caller just reconciled (Cancelled,
     Superseded or DeadLetter; an Acked dispatch's run is reported by `acked`)."""

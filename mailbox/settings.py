@@ -19,6 +19,12 @@ DEFAULT_SQLITE_PATH = PROJECT_ROOT / "var" / "mailbox.sqlite3"
 # Written by the dev launcher (`python -m mailbox up`, `make demo`) when it starts the embedded
 # Redis, so that every process of the project finds it without configuration.
 DEV_REDIS_URL_FILE = PROJECT_ROOT / "var" / "redis.url"
+# Retention (docs/behaviour.md#gc) and the event streams' byte budget (docs/behaviour.md#events).
+DEFAULT_DEAD_LETTER_RETENTION_S = 14 * 24 * 3600
+DEFAULT_THREAD_RETENTION_S = 30 * 24 * 3600
+DEFAULT_EVENT_STREAM_MAX_BYTES = 4 * 1024 * 1024
+# Room for the largest single event (64 KiB of data and its envelope) twice over.
+MIN_EVENT_STREAM_MAX_BYTES = 256 * 1024
 
 
 def dev_redis_url() -> str | None:
@@ -63,7 +69,18 @@ class Settings:
     sweep_interval_s: int = 30
     gc_interval_s: int = 60
     retention_s: int = 86_400
+    """Acked, Cancelled and Superseded dispatches, and event streams after their last event."""
+    dead_letter_retention_s: int = DEFAULT_DEAD_LETTER_RETENTION_S
+    """Dead letters: kept for an operator to list, replay or purge (docs/behaviour.md#gc)."""
+    thread_retention_s: int = DEFAULT_THREAD_RETENTION_S
+    """Finished runs no dispatch references, with their messages (the thread's conversation),
+    and then the epoch rows of threads with nothing left."""
+    event_stream_max_bytes: int = DEFAULT_EVENT_STREAM_MAX_BYTES
+    """Per run: the oldest events are dropped while a stream's events exceed this."""
     agent_modules: str = ""
+    missing_agent_grace_s: int = 600
+    """How long a dispatch whose pinned agent version no worker that took it had is put
+    back (a rolling deploy in progress) before it is dead-lettered."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -85,7 +102,15 @@ class Settings:
             sweep_interval_s=_int(env, "MAILBOX_SWEEP_INTERVAL_S", 30, minimum=1),
             gc_interval_s=_int(env, "MAILBOX_GC_INTERVAL_S", 60, minimum=1),
             retention_s=_int(env, "MAILBOX_RETENTION_S", 86_400),
+            dead_letter_retention_s=_int(env, "MAILBOX_DEAD_LETTER_RETENTION_S",
+                                         DEFAULT_DEAD_LETTER_RETENTION_S),
+            thread_retention_s=_int(env, "MAILBOX_THREAD_RETENTION_S",
+                                    DEFAULT_THREAD_RETENTION_S),
+            event_stream_max_bytes=_int(env, "MAILBOX_EVENT_STREAM_MAX_BYTES",
+                                        DEFAULT_EVENT_STREAM_MAX_BYTES,
+                                        minimum=MIN_EVENT_STREAM_MAX_BYTES),
             agent_modules=env.get("MAILBOX_AGENT_MODULES", ""),
+            missing_agent_grace_s=_int(env, "MAILBOX_MISSING_AGENT_GRACE_S", 600),
         )
 
 

@@ -24,6 +24,8 @@ Exit codes:
     2  usage error (bad option, argument or value)
     3  `audit` found invariant violations
     4  not found (unknown dispatch or run id) or an expired event cursor
+    5  `submit`/`resume --wait`: the dispatch ended, but not Acked (Cancelled, Superseded,
+       DeadLetter); the result is printed as usual and stderr says how it ended
 
 Errors are one line on stderr (`error: ...`, or a JSON object with `--json`), never a
 traceback. Nothing here imports Celery at module import: a wake-up after a submit imports

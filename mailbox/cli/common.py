@@ -34,6 +34,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_VIOLATIONS = 3
 EXIT_NOT_FOUND = 4
+EXIT_NOT_ACKED = 5  # `--wait`: the dispatch ended, but not Acked (how: on stderr)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

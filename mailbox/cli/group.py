@@ -38,6 +38,7 @@ Exit codes:
   2  usage error (bad option, argument or value)
   3  audit found invariant violations
   4  not found (unknown dispatch or run id) or expired event cursor
+  5  --wait: the dispatch ended Cancelled, Superseded or DeadLetter
 """
 
 

@@ -23,6 +23,7 @@ from rich.table import Table
 from mailbox.audit import iso_ms
 from mailbox.cli.common import (
     EXIT_FAILURE,
+    EXIT_NOT_ACKED,
     ID,
     RUN_ID,
     SECONDS,
@@ -128,6 +129,11 @@ def _finish_submit(ctx: click.Context, box: Mailbox, receipt: Receipt, wake: dic
             _print_result(out)
     if cli_state(ctx).json:
         emit_json(out)
+    if wait_s is not None and out["dispatch"]["status"] != DispatchStatus.Acked.value:
+        dispatch = out["dispatch"]
+        why = f": {dispatch['last_error']}" if dispatch.get("last_error") else ""
+        raise CliFailure(f"dispatch {receipt.dispatch_id} ended {dispatch['status']}{why}",
+                         EXIT_NOT_ACKED, "not_acked", cli_state(ctx).json)
 
 
 # ================================================================================== reads

@@ -1,12 +1,18 @@
--- Record which process executes the attempt that holds this lease. A second delivery of the
--- same phase message carries the same token, so the token alone cannot refuse it: the
--- executor field can.
+-- Record which process executes the attempt that holds this lease, and extend the lease to
+-- the attempt's start. A second delivery of the same phase message carries the same token,
+-- so the token alone cannot refuse it: the executor field can.
+-- A lease that Redis forgot (restart, flush) is recreated only when `create` is '1', which
+-- the caller passes after SQL recorded the start under this token: a lease is never created
+-- for a token SQL has not issued (a forged execute message must not stall the thread).
 -- KEYS[1] lease key
--- ARGV: token, executor, dispatch_id, lease_until, ttl_ms
--- Returns 'ok', 'held:<other executor>', or 'lost' (another token holds the thread).
-local cur = redis.call('HMGET', KEYS[1], 'token', 'executor')
+-- ARGV: token, executor, dispatch_id, lease_until, ttl_ms, create ('1'/'0')
+-- Returns 'ok', 'missing' (no lease, not created), 'held:<other executor>', or 'lost'
+-- (another token holds the thread).
+local cur = redis.call('HMGET', KEYS[1], 'token', 'executor', 'lease_until')
 if not cur[1] then
-  -- Redis forgot the lease (restart, flush): the caller just verified the claim in SQL.
+  if ARGV[6] ~= '1' then
+    return 'missing'
+  end
   redis.call('HSET', KEYS[1], 'token', ARGV[1], 'dispatch_id', ARGV[3], 'lease_until', ARGV[4],
              'holder', ARGV[2], 'executor', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -18,5 +24,10 @@ end
 if cur[2] and cur[2] ~= '' and cur[2] ~= ARGV[2] then
   return 'held:' .. cur[2]
 end
-redis.call('HSET', KEYS[1], 'executor', ARGV[2])
+if not tonumber(cur[3]) or tonumber(ARGV[4]) > tonumber(cur[3]) then
+  redis.call('HSET', KEYS[1], 'executor', ARGV[2], 'lease_until', ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'executor', ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 'ok'

@@ -27,6 +27,8 @@ SQL, so no invariant depends on Redis.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -47,6 +49,7 @@ from mailbox.errors import (
     AlreadyExistsError,
     MailboxError,
     NotFoundError,
+    StaleEpochError,
     StoreUnavailableError,
     ValidationError,
     VersionConflictError,
@@ -71,7 +74,13 @@ from mailbox.store.operations import operation
 
 log = logging.getLogger(__name__)
 
-NOT_OURS = (0, 1)  # VersionConflict(expected=0, actual=1): "not your claim"
+NOT_OURS = (0, 1)
+_ON_COMMIT = "mailbox_on_commit"  # VersionConflict(expected=0, actual=1): "not your claim"
+
+MAX_LIST_LIMIT = 1000
+"""The most rows one list call returns (list_dispatches, list_terminal_dispatches,
+list_dead_letters, thread_messages, ...): page with offsets or cursors beyond it, so that no
+call's work, memory or transaction grows with the data (docs/behaviour.md#gc)."""
 
 FinishedCheck = Callable[[sa.Connection, RunDispatch], bool]
 """`finished(conn, claim)`: did this expired claim's attempt already write the run's outcome?
@@ -117,15 +126,30 @@ class MailboxStore:
     def write(self) -> Iterator[sa.Connection]:
         """A write transaction: committed when the block ends, rolled back if it raises. On
         SQLite it waits its turn on the writers' gate (docs/architecture.md#sqlite)."""
-        if self._gate is None:
-            with self.engine.begin() as conn:
-                yield conn
-            return
+        committed: list[Callable[[], None]] = []  # see on_commit
+        gate = self._gate.held() if self._gate is not None else contextlib.nullcontext()
         try:
-            with self._gate.held(), self.engine.begin() as conn:
-                yield conn
+            with gate, self.engine.begin() as conn:
+                conn.info[_ON_COMMIT] = committed
+                try:
+                    yield conn
+                finally:  # the info dict outlives the checkout: leave nothing behind
+                    conn.info.pop(_ON_COMMIT, None)
         except WriteGateTimeoutError as exc:
             raise StoreUnavailableError(f"database is locked: {exc}") from exc
+        for action in committed:
+            action()
+
+    @staticmethod
+    def on_commit(conn: sa.Connection, action: Callable[[], None]) -> None:
+        """Run `action` once the `write()` transaction of `conn` has committed (never if it
+        rolls back): metrics of what the transaction did count only what happened. Outside
+        a `write()` (a caller's own transaction) it runs at once."""
+        pending = conn.info.get(_ON_COMMIT)
+        if pending is None:
+            action()
+        else:
+            pending.append(action)
 
     @contextmanager
     def read(self) -> Iterator[sa.Connection]:
@@ -196,6 +220,9 @@ class MailboxStore:
         the status each row had when read (a mismatch means a writer skipped the lock)."""
         groups: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
         for before, after in pairs:
+            if after.is_terminal and not before.is_terminal:
+                self.on_commit(conn, functools.partial(metrics.count_terminal,
+                                                       after.status.label))
             change = q.dispatch_changes(before, after)
             if not change:
                 continue
@@ -420,7 +447,7 @@ class MailboxStore:
                 raise VersionConflictError(*NOT_OURS)
             if current.is_stale(epoch):
                 after = current.fenced(epoch, stale_reason, now)
-                conflict = VersionConflictError(current.dispatch_epoch, epoch)
+                conflict = StaleEpochError(current.dispatch_epoch, epoch)
             else:
                 after = apply(current)
             self._save(conn, [(current, after)])
@@ -438,6 +465,15 @@ class MailboxStore:
         """`fenced_write` with nothing else to write; returns the dispatch after."""
         with self.fenced_write(dispatch_id, claim_token, now, stale_reason, apply) as fenced:
             return fenced.dispatch
+
+    @operation("take_executor")
+    def take_executor(self, thread_id: str, claim_token: str, executor: str, dispatch_id: str,
+                      lease_until: int, lease_ms: int, *, create: bool = False) -> str:
+        """Redis: make `executor` the one process running this claim's attempt and extend the
+        lease to `lease_until` (`Coordinator.take_executor`); StoreUnavailableError when
+        Redis cannot be reached, like every store operation."""
+        return self.coordinator.take_executor(thread_id, claim_token, executor, dispatch_id,
+                                              lease_until, lease_ms, create=create)
 
     @operation("record_dispatch_start")
     def record_dispatch_start(self, dispatch_id: str, claim_token: str,
@@ -468,6 +504,15 @@ class MailboxStore:
         require_ms("retry_at", retry_at)
         self._fenced(dispatch_id, claim_token, now, REASON_STALE_NACK,
                      lambda d: d.nacked(retry_at, str(error), now))
+
+    @operation("defer")
+    def defer(self, dispatch_id: str, claim_token: str, retry_at: int, reason: str, now: int
+              ) -> RunDispatch:
+        """T19: the pinned agent version is not deployed on this worker; back to the queue
+        at `retry_at` without spending an attempt. Returns the dispatch as requeued."""
+        require_ms("retry_at", retry_at)
+        return self._fenced(dispatch_id, claim_token, now, REASON_STALE_NACK,
+                            lambda d: d.deferred(retry_at, str(reason), now))
 
     @operation("dead_letter")
     def dead_letter(self, dispatch_id: str, claim_token: str, error: str, now: int) -> None:
@@ -714,12 +759,16 @@ class MailboxStore:
 
 
     @operation("unreconciled_terminal_dispatches")
-    def unreconciled_terminal_dispatches(self, limit: int = 100) -> list[RunDispatch]:
+    def unreconciled_terminal_dispatches(self, limit: int = 100,
+                                         after: tuple[int, str] | None = None
+                                         ) -> list[RunDispatch]:
         """Terminal dispatches (Cancelled, Superseded, DeadLetter) whose run still points at
-        them and is not done: what a crash between the two writes leaves behind."""
+        them and is not done: what a crash between the two writes leaves behind. Ordered by
+        (updated_at, dispatch_id); `after` pages on from the last of the previous page."""
+        _require_page(limit, 0)
         with self.read() as conn:
             return [q.dispatch_from_row(r)
-                    for r in conn.execute(q.SELECT_UNRECONCILED_TERMINAL, {"limit": limit})]
+                    for r in conn.execute(q.unreconciled_terminal_page(limit, after))]
 
     @operation("due_thread_ids")
     def due_thread_ids(self, now: int, limit: int = 1000, after: str | None = None
@@ -727,6 +776,7 @@ class MailboxStore:
         """Threads with a Queued dispatch due now and no Claimed dispatch: those a wake-up
         would start (delayed availability, retries in backoff, lost publishes). Ordered by
         thread id; `after` pages on from the last id of the previous page."""
+        _require_page(limit, 0)
         with self.read() as conn:
             return [str(t) for t in conn.execute(
                 q.due_thread_ids_query(now, limit, after)).scalars()]
@@ -738,6 +788,7 @@ class MailboxStore:
                           ) -> list[RunDispatch]:
         """Dead-lettered dispatches, newest first, filtered by thread, agent name, error text
         and the time they died (`completed_at` within [since, until))."""
+        _require_page(limit, offset)
         query = q.dead_letters_query(thread_id=thread_id, agent=agent,
                                      error_contains=error_contains, since=since, until=until,
                                      limit=limit, offset=offset)
@@ -766,6 +817,9 @@ def _require_page(limit: int, offset: int) -> None:
     for name, value in (("limit", limit), ("offset", offset)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValidationError(f"{name} must be a non-negative integer, got {value!r}")
+    if limit > MAX_LIST_LIMIT:
+        raise ValidationError(f"limit must be at most {MAX_LIST_LIMIT} (MAX_LIST_LIMIT), got "
+                              f"{limit}; page with offset or a cursor")
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:

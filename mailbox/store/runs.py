@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from mailbox import metrics
 from mailbox.errors import (
     AlreadyExistsError,
     AlreadyStartedError,
@@ -36,7 +37,7 @@ from mailbox.model import (
     Termination,
 )
 from mailbox.store import statements as q
-from mailbox.store.dispatches import MailboxStore, ReclaimPage
+from mailbox.store.dispatches import MAX_LIST_LIMIT, MailboxStore, ReclaimPage
 from mailbox.store.operations import operation
 
 MAX_INPUT_BYTES = 256 * 1024
@@ -209,7 +210,12 @@ class RunStore:
 
     @operation("thread_messages")
     def thread_messages(self, thread_id: str, limit: int = 1000) -> list[Message]:
-        """The thread's log, oldest first (the last `limit` entries)."""
+        """The thread's log, oldest first (the last `limit` entries, at most
+        `MAX_LIST_LIMIT`)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) \
+                or not 0 <= limit <= MAX_LIST_LIMIT:
+            raise ValidationError(f"limit must be an integer within 0..{MAX_LIST_LIMIT} "
+                                  f"(MAX_LIST_LIMIT), got {limit!r}")
         with self.store.read() as conn:
             rows = [Message(**dict(r._mapping)) for r in conn.execute(
                 q.SELECT_THREAD_TAIL, {"thread_id": thread_id, "limit": limit})]
@@ -271,13 +277,17 @@ class RunStore:
             **changed, "guard_run_id": run_id, "guard_status": before.status.value})
         if result.rowcount != 1:
             raise ValidationError(f"run {run_id} changed concurrently")
+        if after.status == RunStatus.done and before.status != RunStatus.done:
+            termination = (after.termination or Termination.natural_end()).type
+            seconds = max(0, (after.finished_at or after.updated_at) - after.created_at) / 1000
+            self.store.on_commit(conn, lambda: metrics.observe_run_end(termination, seconds))
         return after
 
     # ---------------------------------------------------- fenced writes of the executing attempt
     @operation("record_dispatch_start")  # T4 and the run, together
     def start_attempt(self, dispatch_id: str, claim_token: str, dispatch_instance_id: str,
-                      run_id: str, now: int, *, thread_id: str | None = None
-                      ) -> list[Message]:
+                      run_id: str, now: int, *, lease_ms: int | None = None,
+                      thread_id: str | None = None) -> list[Message]:
         """Record the attempt's start on the dispatch (T4) and move the run to running, in
         one transaction fenced by the claim token: a claim that is not ours any more writes
         neither (VersionConflictError / NotFoundError). An attempt whose start is already
@@ -288,7 +298,10 @@ class RunStore:
             if d.dispatch_instance_id is not None:
                 raise AlreadyStartedError(f"attempt already started as "
                                           f"{d.dispatch_instance_id}")
-            return d.started(dispatch_instance_id, now)
+            started = d.started(dispatch_instance_id, now)
+            # The lease runs a whole lease from the start, whatever the hops from the claim
+            # took (docs/behaviour.md#heartbeat).
+            return started if lease_ms is None else started.lease_extended(lease_ms, now)
 
         def running(run: RunRecord) -> RunRecord | None:
             if run.status == RunStatus.done:

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from mailbox import (
     DispatchStatus,
@@ -33,13 +34,14 @@ from mailbox import (
     PermanentError,
     RunDispatch,
     RunDispatchResult,
+    RunRecord,
     RunStatus,
     StoreUnavailableError,
     Termination,
     TransientError,
     ValidationError,
 )
-from mailbox.agents import AgentContext, AgentResult
+from mailbox.agents import AgentContext, AgentResult, agent
 from mailbox.context import Outcome, PhaseContext
 from mailbox.maintenance import sweep
 from mailbox.phases import (
@@ -436,8 +438,7 @@ def test_reconstruct_done_run_settles_without_running_the_agent_again(
 
 
 # ==================================================================================== resolve
-@pytest.mark.parametrize("case", ["no-resolution-id", "unknown-resolution",
-                                  "version-not-registered"])
+@pytest.mark.parametrize("case", ["no-resolution-id", "unknown-resolution"])
 def test_resolve_failure_is_permanent_after_one_attempt(mailbox: Mailbox, case: str) -> None:
     name, calls = register(lambda ctx: "must not run")
     wakes = Wakes()
@@ -445,12 +446,9 @@ def test_resolve_failure_is_permanent_after_one_attempt(mailbox: Mailbox, case: 
     if case == "no-resolution-id":
         resolution_id, resolution = None, Resolution(f"{name}@1", name, "1")
         expected = "has no resolution id"
-    elif case == "unknown-resolution":
+    else:
         resolution_id, resolution = "ghost@1", Resolution(f"{name}@1", name, "1")
         expected = "resolution 'ghost@1' not found"
-    else:  # pinned by a process that had version 9, which this process does not have
-        resolution_id, resolution = f"{name}@9", Resolution(f"{name}@9", name, "9")
-        expected = f"agent not found: {name}@9"
     run_id, dispatch_id = submit_raw(mailbox, "t-resolve", agent_id=name,
                                      resolution_id=resolution_id, resolution=resolution)
     ctx = phases(rt, claim(rt, "t-resolve"), verify, reconstruct, resolve)
@@ -1072,11 +1070,11 @@ def test_ack_failing_once_is_recovered_by_a_second_ack(
     wakes = Wakes()
     rt = make_runtime(mailbox, wakes, clock=Clock())
     receipt = mailbox.submit("t-ack", "echo", "finished")
-    recoveries = ops("ack_recovery")
+    recoveries = ops("ack_recovery", "acked")
 
     ctx = run_chain(rt, claim(rt, "t-ack"))
     assert fault.calls == 2, "the injected failure was consumed by the recovery's ack"
-    assert ops("ack_recovery") == recoveries + 1
+    assert ops("ack_recovery", "acked") == recoveries + 1
     assert ctx.settled == "completed"
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
@@ -1130,12 +1128,16 @@ def test_ack_outage_leaves_the_claim_and_the_retry_acks_without_rerunning(
     expires, and the sweep, finding the run done by this very attempt, acks it: no second
     attempt, no second run of the agent."""
     name, calls = register(lambda ctx: "finished")
-    monkeypatch.setattr(mailbox.runs, "ack", FailOnce(
-        mailbox.runs.ack, StoreUnavailableError("injected: database unreachable")))
     clock = Clock()
     rt = make_runtime(mailbox, Wakes(), clock=clock)
     receipt = mailbox.submit("t-ack3", name, "x")
-    ctx = run_chain(rt, claim(rt, "t-ack3"))
+    ctx = phases(rt, claim(rt, "t-ack3"), verify, reconstruct, resolve, execute)
+    monkeypatch.setattr(mailbox.runs, "ack", FailOnce(
+        mailbox.runs.ack, StoreUnavailableError("injected: database unreachable")))
+    # Still down when ack recovery re-reads the dispatch: nothing to do but leave it.
+    monkeypatch.setattr(mailbox.store, "load_dispatch", FailOnce(
+        mailbox.store.load_dispatch, StoreUnavailableError("injected: still unreachable")))
+    ctx = settle(rt, ctx)
     assert ctx.done is True and ctx.reason.startswith("store unavailable settling")
     assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Claimed
 
@@ -1375,3 +1377,435 @@ def test_sweeps_racing_over_finished_claims_ack_each_once(mailbox: Mailbox) -> N
     for receipt in receipts:
         assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
         assert finishes(mailbox, receipt.run_id) == ["acked"]
+
+
+# =============================================================== cancel means stop (issue 11)
+def _cancel_while_running(mailbox: Mailbox, rt: Runtime, thread: str, agent: str,
+                          stop: Callable[[Mailbox, str], Any]) -> tuple[str, PhaseContext]:
+    """Submit, run the chain in a thread, stop it with `stop(mailbox, dispatch_id)` once the
+    agent runs; returns (dispatch id, the chain's final context)."""
+    receipt = mailbox.submit(thread, agent, "go")
+    ctx = claim(rt, thread)
+    results: dict[str, PhaseContext] = {}
+    worker = threading.Thread(target=lambda: results.update(out=run_chain(rt, ctx)))
+    worker.start()
+    deadline = time.monotonic() + 15
+    while load(mailbox, receipt.dispatch_id).run_status != RunStatus.running:
+        assert time.monotonic() < deadline, "the agent never started"
+        time.sleep(0.01)
+    stop(mailbox, receipt.dispatch_id)
+    worker.join(30)
+    assert not worker.is_alive()
+    return receipt.dispatch_id, results["out"]
+
+
+def _after_cancel(then: Callable[[AgentContext], Any]) -> Callable[[AgentContext], Any]:
+    def behaviour(ctx: AgentContext) -> Any:
+        deadline = time.monotonic() + 10
+        while not ctx.cancelled():
+            assert time.monotonic() < deadline, "never cancelled"
+            time.sleep(0.01)
+        return then(ctx)
+    return behaviour
+
+
+def _raise(error: Exception) -> Callable[[AgentContext], Any]:
+    def behaviour(ctx: AgentContext) -> Any:
+        raise error
+    return behaviour
+
+
+CANCELLED_THEN = {
+    "raises TransientError": _raise(TransientError("stopped mid-request")),
+    "raises an unexpected exception": _raise(RuntimeError("socket closed")),
+    "raises PermanentError": _raise(PermanentError("gave up")),
+    "suspends": lambda ctx: ctx.suspend("approve"),
+    "returns an error termination": lambda ctx: AgentResult(
+        termination=Termination.error("half done")),
+    "returns its partial answer": lambda ctx: "partial answer",
+}
+
+
+@pytest.mark.parametrize("then", list(CANCELLED_THEN))
+def test_cancel_means_stop_whatever_the_agent_then_does(mailbox: Mailbox, then: str) -> None:
+    """After `cancel()`, the run ends cancelled and the dispatch is acked: never a retry,
+    never a dead letter, never a wait for a human (before: a raise after the cancel was
+    retried, undoing the cancel)."""
+    name, calls = register(_after_cancel(CANCELLED_THEN[then]))
+    rt = make_runtime(mailbox, Wakes(), lease_ms=3000)
+    dispatch_id, out = _cancel_while_running(
+        mailbox, rt, f"t-cancel-{uuid.uuid4().hex[:6]}", name,
+        lambda box, d: box.cancel(d))
+    assert out.stop_kind == "requested" and out.settled == "completed"
+    dispatch = load(mailbox, dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
+    assert dispatch.termination == Termination.cancelled()
+    run = run_of(mailbox, dispatch.run_id)
+    assert run.status == RunStatus.done and run.termination == Termination.cancelled()
+    assert run.response == ("partial answer" if then == "returns its partial answer" else None)
+    assert calls.count == 1
+    finish = [e for e in mailbox.events_of(dispatch.run_id) if e.type == "run_finish"]
+    assert len(finish) == 1 and finish[0].data["termination"] == {"type": "cancelled"}
+    assert event_types(mailbox, dispatch.run_id)[-1] == "run_finish"
+
+
+@pytest.mark.parametrize("then", ["raises TransientError", "returns its partial answer"])
+def test_interrupt_means_stop_whatever_the_agent_then_does(mailbox: Mailbox, then: str) -> None:
+    name, calls = register(_after_cancel(CANCELLED_THEN[then]))
+    rt = make_runtime(mailbox, Wakes(), lease_ms=3000)
+    thread = f"t-int-{uuid.uuid4().hex[:6]}"
+    dispatch_id, out = _cancel_while_running(mailbox, rt, thread, name,
+                                             lambda box, d: box.interrupt(thread))
+    assert out.done and out.reason.startswith("fenced")
+    dispatch = load(mailbox, dispatch_id)
+    assert dispatch.status == DispatchStatus.Superseded and dispatch.attempt_count == 0
+    run = run_of(mailbox, dispatch.run_id)
+    assert run.status == RunStatus.done and run.termination == Termination.cancelled()
+    assert calls.count == 1
+    assert event_types(mailbox, dispatch.run_id)[-2:] == ["run_cancelled", "run_finish"]
+
+
+# ================================================= a bad outcome is a permanent error (issue 11)
+class _Opaque:
+    pass
+
+
+BAD_RESULTS: dict[str, tuple[Callable[[AgentContext], Any], str]] = {
+    "suspended termination without ctx.suspend": (
+        lambda ctx: AgentResult(termination=Termination.suspended()), "use ctx.suspend"),
+    "an object that is not JSON": (lambda ctx: _Opaque(), "neither text nor JSON"),
+    "AgentResult with a set as response": (
+        lambda ctx: AgentResult(response={1, 2}), "neither text nor JSON"),  # type: ignore[arg-type]
+    "AgentResult with a string as termination": (
+        lambda ctx: AgentResult(termination="done"), "must be a Termination"),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RESULTS))
+def test_a_result_that_cannot_be_stored_dead_letters_after_one_attempt(
+        mailbox: Mailbox, case: str) -> None:
+    """Before: a suspended termination raised out of execute and the claim waited out its
+    lease, once per attempt, until the budget was spent. Now: the agent's permanent error,
+    saying what to do, after that one attempt."""
+    behaviour, hint = BAD_RESULTS[case]
+    name, calls = register(behaviour)
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit(f"t-bad-{uuid.uuid4().hex[:6]}", name, "x")
+    out = run_chain(rt, claim(rt, receipt.thread_id))
+    assert out.settled == "permanent_error"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter and dispatch.attempt_count == 0
+    assert dispatch.last_error is not None and "invalid agent result" in dispatch.last_error
+    assert hint in dispatch.last_error
+    assert calls.count == 1
+    run = run_of(mailbox, receipt.run_id)
+    assert run.status == RunStatus.done and run.termination is not None
+    assert run.termination.type == "error"
+    assert event_types(mailbox, receipt.run_id)[-1] == "run_finish"
+
+
+@pytest.mark.parametrize(("value", "stored"), [
+    ({"answer": 42, "sources": ["a"]}, '{"answer": 42, "sources": ["a"]}'),
+    ([1, 2], "[1, 2]"), (7, "7"), (True, "true"), ("", None)])
+def test_a_json_value_is_stored_as_its_json_text(mailbox: Mailbox, value: Any,
+                                                 stored: str | None) -> None:
+    name, _ = register(lambda ctx: value)
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit(f"t-json-{uuid.uuid4().hex[:6]}", name, "x")
+    run_chain(rt, claim(rt, receipt.thread_id))
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.run_response == stored
+
+
+def test_a_result_the_store_refuses_is_the_agents_permanent_error(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing but a store outage escapes execute: a ValidationError from the outcome write
+    becomes the attempt's permanent error (not a crash left to lease expiry)."""
+    name, _ = register(lambda ctx: "fine")
+    monkeypatch.setattr(mailbox.runs, "record_outcome", FailOnce(
+        mailbox.runs.record_outcome, ValidationError("waiting run requires a waiting ticket")))
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-refused", name, "x")
+    out = run_chain(rt, claim(rt, "t-refused"))
+    assert out.settled == "permanent_error"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter
+    assert "the store refused it" in (dispatch.last_error or "")
+
+
+# ==================================================================== ack answer lost (issue 11)
+def test_an_ack_that_committed_but_lost_its_answer_as_an_outage_is_reported_once(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ack committed; the connection dropped before its answer (StoreUnavailableError).
+    Before: re-raised before recovery, so nobody ever reported the run's end. Now: recovery
+    re-reads, finds its own ack, reports once."""
+    fault = FailOnce(mailbox.runs.ack, StoreUnavailableError("server closed the connection"),
+                     after_real=True)
+    monkeypatch.setattr(mailbox.runs, "ack", fault)
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-lost-answer", "echo", "done")
+    landed = ops("ack_recovery", "landed")
+    out = run_chain(rt, claim(rt, "t-lost-answer"))
+    assert fault.calls == 1 and out.settled == "completed"
+    assert ops("ack_recovery", "landed") == landed + 1
+    finish = [e for e in mailbox.events_of(receipt.run_id) if e.type == "run_finish"]
+    assert [e.data["status"] for e in finish] == ["acked"]
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Acked
+
+
+def test_ack_recovery_refuses_a_result_that_is_not_done(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery acks only a recorded result that is done (or waiting: the documented
+    departure). A projection that says anything else is left for the sweep."""
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-refuse", "echo", "x")
+    ctx = phases(rt, claim(rt, "t-refuse"), verify, reconstruct, resolve, execute)
+    sql(mailbox, dispatches.update().where(dispatches.c.dispatch_id == receipt.dispatch_id)
+        .values(run_status=RunStatus.running.value))
+    monkeypatch.setattr(mailbox.runs, "ack", FailOnce(
+        mailbox.runs.ack, StoreUnavailableError("injected")))
+    out = settle(rt, ctx)
+    assert out.done and out.reason.startswith("ack recovery refused")
+    assert out.settled is None
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Claimed
+
+
+# ============================================================ lease covers claim → start (11)
+def test_hops_from_claim_to_start_never_cost_an_attempt(mailbox: Mailbox) -> None:
+    """Three hops of a quarter lease each before execute: before, the lease ran from the
+    claim and the first renewal came a third of a lease after the start, so a racing sweep
+    reclaimed the claim under the running agent. Now the start extends the lease."""
+    lease_ms = 1200
+    name, calls = register(lambda ctx: (time.sleep(1.0), "done")[1])
+    rt = make_runtime(mailbox, Wakes(), lease_ms=lease_ms)
+    receipt = mailbox.submit("t-hops", name, "x")
+    stop = threading.Event()
+    sweeps: list[Any] = []
+
+    def sweeping() -> None:
+        while not stop.wait(0.02):
+            sweeps.append(mailbox.sweep())
+
+    racer = threading.Thread(target=sweeping, daemon=True)
+    racer.start()
+    try:
+        ctx = claim(rt, "t-hops")
+        for phase in (verify, reconstruct, resolve):
+            ctx = phase(rt, ctx)
+            time.sleep(lease_ms / 4 / 1000)  # a phase hop behind a backlog
+        started = now_ms()
+        ctx = execute(rt, ctx)
+        lease_after_start = load(mailbox, receipt.dispatch_id).lease_until
+        ctx = settle(rt, ctx)
+    finally:
+        stop.set()
+        racer.join(10)
+    assert not any(r.reclaimed for r in sweeps), "the claim was reclaimed during the hops"
+    assert ctx.settled == "completed" and calls.count == 1
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
+    assert lease_after_start is None or lease_after_start >= started + lease_ms - 50
+
+
+def test_the_start_extends_the_lease_in_sql_and_redis(mailbox: Mailbox) -> None:
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    seen: dict[str, Any] = {}
+
+    def observe(ctx: AgentContext) -> str:
+        dispatch = load(mailbox, ctx.dispatch_id)
+        seen["sql"] = dispatch.lease_until
+        lease = mailbox.store.coordinator.read_lease(ctx.thread_id)
+        seen["redis"] = lease.lease_until if lease else None
+        return "ok"
+
+    name, _ = register(observe)
+    mailbox.submit("t-extend", name, "x")
+    ctx = phases(rt, claim(rt, "t-extend"), verify, reconstruct, resolve)
+    started = clock.advance(mailbox.settings.lease_ms // 2)
+    execute(rt, ctx)
+    assert seen == {"sql": started + mailbox.settings.lease_ms,
+                    "redis": started + mailbox.settings.lease_ms}
+
+
+# ======================================================== no lease for an unissued token (11/12)
+def test_a_forged_execute_on_an_idle_thread_leaves_no_lease(mailbox: Mailbox) -> None:
+    """A phase message with a token SQL never issued, for a thread Redis has no lease of:
+    before, execute created a lease for it and the thread stalled until it expired."""
+    name, calls = register(lambda ctx: "must not run")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-forged", name, "x")
+    forged = PhaseContext(receipt.dispatch_id, "t-forged", receipt.run_id,
+                          str(uuid.uuid4()), 0, 0, 1, 1, 1, instance_id=str(uuid.uuid4()),
+                          resolution_id=f"{name}@1", agent=[name, "1"])
+    out = execute(rt, forged)
+    assert out.done and calls.count == 0
+    assert mailbox.store.coordinator.read_lease("t-forged") is None
+    ctx = claim(rt, "t-forged")  # not stalled: claimable at once
+    assert ctx.dispatch_id == receipt.dispatch_id
+
+
+def test_a_lease_redis_forgot_is_rebuilt_only_after_sql_recorded_the_start(
+        mailbox: Mailbox) -> None:
+    seen: dict[str, Any] = {}
+
+    def observe(ctx: AgentContext) -> str:
+        seen["lease"] = mailbox.store.coordinator.read_lease(ctx.thread_id)
+        return "ok"
+
+    name, _ = register(observe)
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    mailbox.submit("t-rebuilt", name, "x")
+    ctx = phases(rt, claim(rt, "t-rebuilt"), verify, reconstruct, resolve)
+    mailbox.store.coordinator.client.delete(mailbox.store.coordinator.lease_key("t-rebuilt"))
+    out = phases(rt, ctx, execute, settle)
+    assert out.settled == "completed"
+    assert seen["lease"] is not None and seen["lease"].token == ctx.token
+    raw = mailbox.store.coordinator.client.hget(
+        mailbox.store.coordinator.lease_key("t-rebuilt"), "executor")
+    assert raw is None, "released after the ack"
+
+
+# ================================================== every run that ends says so last (11)
+def test_a_reconstruct_failure_ends_the_stream_with_run_finish(mailbox: Mailbox) -> None:
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    mailbox.store.enqueue(RunDispatch.queued("d-noinput", "t-noinput", "run-noinput",
+                                             now_ms()))
+    phases(rt, claim(rt, "t-noinput"), verify, reconstruct)
+    events = list(mailbox.events_of("run-noinput"))
+    assert [e.type for e in events] == ["run_finish"]
+    assert events[0].data["status"] == "dead_letter" and events[0].is_final
+
+
+def test_an_interrupt_after_the_outcome_before_the_ack_ends_the_stream(
+        mailbox: Mailbox) -> None:
+    """Interrupted between execute's outcome write and settle's ack: the ack is fenced (the
+    dispatch ends Superseded) and the run keeps the attempt's outcome. Before, its stream
+    ended at run_started; now run_finish carries the run's termination."""
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-late-int", "echo", "answer")
+    ctx = phases(rt, claim(rt, "t-late-int"), verify, reconstruct, resolve, execute)
+    mailbox.store.interrupt("t-late-int", now_ms())
+    settle(rt, ctx)
+    assert load(mailbox, receipt.dispatch_id).status == DispatchStatus.Superseded
+    events = list(mailbox.events_of(receipt.run_id))
+    assert events[-1].type == "run_finish" and events[-1].is_final
+    assert events[-1].data == {"termination": {"type": "natural_end"}, "response": "answer",
+                               "status": "superseded"}
+    assert run_of(mailbox, receipt.run_id).response == "answer"
+
+
+def test_the_sweeps_repair_of_a_cancelled_run_ends_the_stream_with_run_finish(
+        mailbox: Mailbox) -> None:
+    """A crash between a cancel's two writes leaves the run open; the sweep's repair now
+    reports run_cancelled and then run_finish (before: run_cancelled only)."""
+    receipt = mailbox.submit("t-repair", "echo", "x")
+    assert mailbox.store.cancel(receipt.dispatch_id, now_ms()) is not None  # no reconcile
+    report = mailbox.sweep()
+    assert report.reconciled == [receipt.dispatch_id]
+    assert event_types(mailbox, receipt.run_id)[-2:] == ["run_cancelled", "run_finish"]
+    assert list(mailbox.events_of(receipt.run_id))[-1].is_final
+
+
+# ====================================================================== metrics (issue 11)
+def terminal(status: str) -> float:
+    return REGISTRY.get_sample_value("mailbox_dispatch_terminal_total",
+                                     {"status": status}) or 0.0
+
+
+def test_terminal_transitions_are_counted_by_status_once_committed(mailbox: Mailbox) -> None:
+    before = {s: terminal(s) for s in ("acked", "cancelled", "superseded", "dead_letter")}
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    mailbox.submit("t-count", "echo", "x")
+    run_chain(rt, claim(rt, "t-count"))
+    queued = mailbox.submit("t-count2", "echo", "y")
+    mailbox.cancel(queued.dispatch_id)
+    mailbox.submit("t-count3", "echo", "z")
+    mailbox.interrupt("t-count3")
+    mailbox.submit("t-count4", "fail", "x")
+    run_chain(rt, claim(rt, "t-count4"))
+    after = {s: terminal(s) - before[s] for s in before}
+    assert after == {"acked": 1, "cancelled": 1, "superseded": 1, "dead_letter": 1}
+
+
+def test_run_duration_and_start_metrics_on_every_path(mailbox: Mailbox) -> None:
+    def count(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    natural = count("mailbox_run_duration_seconds_count", {"termination": "natural_end"})
+    errors = count("mailbox_run_duration_seconds_count", {"termination": "error"})
+    starts = count("mailbox_dispatch_claim_to_start_seconds_count")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    mailbox.submit("t-dur", "echo", "x")
+    run_chain(rt, claim(rt, "t-dur"))
+    mailbox.store.enqueue(RunDispatch.queued("d-dur", "t-dur2", "run-dur-missing", now_ms()))
+    mailbox.runs.submit(
+        RunRecord("run-dur", "t-dur3", "echo", "echo@1", RunStatus.created, dispatch_id="d3",
+                  created_at=now_ms(), updated_at=now_ms()),
+        RunDispatch.queued("d3", "t-dur3", "run-dur", now_ms()),
+        Resolution("echo@1", "echo", "1"), "m-dur", "hi", now_ms())
+    sql(mailbox, messages.delete().where(messages.c.run_id == "run-dur"))
+    run_chain(rt, claim(rt, "t-dur2"))  # reconstruct failure: the run is missing
+    run_chain(rt, claim(rt, "t-dur3"))  # reconstruct failure: its input is missing
+    assert count("mailbox_run_duration_seconds_count", {"termination": "natural_end"}) \
+        == natural + 1
+    assert count("mailbox_run_duration_seconds_count", {"termination": "error"}) == errors + 1
+    assert count("mailbox_dispatch_claim_to_start_seconds_count") == starts + 3
+
+
+# ======================================================= a missing version is a deploy (11)
+def test_a_pinned_version_this_worker_lacks_is_put_back_without_an_attempt(
+        mailbox: Mailbox) -> None:
+    clock = Clock()
+    wakes = Wakes()
+    rt = make_runtime(mailbox, wakes, clock=clock)
+    name, calls = register(lambda ctx: f"v7 says {ctx.input}", version="6")
+    run_id, dispatch_id = submit_raw(mailbox, "t-deploy", agent_id=name,
+                                     resolution_id=f"{name}@7",
+                                     resolution=Resolution(f"{name}@7", name, "7"))
+    deferred = ops("agent_missing", "deferred")
+    out = run_chain(rt, claim(rt, "t-deploy"))
+    assert out.settled == "deferred" and calls.count == 0
+    dispatch = load(mailbox, dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 0
+    assert dispatch.deferred_since == clock() and dispatch.dispatch_instance_id is None
+    assert dispatch.last_error is not None and f"{name}@7 is not deployed" in dispatch.last_error
+    assert dispatch.available_at > clock()
+    assert ops("agent_missing", "deferred") == deferred + 1
+    [event] = [e for e in mailbox.events_of(run_id) if e.type == "run_rescheduled"]
+    assert event.data["reason"] == "agent_version_missing"
+    assert "run_started" not in event_types(mailbox, run_id)
+    assert ("t-deploy", dispatch.available_at - clock()) in wakes.calls
+
+    # The deploy finishes: this worker now has version 7, and runs it.
+    agent(name, "7")(lambda ctx: f"v7 says {ctx.input}")
+    clock.advance(dispatch.available_at - clock())
+    out = run_chain(rt, claim(rt, "t-deploy"))
+    assert out.settled == "completed"
+    done = load(mailbox, dispatch_id)
+    assert done.status == DispatchStatus.Acked and done.attempt_count == 0
+    assert done.run_response == "v7 says input" and done.deferred_since is None
+
+
+def test_a_pinned_version_missing_past_the_grace_dead_letters_naming_it(
+        mailbox: Mailbox) -> None:
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock, missing_agent_grace_s=60)
+    name, _ = register(lambda ctx: "v1", version="1")
+    _, dispatch_id = submit_raw(mailbox, "t-gone", agent_id=name, resolution_id=f"{name}@3",
+                                resolution=Resolution(f"{name}@3", name, "3"))
+    first = clock()
+    for _ in range(50):
+        ctx = claim_next(rt, "t-gone")
+        if ctx is None:
+            clock.advance(max(1, load(mailbox, dispatch_id).available_at - clock()))
+            continue
+        run_chain(rt, ctx)
+        if load(mailbox, dispatch_id).status != DispatchStatus.Queued:
+            break
+    dispatch = load(mailbox, dispatch_id)
+    assert dispatch.status == DispatchStatus.DeadLetter and dispatch.attempt_count == 0
+    assert clock() - first >= 60_000
+    assert dispatch.last_error is not None and f"{name}@3" in dispatch.last_error
+    assert "MAILBOX_MISSING_AGENT_GRACE_S=60" in dispatch.last_error
