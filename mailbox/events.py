@@ -2,10 +2,12 @@
 
 Every run has a stream of JSON events `{id, type, run_id, dispatch_id, ts, data}`. Readers
 resume from a cursor (the last id they saw) and get every later event, live or not. Retention
-is bounded twice: at most `max_len` events per run, and the whole stream expires `retention`
-after its last event. A reader whose cursor points before what retention dropped gets
-`CursorExpiredError` — never a silent gap. Events are advisory: the SQL records are the truth,
-and a failed emit never fails a run.
+is bounded three ways: at most `max_len` events per run, at most `max_bytes` bytes of events
+per run (an agent that emits big outputs would otherwise keep up to `max_len` times 64 KiB in
+Redis for every run), and the whole stream expires `retention` after its last event; garbage
+collection deletes the streams of the runs it deletes (`forget`). A reader whose cursor points
+before what retention dropped gets `CursorExpiredError` — never a silent gap. Events are
+advisory: the SQL records are the truth, and a failed emit never fails a run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +32,10 @@ log = logging.getLogger(__name__)
 EVENT_TYPES = frozenset({"run_queued", "run_started", "output", "suspended", "run_rescheduled",
                          "run_finish", "run_cancelled"})
 DEFAULT_MAX_LEN = 1000
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024  # MAILBOX_EVENT_STREAM_MAX_BYTES
 _CURSOR = re.compile(r"[0-9]+(-[0-9]+)?\Z", re.ASCII)
 MAX_DATA_BYTES = 64 * 1024
+FORGET_BATCH = 1000  # keys per DEL
 
 
 class CursorExpiredError(MailboxError):
@@ -71,11 +75,12 @@ def _id_tuple(stream_id: str) -> tuple[int, int]:
 
 class EventStreams:
     def __init__(self, client: redis.Redis[bytes], namespace: str, retention_s: int,
-                 max_len: int = DEFAULT_MAX_LEN) -> None:
+                 max_len: int = DEFAULT_MAX_LEN, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.client = client
         self.namespace = namespace
         self.retention_ms = max(1, retention_s) * 1000
         self.max_len = max_len
+        self.max_bytes = max_bytes
         self.append_script = client.register_script((LUA_DIR / "events_append.lua").read_text())
 
     def _keys(self, run_id: str) -> tuple[str, str]:
@@ -96,12 +101,22 @@ class EventStreams:
                               "data": _bounded(data)})
         try:
             raw = self.append_script(keys=list(self._keys(run_id)),
-                               args=[payload, self.max_len, self.retention_ms])
+                                     args=[payload, self.max_len, self.retention_ms,
+                                           self.max_bytes])
         except redis.RedisError as exc:
             metrics.count_operation("event_emit", "error")
             log.warning("event %s for run %s not recorded: %s", type_, run_id, exc)
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def forget(self, run_ids: Sequence[str]) -> int:
+        """Delete these runs' streams (garbage collection deleted the runs); how many keys
+        went. A follower of one of them gets CursorExpiredError, as after expiry."""
+        keys = [key for run_id in run_ids for key in self._keys(run_id)]
+        deleted = 0
+        for start in range(0, len(keys), FORGET_BATCH):
+            deleted += int(self.client.delete(*keys[start:start + FORGET_BATCH]))
+        return deleted
 
     def __call__(self, run_id: str, after: str | None = None, follow: bool = False,
                  timeout_s: float | None = None) -> Iterator[Event]:

@@ -14,7 +14,6 @@ import math
 import os
 import socket
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -51,11 +50,12 @@ from mailbox.phases import Runtime, now_ms
 from mailbox.schema import upgrade
 from mailbox.settings import Settings, validate_namespace
 from mailbox.store import MailboxStore, Resolution, RunStore, Submission, encode_input
+from mailbox.store.dispatches import MAX_LIST_LIMIT as MAX_LIST_LIMIT
+from mailbox.store.retention import Retention, replay_run_id
 
 log = logging.getLogger(__name__)
 Waker = Callable[[str, int], None]
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
-MAX_PAGE = 1_000_000
 
 
 class WaitTimeoutError(MailboxError, TimeoutError):
@@ -76,10 +76,6 @@ class Receipt:
     resumed: bool = False
     already_replayed: bool = False
     """For `replay`: the dead letter had been replayed before; this is that replay's run."""
-
-
-# Replay run ids are uuid5(REPLAY_NAMESPACE, dead letter's dispatch id): one replay each.
-REPLAY_NAMESPACE = uuid.UUID("6d1f3c1e-6a43-4f55-9c8e-2b8f0a7d5e11")
 
 
 def _new_id() -> str:
@@ -110,7 +106,9 @@ class Mailbox:
         self.settings = settings
         self.runs = RunStore(store)
         self.events = EventStreams(store.coordinator.client, settings.namespace,
-                                   settings.retention_s)
+                                   settings.retention_s,
+                                   max_bytes=settings.event_stream_max_bytes)
+        self.retention = Retention(store)
         self.waker: Waker | None = None
 
     @classmethod
@@ -345,7 +343,7 @@ class Mailbox:
         for name, moment in (("since", since), ("until", until)):
             if moment is not None:
                 _check_int(name, moment, 0, MAX_MS)
-        _check_int("limit", limit, 0, MAX_PAGE)
+        _check_int("limit", limit, 0, MAX_LIST_LIMIT)
         _check_int("offset", offset, 0, MAX_MS)
         return self.store.list_dead_letters(thread_id=thread_id, agent=agent,
                                            error_contains=error_contains, since=since,
@@ -383,13 +381,13 @@ class Mailbox:
         if run is None or run.resolution_id is None or not user:
             raise ValidationError(f"run {dead.run_id} of dispatch {dispatch_id} cannot be "
                                   f"rebuilt (missing run, agent pin or input)")
-        replay_run_id = str(uuid.uuid5(REPLAY_NAMESPACE, dispatch_id))
-        earlier = self._earlier_replay(replay_run_id)
+        replay_id = replay_run_id(dispatch_id)
+        earlier = self._earlier_replay(replay_id)
         if earlier is not None:
             return earlier
         name, _, version = run.resolution_id.partition("@")
         now = now_ms()
-        dispatch = RunDispatch.queued(_new_id(), dead.thread_id, replay_run_id, now,
+        dispatch = RunDispatch.queued(_new_id(), dead.thread_id, replay_id, now,
                                       priority=dead.priority, max_attempts=dead.max_attempts)
         replayed = RunRecord(dispatch.run_id, dead.thread_id, run.agent_id, run.resolution_id,
                              RunStatus.created, dispatch_id=dispatch.dispatch_id,
@@ -398,7 +396,7 @@ class Mailbox:
             self.runs.submit(replayed, dispatch, Resolution(run.resolution_id, name, version),
                              _new_id(), user[0].content, now)
         except AlreadyExistsError:
-            earlier = self._earlier_replay(replay_run_id)  # a concurrent replay won
+            earlier = self._earlier_replay(replay_id)  # a concurrent replay won
             if earlier is None:
                 raise
             return earlier
@@ -414,14 +412,22 @@ class Mailbox:
         return Receipt(run.dispatch_id, run.run_id, run.thread_id, already_replayed=True)
 
     def purge_dead_letters(self, dispatch_ids: list[str]) -> int:
-        """Delete these dead letters (ids of anything else are ignored); how many went."""
+        """Delete these dead letters (ids of anything else are ignored); how many went. Each
+        takes its run, the run's messages (its input) and its event stream along, unless
+        another dispatch still references the run (docs/behaviour.md#gc). At most
+        `MAX_LIST_LIMIT` ids per call."""
         if isinstance(dispatch_ids, str | bytes) or not isinstance(
                 dispatch_ids, list | tuple | set | frozenset):
             # A lone string would otherwise be taken as a sequence of one-letter ids.
             raise ValidationError(f"dispatch_ids must be a list of dispatch ids, got "
                                   f"{show_value(dispatch_ids)}")
+        if len(dispatch_ids) > MAX_LIST_LIMIT:
+            raise ValidationError(f"at most {MAX_LIST_LIMIT} dispatch ids per purge, got "
+                                  f"{len(dispatch_ids)}")
         ids = [check_text("dispatch_ids item", d) for d in dispatch_ids]
-        return self.store.purge_dead_letters(ids)
+        purged = self.retention.purge_dead_letters(ids)
+        maintenance.forget_event_streams(self.events, purged.run_ids)
+        return purged.dispatches
 
     # ------------------------------------------------------------------------- maintenance
     def sweep(self, now: int | None = None) -> SweepReport:

@@ -1,6 +1,6 @@
 """Sweep and garbage collection (docs/behaviour.md#maintenance), run by the beat schedule and at
-worker
-start.
+worker start. Both work in bounded pages: every transaction handles at most one page of rows,
+and the loops page through everything (garbage collection: docs/behaviour.md#gc).
 
 The sweep is what makes a Celery message "only a wake-up": it acks expired claims whose
 attempt had already written the run's outcome (only the ack was lost), reclaims the other
@@ -29,20 +29,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import redis
 
 from mailbox import metrics, reports
 from mailbox.coordination import Coordinator
-from mailbox.model import DispatchStatus
+from mailbox.events import EventStreams
+from mailbox.model import MAX_MS, DispatchStatus
 from mailbox.phases import Runtime
 from mailbox.settings import Settings
+from mailbox.store.retention import GC_BATCH, Cutoffs, Retention, check_batch
 
 log = logging.getLogger(__name__)
 
 RECLAIM_BATCH = 100
+RECONCILE_PAGE = 100
+GC_THREADS_PER_PASS = 20_000
+"""Threads one garbage collection looks at; the next goes on from there (bounded work per
+run of the beat task, whatever the number of threads)."""
+GC_CURSOR_TTL_MS = 7 * 24 * 3600 * 1000
 LEASE_EXPIRED = "lease expired: the attempt's worker stopped renewing it"
 DUE_THREADS_PAGE = 1000
 # Sweep wake-ups carry task ids with this prefix: the consumer of any other wake-up (submit,
@@ -136,30 +143,46 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
                                     dispatch.last_error or LEASE_EXPIRED, rt.clock())
         if not page.more:
             break
-    for dispatch in rt.store.unreconciled_terminal_dispatches(limit=1000):
-        if rt.runs.reconcile(dispatch, now) is not None:
-            report.reconciled.append(dispatch.dispatch_id)
-            reports.ended(rt.events, dispatch, rt.clock())
-    due = _due_threads(rt, now)
-    if publish is None:
-        for thread_id in due:
-            rt.wake(thread_id, 0)
-            report.woken.append(thread_id)
-    else:
-        ttl = wake_pending_ttl_ms(rt.settings) if pending_ttl_ms is None else pending_ttl_ms
-        _publish_wakes(rt.store.coordinator, due, publish, ttl, report)
+    _reconcile_terminal(rt, now, report)
+    ttl = wake_pending_ttl_ms(rt.settings) if pending_ttl_ms is None else pending_ttl_ms
+    for due in _due_threads(rt, now):
+        if publish is None:
+            for thread_id in due:
+                rt.wake(thread_id, 0)
+                report.woken.append(thread_id)
+        else:
+            _publish_wakes(rt.store.coordinator, due, publish, ttl, report)
     return report
 
 
-def _due_threads(rt: Runtime, now: int) -> list[str]:
-    """Every due thread, a page at a time: a backlog on more than one page of threads must not
-    leave the threads past the first page waiting for the earlier ones to drain."""
-    due: list[str] = []
+def _reconcile_terminal(rt: Runtime, now: int, report: SweepReport) -> None:
+    """Every terminal dispatch whose run a crash left unreconciled, a page at a time (each run
+    in its own transaction); the cursor moves past a row that could not be reconciled, so
+    one such row cannot hold up the rest, and it is tried again at the next sweep."""
+    after: tuple[int, str] | None = None
     while True:
-        page = rt.store.due_thread_ids(now, DUE_THREADS_PAGE, due[-1] if due else None)
-        due.extend(page)
+        page = rt.store.unreconciled_terminal_dispatches(RECONCILE_PAGE, after)
+        for dispatch in page:
+            if rt.runs.reconcile(dispatch, now) is not None:
+                report.reconciled.append(dispatch.dispatch_id)
+                reports.ended(rt.events, dispatch, rt.clock())
+        if len(page) < RECONCILE_PAGE:
+            return
+        after = (page[-1].updated_at, page[-1].dispatch_id)
+
+
+def _due_threads(rt: Runtime, now: int) -> Iterator[list[str]]:
+    """Every due thread, a page at a time: a backlog on more than one page of threads must not
+    leave the threads past the first page waiting for the earlier ones to drain, and each
+    page is woken before the next is read, so the sweep holds one page at a time."""
+    after: str | None = None
+    while True:
+        page = rt.store.due_thread_ids(now, DUE_THREADS_PAGE, after)
+        if page:
+            yield page
         if len(page) < DUE_THREADS_PAGE:
-            return due
+            return
+        after = page[-1]
 
 
 def _publish_wakes(coordinator: Coordinator, due: list[str], publish: SweepWakePublisher,
@@ -188,11 +211,148 @@ def _publish_wakes(coordinator: Coordinator, due: list[str], publish: SweepWakeP
         raise
 
 
+# ======================================================================= garbage collection
+@dataclass
+class GcReport:
+    """What one garbage collection deleted (docs/behaviour.md#gc), and in how many write
+    transactions: each deletes at most one batch of rows."""
+
+    dispatches: int = 0
+    """Acked, Cancelled and Superseded dispatches past MAILBOX_RETENTION_S."""
+    dead_letters: int = 0
+    """Dead letters past MAILBOX_DEAD_LETTER_RETENTION_S."""
+    runs: int = 0
+    messages: int = 0
+    threads: int = 0
+    """Threads with nothing left whose epoch rows went."""
+    event_streams: int = 0
+    """Redis keys of deleted runs' event streams (a stream and its meta hash each)."""
+    kept_replays: int = 0
+    """Finished runs kept because they replay a dead letter still kept."""
+    threads_scanned: int = 0
+    transactions: int = 0
+    scan_complete: bool = False
+    """The thread scan reached the last thread (else the next collection goes on from where
+    this one stopped)."""
+
+
+def retention_cutoffs(settings: Settings, now: int) -> Cutoffs:
+    """What was last changed strictly before these times may go."""
+    def before(retention_s: int) -> int:
+        return min(MAX_MS, max(0, now - retention_s * 1000))
+
+    return Cutoffs(dispatches=before(settings.retention_s),
+                   dead_letters=before(settings.dead_letter_retention_s),
+                   runs=before(settings.thread_retention_s))
+
+
+def garbage_collection(rt: Runtime, now: int, *, batch: int = GC_BATCH,
+                       max_threads: int = GC_THREADS_PER_PASS) -> GcReport:
+    """One garbage collection at `now`: every deletion in transactions of at most `batch`
+    rows, so that on SQLite the write lock is never held for long and live work's claims and
+    acks go on in between.
+
+    1. Terminal dispatches past their retention (dead letters past theirs), paging through the
+       terminal index.
+    2. Up to `max_threads` threads, in pages of `batch`, from where the previous collection
+       stopped (a cursor in Redis; from the start when Redis forgot it): their finished runs
+       that no dispatch references, past the thread retention, with their messages and event
+       streams; then each thread left with no dispatch and no run loses its stray messages,
+       its epoch row and its Redis epoch cache, under its own lock.
+
+    Safe to run twice at once: every delete re-checks what it deletes.
+    """
+    check_batch(batch)
+    cutoffs = retention_cutoffs(rt.settings, now)
+    retention = Retention(rt.store)
+    report = GcReport()
+    after: tuple[int, int, str] | None = None
+    while True:
+        page = retention.delete_expired_dispatches(cutoffs, after, batch)
+        report.dispatches += page.dispatches
+        report.dead_letters += page.dead_letters
+        report.transactions += page.transactions
+        if not page.more:
+            break
+        after = page.cursor
+    _collect_threads(rt, retention, cutoffs, report, batch, max_threads)
+    return report
+
+
+def _collect_threads(rt: Runtime, retention: Retention, cutoffs: Cutoffs, report: GcReport,
+                     batch: int, max_threads: int) -> None:
+    cursor_key = f"{rt.settings.namespace}:gc:thread-cursor"
+    client = rt.store.coordinator.client
+    try:
+        raw = client.get(cursor_key)
+    except redis.RedisError:
+        raw = None
+    after = raw.decode() if isinstance(raw, bytes) else ""
+    while report.threads_scanned < max_threads:
+        wanted = min(batch, max_threads - report.threads_scanned)
+        threads = retention.thread_page(after, wanted)
+        report.threads_scanned += len(threads)
+        if threads:
+            _collect_runs(rt, retention, threads, cutoffs.runs, report, batch)
+            for thread_id in retention.empty_threads(threads):
+                deleted = retention.delete_thread(thread_id, batch)
+                report.threads += deleted.threads
+                report.messages += deleted.messages
+                report.transactions += deleted.transactions
+            after = threads[-1]
+        if len(threads) < wanted:
+            report.scan_complete = True
+            break
+    try:
+        if report.scan_complete:
+            client.delete(cursor_key)
+        else:
+            client.set(cursor_key, after, px=GC_CURSOR_TTL_MS)
+    except redis.RedisError as exc:
+        log.warning("could not store the garbage collector's thread cursor (%s); the next "
+                    "collection starts from the first thread", exc)
+
+
+def _collect_runs(rt: Runtime, retention: Retention, threads: list[str], before: int,
+                  report: GcReport, batch: int) -> None:
+    after = ("", "")
+    while True:
+        page = retention.expired_runs(threads, before, after, batch)
+        report.kept_replays += page.kept_replays
+        if page.run_ids:
+            deleted = retention.delete_runs(page.run_ids, before, batch)
+            report.runs += len(deleted.run_ids)
+            report.messages += deleted.messages
+            report.transactions += deleted.transactions
+            report.event_streams += forget_event_streams(rt.events, deleted.run_ids)
+        if not page.more:
+            return
+        after = page.cursor
+
+
+def forget_event_streams(events: EventStreams, run_ids: Sequence[str]) -> int:
+    """Delete the event streams of deleted runs. Best effort: a stream Redis keeps expires
+    MAILBOX_RETENTION_S after its last event anyway."""
+    if not run_ids:
+        return 0
+    try:
+        return events.forget(run_ids)
+    except redis.RedisError as exc:
+        metrics.count_operation("event_forget", "error")
+        log.warning("event streams of %d deleted runs not deleted (%s); they expire on their "
+                    "own", len(run_ids), exc)
+        return 0
+
+
 def collect_garbage(rt: Runtime, now: int) -> int:
-    """Purge terminal dispatches older than the retention (epochs are kept forever)."""
-    return rt.store.purge_terminal(max(0, now - rt.settings.retention_s * 1000))
+    """`garbage_collection` as the beat task runs it; returns how many dispatches went (the
+    rest of the report is logged)."""
+    report = garbage_collection(rt, now)
+    log.info("garbage collection: %s", report)
+    return report.dispatches + report.dead_letters
 
 
-__all__ = ["SWEEP_WAKE_PREFIX", "SweepReport", "SweepWakePublisher", "collect_garbage",
-           "consume_sweep_wake", "is_sweep_wake_id", "new_sweep_wake_id", "sweep",
-           "wake_pending_ttl_ms"]
+__all__ = ["SWEEP_WAKE_PREFIX", "GcReport", "SweepReport", "SweepWakePublisher",
+           "collect_garbage", "consume_sweep_wake", "forget_event_streams",
+           "garbage_collection", "is_sweep_wake_id", "new_sweep_wake_id", "retention_cutoffs",
+           "sweep", "wake_pending_ttl_ms"]

@@ -41,7 +41,7 @@ from mailbox.cli.common import (
 )
 from mailbox.cli.group import main
 from mailbox.errors import MailboxError, NotFoundError
-from mailbox.facade import Mailbox
+from mailbox.facade import MAX_LIST_LIMIT, Mailbox
 from mailbox.model import MAX_MS, DispatchStatus, RunDispatch
 
 SHOW_ITEMS = 20
@@ -140,7 +140,9 @@ def dlq() -> None:
 
 @dlq.command("list", help="Dead letters, newest first.")
 @dlq_filters
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=50,
+              show_default=True,
+              help=f"Rows to show (at most {MAX_LIST_LIMIT}; page with --offset).")
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
 @json_option
 @click.pass_context
@@ -216,7 +218,8 @@ def _finish_bulk(ctx: click.Context, failures: list[dict[str, str]], done: int,
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
 @dlq_filters
 @click.option("--force", is_flag=True, help="Replay even where the thread moved on.")
-@click.option("--batch-size", type=click.IntRange(1, 10_000), default=100, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, MAX_LIST_LIMIT), default=100,
+              show_default=True,
               help="Rows per page when selecting, wake-ups per publish round.")
 @json_option
 @click.pass_context
@@ -271,13 +274,15 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], all_: bool, thread: str
     _finish_bulk(ctx, failures, len(replayed), "not replayed")
 
 
-@dlq.command("purge", help="Delete dead letters for good (their runs stay, done). Needs "
-                           "--yes.")
+@dlq.command("purge", help="Delete dead letters for good, each with its run, the run's input "
+                           "and its event stream (unless another dispatch still needs the "
+                           "run). Needs --yes.")
 @click.argument("ids", nargs=-1, type=DISPATCH_ID)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
 @dlq_filters
 @click.option("--yes", is_flag=True, help="Really delete.")
-@click.option("--batch-size", type=click.IntRange(1, 10_000), default=100, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, MAX_LIST_LIMIT), default=100,
+              show_default=True,
               help="Rows per page when selecting and per delete.")
 @json_option
 @click.pass_context

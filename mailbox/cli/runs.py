@@ -42,7 +42,7 @@ from mailbox.cli.common import (
 from mailbox.cli.group import main
 from mailbox.errors import MailboxError, NotFoundError, StoreUnavailableError
 from mailbox.events import Event
-from mailbox.facade import Mailbox, Receipt
+from mailbox.facade import MAX_LIST_LIMIT, Mailbox, Receipt
 from mailbox.model import DispatchStatus, RunDispatch, RunRecord
 
 FOLLOW_MAX_RECONNECTS = 10
@@ -207,7 +207,9 @@ def _dispatch_table(title: str, rows: Sequence[RunDispatch]) -> Table:
 @click.argument("thread", type=THREAD)
 @click.option("--status", "statuses", multiple=True, type=_STATUS_CHOICE,
               help="Only these statuses (repeat the option for several).")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=50,
+              show_default=True,
+              help=f"Rows to show (at most {MAX_LIST_LIMIT}; page with --offset).")
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
 @json_option
 @click.pass_context

@@ -1,18 +1,48 @@
--- Append one event to a run's stream, keep at most ARGV[2] entries, and remember the newest
--- id that trimming dropped, so a reader behind it gets "cursor expired" instead of a gap.
--- KEYS[1] stream key, KEYS[2] meta hash key
--- ARGV: payload json, max_len, ttl_ms
-local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
+-- Append one event to a run's stream and trim it to its budgets: at most ARGV[2] entries and
+-- at most ARGV[4] bytes of event payloads, dropping the oldest first (never the event just
+-- added). The newest id that trimming dropped is remembered, so a reader behind it gets
+-- "cursor expired" instead of a gap.
+-- KEYS[1] stream key, KEYS[2] meta hash key (dropped_upto, last_id, bytes)
+-- ARGV: payload json, max_len, ttl_ms, max_bytes
 local max_len = tonumber(ARGV[2])
-local excess = redis.call('XLEN', KEYS[1]) - max_len
-if excess > 0 then
-  local dropped = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
-  redis.call('HSET', KEYS[2], 'dropped_upto', dropped[#dropped][1])
-  for _, entry in ipairs(dropped) do
-    redis.call('XDEL', KEYS[1], entry[1])
+local max_bytes = tonumber(ARGV[4])
+local bytes = redis.call('HGET', KEYS[2], 'bytes')
+if bytes then
+  bytes = tonumber(bytes)
+else
+  -- A stream written before the byte budget (or whose meta was lost): count it once.
+  bytes = 0
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+    bytes = bytes + string.len(entry[2][2])
   end
 end
-redis.call('HSET', KEYS[2], 'last_id', id)
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
+bytes = bytes + string.len(ARGV[1])
+local excess = redis.call('XLEN', KEYS[1]) - max_len
+local dropped_upto = false
+while excess > 0 or bytes > max_bytes do
+  local batch = math.max(excess, 1)
+  if batch > 100 then batch = 100 end
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', batch)
+  local progressed = false
+  for _, entry in ipairs(oldest) do
+    if entry[1] == id or (excess <= 0 and bytes <= max_bytes) then
+      break
+    end
+    redis.call('XDEL', KEYS[1], entry[1])
+    bytes = bytes - string.len(entry[2][2])
+    excess = excess - 1
+    dropped_upto = entry[1]
+    progressed = true
+  end
+  if not progressed then
+    break
+  end
+end
+if dropped_upto then
+  redis.call('HSET', KEYS[2], 'dropped_upto', dropped_upto)
+end
+redis.call('HSET', KEYS[2], 'last_id', id, 'bytes', bytes)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return id

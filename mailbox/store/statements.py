@@ -151,11 +151,6 @@ DELETE_TERMINAL_BEFORE = sa.delete(dispatches).where(
 DELETE_DEAD_LETTERS = sa.delete(dispatches).where(
     _D.dispatch_id.in_(sa.bindparam("dispatch_ids", expanding=True)),
     _D.status == DispatchStatus.DeadLetter.value)
-SELECT_UNRECONCILED_TERMINAL = (
-    sa.select(dispatches)
-    .join(runs, sa.and_(_R.run_id == _D.run_id, _R.dispatch_id == _D.dispatch_id))
-    .where(_D.status.in_(RECONCILED_VALUES), _R.status != RunStatus.done.value)
-    .order_by(_D.updated_at).limit(sa.bindparam("limit")))
 
 
 def list_dispatches_query(thread_id: str, statuses: Sequence[str] | None, limit: int,
@@ -334,3 +329,113 @@ SELECT_RUN_OUTCOMES_OF = sa.select(
     _R.run_id, _R.status, _R.dispatch_id, _R.response, _R.termination, _R.error,
     _R.finished_at,
 ).where(_R.run_id.in_(sa.bindparam("run_ids", expanding=True)))
+
+
+# ============================================================ retention (docs/behaviour.md#gc)
+# Garbage collection and the dead-letter purge (`mailbox/store/retention.py`). Every delete
+# takes its rows by key from a page read first and re-states its conditions, so a batch
+# deletes at most one page and never a row that stopped qualifying in between. Terminal
+# statuses are rendered as literals: SQLite uses a partial index only when the query repeats
+# the index's own `status IN (...)` term, which bound parameters never match.
+def _literals(values: Sequence[str]) -> list[sa.ColumnElement[Any]]:
+    return [sa.literal(v, literal_execute=True) for v in values]
+
+
+_TERMINAL_LITERALS = _literals(TERMINAL_VALUES)
+_DEAD = DispatchStatus.DeadLetter.value
+_TERMINAL_ORDER = (_D.updated_at, _D.created_at, _D.dispatch_id)
+
+
+def expired_terminal_page(before: int, after: tuple[int, int, str] | None, limit: int, *,
+                          postgres: bool) -> sa.Executable:
+    """Terminal dispatches last changed before `before` (the later of the two cut-offs), in
+    the order of the terminal index, after a keyset cursor: the caller decides per row which
+    retention applies, and the cursor walks past the rows it keeps."""
+    params: dict[str, Any] = {"before": before, "limit": limit}
+    if after is not None:
+        params.update(after_updated=after[0], after_created=after[1], after_id=after[2])
+    if not postgres:
+        # SQLite would rather take the status index and sort every terminal row for each
+        # page; SQLAlchemy renders no index hint for it, so this one is text.
+        cursor = ("" if after is None else " AND (updated_at, created_at, dispatch_id) > "
+                  "(:after_updated, :after_created, :after_id)")
+        statuses = ", ".join(f"'{v}'" for v in TERMINAL_VALUES)
+        return sa.text(
+            "SELECT dispatch_id, status, updated_at, created_at FROM run_dispatches "
+            "INDEXED BY ix_dispatch_terminal_updated "
+            f"WHERE status IN ({statuses}) AND updated_at < :before{cursor} "
+            "ORDER BY updated_at, created_at, dispatch_id LIMIT :limit").bindparams(**params)
+    query = (sa.select(_D.dispatch_id, _D.status, *_TERMINAL_ORDER[:2])
+             .where(_D.status.in_(_TERMINAL_LITERALS), _D.updated_at < params["before"]))
+    if after is not None:
+        query = query.where(sa.tuple_(*_TERMINAL_ORDER) > sa.tuple_(*after))
+    return query.order_by(*_TERMINAL_ORDER).limit(limit)
+
+
+DELETE_EXPIRED_DISPATCHES = sa.delete(dispatches).where(
+    _D.dispatch_id.in_(sa.bindparam("dispatch_ids", expanding=True)),
+    sa.or_(sa.and_(_D.status == _DEAD, _D.updated_at < sa.bindparam("dead_before")),
+           sa.and_(_D.status.in_(_literals([v for v in TERMINAL_VALUES if v != _DEAD])),
+                   _D.updated_at < sa.bindparam("before"))))
+
+# Threads, paged by id: every run, message and dispatch belongs to a thread with an epoch row.
+SELECT_THREAD_PAGE = (sa.select(_E.thread_id).where(_E.thread_id > sa.bindparam("after"))
+                      .order_by(_E.thread_id).limit(sa.bindparam("limit")))
+# Correlated on thread_id as well, so the lookup rides the (thread_id, status, ...) index.
+_RUN_REFERENCED = sa.exists().where(_D.thread_id == _R.thread_id, _D.run_id == _R.run_id)
+_RUN_EXPIRED = sa.and_(_R.status == RunStatus.done.value,
+                       _R.updated_at < sa.bindparam("before"), sa.not_(_RUN_REFERENCED))
+# Runs of the given threads that nothing needs any more, by (thread_id, run_id) after a cursor
+# (replays of kept dead letters stay, and the cursor walks past them).
+SELECT_EXPIRED_RUNS = (
+    sa.select(_R.run_id, _R.thread_id)
+    .where(_R.thread_id.in_(sa.bindparam("thread_ids", expanding=True)), _RUN_EXPIRED,
+           sa.tuple_(_R.thread_id, _R.run_id) > sa.tuple_(sa.bindparam("after_thread"),
+                                                         sa.bindparam("after_run")))
+    .order_by(_R.thread_id, _R.run_id).limit(sa.bindparam("limit")))
+DELETE_EXPIRED_RUNS = (sa.delete(runs)
+                       .where(_R.run_id.in_(sa.bindparam("run_ids", expanding=True)),
+                              _RUN_EXPIRED)
+                       .returning(_R.run_id))
+SELECT_DEAD_LETTER_IDS_OF_THREADS = sa.select(_D.dispatch_id).where(
+    _D.thread_id.in_(sa.bindparam("thread_ids", expanding=True)), _D.status == _DEAD)
+# Messages go a page at a time (a run's or a thread's log can be long), by their unique id.
+DELETE_MESSAGES_OF_RUNS = sa.delete(messages).where(_M.message_id.in_(
+    sa.select(_M.message_id).where(_M.run_id.in_(sa.bindparam("run_ids", expanding=True)))
+    .limit(sa.bindparam("limit")).scalar_subquery()))
+DELETE_MESSAGES_OF_THREAD = sa.delete(messages).where(_M.message_id.in_(
+    sa.select(_M.message_id).where(_M.thread_id == sa.bindparam("thread_id"))
+    .limit(sa.bindparam("limit")).scalar_subquery()))
+# A thread is collectable when nothing of it is left but its epoch row (and stray messages):
+# no dispatch at all — so no epoch can matter any more — and no run, live or kept.
+_THREAD_HAS_DISPATCH = sa.exists().where(_D.thread_id == _E.thread_id)
+_THREAD_HAS_RUN = sa.exists().where(_R.thread_id == _E.thread_id)
+SELECT_EMPTY_THREADS = sa.select(_E.thread_id).where(
+    _E.thread_id.in_(sa.bindparam("thread_ids", expanding=True)),
+    sa.not_(_THREAD_HAS_DISPATCH), sa.not_(_THREAD_HAS_RUN))
+SELECT_THREAD_HAS_DISPATCH = sa.select(_D.dispatch_id).where(
+    _D.thread_id == sa.bindparam("thread_id")).limit(1)
+SELECT_THREAD_HAS_RUN = sa.select(_R.run_id).where(
+    _R.thread_id == sa.bindparam("thread_id")).limit(1)
+DELETE_EPOCH = sa.delete(thread_epochs).where(_E.thread_id == sa.bindparam("thread_id"))
+# The dead-letter purge: the dead letters among the ids, then the runs no other dispatch needs.
+SELECT_DEAD_LETTERS_OF = sa.select(_D.dispatch_id, _D.thread_id, _D.run_id).where(
+    _D.dispatch_id.in_(sa.bindparam("dispatch_ids", expanding=True)), _D.status == _DEAD)
+DELETE_UNREFERENCED_RUNS = (sa.delete(runs)
+                            .where(_R.run_id.in_(sa.bindparam("run_ids", expanding=True)),
+                                   sa.not_(_RUN_REFERENCED))
+                            .returning(_R.run_id))
+SELECT_UNREFERENCED_RUNS = sa.select(_R.run_id).where(
+    _R.run_id.in_(sa.bindparam("run_ids", expanding=True)), sa.not_(_RUN_REFERENCED))
+
+
+def unreconciled_terminal_page(limit: int, after: tuple[int, str] | None) -> sa.Select[Any]:
+    """Terminal dispatches (Cancelled, Superseded, DeadLetter) whose run still points at them
+    and is not done, after a keyset cursor (updated_at, dispatch_id): the sweep pages through
+    all of them, and a row it could not reconcile does not come back in the same sweep."""
+    query = (sa.select(dispatches)
+             .join(runs, sa.and_(_R.run_id == _D.run_id, _R.dispatch_id == _D.dispatch_id))
+             .where(_D.status.in_(RECONCILED_VALUES), _R.status != RunStatus.done.value))
+    if after is not None:
+        query = query.where(sa.tuple_(_D.updated_at, _D.dispatch_id) > sa.tuple_(*after))
+    return query.order_by(_D.updated_at, _D.dispatch_id).limit(limit)
