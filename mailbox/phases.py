@@ -272,12 +272,15 @@ def resolve(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
         # Agent versions are code loaded per worker: during a rolling deploy, the answer
         # depends on which worker took the message. Not a poison message (yet): settle puts
         # it back for another worker, for a grace period (docs/behaviour.md#deferral).
-        ctx.outcome = Outcome(DEFERRED, f"agent {resolution.agent_name}@"
-                                        f"{resolution.agent_version} is not deployed on "
-                                        f"worker {rt.consumer_id}")
+        ctx.outcome = _missing_version(rt, resolution.agent_name, resolution.agent_version)
     else:
         ctx.agent = [resolution.agent_name, resolution.agent_version]
     return ctx
+
+
+def _missing_version(rt: Runtime, name: str, version: str) -> Outcome:
+    return Outcome(DEFERRED, f"agent {name}@{version} is not deployed on worker "
+                             f"{rt.consumer_id}")
 
 
 # ================================================================================= execute
@@ -298,6 +301,12 @@ def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     sweep: whatever the agent does becomes the attempt's outcome."""
     if ctx.done or ctx.outcome is not None:
         return ctx
+    spec = None if ctx.agent is None else agents.lookup(*ctx.agent)
+    if ctx.agent is not None and spec is None:
+        # Resolve ran on a worker that has the version; this one (the chain's phases go to
+        # any worker) does not: a deploy in progress, like a miss in resolve.
+        ctx.outcome = _missing_version(rt, *ctx.agent)
+        return ctx
     inputs = _start(rt, ctx)
     if inputs is None:
         return ctx
@@ -310,8 +319,6 @@ def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     if ctx.resolve_error:
         ctx.outcome = Outcome(PERMANENT, ctx.resolve_error)
         return ctx
-    assert ctx.agent is not None
-    spec = agents.lookup(*ctx.agent)
     assert spec is not None
     user = [m.content for m in inputs if m.role == "user"]
     decisions = [m.content for m in inputs if m.role == "decision"]

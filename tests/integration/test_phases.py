@@ -1809,3 +1809,21 @@ def test_a_pinned_version_missing_past_the_grace_dead_letters_naming_it(
     assert clock() - first >= 60_000
     assert dispatch.last_error is not None and f"{name}@3" in dispatch.last_error
     assert "MAILBOX_MISSING_AGENT_GRACE_S=60" in dispatch.last_error
+
+
+def test_a_version_resolve_found_but_the_executing_worker_lacks_is_deferred_too(
+        mailbox: Mailbox) -> None:
+    """The chain's phases go to any worker: resolve may run where the version is deployed and
+    execute where it is not yet. Before, execute crashed on it (the claim waited out its
+    lease, an attempt spent); now it is deferred like a miss in resolve."""
+    name, calls = register(lambda ctx: "ran", version="1")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-split-deploy", name, "x")
+    ctx = phases(rt, claim(rt, "t-split-deploy"), verify, reconstruct, resolve)
+    assert ctx.agent == [name, "1"]
+    ctx.agent = [name, "2"]  # what a resolve on a worker with version 2 would have found
+    out = phases(rt, ctx, execute, settle)
+    assert out.settled == "deferred" and calls.count == 0
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 0
+    assert dispatch.dispatch_instance_id is None and dispatch.deferred_since is not None

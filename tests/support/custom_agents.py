@@ -37,3 +37,26 @@ def probe(ctx: AgentContext) -> str | AgentResult:
     finally:
         note("end")
     return f"probed {ctx.input['ms']}"
+
+
+@agent("raise_when_cancelled")
+def raise_when_cancelled(ctx: AgentContext) -> str:
+    """Works `{"ms": N}`; once cancelled, gives up by raising, as a client library whose
+    request was aborted would."""
+    deadline = time.monotonic() + int(ctx.input["ms"]) / 1000
+    while time.monotonic() < deadline:
+        if ctx.cancelled():
+            raise ConnectionError("request aborted")
+        time.sleep(0.02)
+    return "finished"
+
+
+@agent("returns_suspended")
+def returns_suspended(ctx: AgentContext) -> AgentResult:
+    """Wrongly returns a suspended termination instead of calling ctx.suspend(...)."""
+    return AgentResult(termination=Termination.suspended())
+
+
+@agent("versioned", version="1")
+def versioned_v1(ctx: AgentContext) -> str:
+    return f"v1: {ctx.input}"
