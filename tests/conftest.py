@@ -7,14 +7,23 @@ namespace, so tests never see each other's keys; tests that flush or restart Red
 
 SQL: every store test runs on SQLite (a fresh file per test) and, when
 MAILBOX_TEST_POSTGRES_URL is set, again on PostgreSQL (a fresh schema per test).
+
+Services a test needs but the machine lacks (PostgreSQL, RabbitMQ) skip the test with a
+message saying which; MAILBOX_TEST_REQUIRE_SERVICES (CI: "postgres,rabbitmq") turns that skip
+into a failure for the services named (`tests.support.services.require`).
+
+A test that fails gets the logs of every worker stack it started (tests/support/workers.py)
+attached to its report, and `item.rep_setup` / `rep_call` / `rep_teardown` are set for
+fixtures that want to know how the test went.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,11 +31,30 @@ from mailbox import Mailbox
 from mailbox.database import scratch_postgres_schema
 from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.store import MailboxStore
+from tests.support import workers
+from tests.support.services import require
 
 POSTGRES_URL = os.environ.get("MAILBOX_TEST_POSTGRES_URL")
 # MAILBOX_TEST_BACKENDS picks the databases (CI runs "sqlite", then "postgres").
 BACKENDS = [b.strip() for b in os.environ.get("MAILBOX_TEST_BACKENDS", "sqlite,postgres"
                                               ).split(",") if b.strip()]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    workers.STACKS.clear()  # before the fixtures: stacks they make belong to this test
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, Any, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+    if report.failed and report.when in ("setup", "call"):
+        for n, s in enumerate(workers.STACKS, 1):
+            report.sections.append((f"worker logs (stack {n} of {len(workers.STACKS)}, "
+                                    f"{s.workdir})", s.logs()))
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +94,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield f"sqlite:///{tmp_path / 'mailbox.sqlite3'}"
         return
     if not POSTGRES_URL:
-        pytest.skip("MAILBOX_TEST_POSTGRES_URL is not set")
+        require("postgres", "MAILBOX_TEST_POSTGRES_URL is not set")
     with scratch_postgres_schema(POSTGRES_URL, "t") as url:
         yield url
 

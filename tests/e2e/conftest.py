@@ -13,7 +13,9 @@ from tests.support.workers import Stack, stack
 def celery_stack(mailbox: Mailbox, tmp_path: Path, request: pytest.FixtureRequest
                  ) -> Iterator[Stack]:
     """Worker/beat launcher bound to the test's database, Redis and namespace. Environment
-    overrides: `@pytest.mark.stack_env(MAILBOX_LEASE_MS="2000")`."""
+    overrides: `@pytest.mark.stack_env(MAILBOX_LEASE_MS="2000")`. When the test fails, the
+    stack's logs are attached to its report (tests/conftest.py); when one of the stack's
+    processes died without the test killing it, the test fails at teardown."""
     marker = request.node.get_closest_marker("stack_env")
     overrides = dict(marker.kwargs) if marker else {}
     settings = mailbox.settings
@@ -21,8 +23,6 @@ def celery_stack(mailbox: Mailbox, tmp_path: Path, request: pytest.FixtureReques
     with stack(settings.database_url, settings.redis_url, settings.namespace, tmp_path,
                **overrides) as s:
         yield s
-        if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
-            print(s.logs())
 
 
 @pytest.fixture

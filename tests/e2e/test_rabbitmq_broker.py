@@ -1,30 +1,34 @@
 """Scaling out on RabbitMQ: the broker is Celery's choice (CELERY_BROKER_URL); leases, epochs
-and events stay in Redis. Skipped where no RabbitMQ listens (CI has one)."""
+and events stay in Redis. Skipped where no RabbitMQ listens; CI has one and requires it
+(MAILBOX_TEST_REQUIRE_SERVICES=rabbitmq turns the skip into a failure)."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 
 from mailbox import DispatchStatus, Mailbox
+from tests.support.services import listening, require
 from tests.support.workers import ROOT, Stack
 
 AMQP_URL = os.environ.get("MAILBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def _rabbit_listening() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
-        return True
-    except OSError:
-        return False
+@pytest.fixture
+def rabbitmq() -> str:
+    """The AMQP URL of a RabbitMQ that listens (else a skip, or in CI a failure)."""
+    address = urlsplit(AMQP_URL)
+    host, port = address.hostname or "127.0.0.1", address.port or 5672
+    if not listening(host, port):
+        require("rabbitmq", f"no RabbitMQ listening on {host}:{port} (MAILBOX_TEST_AMQP_URL)")
+    return AMQP_URL
 
 
-@pytest.mark.skipif(not _rabbit_listening(), reason="no RabbitMQ on 127.0.0.1:5672")
+@pytest.mark.usefixtures("rabbitmq")
 def test_dispatch_through_rabbitmq_with_two_workers(celery_stack: Stack,
                                                     mailbox: Mailbox) -> None:
     celery_stack.env_overrides["CELERY_BROKER_URL"] = AMQP_URL
@@ -47,7 +51,7 @@ def test_dispatch_through_rabbitmq_with_two_workers(celery_stack: Stack,
         "5672" in (celery_stack.workdir / "worker1.log").read_text()
 
 
-@pytest.mark.skipif(not _rabbit_listening(), reason="no RabbitMQ on 127.0.0.1:5672")
+@pytest.mark.usefixtures("rabbitmq")
 def test_on_rabbitmq_a_claimed_chain_overtakes_a_backlog_of_wake_ups(
         celery_stack: Stack, mailbox: Mailbox) -> None:
     """The queue is a RabbitMQ priority queue with the phases above the wake-ups, as on

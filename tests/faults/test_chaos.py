@@ -48,6 +48,8 @@ from tests.conftest import BACKENDS, POSTGRES_URL
 from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
 from tests.support.e2e_helpers import events_of, received_count, worker_logs
 from tests.support.fault_hooks import PHASES, Driver, Faults, Item, installed
+from tests.support.racers import race
+from tests.support.services import require
 from tests.support.workers import Stack, stack
 
 SCALE = float(os.environ.get("MAILBOX_FAULT_SCALE", "1"))
@@ -119,14 +121,19 @@ def audited(audit: WorkloadAudit, s: Stack) -> WorkloadReport:
 # ============================================================ Redis flushed and restarted
 class Supervisor:
     """Restarts the worker when it exits, as a process supervisor (systemd, a container
-    restart policy) would. Needed while a Redis restart can kill a worker (see
-    test_closing_the_channel_after_losing_redis_raises_only_connection_errors); the restarts
-    are counted and printed, so the day the defect is fixed shows."""
+    restart policy) would, so that the load goes on and the audit still shows what a lost
+    worker cost. No restart is expected: a worker must survive Redis going away (the
+    channel's errors are connection errors: see
+    test_closing_the_channel_after_losing_redis_raises_only_connection_errors). The restarts
+    are counted, and `check()` fails the test on any (the stack fails it too, at its end:
+    the dead worker was not killed by the test)."""
 
     def __init__(self, s: Stack, worker: subprocess.Popen[bytes]) -> None:
-        self.stack, self.worker, self.restarts = s, worker, 0
+        self.stack, self.worker = s, worker
+        self.restarts: list[str] = []  # how each dead worker ended
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self.error: BaseException | None = None
 
     def __enter__(self) -> Supervisor:
         self._thread.start()
@@ -135,12 +142,24 @@ class Supervisor:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=90)
+        assert not self._thread.is_alive(), "the supervisor did not stop"
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            if self.worker.poll() is not None:
-                self.restarts += 1
-                self.worker = self.stack.start_worker(concurrency=CONCURRENCY)
+        try:
+            while not self._stop.wait(0.2):
+                if self.worker.poll() is not None:
+                    self.restarts.append(f"pid {self.worker.pid} exited with "
+                                         f"{self.worker.returncode} at {time.time():.1f}")
+                    self.worker = self.stack.start_worker(concurrency=CONCURRENCY)
+        except BaseException as exc:  # check() reports it
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"the supervisor failed: {self.error!r}") from self.error
+        assert not self.restarts, (
+            f"the worker died {len(self.restarts)} time(s) and was restarted; no restart is "
+            f"expected: {self.restarts}{worker_logs(self.stack)}")
 
 
 @pytest.fixture
@@ -189,7 +208,8 @@ def test_redis_flushed_then_restarted_during_1000_dispatches(
     marks["done"] = time.monotonic() - started
     print(f"\nredis flush+restart: {len(work)} dispatches, {marks}, retried submits "
           f"{driver.retried}, stored without wake {driver.not_published}, worker restarts "
-          f"{supervisor.restarts} (broker-loss finding)")
+          f"{len(supervisor.restarts)}")
+    supervisor.check()
     report = audited(audit, s)
     assert set(report.by_status) <= {"Acked", "Superseded"}, report.by_status
     assert report.by_status["Acked"] >= len(work) - 10 * scaled(10) // 3, report.by_status
@@ -250,7 +270,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         pytest.skip("PostgreSQL pass only (MAILBOX_TEST_BACKENDS with postgres and "
                     "MAILBOX_TEST_POSTGRES_URL)")
     if shutil.which("pg_ctl") is None and not Path("/usr/local/bin/pg_ctl").exists():
-        pytest.skip("no pg_ctl/initdb binaries for a private cluster")
+        require("postgres", "no pg_ctl/initdb binaries for a private cluster")
     cluster = PrivatePostgres()
     started = time.monotonic()
     try:
@@ -258,7 +278,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         cluster.start()
     except (RuntimeError, OSError) as exc:
         cluster.destroy()
-        pytest.skip(f"cannot run a private PostgreSQL cluster: {exc}")
+        require("postgres", f"cannot run a private PostgreSQL cluster: {exc}")
     print(f"\nprivate PostgreSQL up in {time.monotonic() - started:.1f}s")
     try:
         yield cluster
@@ -568,21 +588,26 @@ def test_a_replayed_attempt_delivered_twice_reports_its_result_once(mailbox: Mai
         retry = phase(retry_rt, retry)
     assert retry.outcome.replayed, retry
 
-    barrier = threading.Barrier(2, timeout=10)
+    # Both deliveries must be inside settle, past record_run_result, at the same moment:
+    # each records the result, then waits for the other before it goes on to ack.
+    barrier = threading.Barrier(2, timeout=30)
     record = mailbox.store.record_run_result
+    recorded: list[str] = []
+    passed: list[str] = []
 
     def record_then_wait(*args: object, **kwargs: object) -> None:
         record(*args, **kwargs)  # type: ignore[arg-type]
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait()
+        recorded.append(threading.current_thread().name)
+        barrier.wait()  # broken (a delivery never came): the racer fails, and the test
+        passed.append(threading.current_thread().name)
 
     mailbox.store.record_run_result = record_then_wait  # type: ignore[method-assign]
-    deliveries = [threading.Thread(target=settle, args=(retry_rt, copy.deepcopy(retry)))
-                  for _ in range(2)]
-    for delivery in deliveries:
-        delivery.start()
-    for delivery in deliveries:
-        delivery.join(timeout=30)
+    race(*(lambda: settle(retry_rt, copy.deepcopy(retry)) for _ in range(2)),
+         start_together=True, timeout_s=60, name="delivery")
+    assert not barrier.broken, "the two deliveries were never inside settle at once"
+    assert sorted(recorded) == sorted(passed) == ["delivery-0", "delivery-1"], (
+        f"both deliveries must record the result and meet past it: recorded {recorded}, "
+        f"met {passed}")
     final = mailbox.get_dispatch(receipt.dispatch_id)
     assert final is not None and final.status == DispatchStatus.Acked, final
     acked = [e for e in events_of(mailbox, final.run_id, "run_finish")

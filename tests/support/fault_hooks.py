@@ -343,6 +343,11 @@ class Driver:
     fails without saying whether it stored the dispatch (the database went away mid-call), the
     driver looks the key up in SQL and either records what was stored or submits again;
     `WakeNotPublishedError` (stored, broker down) is recorded as it is.
+
+    Only the documented errors of `dispatch.delay` are survived: `WakeNotPublishedError` and
+    `StoreUnavailableError` (and, for the driver's own SQL look-ups, the database being
+    unreachable). Any other exception stops the driver, and `join()` / `wait_submitted()`
+    raise it in the test: an undocumented error under a fault is a finding, not noise.
     """
 
     def __init__(self, audit: Any, box: Any, plan: list[Item], *, max_outstanding: int = 10,
@@ -355,6 +360,7 @@ class Driver:
         self.submitted = 0
         self.retried = 0
         self.not_published = 0
+        self.unavailable: list[str] = []  # the StoreUnavailableErrors survived
         self.error: BaseException | None = None
         self._live: list[str] = []  # not terminal yet
         self._thread = threading.Thread(target=self._run, name="workload-driver", daemon=True)
@@ -377,7 +383,7 @@ class Driver:
         while self.submitted < count:
             if self.error is not None or time.monotonic() > deadline:
                 raise AssertionError(f"only {self.submitted} of {count} submitted "
-                                     f"({self.error!r})")
+                                     f"({self.error!r})") from self.error
             time.sleep(0.02)
 
     def _run(self) -> None:
@@ -396,8 +402,10 @@ class Driver:
         while self._loading() >= self.max_outstanding:
             try:
                 statuses = self._statuses(self._live)
-            except Exception:  # the database may be restarting
-                statuses = {}
+            except Exception as exc:
+                if not _database_unreachable(exc):
+                    raise
+                statuses = {}  # the database is restarting: ask again
             self._live = [d for d in self._live
                           if statuses.get(d, "Queued") in ("Queued", "Claimed")]
             if self._loading() < self.max_outstanding:
@@ -434,6 +442,7 @@ class Driver:
         return None if found is None else str(found)
 
     def _submit(self, index: int, item: Item) -> str:
+        from mailbox import StoreUnavailableError
         from tasks import WakeNotPublishedError, dispatch
 
         key = f"driver-{index}"
@@ -446,7 +455,8 @@ class Driver:
             except WakeNotPublishedError as exc:
                 self.not_published += 1
                 return exc.dispatch_id
-            except Exception:
+            except StoreUnavailableError as exc:
+                self.unavailable.append(repr(exc)[:200])
                 if time.monotonic() > deadline:
                     raise
             # Did the failed call store it? Ask SQL (retrying while it is unreachable).
@@ -454,14 +464,23 @@ class Driver:
                 try:
                     found = self._stored(item, key)
                     break
-                except Exception:
-                    if time.monotonic() > deadline:
+                except Exception as exc:
+                    if not _database_unreachable(exc) or time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)
             if found is not None:
                 return found
             self.retried += 1
             time.sleep(0.1)
+
+
+def _database_unreachable(exc: BaseException) -> bool:
+    """The driver's own SQL failed because the database is away (restarting, locked), not
+    because of a bug: SQLAlchemy's wrappers of the driver's connection errors."""
+    import sqlalchemy as sa
+
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
+        isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated)
 
 
 if os.environ.get("FAULT_HOOKS") == "1":  # a worker started with the hooks

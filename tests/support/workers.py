@@ -2,12 +2,19 @@
 
 Each stack shares one database, Redis and namespace with the test; the namespace is also the
 queue name, so stacks of different tests never see each other's messages.
+
+No process of a stack may die unless the test kills it (`Stack.kill`, `kill_pool_child`): a
+worker or beat process that exited on its own, or a pool process its worker had to replace
+("Process 'ForkPoolWorker-n' pid:… exited with …"), fails the test when its stack ends, with
+the logs. Every stack made during a test is listed in `STACKS`, so that tests/conftest.py can
+attach the stack's logs to the report of a test that failed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).parent / "celery")
 
+# Pids a test signalled on purpose (Stack.kill is static: tests call it on any process).
+KILLED_ON_PURPOSE: set[int] = set()
+# The stacks made since the current test began (tests/conftest.py clears it before each test).
+STACKS: list[Stack] = []
+# billiard's line when the worker's main process finds a pool process gone and replaces it.
+POOL_EXIT = re.compile(r"Process '(?P<name>[^']+)' pid:(?P<pid>\d+) exited with '(?P<how>[^']*)'")
+
 
 @dataclass
 class Stack:
@@ -29,7 +43,11 @@ class Stack:
     workdir: Path
     env_overrides: dict[str, str] = field(default_factory=dict)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    died: list[str] = field(default_factory=list)  # see unexpected_exits()
     _count: int = 0
+
+    def __post_init__(self) -> None:
+        STACKS.append(self)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBOX_")}
@@ -94,6 +112,7 @@ class Stack:
     @staticmethod
     def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         """Signal the worker's whole process group (main process and pool children)."""
+        KILLED_ON_PURPOSE.add(proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:
@@ -125,26 +144,52 @@ class Stack:
         after checking that it really is one of ours."""
         if pid not in self.pool_children(proc):
             raise RuntimeError(f"pid {pid} is not a pool process of worker {proc.pid}")
+        KILLED_ON_PURPOSE.add(pid)
         os.kill(pid, sig)
+
+    def unexpected_exits(self) -> list[str]:
+        """Processes of this stack that died although the test did not kill them: a worker or
+        beat process that exited, or a pool process its worker had to replace."""
+        found = [f"{' '.join(map(str, proc.args[1:5]))}… (pid {proc.pid}) exited with "
+                 f"{proc.returncode}" for proc in self.processes
+                 if proc.poll() is not None and proc.pid not in KILLED_ON_PURPOSE]
+        for log in sorted(self.workdir.glob("*.log")):
+            for match in POOL_EXIT.finditer(log.read_text(errors="replace")):
+                if int(match["pid"]) not in KILLED_ON_PURPOSE:
+                    found.append(f"{log.name}: pool process {match['name']} (pid "
+                                 f"{match['pid']}) exited with {match['how']!r} and was "
+                                 f"replaced")
+        return found
 
     def stop_all(self) -> None:
         """End of a test: the whole group at once (a warm shutdown waits ~2 s per worker,
-        and the test's database, Redis keys and queue are its own)."""
+        and the test's database, Redis keys and queue are its own). Processes that had died
+        on their own are remembered in `died` first."""
+        self.died += [d for d in self.unexpected_exits() if d not in self.died]
         for proc in self.processes:
             if proc.poll() is None:
                 self.kill(proc, signal.SIGKILL)
         self.processes.clear()
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-                         for p in sorted(self.workdir.glob("*.log")))
+    def logs(self, tail_chars: int = 4000) -> str:
+        """The tail of every log of the stack, and of every non-empty stderr capture (a
+        process that dies before its logging starts says why there)."""
+        files = sorted([*self.workdir.glob("*.log"), *self.workdir.glob("*.err")])
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail_chars:]}"
+                         for p in files if p.suffix == ".log" or p.stat().st_size)
 
 
 @contextmanager
 def stack(database_url: str, redis_url: str, namespace: str, workdir: Path,
           **env_overrides: str) -> Iterator[Stack]:
+    """A stack for the block; it fails (with the logs) when one of its processes died that
+    the test did not kill."""
     s = Stack(database_url, redis_url, namespace, workdir, dict(env_overrides))
     try:
         yield s
     finally:
         s.stop_all()
+    if s.died:
+        raise AssertionError("processes of the stack died without the test killing them "
+                             "(no worker restart is expected unless a test kills one):\n  "
+                             + "\n  ".join(s.died) + f"\n===== worker logs =====\n{s.logs()}")
