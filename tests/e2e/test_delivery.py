@@ -87,7 +87,7 @@ def test_duplicated_wake_ups_execute_each_dispatch_once(celery_stack: Stack,
         instances.add(d.dispatch_instance_id)
     assert len(instances) == 24, "two dispatches share one runtime invocation"
     # The duplicates really reached the worker (else this test proves nothing).
-    wait_until(lambda: received_count(celery_stack, "mailbox.dispatch") >= 4 * 24, 10,
+    wait_until(lambda: received_count(celery_stack, "mailbox.dispatch") >= 4 * 24, 60,
                "the worker to receive every duplicated wake-up", celery_stack)
 
 
@@ -96,18 +96,22 @@ def test_delayed_dispatch_waits_for_available_at_without_blocking_its_thread(
     namespace = publisher.settings.namespace
     celery_stack.start_worker(concurrency=2)
     thread_id = "delayed"
-    late = dispatch.delay(thread_id, "echo", "late", delay_ms=1500, priority=0)
+    # Long enough that the due dispatch starts well before it on a busy machine.
+    delay_ms = 5000
+    late = dispatch.delay(thread_id, "echo", "late", delay_ms=delay_ms, priority=0)
     now = dispatch.delay(thread_id, "echo", "now", priority=128)
     stored = publisher.get_dispatch(late.id)
     assert stored is not None
     available_at = stored.available_at
-    assert available_at == stored.created_at + 1500, stored
+    assert available_at == stored.created_at + delay_ms, stored
 
     # Early wake-ups must not start it: the claim decides on available_at, not the message.
-    deadline = time.monotonic() + 1.2
-    while time.monotonic() < deadline:
+    early = 0
+    while int(time.time() * 1000) < available_at - 1000:
         dispatch.apply_async(args=(thread_id,), queue=namespace)
+        early += 1
         time.sleep(0.2)
+    assert early >= 5, f"only {early} early wake-ups were sent"
 
     first = publisher.wait(now.id, timeout_s=20)
     final = publisher.wait(late.id, timeout_s=20)

@@ -37,6 +37,13 @@ def _children_of(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:  # gone
+        return False
+
+
 @pytest.mark.slow
 def test_demo_runs_the_workload_and_prints_the_summary(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "mailbox", "demo"], cwd=ROOT,
@@ -67,9 +74,11 @@ def test_up_starts_the_stack_and_ctrl_c_stops_every_process(tmp_path: Path) -> N
     assert len(children) >= 2  # worker and beat (each in its own session)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
-    time.sleep(0.5)
-    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
-             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    # `up` returns once it has stopped them; the kernel may take a moment to reap them.
+    deadline = time.monotonic() + 30
+    while (alive := [pid for pid in children if _running(pid)]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
     assert alive == [], f"still running after Ctrl-C: {alive}"
     assert not (ROOT / "var" / "redis.url").exists() or \
         "MAILBOX_REDIS_URL" in os.environ

@@ -11,8 +11,13 @@ from tasks import dispatch
 from tasks.publishing import publish_wake
 from tests.support.workers import Stack
 
+# A long agent that only a cancel or an interrupt ends in time: the bound on stopping it is
+# generous for a loaded machine and still a fraction of the agent's own run.
+AGENT_MS = 60_000
+STOP_WITHIN_S = 20.0
 
-def _wait_running(box: Mailbox, dispatch_id: str, timeout_s: float = 30) -> None:
+
+def _wait_running(box: Mailbox, dispatch_id: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = box.get_dispatch(dispatch_id)
@@ -25,19 +30,21 @@ def _wait_running(box: Mailbox, dispatch_id: str, timeout_s: float = 30) -> None
 def test_interrupt_stops_a_run_held_by_another_worker_process(celery_stack: Stack,
                                                               publisher: Mailbox) -> None:
     celery_stack.start_worker(concurrency=2)
-    long_run = dispatch.delay("thread-int", "sleep", {"ms": 20_000})
+    long_run = dispatch.delay("thread-int", "sleep", {"ms": AGENT_MS})
     queued = dispatch.delay("thread-int", "echo", "old news")
     _wait_running(publisher, long_run.id)
     interrupted_at = time.monotonic()
     newer = dispatch.delay("thread-int", "echo", "latest", interrupt=True)
-    stopped = publisher.wait(long_run.id, timeout_s=10)
+    stopped = publisher.wait(long_run.id, timeout_s=STOP_WITHIN_S)
     latency = time.monotonic() - interrupted_at
-    assert stopped.status == DispatchStatus.Superseded
-    assert latency < 2.0, f"the running agent took {latency:.2f}s to stop"
+    assert stopped.status == DispatchStatus.Superseded, stopped
+    # Stopped, not finished: far sooner than the agent's own end (a busy machine may take
+    # a few seconds to get there; an agent left to run would take a minute).
+    assert latency < STOP_WITHIN_S, f"the running agent took {latency:.2f}s to stop"
     old_run = publisher.get_run(stopped.run_id)
     assert old_run is not None and old_run.status == RunStatus.done
     assert old_run.termination is not None and old_run.termination.type == "cancelled"
-    superseded = publisher.wait(queued.id, timeout_s=5)
+    superseded = publisher.wait(queued.id, timeout_s=30)
     assert superseded.status == DispatchStatus.Superseded
     final = publisher.wait(newer.id, timeout_s=30)
     assert final.status == DispatchStatus.Acked and final.run_response == "latest"
@@ -61,7 +68,7 @@ def test_interrupt_racing_the_claim_never_starts_the_old_dispatch(celery_stack: 
 
 def test_cancel_queued_and_running(celery_stack: Stack, publisher: Mailbox) -> None:
     celery_stack.start_worker(concurrency=2)
-    running = dispatch.delay("thread-cancel", "sleep", {"ms": 20_000})
+    running = dispatch.delay("thread-cancel", "sleep", {"ms": AGENT_MS})
     queued = dispatch.delay("thread-cancel", "echo", "never")
     _wait_running(publisher, running.id)
     assert publisher.cancel(queued.id) is True
@@ -69,8 +76,8 @@ def test_cancel_queued_and_running(celery_stack: Stack, publisher: Mailbox) -> N
     queued_run = publisher.get_run(publisher.get_dispatch(queued.id).run_id)  # type: ignore[union-attr]
     assert queued_run is not None and queued_run.status == RunStatus.done
     assert publisher.cancel(running.id) is True
-    final = publisher.wait(running.id, timeout_s=5)
-    assert final.status == DispatchStatus.Acked
+    final = publisher.wait(running.id, timeout_s=STOP_WITHIN_S)
+    assert final.status == DispatchStatus.Acked, final
     assert final.termination is not None and final.termination.type == "cancelled"
     assert publisher.cancel("no-such-dispatch") is False
     assert publisher.cancel(running.id) is False  # already finished: nothing to do
@@ -113,7 +120,6 @@ def test_worker_crash_while_suspended_or_resuming_loses_nothing(celery_stack: St
     parked = publisher.wait(dispatch.delay("thread-crash", "ask", "ok?").id, timeout_s=30)
     Stack.kill(worker)  # crash while the run waits for a human: no lease is held
     receipt = publisher.resume(parked.run_id, "yes")  # queued while no worker runs
-    time.sleep(0.5)
     assert publisher.get_dispatch(receipt.dispatch_id).status == DispatchStatus.Queued  # type: ignore[union-attr]
     celery_stack.start_worker(concurrency=1)  # its start-up sweep finds the queued resume
     publish_wake(publisher.settings.namespace, "thread-crash")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -20,6 +19,7 @@ from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
 from tests.support.e2e_helpers import (
     describe_events,
     events_of,
+    received_count,
     wait_for_events,
     wait_until,
     worker_logs,
@@ -40,9 +40,8 @@ def _kill_mid_execute(stack: Stack, box: Mailbox, worker: subprocess.Popen[bytes
     submitted = box.get_dispatch(dispatch_id)
     assert submitted is not None
     run_id = submitted.run_id
-    wait_until(lambda: len(events_of(box, run_id, "run_started")) > attempt, 30,
+    wait_until(lambda: len(events_of(box, run_id, "run_started")) > attempt, 60,
                f"attempt {attempt} of {dispatch_id} to start", stack)
-    time.sleep(0.3)  # well inside the agent's 5 s sleep, after at least one heartbeat tick
     current = box.get_dispatch(dispatch_id)
     assert current is not None and current.status == DispatchStatus.Claimed, current
     assert current.attempt_count == attempt, current
@@ -63,7 +62,7 @@ def test_killed_worker_is_reclaimed_and_completed_by_another(
     lease_until = _kill_mid_execute(celery_stack, publisher, first, result.id, attempt=0)
 
     celery_stack.start_worker(concurrency=2)
-    final = publisher.wait(result.id, timeout_s=40)
+    final = publisher.wait(result.id, timeout_s=90)
     logs = worker_logs(celery_stack)
     events = describe_events(publisher, final.run_id)
     assert final.status == DispatchStatus.Acked, f"{final}\n{events}{logs}"
@@ -99,7 +98,7 @@ def test_crash_loop_ends_in_the_dead_letter(
         worker = celery_stack.start_worker(concurrency=1)
 
     # The last worker's sweep finds the second expired lease with the budget spent.
-    final = publisher.wait(result.id, timeout_s=30)
+    final = publisher.wait(result.id, timeout_s=90)
     logs = worker_logs(celery_stack)
     events = describe_events(publisher, final.run_id)
     assert final.status == DispatchStatus.DeadLetter, f"{final}\n{events}{logs}"
@@ -112,7 +111,7 @@ def test_crash_loop_ends_in_the_dead_letter(
         run = publisher.get_run(final.run_id)
         return run is not None and run.status == RunStatus.done
 
-    wait_until(reconciled, 10, "the sweep to reconcile the dead-lettered run", celery_stack)
+    wait_until(reconciled, 60, "the sweep to reconcile the dead-lettered run", celery_stack)
     run = publisher.get_run(final.run_id)
     assert run is not None
     assert run.termination == Termination.error(reason), run
@@ -123,6 +122,9 @@ def test_crash_loop_ends_in_the_dead_letter(
     assert [e.data["attempt"] for e in started] == [0, 1], f"{events}{logs}"
     finished = wait_for_events(publisher, final.run_id, "run_finish", 2, celery_stack)
     assert [e.data["status"] for e in finished] == ["retrying", "dead_letter"], events
-    time.sleep(1.5)  # a few more sweeps: a dead letter is never run again
+    # A few more sweeps: a dead letter is never run again.
+    sweeps = received_count(celery_stack, "mailbox.sweep")
+    wait_until(lambda: received_count(celery_stack, "mailbox.sweep") >= sweeps + 3, 60,
+               "three more sweeps", celery_stack)
     assert len(events_of(publisher, final.run_id, "run_started")) == 2, \
         describe_events(publisher, final.run_id)

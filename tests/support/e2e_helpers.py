@@ -88,7 +88,7 @@ def events_of(box: Mailbox, run_id: str, type_: str | None = None) -> list[Event
 
 
 def wait_for_events(box: Mailbox, run_id: str, type_: str, count: int, stack: Stack,
-                    timeout_s: float = 10) -> list[Event]:
+                    timeout_s: float = 30) -> list[Event]:
     """The run's events of `type_` once at least `count` arrived. Events are emitted after
     the SQL write they describe (`run_finish` follows the ack), so a test that saw the
     dispatch terminal must still wait for them."""
