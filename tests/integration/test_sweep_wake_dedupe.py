@@ -144,11 +144,15 @@ def test_only_the_marked_wake_clears_the_mark(mailbox: Mailbox, rt: Runtime) -> 
 def test_dropped_wake_is_resent_once_its_mark_expires(mailbox: Mailbox, rt: Runtime) -> None:
     backlog(mailbox)
     published = Published()  # nothing consumes: every wake-up here is dropped
-    ttl_ms = 200
+    ttl_ms = 2000  # the second sweep must come within it, even on a busy machine
     first = sweep(rt, now_ms(), publish=published, pending_ttl_ms=ttl_ms)
     assert first.woken == THREADS
     assert sweep(rt, now_ms(), publish=published, pending_ttl_ms=ttl_ms).woken == []
-    time.sleep(ttl_ms / 1000 + 0.05)
+    coordinator = mailbox.store.coordinator
+    deadline = time.monotonic() + 30  # until Redis has expired every mark
+    while any(coordinator.client.exists(coordinator.wake_pending_key(t)) for t in THREADS):
+        assert time.monotonic() < deadline, "the wake marks never expired"
+        time.sleep(0.05)
     again = sweep(rt, now_ms(), publish=published, pending_ttl_ms=ttl_ms)
     assert (again.woken, again.already_pending) == (THREADS, [])
     assert published.threads() == THREADS * 2
