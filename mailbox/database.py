@@ -7,6 +7,10 @@ handler cannot retry). Reads use a plain deferred BEGIN and never block writers.
 
 PostgreSQL runs at READ COMMITTED; the store serializes writers per thread by locking the
 thread's epoch row, and the partial unique indexes back the invariants up.
+
+Both engines hide statement parameters (`hide_parameters`): they are runs' inputs, responses
+and claim tokens, and SQLAlchemy would otherwise write them into the text of every database
+error, so into whatever log prints one (a worker's traceback, a CLI's message).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 def create_engine(url: str, **kwargs: Any) -> sa.Engine:
     url = normalize_database_url(url)
+    kwargs.setdefault("hide_parameters", True)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 if "worker" in sys.argv[1:]:  # a worker: prefork children report metrics through files
@@ -27,11 +28,14 @@ from tasks.dispatch import WakeNotPublishedError, dispatch
 @before_task_publish.connect
 def _ids_only_in_flower(headers: dict[str, Any] | None = None, body: Any = None,
                         **_: Any) -> None:
-    """Flower and logs show the phase's ids, never the run's input or the claim token."""
+    """Flower and logs show the phase's ids, never the run's input or the claim token.
+
+    A phase's context is a dict when the claim publishes verify, and the previous phase's
+    `tasks.phases.PhaseMessage` (a Mapping) for every later link."""
     if not headers or not str(headers.get("task", "")).startswith("mailbox."):
         return
     args = body[0] if isinstance(body, tuple | list) and body else ()
-    if args and isinstance(args[0], dict):
+    if args and isinstance(args[0], Mapping):
         ctx = args[0]
         headers["argsrepr"] = (f"dispatch={ctx.get('dispatch_id')} "
                                f"thread={ctx.get('thread_id')}")

@@ -1,9 +1,11 @@
 """Prometheus exposition for a worker (multiprocess mode) and Flower-friendly task naming.
 
 The worker's main process serves /metrics on MAILBOX_METRICS_PORT (default 9808; 0 turns it
-off). Prefork children write their samples to PROMETHEUS_MULTIPROC_DIR, which `tasks`
-sets before anything imports prometheus_client; the exporter aggregates them and adds the
-store gauges computed from SQL at scrape time.
+off) at MAILBOX_METRICS_ADDR (default 127.0.0.1: the endpoint has no authentication, so other
+machines reach it only where the operator says so, as docker-compose.yml does for Prometheus
+on the compose network). Prefork children write their samples to PROMETHEUS_MULTIPROC_DIR,
+which `tasks` sets before anything imports prometheus_client; the exporter aggregates them and
+adds the store gauges computed from SQL at scrape time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from celery.signals import worker_init, worker_process_shutdown
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 9808
+DEFAULT_ADDR = "127.0.0.1"
 
 
 def prepare_multiprocess_dir(namespace: str) -> None:
@@ -40,6 +43,11 @@ def prepare_multiprocess_dir(namespace: str) -> None:
 
 def metrics_port() -> int:
     return int(os.environ.get("MAILBOX_METRICS_PORT", str(DEFAULT_PORT)))
+
+
+def metrics_addr() -> str:
+    """The interface /metrics listens on: loopback unless MAILBOX_METRICS_ADDR widens it."""
+    return os.environ.get("MAILBOX_METRICS_ADDR", "").strip() or DEFAULT_ADDR
 
 
 def build_registry() -> Any:
@@ -67,15 +75,14 @@ def build_registry() -> Any:
 
 @worker_init.connect
 def serve_metrics(**_: Any) -> None:
-    port = metrics_port()
+    port, addr = metrics_port(), metrics_addr()
     if port <= 0:
         return
     from prometheus_client import start_http_server
 
     try:
-        start_http_server(port, addr=os.environ.get("MAILBOX_METRICS_ADDR", "0.0.0.0"),
-                          registry=build_registry())
-        log.info("Prometheus metrics on :%d/metrics", port)
+        start_http_server(port, addr=addr, registry=build_registry())
+        log.info("Prometheus metrics on %s:%d/metrics", addr, port)
     except OSError as exc:
         log.warning("metrics port %d unavailable (%s): set MAILBOX_METRICS_PORT per worker", port,
                     exc)

@@ -5,12 +5,13 @@ the declared shape (`PhaseContext.from_message`: anyone can put bytes on a queue
 phase and returns the context as JSON for the next link. A bug or an unexpected error inside a
 phase must not break the chain: the wrapper logs it, marks the context done and lets `settle`
 wake the thread. The dispatch stays Claimed and the sweep reclaims it when its lease runs out.
+What a phase returns shows only its ids (`PhaseMessage`): the context carries the claim token.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from mailbox import phases as phase_functions
@@ -24,6 +25,43 @@ log = logging.getLogger(__name__)
 Phase = Callable[[Runtime, PhaseContext], PhaseContext]
 
 
+class PhaseMessage(Mapping[str, Any]):
+    """The context a phase hands to the next link: the JSON object on the wire, its ids in
+    every repr.
+
+    With worker events on (`-E`), Celery puts the repr of a task's return value into the
+    task-succeeded event (Flower's "result") and the INFO "succeeded" log line, and the
+    context holds the claim token, which must stay between the phases. Celery's saferepr
+    walks a dict, or a dict subclass, item by item whatever its __repr__, so this is a
+    Mapping and not a dict: saferepr calls its __repr__. kombu's JSON encoder serializes it
+    through `__json__`, so the next phase receives the plain object `to_message` made.
+    """
+
+    __slots__ = ("_label", "_message")
+
+    def __init__(self, ctx: PhaseContext) -> None:
+        self._message = ctx.to_message()
+        self._label = ctx.describe()
+
+    def __getitem__(self, key: str) -> Any:
+        return self._message[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._message)
+
+    def __len__(self) -> int:
+        return len(self._message)
+
+    def __repr__(self) -> str:
+        return self._label
+
+    __str__ = __repr__
+
+    def __json__(self) -> dict[str, Any]:
+        """What kombu's JSON encoder puts on the wire (kombu.utils.json.JSONEncoder)."""
+        return dict(self._message)
+
+
 def received(name: str, message: Any) -> PhaseContext | None:
     """The context in a phase message; None (refused with a log line, nothing run or
     written) when it cannot be one we sent."""
@@ -34,45 +72,45 @@ def received(name: str, message: Any) -> PhaseContext | None:
         return None
 
 
-def _guarded(name: str, func: Phase, message: Any) -> dict[str, Any] | None:
+def _guarded(name: str, func: Phase, message: Any) -> PhaseMessage | None:
     ctx = received(name, message)
     if ctx is None:
         return None
     try:
-        return func(runtime(), ctx).to_message()
+        return PhaseMessage(func(runtime(), ctx))
     except Exception:
         log.exception("phase %s failed for %s", name, ctx.describe())
-        return ctx.finish(f"phase {name} crashed").to_message()
+        return PhaseMessage(ctx.finish(f"phase {name} crashed"))
 
 
 @app.task(name="mailbox.verify")
-def verify(ctx: Any) -> dict[str, Any] | None:
+def verify(ctx: Any) -> PhaseMessage | None:
     return _guarded("verify", phase_functions.verify, ctx)
 
 
 @app.task(name="mailbox.reconstruct")
-def reconstruct(ctx: Any) -> dict[str, Any] | None:
+def reconstruct(ctx: Any) -> PhaseMessage | None:
     return _guarded("reconstruct", phase_functions.reconstruct, ctx)
 
 
 @app.task(name="mailbox.resolve")
-def resolve(ctx: Any) -> dict[str, Any] | None:
+def resolve(ctx: Any) -> PhaseMessage | None:
     return _guarded("resolve", phase_functions.resolve, ctx)
 
 
 @app.task(name="mailbox.execute")
-def execute(ctx: Any) -> dict[str, Any] | None:
+def execute(ctx: Any) -> PhaseMessage | None:
     return _guarded("execute", phase_functions.execute, ctx)
 
 
 @app.task(name="mailbox.settle")
-def settle(message: Any) -> dict[str, Any] | None:
+def settle(message: Any) -> PhaseMessage | None:
     ctx = received("settle", message)
     if ctx is None:
         return None
     try:
-        return phase_functions.settle(runtime(), ctx).to_message()
+        return PhaseMessage(phase_functions.settle(runtime(), ctx))
     except Exception:
         log.exception("settle failed for %s", ctx.describe())
         publish_wake(runtime().settings.namespace, ctx.thread_id, 0)
-        return ctx.finish("phase settle crashed").to_message()
+        return PhaseMessage(ctx.finish("phase settle crashed"))

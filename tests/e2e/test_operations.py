@@ -1,132 +1,157 @@
-"""Operating the stack: docker-compose services run for real (without Docker), Flower sees
-every phase through its HTTP API, and a worker's Prometheus endpoint answers a scrape."""
+"""Operating the stack: docker-compose.yml's services run for real (without Docker), with
+their passwords, health checks and Flower's basic auth; a dispatch through them never shows
+its claim token or payload to Flower; Flower sees every phase by its ids; a worker's
+Prometheus endpoint answers a scrape."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
+import redis
 
 from mailbox import DispatchStatus, Mailbox
+from mailbox.database import scratch_postgres_schema
 from mailbox.dev.embedded_redis import free_port
 from tasks import dispatch
+from tests.conftest import BACKENDS, POSTGRES_URL
+from tests.support.local_compose import LocalCompose, http_get
 from tests.support.workers import CELERY, ROOT, Stack
 
-COMPOSE = ROOT / "docker-compose.yml"
+SECRETS = {"REDIS_PASSWORD": uuid.uuid4().hex, "POSTGRES_PASSWORD": uuid.uuid4().hex,
+           "FLOWER_PASSWORD": uuid.uuid4().hex}
+FLOWER_AUTH = ("admin", SECRETS["FLOWER_PASSWORD"])
+PHASES = ("mailbox.verify", "mailbox.reconstruct", "mailbox.resolve", "mailbox.execute",
+          "mailbox.settle")
+PAYLOAD = "do-not-show-this-payload"
 
 
-def _substitute(text: str) -> str:
-    """Compose-style ${VAR:-default} expansion against the environment."""
-    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1], m[2]), text)
+@pytest.fixture(scope="module", params=BACKENDS)
+def compose_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('compose') / 'mailbox.sqlite3'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("MAILBOX_TEST_POSTGRES_URL is not set")
+    with scratch_postgres_schema(POSTGRES_URL, "compose") as url:
+        yield url
 
 
-def _compose() -> dict[str, Any]:
-    return dict(yaml.safe_load(COMPOSE.read_text()))
-
-
-def test_compose_file_is_valid_and_complete() -> None:
-    spec = _compose()
-    services = spec["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "worker", "beat", "flower"}
-    for name in ("redis", "postgres", "worker", "flower"):
-        assert "healthcheck" in services[name], name
-    for name in ("migrate", "worker", "beat", "flower"):
-        env = services[name]["environment"]
-        assert env["MAILBOX_DATABASE_URL"].startswith("postgresql://")
-        assert env["MAILBOX_REDIS_URL"].startswith("redis://")
-    assert "--basic-auth=" in " ".join(services["flower"]["command"])
-    assert services["worker"]["depends_on"]["migrate"]["condition"] == \
-        "service_completed_successfully"
-    assert (ROOT / "Dockerfile").exists()
-
-
-def _local_env(stack: Stack, service: dict[str, Any], **extra: str) -> dict[str, str]:
-    """The service's environment with the compose hostnames swapped for this test's
-    services (the same variables, local addresses)."""
-    env = stack.env()
-    for key in service["environment"]:
-        if key in ("MAILBOX_DATABASE_URL", "MAILBOX_REDIS_URL", "CELERY_BROKER_URL",
-                   "MAILBOX_NAMESPACE"):
-            continue
-        env[key] = str(service["environment"][key])
-    env.update(extra)
-    return env
-
-
-def _command(service: dict[str, Any]) -> list[str]:
-    """The service's command, with `python`/`celery` taken from this virtualenv (the image
-    installs the project into its system Python; here the venv plays that part)."""
-    command = [_substitute(part) for part in service["command"]]
-    if command[0] == "python":
-        command[0] = sys.executable
-    elif command[0] == "celery":
-        command[0] = CELERY
-    return command
-
-
-def test_compose_services_start_locally(celery_stack: Stack, mailbox: Mailbox) -> None:
-    services = _compose()["services"]
-    migrate = subprocess.run(_command(services["migrate"]), cwd=ROOT,
-                             env=_local_env(celery_stack, services["migrate"]),
-                             capture_output=True, text=True, timeout=120)
-    assert migrate.returncode == 0, migrate.stderr
-    assert "revision" in migrate.stdout
-
-    metrics_port, flower_port = free_port(), free_port()
-    started: list[subprocess.Popen[bytes]] = []
+@pytest.fixture(scope="module")
+def local_compose(compose_database: str, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[LocalCompose]:
+    """Every service of docker-compose.yml but PostgreSQL, started in the order its
+    depends_on gives, each healthy by its own health check."""
+    local = LocalCompose(SECRETS, compose_database, tmp_path_factory.mktemp("compose-run"))
     try:
-        for name, extra in (("worker", {"MAILBOX_METRICS_PORT": str(metrics_port)}),
-                            ("beat", {}), ("flower", {})):
-            command = _command(services[name])
-            if name == "beat":
-                command = [c.replace("/app/var", str(celery_stack.workdir)) for c in command]
-            if name == "flower":
-                command = [c if not c.startswith("--port=") else f"--port={flower_port}"
-                           for c in command]
-            command += ["-Q", celery_stack.namespace] if name == "worker" else []
-            log = celery_stack.workdir / f"compose-{name}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
-                                        env=_local_env(celery_stack, services[name], **extra),
-                                        stdout=out, stderr=subprocess.STDOUT)
-            started.append(proc)
-            celery_stack.processes.append(proc)
-        _wait_http(f"http://127.0.0.1:{metrics_port}/metrics", timeout_s=60)
-        auth = base64.b64encode(b"admin:change-me").decode()
-        body = _wait_http(f"http://127.0.0.1:{flower_port}/api/workers", timeout_s=60,
-                          headers={"Authorization": f"Basic {auth}"})
-        assert isinstance(json.loads(body), dict)
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(f"http://127.0.0.1:{flower_port}/api/workers", timeout=5)
-        time.sleep(1)
-        for proc in started:
-            assert proc.poll() is None, (celery_stack.workdir / "compose-beat.log").read_text()
+        for name in ("redis", "redis-broker"):
+            local.start_redis(name)
+            local.wait_healthy(name)
+        migrate = local.run("migrate")
+        assert migrate.returncode == 0, migrate.stderr
+        assert "revision" in migrate.stdout
+        for name in ("worker", "beat", "flower"):
+            local.spawn(name)
+        for name in ("worker", "beat", "flower"):
+            local.wait_healthy(name)
+        yield local
     finally:
-        for proc in started:
-            Stack.kill(proc)
+        local.stop()
 
 
-def _wait_http(url: str, timeout_s: float, headers: dict[str, str] | None = None) -> str:
+def test_compose_services_start_locally_and_stay_up(local_compose: LocalCompose) -> None:
+    time.sleep(1)
+    for proc in local_compose.processes:
+        assert proc.poll() is None, local_compose.logs()
+    metrics = http_get(f"http://127.0.0.1:{local_compose.ports['worker']}/metrics", 30)
+    assert "mailbox_operations_total" in metrics or "mailbox_dispatch_depth" in metrics
+
+
+def test_compose_services_refuse_callers_without_the_secrets(
+        local_compose: LocalCompose) -> None:
+    flower = f"http://127.0.0.1:{local_compose.ports['flower']}/api/workers"
+    assert isinstance(json.loads(http_get(flower, 30, auth=FLOWER_AUTH)), dict)
+    for headers in ({}, {"Authorization": "Basic YWRtaW46d3Jvbmc="}):  # admin:wrong
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(flower, headers=headers), timeout=5)
+        assert refused.value.code == 401
+    for name in ("redis", "redis-broker"):
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=local_compose.ports[name]).ping()
+        assert local_compose.healthcheck(name, REDISCLI_AUTH="wrong").returncode != 0
+        info = redis.Redis(port=local_compose.ports[name], password=SECRETS["REDIS_PASSWORD"]
+                           ).config_get("maxmemory*")
+        assert info["maxmemory-policy"] == "noeviction" and int(info["maxmemory"]) > 0
+    broker_down = local_compose.healthcheck(
+        "beat", CELERY_BROKER_URL=f"redis://:wrong@127.0.0.1:"
+                                  f"{local_compose.ports['redis-broker']}/0")
+    assert broker_down.returncode != 0
+
+
+def test_flower_never_sees_a_claim_token_or_payload(local_compose: LocalCompose,
+                                                    compose_database: str) -> None:
+    """The compose worker runs with -E: the task-succeeded events carry each phase's return
+    value, and Flower shows it as the task's result."""
+    time.sleep(1.0)  # Flower must be listening for events before the tasks run
+    submitted = subprocess.run(
+        [sys.executable, "-m", "mailbox", "submit", "thread-compose", "sleep",
+         json.dumps({"ms": 1500, "note": PAYLOAD}), "--json"],
+        cwd=ROOT, env=local_compose.env("worker"), capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    dispatch_id = json.loads(submitted.stdout)["dispatch_id"]
+    box = Mailbox.connect(compose_database, local_compose.env("worker")["MAILBOX_REDIS_URL"],
+                          namespace="mailbox")
+    try:
+        token = _claim_token(box, dispatch_id)
+        assert box.wait(dispatch_id, timeout_s=60).status == DispatchStatus.Acked
+    finally:
+        box.close()
+    flower = local_compose.ports["flower"]
+    tasks = _phase_tasks(flower, dispatch_id, FLOWER_AUTH, wanted=frozenset(PHASES))
+    everything = http_get(f"http://127.0.0.1:{flower}/api/tasks", 10, auth=FLOWER_AUTH)
+    assert token not in everything and PAYLOAD not in everything
+    for name in PHASES:
+        assert tasks[name]["result"] == f"dispatch={dispatch_id} thread=thread-compose", \
+            tasks[name]
+
+
+def _claim_token(box: Mailbox, dispatch_id: str, timeout_s: float = 30) -> str:
+    """The dispatch's claim token, read from the database while its agent runs."""
     deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
     while time.monotonic() < deadline:
-        try:
-            request = urllib.request.Request(url, headers=headers or {})
-            with urllib.request.urlopen(request, timeout=3) as response:
-                return str(response.read().decode())
-        except Exception as exc:  # not up yet
-            last = exc
-            time.sleep(0.3)
-    raise AssertionError(f"{url} did not answer within {timeout_s}s: {last}")
+        current = box.get_dispatch(dispatch_id)
+        if current is not None and current.status == DispatchStatus.Claimed:
+            assert current.claim_token
+            return current.claim_token
+        time.sleep(0.02)
+    raise AssertionError(f"{dispatch_id} was not claimed within {timeout_s}s")
+
+
+def _phase_tasks(port: int, dispatch_id: str, auth: tuple[str, str] | None = None,
+                 wanted: frozenset[str] = frozenset({"mailbox.dispatch", *PHASES}),
+                 timeout_s: float = 30) -> dict[str, dict[str, Any]]:
+    """Flower's record of the dispatch's tasks (by default its wake-up, which only
+    `dispatch.delay` names by dispatch id, and its five phases), once all have succeeded."""
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        tasks = json.loads(http_get(f"http://127.0.0.1:{port}/api/tasks", 10, auth=auth))
+        seen = {info["name"]: info for info in tasks.values()
+                if info.get("name") in wanted and dispatch_id in str(info.get("args", ""))
+                and info.get("state") == "SUCCESS"}
+        if wanted <= set(seen):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"Flower saw only {sorted(seen)}")
 
 
 def test_worker_metrics_endpoint_reports_store_operations(celery_stack: Stack,
@@ -135,7 +160,7 @@ def test_worker_metrics_endpoint_reports_store_operations(celery_stack: Stack,
     celery_stack.start_worker(concurrency=2, MAILBOX_METRICS_PORT=str(port))
     result = dispatch.delay("thread-metrics", "echo", "count me")
     assert publisher.wait(result.id, timeout_s=30).status == DispatchStatus.Acked
-    text = _wait_http(f"http://127.0.0.1:{port}/metrics", timeout_s=30)
+    text = http_get(f"http://127.0.0.1:{port}/metrics", 30)
     assert 'mailbox_operations_total{operation="claim",result="ok"}' in text
     assert 'mailbox_operations_total{operation="ack",result="ok"}' in text
     assert 'mailbox_dispatch_depth{status="acked"} 1.0' in text
@@ -151,24 +176,16 @@ def test_flower_sees_all_five_phases_with_ids_only(celery_stack: Stack,
         cwd=ROOT, env=celery_stack.env(FLOWER_UNAUTHENTICATED_API="true"),
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     celery_stack.processes.append(flower)
-    _wait_http(f"http://127.0.0.1:{port}/healthcheck", timeout_s=60)
+    http_get(f"http://127.0.0.1:{port}/healthcheck", 60)
     celery_stack.start_worker(concurrency=2, MAILBOX_WORKER_EVENTS="1")
     time.sleep(1.0)  # Flower must be listening for events before the tasks run
-    secret = "do-not-show-this-payload"
-    result = dispatch.delay("thread-flower", "echo", secret)
+    result = dispatch.delay("thread-flower", "echo", PAYLOAD)
     assert publisher.wait(result.id, timeout_s=30).status == DispatchStatus.Acked
-    wanted = {"mailbox.dispatch", "mailbox.verify", "mailbox.reconstruct", "mailbox.resolve",
-              "mailbox.execute", "mailbox.settle"}
-    deadline = time.monotonic() + 30
-    seen: dict[str, dict[str, Any]] = {}
-    while time.monotonic() < deadline and not wanted <= set(seen):
-        tasks = json.loads(_wait_http(f"http://127.0.0.1:{port}/api/tasks", timeout_s=10))
-        for info in tasks.values():
-            if info.get("name") in wanted and result.id in str(info.get("args", "")):
-                seen[info["name"]] = info
-        time.sleep(0.5)
-    assert wanted <= set(seen), sorted(seen)
-    for info in seen.values():
+    seen = _phase_tasks(port, result.id)
+    ids = f"dispatch={result.id} thread=thread-flower"
+    for name, info in seen.items():
         assert result.id in str(info.get("args")), info
         assert "thread-flower" in str(info.get("args")), info
-        assert secret not in str(info.get("args")) and secret not in str(info.get("kwargs"))
+        assert PAYLOAD not in json.dumps(info), info
+        if name in PHASES:
+            assert info.get("result") == ids, info
