@@ -22,12 +22,22 @@ Handler = Callable[["AgentContext"], Any]
 InputCheck = Callable[[Any], None]
 
 
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     name: str
     version: str
     handler: Handler
     check_input: InputCheck | None = None
+    timeout_s: float | None = None
+    """How long one attempt may run (None: MAILBOX_AGENT_TIMEOUT_S). Past it the agent is
+    told to stop (`ctx.cancelled()`), and past a grace period more the attempt is abandoned
+    as a transient failure, "timed out after N s" (docs/behaviour.md#time-limits)."""
+
+    def timeout_or(self, default_s: float) -> float:
+        return default_s if self.timeout_s is None else self.timeout_s
 
     @property
     def resolution_id(self) -> str:
@@ -54,20 +64,27 @@ _REGISTRY: dict[tuple[str, str], AgentSpec] = {}
 _CURRENT: dict[str, str] = {}
 
 
-def agent(name: str, version: str = "1", *, check_input: InputCheck | None = None
-          ) -> Callable[[Handler], Handler]:
+def agent(name: str, version: str = "1", *, check_input: InputCheck | None = None,
+          timeout_s: float | None = None) -> Callable[[Handler], Handler]:
     """Register the decorated function as agent `name` at `version`. The latest registration
     of a name is its current version, the one new runs pin. `check_input(input)` may raise
-    ValidationError to refuse a bad input at submit, before anything is written."""
+    ValidationError to refuse a bad input at submit, before anything is written.
+    `timeout_s` bounds one attempt (default MAILBOX_AGENT_TIMEOUT_S)."""
     if not isinstance(name, str) or not name.strip():
         raise ValidationError("agent name must not be empty")
     if not isinstance(version, str) or not version.strip() or "@" in version:
         raise ValidationError("agent version must be a non-empty string without '@'")
+    if timeout_s is not None and (isinstance(timeout_s, bool)
+                                  or not isinstance(timeout_s, int | float)
+                                  or not 0 < timeout_s <= MAX_TIMEOUT_S):
+        raise ValidationError(f"agent {name!r}: timeout_s must be a number of seconds within "
+                              f"(0, {MAX_TIMEOUT_S}], got {timeout_s!r}")
 
     def register(handler: Handler) -> Handler:
         if not callable(handler):
             raise ValidationError(f"agent {name!r} handler must be callable")
-        _REGISTRY[(name, version)] = AgentSpec(name, version, handler, check_input)
+        _REGISTRY[(name, version)] = AgentSpec(name, version, handler, check_input,
+                                               None if timeout_s is None else float(timeout_s))
         _CURRENT[name] = version
         return handler
 

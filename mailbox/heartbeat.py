@@ -9,14 +9,23 @@ check — Redis or SQL, expected or not — is caught, counted and logged, and t
 out under the still-running agent and the sweep gave the attempt to another worker, so one
 attempt ran twice at once.)
 
-It stops the agent, cooperatively, for one of three reasons (`StopKind`):
+It stops the agent, cooperatively (`ctx.cancelled()` turns true), for one of four reasons
+(`StopKind`):
 - `requested`: a cancel signal arrived (`Mailbox.cancel`, `Mailbox.interrupt`);
+- `timeout`: the attempt ran past its agent's `timeout_s` (docs/behaviour.md#time-limits);
 - `lease_lost`: a renewal was refused — the claim was reclaimed, or fenced by an interrupt —
   so nothing this attempt writes any more can land;
 - `unsafe`: renewals, or cancel checks, kept failing for a whole lease. Past that point
   another worker may own the dispatch, or a cancel may have gone unheard, and the attempt
   must not run on silently. The execute phase turns such a stop into a transient failure
   (retried with backoff), not a cancellation: nobody asked the run to stop.
+
+A stop does not end the renewals: the claim stays ours while the agent winds down, so an
+agent slow to notice is never reclaimed and run a second time beside itself (only a lost
+lease ends them: there is nothing left to renew). An agent that has not returned `grace_ms`
+after its stop is abandoned: `on_abandon` ends the attempt in the store for it (the execute
+phase records what the stop means), renewals end, and the process is reported stuck until
+the agent returns or Celery's hard time limit ends the process.
 """
 
 from __future__ import annotations
@@ -37,11 +46,13 @@ CANCEL_CHECK_INTERVAL_S = 0.1
 
 class StopKind(enum.Enum):
     requested = "requested"
+    timeout = "timeout"
     lease_lost = "lease_lost"
     unsafe = "unsafe"
 
 
 OnStop = Callable[[str, StopKind], None]
+OnAbandon = Callable[[str, StopKind], None]
 CancelCheck = Callable[[], str | None]
 
 
@@ -76,7 +87,8 @@ class _Streak:
 class Heartbeat:
     def __init__(self, store: MailboxStore, *, dispatch_id: str, token: str, lease_ms: int,
                  clock: Callable[[], int], on_stop: OnStop, interval_s: float | None = None,
-                 cancel_check: CancelCheck | None = None) -> None:
+                 cancel_check: CancelCheck | None = None, timeout_ms: int | None = None,
+                 grace_ms: int | None = None, on_abandon: OnAbandon | None = None) -> None:
         self.store = store
         self.dispatch_id = dispatch_id
         self.token = token
@@ -85,9 +97,14 @@ class Heartbeat:
         self.on_stop = on_stop
         self.interval_s = interval_s if interval_s is not None else lease_ms / 3000
         self.cancel_check = cancel_check
+        self.timeout_ms = timeout_ms
+        self.grace_ms = grace_ms
+        self.on_abandon = on_abandon
         self.renewals = 0
         self.stop_reason: str | None = None
         self.stop_kind: StopKind | None = None
+        self.abandoned = False
+        self._stopped_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{dispatch_id}",
                                         daemon=True)
@@ -111,8 +128,12 @@ class Heartbeat:
         self.stop()
 
     def _decide(self, reason: str, kind: StopKind) -> None:
-        self.stop_reason, self.stop_kind = reason, kind
+        """Stop the agent (the first decision stands; later ones are only counted)."""
         metrics.count_operation("heartbeat_stop", kind.value)
+        if self.stop_kind is not None:
+            return
+        self.stop_reason, self.stop_kind = reason, kind
+        self._stopped_at = time.monotonic()
         try:
             self.on_stop(reason, kind)
         except Exception:  # the callback is the caller's; its bug must not look like ours
@@ -121,20 +142,49 @@ class Heartbeat:
     def _loop(self) -> None:
         checks = _Streak("cancel check", self.dispatch_id, self.clock)
         renewals = _Streak("lease renewal", self.dispatch_id, self.clock)
-        tick = min(self.interval_s, CANCEL_CHECK_INTERVAL_S) if self.cancel_check \
-            else self.interval_s
-        next_renewal = time.monotonic() + self.interval_s
+        fast = self.cancel_check is not None or self.timeout_ms is not None
+        tick = min(self.interval_s, CANCEL_CHECK_INTERVAL_S) if fast else self.interval_s
+        started = time.monotonic()
+        next_renewal = started + self.interval_s
         while not self._stop.wait(tick):
-            if self.cancel_check is not None and self._check_cancel(checks):
+            now = time.monotonic()
+            if self.stop_kind is None:
+                if self.timeout_ms is not None and (now - started) * 1000 >= self.timeout_ms:
+                    self._decide(f"timed out after {self.timeout_ms / 1000:g} s",
+                                 StopKind.timeout)
+                elif self.cancel_check is not None:
+                    self._check_cancel(checks)
+            if self._abandon_due(now):
+                self._abandon()
                 return
-            if time.monotonic() >= next_renewal:
-                next_renewal = time.monotonic() + self.interval_s
+            if now >= next_renewal:
+                next_renewal = now + self.interval_s
                 if self._renew(renewals):
                     return
 
-    def _check_cancel(self, streak: _Streak) -> bool:
-        """True when the loop is over (a cancel arrived, or the signal is unreadable past a
-        lease)."""
+    def _abandon_due(self, now: float) -> bool:
+        return (self._stopped_at is not None and self.grace_ms is not None
+                and self.on_abandon is not None and self.stop_kind != StopKind.lease_lost
+                and (now - self._stopped_at) * 1000 >= self.grace_ms
+                and not self._stop.is_set())
+
+    def _abandon(self) -> None:
+        """The agent did not return within the grace after its stop: end the attempt for it
+        (`on_abandon`), stop renewing. Its late return, if any, is discarded by the caller."""
+        assert self.on_abandon is not None and self.stop_kind is not None
+        self.abandoned = True
+        metrics.count_operation("heartbeat_abandon", self.stop_kind.value)
+        log.error("agent of %s did not stop within %s ms of its stop (%s): attempt abandoned",
+                  self.dispatch_id, self.grace_ms, self.stop_reason)
+        try:
+            self.on_abandon(self.stop_reason or "", self.stop_kind)
+        except Exception:
+            log.exception("abandoning the attempt of %s failed; its lease runs out and the "
+                          "sweep reclaims it", self.dispatch_id)
+
+    def _check_cancel(self, streak: _Streak) -> None:
+        """Stop the agent when a cancel arrived, or when the signal was unreadable for a
+        whole lease."""
         assert self.cancel_check is not None
         try:
             reason = self.cancel_check()
@@ -144,16 +194,13 @@ class Heartbeat:
             if blind_ms >= self.lease_ms:
                 self._decide(f"cancel signal unreadable for {blind_ms} ms (lease {self.lease_ms}"
                              f" ms): {type(exc).__name__}: {exc}", StopKind.unsafe)
-                return True
-            return False
+            return
         streak.ok()
         if reason:
             self._decide(reason, StopKind.requested)
-            return True
-        return False
 
     def _renew(self, streak: _Streak) -> bool:
-        """True when the loop is over (the lease is lost, or renewals failed past it)."""
+        """True when the loop is over: the lease is lost, nothing is left to renew."""
         started = time.perf_counter()
         try:
             renewed = self.store.extend_lease(self.dispatch_id, self.token, self.lease_ms,
@@ -165,7 +212,6 @@ class Heartbeat:
                 self._decide(f"lease renewal failing for {unrenewed_ms} ms (lease "
                              f"{self.lease_ms} ms): {type(exc).__name__}: {exc}",
                              StopKind.unsafe)
-                return True
             return False
         if not renewed:
             metrics.record_operation("lease_renewal", "lost", time.perf_counter() - started)

@@ -116,6 +116,9 @@ class Runtime:
     cancel_check: Callable[[str, str], str | None] | None = None
     """(thread_id, token) -> reason when a cancel signal for this attempt arrived."""
     active: dict[str, threading.Event] = field(default_factory=dict)
+    stuck: Callable[[str, bool], None] = lambda dispatch_id, stuck: None
+    """(dispatch_id, True) when an abandoned agent still occupies this process, (…, False)
+    when it returned: the worker's health check reports the process stuck meanwhile."""
 
 
 # ------------------------------------------------------------------------------ utilities
@@ -293,6 +296,8 @@ class AgentOutcome:
     termination: Termination | None = None
     response: str | None = None
     waiting: dict[str, Any] | None = None
+    abandoned: bool = False
+    """The heartbeat already ended the attempt for an agent that did not stop in time."""
 
 
 def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
@@ -329,6 +334,8 @@ def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
         log.exception("running the agent of %s failed", ctx.describe())
         outcome = AgentOutcome(TRANSIENT, f"internal error running the agent: "
                                           f"{error_text(exc)}")
+    if outcome.abandoned:
+        return ctx.finish(f"abandoned: {ctx.stop_reason}; the agent returned afterwards")
     if outcome.kind != COMPLETED:
         ctx.outcome = Outcome(outcome.kind, outcome.error)
         return ctx
@@ -432,9 +439,17 @@ def _run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, lease_ms:
         attempt=ctx.attempt, input=input_, decision=decision,
         load_messages=lambda: [m.content for m in rt.runs.thread_messages(ctx.thread_id)],
         emit=emit, cancel_event=cancel)
+    timeout_s = spec.timeout_or(rt.settings.agent_timeout_s)
+    grace_s = rt.settings.agent_timeout_grace_s
+
+    def on_abandon(reason: str, kind: StopKind) -> None:
+        rt.stuck(ctx.dispatch_id, True)
+        _end_abandoned(rt, ctx, _stopped(kind, reason, None, grace_s))
+
     heartbeat = Heartbeat(rt.store, dispatch_id=ctx.dispatch_id, token=ctx.token,
                           lease_ms=lease_ms, clock=rt.clock, on_stop=on_stop,
-                          cancel_check=check)
+                          cancel_check=check, timeout_ms=int(timeout_s * 1000),
+                          grace_ms=grace_s * 1000, on_abandon=on_abandon)
     value: Any = None
     failure: BaseException | None = None
     try:
@@ -446,14 +461,11 @@ def _run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, lease_ms:
         failure = exc
     finally:
         rt.active.pop(ctx.dispatch_id, None)
-    if heartbeat.stop_kind == StopKind.unsafe:
-        return _stopped_unsafely(heartbeat)
+    if heartbeat.abandoned:
+        rt.stuck(ctx.dispatch_id, False)
+        return AgentOutcome(COMPLETED, abandoned=True)
     if heartbeat.stop_kind is not None:
-        # Cancel means stop: after a cancel, an interrupt or a lost lease, whatever the agent
-        # did — returned, raised, suspended — the run ends cancelled (a lost lease's write is
-        # fenced off anyway). What it returned as text is kept as its partial answer.
-        return AgentOutcome(COMPLETED, termination=Termination.cancelled(),
-                            response=_partial_response(value))
+        return _stopped(heartbeat.stop_kind, heartbeat.stop_reason or "", value, None)
     if failure is not None:
         return AgentOutcome(classify(failure), storable(error_text(failure)))
     if isinstance(value, SuspendRequested):
@@ -512,12 +524,42 @@ def _partial_response(value: Any) -> str | None:
         return None
 
 
-def _stopped_unsafely(heartbeat: Heartbeat) -> AgentOutcome:
-    """The heartbeat stopped the agent because it could not renew the lease, or read the
-    cancel signal, for a whole lease (see `mailbox.heartbeat`). Nobody asked the run to
-    stop, so this is not a cancellation, and whatever the agent returned after it was told
-    to stop is not its answer: the attempt is a transient failure, retried with backoff."""
-    return AgentOutcome(TRANSIENT, f"attempt stopped: {heartbeat.stop_reason}")
+def _stopped(kind: StopKind, reason: str, value: Any, abandoned_after_s: int | None
+             ) -> AgentOutcome:
+    """What an attempt the heartbeat stopped comes to, whatever the agent did once told to
+    stop (returned, raised, suspended): `value` is what it returned, if anything.
+
+    - cancel, interrupt, lost lease: cancel means stop, the run ends cancelled (a lost
+      lease's write is fenced off anyway); text it returned is kept as its partial answer;
+    - timeout: a transient failure, "timed out after N s" (a hanging agent dead-letters once
+      its attempts are spent);
+    - unsafe (renewals or cancel checks failing for a lease): nobody asked the run to stop,
+      so not a cancellation: a transient failure, retried.
+    `abandoned_after_s`: the agent did not return within that grace; the heartbeat ends the
+    attempt for it."""
+    late = "" if abandoned_after_s is None else \
+        f"; the agent did not stop within {abandoned_after_s} s and was abandoned"
+    if kind == StopKind.timeout:
+        return AgentOutcome(TRANSIENT, f"{reason}{late}")
+    if kind == StopKind.unsafe:
+        return AgentOutcome(TRANSIENT, f"attempt stopped: {reason}{late}")
+    return AgentOutcome(COMPLETED, termination=Termination.cancelled(),
+                        response=_partial_response(value))
+
+
+def _end_abandoned(rt: Runtime, ctx: PhaseContext, outcome: AgentOutcome) -> None:
+    """On the heartbeat's thread, for an agent that ignored its stop: do what execute and
+    settle would have done with `outcome`, and wake the thread (the agent may never return;
+    the process is reported stuck until it does or Celery's hard time limit ends it)."""
+    try:
+        if outcome.kind == COMPLETED:
+            _record(rt, ctx, outcome)
+        else:
+            ctx.outcome = Outcome(outcome.kind, outcome.error)
+        if not ctx.done:
+            _settle_outcome(rt, ctx)
+    finally:
+        rt.wake(ctx.thread_id, 0)
 
 
 # ================================================================================== settle

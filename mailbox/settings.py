@@ -78,6 +78,11 @@ class Settings:
     event_stream_max_bytes: int = DEFAULT_EVENT_STREAM_MAX_BYTES
     """Per run: the oldest events are dropped while a stream's events exceed this."""
     agent_modules: str = ""
+    agent_timeout_s: int = 900
+    """How long one attempt of an agent without its own `timeout_s` may run."""
+    agent_timeout_grace_s: int = 30
+    """After a stop (timeout, cancel): how long the agent has to return before the attempt
+    is abandoned; twice that past the longest timeout, Celery kills the worker's child."""
     missing_agent_grace_s: int = 600
     """How long a dispatch whose pinned agent version no worker that took it had is put
     back (a rolling deploy in progress) before it is dead-lettered."""
@@ -110,6 +115,8 @@ class Settings:
                                         DEFAULT_EVENT_STREAM_MAX_BYTES,
                                         minimum=MIN_EVENT_STREAM_MAX_BYTES),
             agent_modules=env.get("MAILBOX_AGENT_MODULES", ""),
+            agent_timeout_s=_int(env, "MAILBOX_AGENT_TIMEOUT_S", 900, minimum=1),
+            agent_timeout_grace_s=_int(env, "MAILBOX_AGENT_TIMEOUT_GRACE_S", 30, minimum=1),
             missing_agent_grace_s=_int(env, "MAILBOX_MISSING_AGENT_GRACE_S", 600),
         )
 

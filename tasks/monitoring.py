@@ -1,23 +1,32 @@
-"""Prometheus exposition for a worker (multiprocess mode) and Flower-friendly task naming.
+"""Prometheus exposition and the health endpoint of a worker (multiprocess mode).
 
-The worker's main process serves /metrics on MAILBOX_METRICS_PORT (default 9808; 0 turns it
-off) at MAILBOX_METRICS_ADDR (default 127.0.0.1: the endpoint has no authentication, so other
-machines reach it only where the operator says so, as docker-compose.yml does for Prometheus
-on the compose network). Prefork children write their samples to PROMETHEUS_MULTIPROC_DIR,
-which `tasks` sets before anything imports prometheus_client; the exporter aggregates them and
-adds the store gauges computed from SQL at scrape time.
+The worker's main process serves /metrics and /healthz on MAILBOX_METRICS_PORT (default
+9808; 0 turns it off) at MAILBOX_METRICS_ADDR (default 127.0.0.1: the endpoint has no
+authentication, so other machines reach it only where the operator says so, as
+docker-compose.yml does for Prometheus on the compose network). Prefork children write their
+samples to PROMETHEUS_MULTIPROC_DIR, which `tasks` sets before anything imports
+prometheus_client; the exporter aggregates them and adds the store gauges computed from SQL
+at scrape time. /healthz answers 200, or 503 while a pool child is stuck on an agent
+abandoned past its time limit (`tasks.health`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from celery.signals import worker_init, worker_process_shutdown
+
+from tasks import health
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 9808
@@ -73,19 +82,52 @@ def build_registry() -> Any:
     return registry
 
 
+Environ = dict[str, Any]
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+def health_app(metrics_app: Callable[[Environ, StartResponse], Iterable[bytes]]
+               ) -> Callable[[Environ, StartResponse], Iterable[bytes]]:
+    """/healthz (stuck children) in front of the Prometheus WSGI app (everything else)."""
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz":
+            return metrics_app(environ, start_response)
+        stuck = health.stuck_processes()
+        body = json.dumps({"ok": not stuck, "stuck": stuck}).encode()
+        start_response("503 Service Unavailable" if stuck else "200 OK",
+                       [("Content-Type", "application/json"),
+                        ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
+        pass
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
 @worker_init.connect
 def serve_metrics(**_: Any) -> None:
     port, addr = metrics_port(), metrics_addr()
     if port <= 0:
         return
-    from prometheus_client import start_http_server
+    from prometheus_client import make_wsgi_app
 
     try:
-        start_http_server(port, addr=addr, registry=build_registry())
-        log.info("Prometheus metrics on %s:%d/metrics", addr, port)
+        server = make_server(addr, port, health_app(make_wsgi_app(build_registry())),
+                             _ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
         log.warning("metrics port %d unavailable (%s): set MAILBOX_METRICS_PORT per worker", port,
                     exc)
+        return
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("Prometheus metrics on %s:%d/metrics, health on /healthz", addr, port)
 
 
 @worker_process_shutdown.connect

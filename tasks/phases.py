@@ -14,9 +14,13 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from celery.signals import worker_init
+
+from mailbox import agents
 from mailbox import phases as phase_functions
 from mailbox.context import MalformedContextError, PhaseContext
 from mailbox.phases import Runtime
+from mailbox.settings import Settings
 from tasks.app import app
 from tasks.publishing import publish_wake
 from tasks.runtime import runtime
@@ -114,3 +118,23 @@ def settle(message: Any) -> PhaseMessage | None:
         log.exception("settle failed for %s", ctx.describe())
         publish_wake(runtime().settings.namespace, ctx.thread_id, 0)
         return PhaseMessage(ctx.finish("phase settle crashed"))
+
+
+@worker_init.connect
+def limit_execute(**_: Any) -> None:
+    """Celery's time limits for `mailbox.execute`, the hard stop behind an agent's own
+    (docs/behaviour.md#time-limits): past an agent's `timeout_s` its heartbeat tells it to
+    stop, past a grace more it abandons the attempt; the soft limit (the longest timeout of
+    the agents this worker has, plus 1.5 graces) then raises SoftTimeLimitExceeded in the
+    agent, and the hard one (plus 2 graces) kills the pool child, which Celery replaces.
+    Set in the worker's main process, which enforces them (prefork; the threads pool has
+    no time limits)."""
+    settings = Settings.from_env()
+    agents.load_agent_modules(settings.agent_modules)
+    longest = max((spec.timeout_or(settings.agent_timeout_s) for spec in agents.registered()),
+                  default=float(settings.agent_timeout_s))
+    grace = settings.agent_timeout_grace_s
+    execute.soft_time_limit = longest + 1.5 * grace
+    execute.time_limit = longest + 2 * grace
+    log.info("mailbox.execute time limits: soft %.0f s, hard %.0f s", execute.soft_time_limit,
+             execute.time_limit)

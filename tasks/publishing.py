@@ -40,7 +40,9 @@ def publish_wake(queue: str, thread_id: str, delay_ms: int = 0, *, wake_id: str 
 
 def publish_chain(queue: str, ctx: PhaseContext) -> None:
     """The five phases of one claimed dispatch: verify now, the rest as its chain."""
-    app.send_task(CHAIN[0], args=(ctx.to_message(),), queue=queue, chain=_rest_of_chain(queue))
+    # argsrepr: the task-sent event (MAILBOX_WORKER_EVENTS=1) shows ids, never the token.
+    app.send_task(CHAIN[0], args=(ctx.to_message(),), queue=queue, chain=_rest_of_chain(queue),
+                  argsrepr=ctx.describe(), kwargsrepr="{}")
 
 
 def start_next(rt: Runtime, thread_id: str) -> str | None:

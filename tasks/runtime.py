@@ -14,7 +14,7 @@ import threading
 
 from mailbox.facade import Mailbox
 from mailbox.phases import Runtime
-from tasks import publishing
+from tasks import health, publishing
 
 _lock = threading.Lock()
 _state: dict[int, tuple[Mailbox, Runtime]] = {}
@@ -23,7 +23,7 @@ _state: dict[int, tuple[Mailbox, Runtime]] = {}
 def _create() -> tuple[Mailbox, Runtime]:
     box = Mailbox.connect()
     box.waker = functools.partial(publishing.publish_wake, box.settings.namespace)
-    rt = box.runtime()
+    rt = dataclasses.replace(box.runtime(), stuck=health.mark_stuck)
     # The worker's waker claims with this very runtime: bound after it exists.
     rt = dataclasses.replace(rt, wake=lambda thread_id, delay_ms: publishing.worker_wake(
         rt, thread_id, delay_ms))

@@ -20,9 +20,9 @@ import pytest
 import redis
 
 from mailbox import DispatchStatus, Mailbox, RunStatus, StoreUnavailableError
-from mailbox.agents import AgentContext, AgentResult
+from mailbox.agents import AgentContext, AgentResult, agent
 from mailbox.model import Termination
-from mailbox.phases import Runtime, now_ms, run_chain
+from mailbox.phases import Runtime, claim_next, now_ms, run_chain
 from tests.support.phase_kit import (
     Wakes,
     claim,
@@ -259,3 +259,116 @@ def test_interrupt_commits_when_redis_cannot_take_the_cancel_signal(
     assert result.active_dispatch.dispatch_id == ctx.dispatch_id
     assert box.store.sql_epoch("t-nosignal") == 1
     assert box.store.extend_lease(ctx.dispatch_id, ctx.token, 1000, now_ms()) is False
+
+
+# ============================================================================== time limits
+class Stuck:
+    """Runtime.stuck, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, dispatch_id: str, stuck: bool) -> None:
+        self.calls.append((dispatch_id, stuck))
+
+
+def stubborn_for(seconds: float) -> Callable[[AgentContext], Any]:
+    """Ignores every stop for `seconds` (a blocking call that does not look up), then
+    returns an answer."""
+    def run(ctx: AgentContext) -> Any:
+        time.sleep(seconds)
+        return "late answer"
+    return run
+
+
+def test_a_cooperative_agent_past_its_timeout_is_a_transient_failure(mailbox: Mailbox) -> None:
+    name, _ = register(sleeper(30))
+    agent(name, "2", timeout_s=0.5)(sleeper(30))
+    rt = make_runtime(mailbox, Wakes(), lease_ms=3000)
+    receipt = mailbox.submit("t-timeout", name, "go")
+    started = time.monotonic()
+    out = run_chain(rt, claim(rt, "t-timeout"))
+    assert 0.5 <= time.monotonic() - started < 3
+    assert out.stop_kind == "timeout" and out.settled == "transient_error"
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
+    assert dispatch.last_error == "timed out after 0.5 s"
+
+
+def test_a_global_default_bounds_agents_without_their_own_timeout(mailbox: Mailbox) -> None:
+    name, _ = register(sleeper(30))
+    rt = make_runtime(mailbox, Wakes(), lease_ms=3000, agent_timeout_s=1)
+    receipt = mailbox.submit("t-default-timeout", name, "go")
+    out = run_chain(rt, claim(rt, "t-default-timeout"))
+    assert out.stop_kind == "timeout"
+    assert load(mailbox, receipt.dispatch_id).last_error == "timed out after 1 s"
+
+
+def test_an_agent_that_ignores_its_timeout_is_abandoned_after_the_grace(
+        mailbox: Mailbox) -> None:
+    """A non-cooperative agent: past timeout + grace the heartbeat ends the attempt for it
+    (a transient failure, the thread free for its next dispatch) while the agent still runs;
+    the process is reported stuck until the agent returns, and its late answer is dropped."""
+    name, calls = register(stubborn_for(3.5))
+    agent(name, "2", timeout_s=0.5)(stubborn_for(3.5))
+    stuck = Stuck()
+    rt = replace(make_runtime(mailbox, Wakes(), lease_ms=3000, agent_timeout_grace_s=1),
+                 stuck=stuck)
+    receipt = mailbox.submit("t-hung", name, "go")
+    later = mailbox.submit("t-hung", "echo", "next in line")
+    results: dict[str, Any] = {}
+    ctx = claim(rt, "t-hung")
+    runner = threading.Thread(target=lambda: results.update(out=run_chain(rt, ctx)))
+    started = time.monotonic()
+    runner.start()
+
+    def abandoned() -> bool:
+        return load(mailbox, receipt.dispatch_id).status == DispatchStatus.Queued
+
+    while not abandoned():
+        assert time.monotonic() - started < 3, "not abandoned within timeout + grace"
+        time.sleep(0.02)
+    abandoned_after = time.monotonic() - started
+    assert 1.5 <= abandoned_after < 3, abandoned_after
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.attempt_count == 1 and dispatch.last_error is not None
+    assert dispatch.last_error.startswith("timed out after 0.5 s; the agent did not stop "
+                                          "within 1 s and was abandoned")
+    assert stuck.calls == [(receipt.dispatch_id, True)]
+    # The thread is free: its next dispatch runs while the stuck agent still sleeps.
+    nxt = claim_next(rt, "t-hung")
+    assert nxt is not None and nxt.dispatch_id == later.dispatch_id
+    runner.join(10)
+    out = results["out"]
+    assert out.done and out.reason.startswith("abandoned")
+    assert stuck.calls == [(receipt.dispatch_id, True), (receipt.dispatch_id, False)]
+    assert load(mailbox, receipt.dispatch_id).run_response is None  # late answer dropped
+    assert calls.count == 0  # version 2 ran, once
+
+
+def test_an_agent_slow_to_heed_a_cancel_keeps_its_lease_then_ends_cancelled(
+        mailbox: Mailbox) -> None:
+    """After a cancel the heartbeat keeps renewing while the agent winds down (before, it
+    stopped renewing at once: an agent slower than its lease to notice was reclaimed by the
+    sweep and run a second time beside itself). Past the grace it is abandoned: cancelled."""
+    lease_ms = 600
+    name, calls = register(stubborn_for(2.5))
+    rt = make_runtime(mailbox, Wakes(), lease_ms=lease_ms, agent_timeout_grace_s=1)
+    receipt = mailbox.submit("t-slow-cancel", name, "go")
+    ctx = claim(rt, "t-slow-cancel")
+    results: dict[str, Any] = {}
+    with sweeping(mailbox) as sweeps:
+        runner = threading.Thread(target=lambda: results.update(out=run_chain(rt, ctx)))
+        runner.start()
+        deadline = time.monotonic() + 10
+        while load(mailbox, receipt.dispatch_id).run_status != RunStatus.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        mailbox.cancel(receipt.dispatch_id)
+        runner.join(15)
+    assert not any(r.reclaimed for r in sweeps), "reclaimed while the agent wound down"
+    assert calls.count == 1
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Acked and dispatch.attempt_count == 0
+    assert dispatch.termination == Termination.cancelled()
+    assert results["out"].reason.startswith("abandoned")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 from mailbox import Termination, agent
@@ -60,3 +61,23 @@ def returns_suspended(ctx: AgentContext) -> AgentResult:
 @agent("versioned", version="1")
 def versioned_v1(ctx: AgentContext) -> str:
     return f"v1: {ctx.input}"
+
+
+@agent("slow_cooperative", timeout_s=1)
+def slow_cooperative(ctx: AgentContext) -> str:
+    """Works `{"ms": N}`, looking up often: stops at its 1 s time limit when told to."""
+    deadline = time.monotonic() + int(ctx.input["ms"]) / 1000
+    while time.monotonic() < deadline:
+        if ctx.cancelled():
+            return "stopped early"
+        time.sleep(0.02)
+    return "finished"
+
+
+@agent("hangs", timeout_s=1)
+def hangs(ctx: AgentContext) -> str:
+    """Hangs where nothing reaches it: it blocks the soft-time-limit signal (SIGUSR1) and
+    sleeps, as a C extension stuck in a call would. Only a hard kill ends it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    time.sleep(int(ctx.input["s"]))
+    return "woke up"
