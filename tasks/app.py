@@ -93,12 +93,39 @@ class CheckedRedisChannel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> bool:
         try:
             return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
-        except json.JSONDecodeError as exc:
-            # Raised by kombu's `loads` of the popped entry, before any delivery: Celery wraps
-            # its own body decode errors in kombu's DecodeError, which is not this class.
-            log.error("refused a malformed broker message: not JSON (%s): %s", exc,
-                      _preview(exc.doc))
+        except DECODE_ERRORS as exc:
+            if not raised_decoding_the_entry(exc):
+                raise  # a delivery's own failure: not ours to swallow
+            # The popped entry did not decode: not JSON, not UTF-8, or JSON kombu's decoder
+            # refuses (typed markers with bad values, nesting past the recursion limit).
+            if isinstance(exc, json.JSONDecodeError):
+                log.error("refused a malformed broker message: not JSON (%s): %s", exc,
+                          _preview(exc.doc))
+            else:
+                log.error("refused a malformed broker message: undecodable entry (%s: %.200s)",
+                          type(exc).__name__, exc)
             return True
+
+
+DECODE_ERRORS = (ValueError, TypeError, AttributeError, ArithmeticError, RecursionError)
+"""What kombu's decoding of a popped entry raises on hostile input, measured: JSONDecodeError
+and UnicodeDecodeError (ValueError), typed markers with bad values — datetime, set, unknown
+types (ValueError), uuid (TypeError), bytes (AttributeError), decimal (InvalidOperation, an
+ArithmeticError) — and RecursionError for deep nesting."""
+_DECODING = frozenset({"loads", "bytes_to_str"})
+
+
+def raised_decoding_the_entry(exc: BaseException) -> bool:
+    """True when `exc` came out of kombu's decoding of the popped entry (`loads` or
+    `bytes_to_str`, called by its `_brpop_read`), not out of the delivery that follows."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_brpop_read" \
+                and frame.f_globals.get("__name__") == kombu_redis.__name__:
+            return tb.tb_next is not None and tb.tb_next.tb_frame.f_code.co_name in _DECODING
+        tb = tb.tb_next
+    return False
 
 
 class CheckedRedisTransport(kombu_redis.Transport):

@@ -68,6 +68,22 @@ def raw_entries(queue: str) -> list[tuple[str, bytes, str]]:
     return [
         ("invalid JSON", b'{"body": "unterminated', not_json),
         ("invalid UTF-8", b"\xff\xfe\x00\xc3(garbage", not_json),
+        ("typed marker: bad datetime", b'{"__type__": "datetime", "__value__": "not a date"}',
+         "undecodable entry (ValueError"),
+        ("typed marker: bad decimal", b'{"__type__": "decimal", "__value__": "abc"}',
+         "undecodable entry (InvalidOperation"),
+        ("typed marker: bad uuid", b'{"__type__": "uuid", "__value__": "zz"}',
+         "undecodable entry (TypeError"),
+        ("typed marker: bytes of a number", b'{"__type__": "bytes", "__value__": 5}',
+         "undecodable entry (AttributeError"),
+        ("typed marker: unknown type", b'{"__type__": "nope", "__value__": 1}',
+         "undecodable entry (ValueError"),
+        ("nested past the recursion limit", b"[" * 100_000 + b"]" * 100_000,
+         "undecodable entry (RecursionError"),
+        ("typed marker in the body", envelope(queue, b'[["t"], {"dispatch_id": '
+                                                    b'{"__type__": "decimal", '
+                                                    b'"__value__": "abc"}}, {}]'),
+         "Can't decode message body"),
         ("JSON array", b"[1, 2, 3]", "a JSON list, not an envelope object"),
         ("JSON string", b'"mailbox.dispatch"', "a JSON str, not an envelope object"),
         ("no properties", json.dumps({"body": "", "headers": {}}).encode(),
