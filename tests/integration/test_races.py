@@ -557,7 +557,8 @@ def all_rows(store: MailboxStore, threads: tuple[str, ...]) -> dict[str, RunDisp
 def drain(store: MailboxStore, threads: tuple[str, ...]) -> int:
     """Take every live dispatch to a terminal state, as a worker would far in the future."""
     far = now_ms() + 86_400_000
-    store.reclaim_expired_leases(far, 100_000)
+    while store.reclaim_page(far, 1000).more:  # pages: list calls are bounded
+        pass
     acked = 0
     for _ in range(100_000):
         progressed = False
