@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbox.errors import ValidationError
 from mailbox.model import Termination
+
+if TYPE_CHECKING:
+    from mailbox.store import Message
 
 Handler = Callable[["AgentContext"], Any]
 InputCheck = Callable[[Any], None]
@@ -44,12 +47,21 @@ class AgentSpec:
         return f"{self.name}@{self.version}"
 
 
+AGENT_ROLES = ("assistant", "tool", "system")
+"""Roles an agent may write into the conversation (`user` and `decision` come from people)."""
+
+
 @dataclass(frozen=True)
 class AgentResult:
-    """What a handler may return instead of a plain string."""
+    """What a handler may return instead of a plain string.
+
+    `messages` are the turns the agent took before its answer — tool calls, tool results —
+    each `{"role": "assistant" | "tool" | "system", "content": <JSON>}`. They are appended to
+    the thread's conversation before the answer, atomically with the run's outcome."""
 
     response: str | None = None
     termination: Termination = field(default_factory=Termination.natural_end)
+    messages: Sequence[Mapping[str, Any]] = ()
 
 
 class SuspendRequested(Exception):
@@ -132,7 +144,7 @@ class AgentContext:
     """What a handler sees of its run. Built by the execute phase for one attempt."""
 
     def __init__(self, *, run_id: str, thread_id: str, dispatch_id: str, attempt: int,
-                 input: Any, decision: Any, load_messages: Callable[[], Sequence[Any]],
+                 input: Any, decision: Any, load_messages: Callable[[], Sequence[Message]],
                  emit: Callable[[str, Any], None], cancel_event: threading.Event) -> None:
         self.run_id = run_id
         self.thread_id = thread_id
@@ -141,13 +153,17 @@ class AgentContext:
         self.input = input
         self.decision = decision
         self._load_messages = load_messages
-        self._messages: list[Any] | None = None
+        self._messages: list[Message] | None = None
         self._emit = emit
         self._cancel = cancel_event
 
     @property
-    def messages(self) -> list[Any]:
-        """The thread's history (oldest first), loaded on first use."""
+    def messages(self) -> list[Message]:
+        """The conversation so far, oldest first, this run's input included: message objects
+        with `role` (user, assistant, decision, tool, system), `content`, `run_id`, `seq`
+        and `created_at`; the agent's own earlier answers are there. A window: the newest
+        MAILBOX_HISTORY_LIMIT messages within MAILBOX_HISTORY_MAX_BYTES, loaded on first
+        use (docs/behaviour.md#conversation)."""
         if self._messages is None:
             self._messages = list(self._load_messages())
         return self._messages

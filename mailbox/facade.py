@@ -49,7 +49,14 @@ from mailbox.model import (
 from mailbox.phases import Runtime, now_ms
 from mailbox.schema import upgrade
 from mailbox.settings import Settings, validate_namespace
-from mailbox.store import MailboxStore, Resolution, RunStore, Submission, encode_input
+from mailbox.store import (
+    MailboxStore,
+    Message,
+    Resolution,
+    RunStore,
+    Submission,
+    encode_input,
+)
 from mailbox.store.dispatches import MAX_LIST_LIMIT as MAX_LIST_LIMIT
 from mailbox.store.retention import Retention, replay_run_id
 
@@ -284,6 +291,18 @@ class Mailbox:
         run = self.runs.load_run(dispatch.run_id)
         return (run is None or run.status == RunStatus.done
                 or run.dispatch_id not in (None, dispatch.dispatch_id))
+
+    def thread_messages(self, thread_id: str, *, limit: int = 50, before: int | None = None
+                        ) -> list[Message]:
+        """A page of the thread's conversation, oldest first: the `limit` messages before
+        the message whose seq is `before` (the newest when None). Page back with the first
+        message's seq. Each run's messages together, runs in the order their input arrived
+        (docs/behaviour.md#conversation)."""
+        check_text("thread_id", thread_id)
+        _check_int("limit", limit, 0, MAX_LIST_LIMIT)
+        if before is not None:
+            _check_int("before", before, 1, MAX_MS)
+        return self.runs.conversation(thread_id, limit=limit, before=before)
 
     def events_of(self, run_id: str, after: str | None = None, follow: bool = False,
                   timeout_s: float | None = None) -> Iterator[Event]:

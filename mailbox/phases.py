@@ -18,14 +18,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import uuid6
 
 from mailbox import agents, metrics, reports
-from mailbox.agents import AgentContext, AgentResult, SuspendRequested
+from mailbox.agents import AGENT_ROLES, AgentContext, AgentResult, SuspendRequested
 from mailbox.context import (
     COMPLETED,
     DEFERRED,
@@ -43,6 +43,7 @@ from mailbox.errors import (
     StaleEpochError,
     StoreUnavailableError,
     TransientError,
+    ValidationError,
     VersionConflictError,
 )
 from mailbox.events import EventStreams
@@ -54,9 +55,10 @@ from mailbox.model import (
     RunRecord,
     RunStatus,
     Termination,
+    show_value,
 )
 from mailbox.settings import Settings
-from mailbox.store import MailboxStore, Message, RunStore
+from mailbox.store import MailboxStore, Message, RunStore, encode_input
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +298,8 @@ class AgentOutcome:
     termination: Termination | None = None
     response: str | None = None
     waiting: dict[str, Any] | None = None
+    turns: list[tuple[str, Any]] = field(default_factory=list)
+    """(role, content) the agent took before its answer (AgentResult.messages)."""
     abandoned: bool = False
     """The heartbeat already ended the attempt for an agent that did not stop in time."""
 
@@ -396,7 +400,8 @@ def _record(rt: Runtime, ctx: PhaseContext, outcome: AgentOutcome) -> PhaseConte
                                outcome.response, outcome.error)
     try:
         rt.runs.record_outcome(ctx.dispatch_id, ctx.token, result, rt.clock(),
-                               waiting=outcome.waiting, thread_id=ctx.thread_id)
+                               waiting=outcome.waiting, thread_id=ctx.thread_id,
+                               turns=outcome.turns)
     except (VersionConflictError, NotFoundError) as exc:
         return _after_fence(rt, ctx, exc)
     except StoreUnavailableError as exc:
@@ -437,7 +442,9 @@ def _run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, lease_ms:
     agent_ctx = AgentContext(
         run_id=ctx.run_id, thread_id=ctx.thread_id, dispatch_id=ctx.dispatch_id,
         attempt=ctx.attempt, input=input_, decision=decision,
-        load_messages=lambda: [m.content for m in rt.runs.thread_messages(ctx.thread_id)],
+        load_messages=lambda: rt.runs.history(
+            ctx.thread_id, ctx.run_id, limit=rt.settings.history_limit,
+            max_bytes=rt.settings.history_max_bytes),
         emit=emit, cancel_event=cancel)
     timeout_s = spec.timeout_or(rt.settings.agent_timeout_s)
     grace_s = rt.settings.agent_timeout_grace_s
@@ -473,12 +480,39 @@ def _run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, lease_ms:
         return AgentOutcome(COMPLETED, termination=Termination.suspended(), waiting=ticket)
     try:
         termination, response = _result_of(value)
+        turns = _turns_of(value)
     except InvalidAgentResultError as exc:
         return AgentOutcome(PERMANENT, storable(f"invalid agent result: {exc}"))
     if cancel.is_set() and termination == Termination.natural_end() and response is None:
         termination = Termination.cancelled()
     error = termination.value if termination.type == "error" else None
-    return AgentOutcome(COMPLETED, error, termination, response)
+    return AgentOutcome(COMPLETED, error, termination, response, turns=turns)
+
+
+def _turns_of(value: Any) -> list[tuple[str, Any]]:
+    """AgentResult.messages as (role, content), checked: each an object with a role an agent
+    may write and JSON content within the input size limit."""
+    if not isinstance(value, AgentResult):
+        return []
+    if isinstance(value.messages, str | bytes | Mapping) or not isinstance(
+            value.messages, Sequence):
+        raise InvalidAgentResultError(f"AgentResult.messages must be a list of messages, got "
+                                      f"{type(value.messages).__name__}")
+    turns = []
+    for i, message in enumerate(value.messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role not in AGENT_ROLES:
+            raise InvalidAgentResultError(
+                f"AgentResult.messages[{i}] must be {{'role': one of {', '.join(AGENT_ROLES)}"
+                f", 'content': ...}}, got {show_value(message)}")
+        content = storable(message.get("content"))
+        try:
+            encode_input(content)
+        except ValidationError as exc:
+            raise InvalidAgentResultError(f"AgentResult.messages[{i}].content: "
+                                          f"{exc.message}") from None
+        turns.append((str(role), content))
+    return turns
 
 
 def _result_of(value: Any) -> tuple[Termination, str | None]:

@@ -109,7 +109,11 @@ messages = sa.Table(
     sa.Column("role", sa.String(32), nullable=False),
     sa.Column("content", sa.JSON, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # The seq of its run's first message: a conversation lists each run's messages together,
+    # runs in the order their input arrived (docs/behaviour.md#conversation).
+    sa.Column("turn", sa.BigInteger),
     sa.Index("ix_messages_run", "run_id"),
+    sa.Index("ix_messages_turn", "thread_id", "turn", "seq"),
 )
 
 resolutions = sa.Table(

@@ -78,6 +78,10 @@ class Settings:
     event_stream_max_bytes: int = DEFAULT_EVENT_STREAM_MAX_BYTES
     """Per run: the oldest events are dropped while a stream's events exceed this."""
     agent_modules: str = ""
+    history_limit: int = 100
+    """`ctx.messages`: at most this many of the newest messages of the conversation."""
+    history_max_bytes: int = 1024 * 1024
+    """`ctx.messages`: at most this much JSON content (older messages are left out first)."""
     agent_timeout_s: int = 900
     """How long one attempt of an agent without its own `timeout_s` may run."""
     agent_timeout_grace_s: int = 30
@@ -115,6 +119,9 @@ class Settings:
                                         DEFAULT_EVENT_STREAM_MAX_BYTES,
                                         minimum=MIN_EVENT_STREAM_MAX_BYTES),
             agent_modules=env.get("MAILBOX_AGENT_MODULES", ""),
+            history_limit=_int(env, "MAILBOX_HISTORY_LIMIT", 100, minimum=1),
+            history_max_bytes=_int(env, "MAILBOX_HISTORY_MAX_BYTES", 1024 * 1024,
+                                   minimum=1024),
             agent_timeout_s=_int(env, "MAILBOX_AGENT_TIMEOUT_S", 900, minimum=1),
             agent_timeout_grace_s=_int(env, "MAILBOX_AGENT_TIMEOUT_GRACE_S", 30, minimum=1),
             missing_agent_grace_s=_int(env, "MAILBOX_MISSING_AGENT_GRACE_S", 600),

@@ -7,6 +7,7 @@ Commands::
     submit THREAD AGENT INPUT   queue a run (INPUT is JSON, else a plain string)
     show ID                     a dispatch or a run, with its counterpart
     list THREAD                 a thread's dispatches in claim order
+    thread THREAD               a thread's conversation (user, assistant, tool messages)
     follow RUN_ID               a run's live events
     cancel ID                   cancel a queued dispatch / stop a running one
     interrupt THREAD            "latest wins": supersede queued work, stop the running one

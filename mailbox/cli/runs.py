@@ -149,7 +149,7 @@ def _load_pair(box: Mailbox, ident: str
 
 
 @main.command(help="Show a dispatch or a run (by either id) with its counterpart and the "
-                   "run's input messages.")
+                   "run's messages (its input, its answer).")
 @click.argument("ident", metavar="ID", type=ID)
 @json_option
 @click.pass_context
@@ -225,6 +225,36 @@ def list_(ctx: click.Context, thread: str, statuses: tuple[str, ...], limit: int
         click.echo(f"no dispatches on thread {thread}")
         return
     make_console().print(_dispatch_table(f"thread {thread}", rows))
+
+
+@main.command(help="A thread's conversation, oldest first: each run's messages together, runs "
+                   "in the order their input arrived. Page back with --before (the first "
+                   "seq shown).")
+@click.argument("thread", type=THREAD)
+@click.option("--limit", type=click.IntRange(1, MAX_LIST_LIMIT), default=50,
+              show_default=True, help=f"Messages to show (at most {MAX_LIST_LIMIT}).")
+@click.option("--before", type=click.IntRange(min=1), default=None, metavar="SEQ",
+              help="Show the messages before this one.")
+@json_option
+@click.pass_context
+def thread(ctx: click.Context, thread: str, limit: int, before: int | None) -> None:
+    box = mailbox_for(ctx)
+    page = box.thread_messages(thread, limit=limit, before=before)
+    if cli_state(ctx).json:
+        emit_json([m.to_json() for m in page])
+        return
+    if not page:
+        click.echo(f"no messages on thread {thread}")
+        return
+    table = Table(title=f"thread {thread}", title_justify="left")
+    for col in ("seq", "when", "role", "run", "content"):
+        table.add_column(col, overflow="fold")
+    for m in page:
+        content = m.content if isinstance(m.content, str) else json.dumps(m.content)
+        table.add_row(str(m.seq), iso_ms(m.created_at) or "-", m.role, m.run_id, content)
+    make_console().print(table)
+    if len(page) == limit:
+        click.echo(f"older messages: --before {page[0].seq}")
 
 
 _CURSOR_RE = re.compile(r"^\d+(-\d+)?$")

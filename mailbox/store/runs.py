@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
+import uuid6
 from sqlalchemy import exc as sa_exc
 
 from mailbox import metrics
@@ -45,7 +46,9 @@ MAX_INPUT_BYTES = 256 * 1024
 
 @dataclass(frozen=True)
 class Message:
-    """One entry of a thread's message log."""
+    """One entry of a thread's conversation (docs/behaviour.md#conversation): a user's input,
+    a human's decision, or an agent's answer and its intermediate turns (tool calls, tool
+    results). `seq` orders the thread's log; `turn` is the seq of its run's first message."""
 
     thread_id: str
     seq: int
@@ -54,6 +57,12 @@ class Message:
     role: str
     content: Any
     created_at: int
+    turn: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "role": self.role, "content": self.content,
+                "run_id": self.run_id, "message_id": self.message_id,
+                "created_at": self.created_at, "turn": self.turn}
 
 
 @dataclass(frozen=True)
@@ -173,11 +182,29 @@ class RunStore:
             result = conn.execute(q.UPDATE_RUN, {**q.run_row(run), "guard_run_id": run.run_id})
             if result.rowcount != 1:
                 raise NotFoundError(f"run {run.run_id}")
-        seq = conn.execute(q.SELECT_LAST_SEQ, {"thread_id": run.thread_id}).scalar_one()
-        conn.execute(q.INSERT_MESSAGE, {
-            "thread_id": run.thread_id, "seq": int(seq) + 1, "message_id": message_id,
-            "run_id": run.run_id, "role": role, "content": content, "created_at": now})
+        self.append_messages(conn, run.thread_id, run.run_id, [(role, content)], now,
+                             message_ids=[message_id], new_run=new_run)
         return stored
+
+    def append_messages(self, conn: sa.Connection, thread_id: str, run_id: str,
+                        entries: Sequence[tuple[str, Any]], now: int, *,
+                        message_ids: Sequence[str] | None = None, new_run: bool = False
+                        ) -> None:
+        """Append (role, content) entries to the thread's log, in the caller's transaction,
+        which holds the thread lock (so the seqs it takes are the next ones). They join their
+        run's turn: the seq of the run's first message, or, for a new run, of this one."""
+        if not entries:
+            return
+        seq = int(conn.execute(q.SELECT_LAST_SEQ, {"thread_id": thread_id}).scalar_one())
+        turn = None if new_run else conn.execute(q.SELECT_RUN_TURN,
+                                                 {"run_id": run_id}).scalar_one_or_none()
+        turn = seq + 1 if turn is None else int(turn)
+        ids = list(message_ids) if message_ids is not None else \
+            [str(uuid6.uuid7()) for _ in entries]
+        conn.execute(q.INSERT_MESSAGE, [
+            {"thread_id": thread_id, "seq": seq + i, "message_id": ids[i - 1],
+             "run_id": run_id, "role": role, "content": content, "created_at": now,
+             "turn": turn} for i, (role, content) in enumerate(entries, start=1)])
 
     def _ensure_resolution(self, conn: sa.Connection, resolution: Resolution, now: int) -> None:
         """Pinned resolutions never change and are never deleted: an existing one is kept,
@@ -210,16 +237,62 @@ class RunStore:
 
     @operation("thread_messages")
     def thread_messages(self, thread_id: str, limit: int = 1000) -> list[Message]:
-        """The thread's log, oldest first (the last `limit` entries, at most
-        `MAX_LIST_LIMIT`)."""
-        if isinstance(limit, bool) or not isinstance(limit, int) \
-                or not 0 <= limit <= MAX_LIST_LIMIT:
-            raise ValidationError(f"limit must be an integer within 0..{MAX_LIST_LIMIT} "
-                                  f"(MAX_LIST_LIMIT), got {limit!r}")
+        """The thread's log in the order it was written, oldest first (the last `limit`
+        entries, at most `MAX_LIST_LIMIT`); `conversation` pages it in conversation order."""
+        self._check_limit(limit)
         with self.store.read() as conn:
             rows = [Message(**dict(r._mapping)) for r in conn.execute(
                 q.SELECT_THREAD_TAIL, {"thread_id": thread_id, "limit": limit})]
         return list(reversed(rows))
+
+    @operation("conversation")
+    def conversation(self, thread_id: str, *, limit: int = 50, before: int | None = None
+                     ) -> list[Message]:
+        """A page of the thread's conversation, oldest first: the `limit` messages just
+        before the message `before` (its seq; the newest when None), each run's messages
+        together, runs in the order their input arrived."""
+        self._check_limit(limit)
+        with self.store.read() as conn:
+            position = None
+            if before is not None:
+                turn = conn.execute(q.SELECT_TURN_AT, {"thread_id": thread_id,
+                                                       "seq": before}).scalar_one_or_none()
+                if turn is None:
+                    raise NotFoundError(f"no message {before} in thread {thread_id}")
+                position = (int(turn), before)
+            rows = conn.execute(q.conversation_tail_query(before=position, up_to_turn=None),
+                                {"thread_id": thread_id, "limit": limit})
+            page = [Message(**dict(r._mapping)) for r in rows]
+        return list(reversed(page))
+
+    @operation("history")
+    def history(self, thread_id: str, run_id: str, *, limit: int, max_bytes: int
+                ) -> list[Message]:
+        """What an agent of `run_id` sees as `ctx.messages`: the conversation up to and
+        including its own run, oldest first, at most the newest `limit` messages and
+        `max_bytes` of JSON content (older ones are left out first; the newest is always
+        kept). Runs whose input arrived after this one's are not in it."""
+        with self.store.read() as conn:
+            turn = conn.execute(q.SELECT_RUN_TURN, {"run_id": run_id}).scalar_one_or_none()
+            rows = conn.execute(q.conversation_tail_query(
+                before=None, up_to_turn=None if turn is None else int(turn)),
+                {"thread_id": thread_id, "limit": limit})
+            newest_first = [Message(**dict(r._mapping)) for r in rows]
+        kept: list[Message] = []
+        size = 0
+        for message in newest_first:
+            size += len(json.dumps(message.content, default=str))
+            if kept and size > max_bytes:
+                break
+            kept.append(message)
+        return list(reversed(kept))
+
+    @staticmethod
+    def _check_limit(limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) \
+                or not 0 <= limit <= MAX_LIST_LIMIT:
+            raise ValidationError(f"limit must be an integer within 0..{MAX_LIST_LIMIT} "
+                                  f"(MAX_LIST_LIMIT), got {limit!r}")
 
     @operation("run_messages")
     def run_messages(self, run_id: str) -> list[Message]:
@@ -326,10 +399,14 @@ class RunStore:
     @operation("record_run_result")  # T5 and the run, together
     def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,
                        now: int, waiting: dict[str, Any] | None = None, *,
-                       thread_id: str | None = None) -> None:
-        """The runtime's outcome, written once and fenced: the dispatch projection (T5) and
-        the run record (done, or waiting with its ticket) in one transaction. An attempt
-        whose claim was reclaimed or superseded cannot decide the run any more."""
+                       thread_id: str | None = None,
+                       turns: Sequence[tuple[str, Any]] = ()) -> None:
+        """The runtime's outcome, written once and fenced: the dispatch projection (T5), the
+        run record (done, or waiting with its ticket) and, for a run the agent finished (not
+        cancelled, not waiting), its turns in the conversation — `turns`, then the answer as
+        an `assistant` message — in one transaction. An attempt whose claim was reclaimed or
+        superseded cannot decide the run, nor write to the conversation; a run already done
+        (a replay) gets nothing written twice."""
         termination = result.termination or Termination.natural_end()
 
         def finished(run: RunRecord) -> RunRecord | None:
@@ -346,7 +423,12 @@ class RunStore:
         with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_RESULT,
                                      lambda d: d.result_recorded(result, now),
                                      thread_id=thread_id) as fenced:
-            self._update_in(fenced.conn, result.run_id, finished)
+            run = self._update_in(fenced.conn, result.run_id, finished)
+            if run is not None and run.status == RunStatus.done \
+                    and termination.type not in ("cancelled", "suspended"):
+                answer = [] if result.response is None else [("assistant", result.response)]
+                self.append_messages(fenced.conn, run.thread_id, run.run_id,
+                                     [*turns, *answer], now)
 
     def reconcile(self, dispatch: RunDispatch, now: int) -> RunRecord | None:
         """Bring the run in line with its terminal dispatch (docs/behaviour.md#reconciliation):

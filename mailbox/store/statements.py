@@ -251,6 +251,23 @@ SELECT_RUN_MESSAGES = (sa.select(messages).where(_M.run_id == sa.bindparam("run_
                        .order_by(_M.seq))
 SELECT_THREAD_TAIL = (sa.select(messages).where(_M.thread_id == sa.bindparam("thread_id"))
                       .order_by(_M.seq.desc()).limit(sa.bindparam("limit")))
+SELECT_RUN_TURN = sa.select(sa.func.min(_M.seq)).where(_M.run_id == sa.bindparam("run_id"))
+SELECT_TURN_AT = sa.select(_M.turn).where(_M.thread_id == sa.bindparam("thread_id"),
+                                          _M.seq == sa.bindparam("seq"))
+
+
+def conversation_tail_query(*, before: tuple[int, int] | None, up_to_turn: int | None
+                            ) -> sa.Select[Any]:
+    """The newest `:limit` messages of `:thread_id` in conversation order (turn, seq),
+    newest first: strictly before the (turn, seq) position `before`, and only of turns up to
+    `up_to_turn` (an agent's window ends at its own run). Rides ix_messages_turn."""
+    query = sa.select(messages).where(_M.thread_id == sa.bindparam("thread_id"))
+    if before is not None:
+        turn, seq = before
+        query = query.where(sa.or_(_M.turn < turn, sa.and_(_M.turn == turn, _M.seq < seq)))
+    if up_to_turn is not None:
+        query = query.where(_M.turn <= up_to_turn)
+    return query.order_by(_M.turn.desc(), _M.seq.desc()).limit(sa.bindparam("limit"))
 
 # ============================================================================== resolutions
 SELECT_RESOLUTION = sa.select(resolutions).where(
@@ -403,6 +420,8 @@ SELECT_DEAD_LETTER_IDS_OF_THREADS = sa.select(_D.dispatch_id).where(
 DELETE_MESSAGES_OF_RUNS = sa.delete(messages).where(_M.message_id.in_(
     sa.select(_M.message_id).where(_M.run_id.in_(sa.bindparam("run_ids", expanding=True)))
     .limit(sa.bindparam("limit")).scalar_subquery()))
+SELECT_A_MESSAGE_OF_RUNS = sa.select(_M.message_id).where(
+    _M.run_id.in_(sa.bindparam("run_ids", expanding=True))).limit(1)
 DELETE_MESSAGES_OF_THREAD = sa.delete(messages).where(_M.message_id.in_(
     sa.select(_M.message_id).where(_M.thread_id == sa.bindparam("thread_id"))
     .limit(sa.bindparam("limit")).scalar_subquery()))

@@ -225,7 +225,8 @@ def test_show_finds_a_dispatch_or_a_run_by_either_id(cli: Cli, mailbox: Mailbox)
     assert by_dispatch == by_run
     assert by_dispatch["dispatch"]["status"] == "Acked"
     assert by_dispatch["run"]["run_id"] == run_id and by_dispatch["run"]["response"] == "hello"
-    assert [m["content"] for m in by_dispatch["messages"]] == ["hello"]
+    assert [(m["role"], m["content"]) for m in by_dispatch["messages"]] == [
+        ("user", "hello"), ("assistant", "hello")]
 
     human = cli("show", dispatch_id)
     assert human.exit_code == 0
@@ -578,3 +579,58 @@ def test_python_m_mailbox_from_the_project_root(mailbox: Mailbox) -> None:
                            env=env, capture_output=True, text=True, timeout=60)
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["counts"]["Queued"] == 1
+
+
+# ================================================================================= thread
+def test_thread_prints_the_conversation_and_pages_back(cli: Cli, mailbox: Mailbox) -> None:
+    for text in ("first", "second", "third"):
+        submit(mailbox, "t-conv", "echo", text, run=True)
+    out = as_json(cli("--json", "thread", "t-conv"))
+    assert [(m["role"], m["content"]) for m in out] == [
+        ("user", "first"), ("assistant", "first"), ("user", "second"),
+        ("assistant", "second"), ("user", "third"), ("assistant", "third")]
+    newest = as_json(cli("--json", "thread", "t-conv", "--limit", "2"))
+    older = as_json(cli("--json", "thread", "t-conv", "--limit", "2", "--before",
+                        str(newest[0]["seq"])))
+    assert [m["content"] for m in older + newest] == ["second", "second", "third", "third"]
+    human = cli("thread", "t-conv", "--limit", "2")
+    assert human.exit_code == 0 and "assistant" in human.stdout and "third" in human.stdout
+    assert f"--before {newest[0]['seq']}" in human.stdout
+    assert cli("thread", "t-empty").stdout.strip() == "no messages on thread t-empty"
+    missing = cli("--json", "thread", "t-conv", "--before", "999")
+    assert missing.exit_code == 4 and "no message 999" in one_error_line(missing)
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_submit_wait_exits_5_when_the_dispatch_is_not_acked(
+        cli: Cli, make_mailbox: Callable[..., Mailbox], json_mode: bool) -> None:
+    """A dead letter (here the built-in `fail` agent) is a result, not a success: exit code
+    5 (documented), the result printed as usual, and stderr saying how it ended."""
+    worker_box = make_mailbox()
+    thread = f"t-wait-fail-{int(json_mode)}"
+    stop = threading.Event()
+
+    def worker() -> None:
+        while not stop.is_set():
+            rt = worker_box.runtime()
+            ctx = claim_next(rt, thread)
+            if ctx is not None:
+                run_chain(rt, ctx)
+                return
+            time.sleep(0.02)
+
+    args = [*(["--json"] if json_mode else []), "submit", thread, "fail", "x", "--wait", "20"]
+    with racing(worker, timeout_s=30):
+        try:
+            result = cli(*args)
+        finally:
+            stop.set()
+    assert result.exit_code == 5, (result.exit_code, result.output)
+    line = result.stderr.strip().splitlines()[-1]  # after the wake-up warning
+    assert "Traceback" not in result.output
+    assert "ended DeadLetter" in line and "requested failure" in line
+    if json_mode:
+        assert json.loads(result.stdout)["dispatch"]["status"] == "DeadLetter"
+        assert json.loads(line)["kind"] == "not_acked"
+    else:
+        assert "DeadLetter" in result.stdout

@@ -575,7 +575,8 @@ def test_execute_records_start_and_marks_the_run_running(mailbox: Mailbox) -> No
     assert dispatch.dispatch_instance_id == ctx.instance_id
     assert run.status == RunStatus.running and run.dispatch_id == receipt.dispatch_id
     assert seen["input"] == {"q": 1} and seen["attempt"] == 0 and seen["decision"] is None
-    assert seen["thread"] == "t-start" and seen["messages"] == [{"q": 1}]
+    assert seen["thread"] == "t-start"
+    assert [(m.role, m.content) for m in seen["messages"]] == [("user", {"q": 1})]
     assert event_types(mailbox, receipt.run_id)[:2] == ["run_queued", "run_started"]
 
 
