@@ -10,6 +10,7 @@ else it raises counts as transient.
 from __future__ import annotations
 
 import importlib
+import inspect
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,15 @@ class AgentSpec:
 
     def timeout_or(self, default_s: float) -> float:
         return default_s if self.timeout_s is None else self.timeout_s
+
+    @property
+    def is_async(self) -> bool:
+        """An `async def` handler (or a callable object with an `async def __call__`): it
+        runs on the process's agent loop (mailbox/agent_loop.py)."""
+        handler = self.handler
+        return inspect.iscoroutinefunction(handler) or (
+            not inspect.isroutine(handler)
+            and inspect.iscoroutinefunction(type(handler).__call__))
 
     @property
     def resolution_id(self) -> str:
@@ -78,8 +88,9 @@ _CURRENT: dict[str, str] = {}
 
 def agent(name: str, version: str = "1", *, check_input: InputCheck | None = None,
           timeout_s: float | None = None) -> Callable[[Handler], Handler]:
-    """Register the decorated function as agent `name` at `version`. The latest registration
-    of a name is its current version, the one new runs pin. `check_input(input)` may raise
+    """Register the decorated function — plain or `async def` — as agent `name` at
+    `version`. The latest registration of a name is its current version, the one new runs
+    pin. `check_input(input)` may raise
     ValidationError to refuse a bad input at submit, before anything is written.
     `timeout_s` bounds one attempt (default MAILBOX_AGENT_TIMEOUT_S)."""
     if not isinstance(name, str) or not name.strip():

@@ -91,14 +91,18 @@ class EventStreams:
         base = f"{self.namespace}:events:{run_id}"
         return base, base + ":meta"
 
+    def _payload(self, run_id: str, dispatch_id: str | None, type_: str, data: Any,
+                 ts: int | None) -> str:
+        if type_ not in EVENT_TYPES:
+            raise MailboxError(f"unknown event type {type_!r}")
+        return json.dumps({"type": type_, "run_id": run_id, "dispatch_id": dispatch_id,
+                           "ts": ts if ts is not None else int(time.time() * 1000),
+                           "data": _bounded(data)})
+
     def emit(self, run_id: str, dispatch_id: str | None, type_: str, data: Any = None,
              ts: int | None = None) -> str | None:
         """Append an event; returns its id, or None when Redis refused (logged, counted)."""
-        if type_ not in EVENT_TYPES:
-            raise MailboxError(f"unknown event type {type_!r}")
-        payload = json.dumps({"type": type_, "run_id": run_id, "dispatch_id": dispatch_id,
-                              "ts": ts if ts is not None else int(time.time() * 1000),
-                              "data": _bounded(data)})
+        payload = self._payload(run_id, dispatch_id, type_, data, ts)
         try:
             raw = self.append_script(keys=list(self._keys(run_id)),
                                      args=[payload, self.max_len, self.retention_ms,
@@ -108,6 +112,27 @@ class EventStreams:
             log.warning("event %s for run %s not recorded: %s", type_, run_id, exc)
             return None
         return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def emit_many(self, run_id: str, dispatch_id: str | None,
+                  items: Sequence[tuple[str, Any, int | None]]) -> int:
+        """Append (type, data, ts) events in order, in one round trip (a pipeline of the
+        append script: each is still its own trimmed append). How many were recorded; a
+        Redis error is logged and counted, never raised (events are advisory)."""
+        if not items:
+            return 0
+        keys = list(self._keys(run_id))
+        pipe = self.client.pipeline(transaction=False)
+        for type_, data, ts in items:
+            self.append_script(keys=keys, args=[
+                self._payload(run_id, dispatch_id, type_, data, ts), self.max_len,
+                self.retention_ms, self.max_bytes], client=pipe)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            metrics.count_operation("event_emit", "error", len(items))
+            log.warning("%d events for run %s not recorded: %s", len(items), run_id, exc)
+            return 0
+        return len(items)
 
     def forget(self, run_ids: Sequence[str]) -> int:
         """Delete these runs' streams (garbage collection deleted the runs); how many keys

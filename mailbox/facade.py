@@ -46,7 +46,7 @@ from mailbox.model import (
     check_text,
     show_value,
 )
-from mailbox.phases import Runtime, now_ms
+from mailbox.runtime import Runtime, now_ms
 from mailbox.schema import upgrade
 from mailbox.settings import Settings, validate_namespace
 from mailbox.store import (

@@ -13,41 +13,31 @@ failure becomes a bounded retry, never a loss.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import uuid6
 
 from mailbox import agents, metrics, reports
-from mailbox.agents import AGENT_ROLES, AgentContext, AgentResult, SuspendRequested
+from mailbox.agent_run import AgentOutcome, error_text, run_agent
 from mailbox.context import (
     COMPLETED,
     DEFERRED,
     PERMANENT,
     TRANSIENT,
     Outcome,
-    OutcomeKind,
     PhaseContext,
 )
 from mailbox.errors import (
     AlreadyStartedError,
     MailboxError,
     NotFoundError,
-    PermanentError,
     StaleEpochError,
     StoreUnavailableError,
-    TransientError,
-    ValidationError,
     VersionConflictError,
 )
-from mailbox.events import EventStreams
-from mailbox.heartbeat import CancelCheck, Heartbeat, StopKind
 from mailbox.model import (
     DispatchStatus,
     RunDispatch,
@@ -55,72 +45,19 @@ from mailbox.model import (
     RunRecord,
     RunStatus,
     Termination,
-    show_value,
 )
-from mailbox.settings import Settings
-from mailbox.store import MailboxStore, Message, RunStore, encode_input
+from mailbox.runtime import Runtime, now_ms  # noqa: F401  (now_ms: public here too)
+from mailbox.store import Message
 
 log = logging.getLogger(__name__)
 
 SUPERSEDED_BEFORE_START = "claimed dispatch superseded before execution start"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def retry_delay_ms(attempt_count: int, base_ms: int, max_ms: int) -> int:
-    """Capped exponential backoff (attempt_count before the nack; docs/behaviour.md#retries)."""
+    """Capped exponential backoff (attempt_count before the nack; docs/behaviour.md#backoff)."""
     exponent = min(max(attempt_count - 1, 0), 6)
     return int(min(base_ms * 2**exponent, max_ms))
-
-
-def classify(error: BaseException) -> OutcomeKind:
-    """PermanentError is permanent, everything else transient (an unexpected exception is
-    presumed to be a hiccup worth a bounded retry)."""
-    return PERMANENT if isinstance(error, PermanentError) else TRANSIENT
-
-
-def error_text(error: BaseException) -> str:
-    if isinstance(error, TransientError | PermanentError):
-        return str(error) or type(error).__name__
-    return f"{type(error).__name__}: {error}"
-
-
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def storable(value: Any) -> Any:
-    """An agent's text as every database can keep it: NUL (refused by PostgreSQL's text and
-    jsonb) and lone surrogates (not UTF-8, refused by both drivers) become U+FFFD, in strings
-    nested in lists and dicts too. Without this, one odd character in a model's answer makes
-    the outcome write fail with a driver error, and the attempt waits out its lease."""
-    if isinstance(value, str):
-        return _UNSTORABLE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {storable(k): storable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [storable(v) for v in value]
-    return value
-
-
-@dataclass
-class Runtime:
-    """What the phases need from the process that runs them."""
-
-    store: MailboxStore
-    runs: RunStore
-    events: EventStreams
-    settings: Settings
-    consumer_id: str
-    wake: Callable[[str, int], None] = lambda thread_id, delay_ms: None
-    clock: Callable[[], int] = now_ms
-    cancel_check: Callable[[str, str], str | None] | None = None
-    """(thread_id, token) -> reason when a cancel signal for this attempt arrived."""
-    active: dict[str, threading.Event] = field(default_factory=dict)
-    stuck: Callable[[str, bool], None] = lambda dispatch_id, stuck: None
-    """(dispatch_id, True) when an abandoned agent still occupies this process, (…, False)
-    when it returned: the worker's health check reports the process stuck meanwhile."""
 
 
 # ------------------------------------------------------------------------------ utilities
@@ -289,21 +226,6 @@ def _missing_version(rt: Runtime, name: str, version: str) -> Outcome:
 
 
 # ================================================================================= execute
-@dataclass
-class AgentOutcome:
-    """What one run of the agent came to, inside execute (never in a message)."""
-
-    kind: OutcomeKind
-    error: str | None = None
-    termination: Termination | None = None
-    response: str | None = None
-    waiting: dict[str, Any] | None = None
-    turns: list[tuple[str, Any]] = field(default_factory=list)
-    """(role, content) the agent took before its answer (AgentResult.messages)."""
-    abandoned: bool = False
-    """The heartbeat already ended the attempt for an agent that did not stop in time."""
-
-
 def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     """Record the start, then run the agent with a heartbeat beside it, and record what it
     came to. Nothing escapes from here but a store outage, which leaves the claim for the
@@ -332,8 +254,9 @@ def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     user = [m.content for m in inputs if m.role == "user"]
     decisions = [m.content for m in inputs if m.role == "decision"]
     try:
-        outcome = _run_agent(rt, ctx, spec, rt.settings.lease_ms, user[0] if user else None,
-                             decisions[-1] if decisions else None)
+        outcome = run_agent(rt, ctx, spec, user[0] if user else None,
+                            decisions[-1] if decisions else None,
+                            on_abandon=lambda ended: _end_abandoned(rt, ctx, ended))
     except Exception as exc:  # ours, not the agent's (those are caught inside)
         log.exception("running the agent of %s failed", ctx.describe())
         outcome = AgentOutcome(TRANSIENT, f"internal error running the agent: "
@@ -412,173 +335,6 @@ def _record(rt: Runtime, ctx: PhaseContext, outcome: AgentOutcome) -> PhaseConte
         return ctx
     ctx.outcome = Outcome(COMPLETED, outcome.error, recorded=True)
     return ctx
-
-
-class InvalidAgentResultError(Exception):
-    """What an agent returned cannot be stored as its result (not a cancellation, not a
-    retryable failure: the same code returns the same thing)."""
-
-
-def _run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, lease_ms: int,
-               input_: Any, decision: Any) -> AgentOutcome:
-    cancel = threading.Event()
-    rt.active[ctx.dispatch_id] = cancel
-
-    def on_stop(reason: str, kind: StopKind) -> None:
-        ctx.stop_reason = reason
-        ctx.stop_kind = kind.value
-        cancel.set()
-
-    check: CancelCheck | None = None
-    if rt.cancel_check is not None:
-        signal = rt.cancel_check
-
-        def check() -> str | None:
-            return signal(ctx.thread_id, ctx.token)
-
-    def emit(type_: str, data: Any) -> None:
-        rt.events.emit(ctx.run_id, ctx.dispatch_id, type_, data, ts=rt.clock())
-
-    agent_ctx = AgentContext(
-        run_id=ctx.run_id, thread_id=ctx.thread_id, dispatch_id=ctx.dispatch_id,
-        attempt=ctx.attempt, input=input_, decision=decision,
-        load_messages=lambda: rt.runs.history(
-            ctx.thread_id, ctx.run_id, limit=rt.settings.history_limit,
-            max_bytes=rt.settings.history_max_bytes),
-        emit=emit, cancel_event=cancel)
-    timeout_s = spec.timeout_or(rt.settings.agent_timeout_s)
-    grace_s = rt.settings.agent_timeout_grace_s
-
-    def on_abandon(reason: str, kind: StopKind) -> None:
-        rt.stuck(ctx.dispatch_id, True)
-        _end_abandoned(rt, ctx, _stopped(kind, reason, None, grace_s))
-
-    heartbeat = Heartbeat(rt.store, dispatch_id=ctx.dispatch_id, token=ctx.token,
-                          lease_ms=lease_ms, clock=rt.clock, on_stop=on_stop,
-                          cancel_check=check, timeout_ms=int(timeout_s * 1000),
-                          grace_ms=grace_s * 1000, on_abandon=on_abandon)
-    value: Any = None
-    failure: BaseException | None = None
-    try:
-        with heartbeat:
-            value = spec.handler(agent_ctx)
-    except SuspendRequested as suspend:
-        value = suspend
-    except Exception as exc:  # the agent's failure is data here, classified below
-        failure = exc
-    finally:
-        rt.active.pop(ctx.dispatch_id, None)
-    if heartbeat.abandoned:
-        rt.stuck(ctx.dispatch_id, False)
-        return AgentOutcome(COMPLETED, abandoned=True)
-    if heartbeat.stop_kind is not None:
-        return _stopped(heartbeat.stop_kind, heartbeat.stop_reason or "", value, None)
-    if failure is not None:
-        return AgentOutcome(classify(failure), storable(error_text(failure)))
-    if isinstance(value, SuspendRequested):
-        ticket = storable(dict(value.ticket, since_dispatch_id=ctx.dispatch_id))
-        return AgentOutcome(COMPLETED, termination=Termination.suspended(), waiting=ticket)
-    try:
-        termination, response = _result_of(value)
-        turns = _turns_of(value)
-    except InvalidAgentResultError as exc:
-        return AgentOutcome(PERMANENT, storable(f"invalid agent result: {exc}"))
-    if cancel.is_set() and termination == Termination.natural_end() and response is None:
-        termination = Termination.cancelled()
-    error = termination.value if termination.type == "error" else None
-    return AgentOutcome(COMPLETED, error, termination, response, turns=turns)
-
-
-def _turns_of(value: Any) -> list[tuple[str, Any]]:
-    """AgentResult.messages as (role, content), checked: each an object with a role an agent
-    may write and JSON content within the input size limit."""
-    if not isinstance(value, AgentResult):
-        return []
-    if isinstance(value.messages, str | bytes | Mapping) or not isinstance(
-            value.messages, Sequence):
-        raise InvalidAgentResultError(f"AgentResult.messages must be a list of messages, got "
-                                      f"{type(value.messages).__name__}")
-    turns = []
-    for i, message in enumerate(value.messages):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        if role not in AGENT_ROLES:
-            raise InvalidAgentResultError(
-                f"AgentResult.messages[{i}] must be {{'role': one of {', '.join(AGENT_ROLES)}"
-                f", 'content': ...}}, got {show_value(message)}")
-        content = storable(message.get("content"))
-        try:
-            encode_input(content)
-        except ValidationError as exc:
-            raise InvalidAgentResultError(f"AgentResult.messages[{i}].content: "
-                                          f"{exc.message}") from None
-        turns.append((str(role), content))
-    return turns
-
-
-def _result_of(value: Any) -> tuple[Termination, str | None]:
-    """An agent's return value as (termination, response), or InvalidAgentResultError that
-    says what was wrong and what to return instead."""
-    if isinstance(value, AgentResult):
-        termination = value.termination
-        if not isinstance(termination, Termination):
-            raise InvalidAgentResultError(
-                f"AgentResult.termination must be a Termination, got "
-                f"{type(termination).__name__}")
-        if termination.type == "suspended":
-            raise InvalidAgentResultError(
-                "a suspended termination cannot be returned: use ctx.suspend(action, "
-                "message, parameters) to wait for a decision")
-        if termination.value is not None:
-            termination = Termination(termination.type, storable(termination.value))
-        return termination, _response_text(value.response, "AgentResult.response")
-    return Termination.natural_end(), _response_text(value, "the agent's return value")
-
-
-def _response_text(value: Any, what: str) -> str | None:
-    """Text as it is; any other JSON value as its JSON text (None and "" as no response)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        return str(storable(value))
-    try:
-        return str(storable(json.dumps(value, allow_nan=False)))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidAgentResultError(
-            f"{what} is a {type(value).__name__}, which is neither text nor JSON ({exc}): "
-            f"return a string, a JSON value or AgentResult(response=...)") from None
-
-
-def _partial_response(value: Any) -> str | None:
-    """What a stopped agent returned, kept when it is text (an answer cut short)."""
-    if isinstance(value, AgentResult):
-        value = value.response
-    try:
-        return _response_text(value, "the response") if isinstance(value, str) else None
-    except InvalidAgentResultError:
-        return None
-
-
-def _stopped(kind: StopKind, reason: str, value: Any, abandoned_after_s: int | None
-             ) -> AgentOutcome:
-    """What an attempt the heartbeat stopped comes to, whatever the agent did once told to
-    stop (returned, raised, suspended): `value` is what it returned, if anything.
-
-    - cancel, interrupt, lost lease: cancel means stop, the run ends cancelled (a lost
-      lease's write is fenced off anyway); text it returned is kept as its partial answer;
-    - timeout: a transient failure, "timed out after N s" (a hanging agent dead-letters once
-      its attempts are spent);
-    - unsafe (renewals or cancel checks failing for a lease): nobody asked the run to stop,
-      so not a cancellation: a transient failure, retried.
-    `abandoned_after_s`: the agent did not return within that grace; the heartbeat ends the
-    attempt for it."""
-    late = "" if abandoned_after_s is None else \
-        f"; the agent did not stop within {abandoned_after_s} s and was abandoned"
-    if kind == StopKind.timeout:
-        return AgentOutcome(TRANSIENT, f"{reason}{late}")
-    if kind == StopKind.unsafe:
-        return AgentOutcome(TRANSIENT, f"attempt stopped: {reason}{late}")
-    return AgentOutcome(COMPLETED, termination=Termination.cancelled(),
-                        response=_partial_response(value))
 
 
 def _end_abandoned(rt: Runtime, ctx: PhaseContext, outcome: AgentOutcome) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from celery.signals import worker_ready
 
 from mailbox import maintenance
-from mailbox.phases import now_ms
+from mailbox.runtime import now_ms
 from tasks.app import app
 from tasks.publishing import publish_wake
 from tasks.runtime import queue, runtime

@@ -19,7 +19,7 @@ from celery.signals import worker_init
 from mailbox import agents
 from mailbox import phases as phase_functions
 from mailbox.context import MalformedContextError, PhaseContext
-from mailbox.phases import Runtime
+from mailbox.runtime import Runtime
 from mailbox.settings import Settings
 from tasks.app import app
 from tasks.publishing import publish_wake

@@ -15,7 +15,8 @@ from typing import Any
 from celery import Signature
 
 from mailbox.context import PhaseContext
-from mailbox.phases import Runtime, claim_next
+from mailbox.phases import claim_next
+from mailbox.runtime import Runtime
 from tasks.app import app
 from tasks.priorities import MAX_COUNTDOWN_MS, wake_priority
 

@@ -13,7 +13,7 @@ import os
 import threading
 
 from mailbox.facade import Mailbox
-from mailbox.phases import Runtime
+from mailbox.runtime import Runtime
 from tasks import health, publishing
 
 _lock = threading.Lock()

@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from mailbox import DispatchStatus, Mailbox, RunStatus
 from mailbox.audit import AuditReport, Finding, audit, collect_stats
-from mailbox.phases import claim_next, now_ms, run_chain
+from mailbox.phases import claim_next, run_chain
+from mailbox.runtime import now_ms
 from mailbox.schema import dispatches, runs, thread_epochs
 
 

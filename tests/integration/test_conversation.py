@@ -17,7 +17,8 @@ import sqlalchemy as sa
 
 from mailbox import DispatchStatus, Mailbox, NotFoundError, RunStatus, ValidationError
 from mailbox.agents import AgentContext, AgentResult
-from mailbox.phases import claim_next, execute, now_ms, reconstruct, resolve, run_chain, verify
+from mailbox.phases import claim_next, execute, reconstruct, resolve, run_chain, verify
+from mailbox.runtime import now_ms
 from mailbox.schema import messages
 from tests.support.phase_kit import (
     Clock,

@@ -22,7 +22,8 @@ import redis
 from mailbox import DispatchStatus, Mailbox, RunStatus, StoreUnavailableError
 from mailbox.agents import AgentContext, AgentResult, agent
 from mailbox.model import Termination
-from mailbox.phases import Runtime, claim_next, now_ms, run_chain
+from mailbox.phases import claim_next, run_chain
+from mailbox.runtime import Runtime, now_ms
 from tests.support.phase_kit import (
     Wakes,
     claim,

@@ -46,16 +46,15 @@ from mailbox.context import Outcome, PhaseContext
 from mailbox.maintenance import sweep
 from mailbox.phases import (
     SUPERSEDED_BEFORE_START,
-    Runtime,
     claim_next,
     execute,
-    now_ms,
     reconstruct,
     resolve,
     run_chain,
     settle,
     verify,
 )
+from mailbox.runtime import Runtime, now_ms
 from mailbox.schema import dispatches, messages, thread_epochs
 from mailbox.store import Resolution
 from tests.support.phase_kit import (

@@ -62,7 +62,8 @@ from mailbox import (
 from mailbox.agents import AgentContext, agent
 from mailbox.context import PhaseContext
 from mailbox.maintenance import SweepReport, collect_garbage, sweep
-from mailbox.phases import Runtime, claim_next, now_ms, run_chain
+from mailbox.phases import claim_next, run_chain
+from mailbox.runtime import Runtime, now_ms
 from mailbox.schema import dispatches, messages, runs
 from mailbox.store import Resolution
 from tests.support.racers import race, racing

@@ -16,7 +16,8 @@ import pytest
 from mailbox import DispatchStatus, Mailbox
 from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.maintenance import SWEEP_WAKE_PREFIX, consume_sweep_wake, sweep, wake_pending_ttl_ms
-from mailbox.phases import Runtime, claim_next, now_ms
+from mailbox.phases import claim_next
+from mailbox.runtime import Runtime, now_ms
 from mailbox.settings import Settings
 from tasks.publishing import worker_wake
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -81,3 +82,33 @@ def hangs(ctx: AgentContext) -> str:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     time.sleep(int(ctx.input["s"]))
     return "woke up"
+
+
+@agent("async_loop_probe")
+async def async_loop_probe(ctx: AgentContext) -> str:
+    """Says which process and which event loop ran it, after streaming a few tokens."""
+    for i in range(3):
+        ctx.emit("token", {"i": i})
+        await asyncio.sleep(0.05)
+    return f"{os.getpid()}:{id(asyncio.get_running_loop())}"
+
+
+@agent("slow_tokens")
+def slow_tokens(ctx: AgentContext) -> str:
+    """Streams `{"tokens": [...]}` as `token` outputs (`ctx.emit("token", {"text": t})`),
+    `delay_ms` apart, and answers with their concatenation — a chat model's streamed reply.
+    With `gate` (a file path) it waits after the first token until that file exists (at most
+    60 s), so a test can watch the run's stream while the run is still running."""
+    tokens = [str(t) for t in ctx.input["tokens"]]
+    delay_s = int(ctx.input.get("delay_ms", 200)) / 1000
+    gate = ctx.input.get("gate")
+    for n, token in enumerate(tokens):
+        if ctx.cancelled():
+            return "".join(tokens[:n])
+        ctx.emit("token", {"text": token})
+        if n == 0 and gate:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        time.sleep(delay_s)
+    return "".join(tokens)

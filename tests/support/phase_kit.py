@@ -20,15 +20,8 @@ from prometheus_client import REGISTRY
 from mailbox import Mailbox, RunDispatch, RunRecord, RunStatus
 from mailbox.agents import AgentContext, agent
 from mailbox.context import PhaseContext
-from mailbox.phases import (
-    Runtime,
-    claim_next,
-    execute,
-    now_ms,
-    reconstruct,
-    resolve,
-    settle,
-)
+from mailbox.phases import claim_next, execute, reconstruct, resolve, settle
+from mailbox.runtime import Runtime, now_ms
 from mailbox.store import Resolution
 
 Phase = Callable[[Runtime, PhaseContext], PhaseContext]

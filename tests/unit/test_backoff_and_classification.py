@@ -20,14 +20,9 @@ from mailbox import (
     TransientError,
     ValidationError,
 )
-from mailbox.phases import (
-    COMPLETED,
-    PERMANENT,
-    TRANSIENT,
-    classify,
-    error_text,
-    retry_delay_ms,
-)
+from mailbox.agent_run import classify, error_text
+from mailbox.context import COMPLETED, PERMANENT, TRANSIENT
+from mailbox.phases import retry_delay_ms
 from mailbox.settings import Settings
 
 DEFAULT_BASE = 250

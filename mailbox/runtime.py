@@ -1,0 +1,41 @@
+"""What the phases need from the process that runs them (docs/architecture.md#pipeline).
+
+A worker process builds one `Runtime` (tasks/runtime.py); a test builds its own with a
+synthetic clock and a recorded waker. The phase functions take it as their first argument
+and hold no other state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mailbox.events import EventStreams
+from mailbox.settings import Settings
+from mailbox.store import MailboxStore, RunStore
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Runtime:
+    """The store, the run records, the event streams and the settings of this process, and
+    how it wakes a thread and hears a cancel signal."""
+
+    store: MailboxStore
+    runs: RunStore
+    events: EventStreams
+    settings: Settings
+    consumer_id: str
+    wake: Callable[[str, int], None] = lambda thread_id, delay_ms: None
+    clock: Callable[[], int] = now_ms
+    cancel_check: Callable[[str, str], str | None] | None = None
+    """(thread_id, token) -> reason when a cancel signal for this attempt arrived."""
+    active: dict[str, threading.Event] = field(default_factory=dict)
+    stuck: Callable[[str, bool], None] = lambda dispatch_id, stuck: None
+    """(dispatch_id, True) when an abandoned agent still occupies this process, (…, False)
+    when it returned: the worker's health check reports the process stuck meanwhile."""
