@@ -38,7 +38,7 @@ from mailbox import metrics, reports
 from mailbox.coordination import Coordinator
 from mailbox.events import EventStreams
 from mailbox.model import MAX_MS, DispatchStatus
-from mailbox.phases import Runtime
+from mailbox.runtime import Runtime
 from mailbox.settings import Settings
 from mailbox.store.retention import GC_BATCH, Cutoffs, Retention, check_batch
 
@@ -317,7 +317,8 @@ def _collect_runs(rt: Runtime, retention: Retention, threads: list[str], before:
                   report: GcReport, batch: int) -> None:
     after = ("", "")
     while True:
-        page = retention.expired_runs(threads, before, after, batch)
+        # Half a batch of runs, so that runs and their messages fit in one transaction.
+        page = retention.expired_runs(threads, before, after, max(1, batch // 2))
         report.kept_replays += page.kept_replays
         if page.run_ids:
             deleted = retention.delete_runs(page.run_ids, before, batch)

@@ -73,11 +73,18 @@ def _may_be_replay(run_id: str) -> bool:
         return False
 
 
-def check_batch(batch: object) -> int:
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_GC_BATCH:
-        raise ValidationError(f"batch must be an integer within 1..{MAX_GC_BATCH}, got "
+def check_batch(batch: object, *, name: str = "batch", low: int = 2) -> int:
+    """A batch size (rows per transaction) or page size: at least 2 for a batch, because a run
+    and its messages go in one transaction."""
+    if isinstance(batch, bool) or not isinstance(batch, int) \
+            or not low <= batch <= MAX_GC_BATCH:
+        raise ValidationError(f"{name} must be an integer within {low}..{MAX_GC_BATCH}, got "
                               f"{batch!r}")
     return batch
+
+
+def _check_page(limit: object) -> int:
+    return check_batch(limit, name="limit", low=1)
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,7 @@ class Retention:
                                   limit: int = GC_BATCH) -> DispatchPage:
         """One page of terminal dispatches past their retention, deleted in one short
         transaction. `after` is the previous page's cursor (None to start)."""
-        check_batch(limit)
+        _check_page(limit)
         before = max(cutoffs.dispatches, cutoffs.dead_letters)
         with self.store.read() as conn:
             rows = conn.execute(q.expired_terminal_page(before, after, limit,
@@ -169,28 +176,34 @@ class Retention:
     @operation("gc_threads")
     def thread_page(self, after: str, limit: int = GC_BATCH) -> list[str]:
         """Thread ids (every thread that has anything has an epoch row) after `after`."""
-        check_batch(limit)
+        _check_page(limit)
         with self.store.read() as conn:
             return [str(t) for t in conn.execute(q.SELECT_THREAD_PAGE,
                                                  {"after": after, "limit": limit}).scalars()]
 
     @operation("gc_runs")
     def expired_runs(self, thread_ids: Sequence[str], before: int,
-                     after: tuple[str, str] = ("", ""), limit: int = GC_BATCH) -> RunPage:
+                     after: tuple[str, str] = ("", ""), limit: int = GC_BATCH // 2
+                     ) -> RunPage:
         """Runs of these threads that are done, last changed before `before` and referenced
-        by no dispatch, except replays of dead letters still kept."""
-        check_batch(limit)
+        by no dispatch, except replays of dead letters still kept (`limit` candidates)."""
+        _check_page(limit)
         require_ms("before", before)
         if not thread_ids:
             return RunPage([], 0, after, False)
         with self.store.read() as conn:
-            rows = conn.execute(q.SELECT_EXPIRED_RUNS, {
+            rows = conn.execute(q.SELECT_OLD_DONE_RUNS, {
                 "thread_ids": list(thread_ids), "before": before, "after_thread": after[0],
                 "after_run": after[1], "limit": limit}).all()
-            kept = self._kept_replays(conn, [(str(r.run_id), str(r.thread_id)) for r in rows])
+            candidates = [(str(r.run_id), str(r.thread_id)) for r in rows]
+            referenced = set(conn.execute(q.SELECT_REFERENCED_RUNS, {
+                "thread_ids": sorted({t for _, t in candidates}),
+                "run_ids": [r for r, _ in candidates]}).scalars()) if candidates else set()
+            free = [(r, t) for r, t in candidates if r not in referenced]
+            kept = self._kept_replays(conn, free)
         cursor = (str(rows[-1].thread_id), str(rows[-1].run_id)) if rows else after
-        return RunPage([str(r.run_id) for r in rows if r.run_id not in kept], len(kept),
-                       cursor, len(rows) == limit)
+        return RunPage([r for r, _ in free if r not in kept], len(kept), cursor,
+                       len(rows) == limit)
 
     @staticmethod
     def _kept_replays(conn: sa.Connection, candidates: list[tuple[str, str]]) -> set[str]:
@@ -207,29 +220,33 @@ class Retention:
     @operation("gc_runs")
     def delete_runs(self, run_ids: Sequence[str], before: int, limit: int = GC_BATCH
                     ) -> Deleted:
-        """Delete these runs' messages (`limit` per transaction), then the runs that still
-        qualify (done, last changed before `before`, no dispatch references them). A done
-        run is never resumed and gets no new dispatch, so its messages may go first."""
+        """Delete these runs (at most half of `limit`) that still qualify — done, last changed
+        before `before`, referenced by no dispatch — with their messages: runs and messages
+        together at most `limit` rows per transaction. A run with more messages than fit
+        loses them over several transactions first; a done run is never resumed and gets no
+        new dispatch, so nothing can need those messages meanwhile."""
         check_batch(limit)
         require_ms("before", before)
         ids = list(dict.fromkeys(run_ids))
         if not ids:
             return Deleted()
-        if len(ids) > limit:
-            raise ValidationError(f"at most {limit} runs per call, got {len(ids)}")
+        room = limit - len(ids)  # messages that fit beside the runs
+        if room < 1:
+            raise ValidationError(f"at most {limit - 1} runs per call with limit {limit}, "
+                                  f"got {len(ids)}")
         messages, transactions = 0, 0
         while True:
             with self.store.write() as conn:
-                n = int(conn.execute(q.DELETE_MESSAGES_OF_RUNS,
-                                     {"run_ids": ids, "limit": limit}).rowcount)
-            messages += n
-            transactions += 1
-            if n < limit:
-                break
-        with self.store.write() as conn:
-            gone = [str(r) for r in conn.execute(q.DELETE_EXPIRED_RUNS,
-                                                 {"run_ids": ids, "before": before}).scalars()]
-        return Deleted(run_ids=gone, messages=messages, transactions=transactions + 1)
+                transactions += 1
+                params = {"run_ids": ids, "limit": room}
+                n = int(conn.execute(q.DELETE_MESSAGES_OF_RUNS, params).rowcount)
+                messages += n
+                if n < room or conn.execute(q.SELECT_A_MESSAGE_OF_RUNS,
+                                            {"run_ids": ids}).first() is None:
+                    gone = [str(r) for r in conn.execute(
+                        q.DELETE_EXPIRED_RUNS, {"run_ids": ids, "before": before}).scalars()]
+                    return Deleted(run_ids=gone, messages=messages,
+                                   transactions=transactions)
 
     @operation("gc_threads")
     def empty_threads(self, thread_ids: Sequence[str]) -> list[str]:

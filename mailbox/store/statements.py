@@ -402,14 +402,20 @@ SELECT_THREAD_PAGE = (sa.select(_E.thread_id).where(_E.thread_id > sa.bindparam(
 _RUN_REFERENCED = sa.exists().where(_D.thread_id == _R.thread_id, _D.run_id == _R.run_id)
 _RUN_EXPIRED = sa.and_(_R.status == RunStatus.done.value,
                        _R.updated_at < sa.bindparam("before"), sa.not_(_RUN_REFERENCED))
-# Runs of the given threads that nothing needs any more, by (thread_id, run_id) after a cursor
-# (replays of kept dead letters stay, and the cursor walks past them).
-SELECT_EXPIRED_RUNS = (
+# Finished runs of the given threads last changed before the cut-off, by (thread_id, run_id)
+# after a cursor. Whether a dispatch still references them is asked separately, for the whole
+# page at once (`SELECT_REFERENCED_RUNS`): an anti-join per run would read every dispatch of
+# the run's thread once per run (there is no index on run_id), or worse without statistics.
+SELECT_OLD_DONE_RUNS = (
     sa.select(_R.run_id, _R.thread_id)
-    .where(_R.thread_id.in_(sa.bindparam("thread_ids", expanding=True)), _RUN_EXPIRED,
+    .where(_R.thread_id.in_(sa.bindparam("thread_ids", expanding=True)),
+           _R.status == RunStatus.done.value, _R.updated_at < sa.bindparam("before"),
            sa.tuple_(_R.thread_id, _R.run_id) > sa.tuple_(sa.bindparam("after_thread"),
                                                          sa.bindparam("after_run")))
     .order_by(_R.thread_id, _R.run_id).limit(sa.bindparam("limit")))
+SELECT_REFERENCED_RUNS = sa.select(_D.run_id).distinct().where(
+    _D.thread_id.in_(sa.bindparam("thread_ids", expanding=True)),
+    _D.run_id.in_(sa.bindparam("run_ids", expanding=True)))
 DELETE_EXPIRED_RUNS = (sa.delete(runs)
                        .where(_R.run_id.in_(sa.bindparam("run_ids", expanding=True)),
                               _RUN_EXPIRED)
@@ -458,3 +464,51 @@ def unreconciled_terminal_page(limit: int, after: tuple[int, str] | None) -> sa.
     if after is not None:
         query = query.where(sa.tuple_(_D.updated_at, _D.dispatch_id) > sa.tuple_(*after))
     return query.order_by(_D.updated_at, _D.dispatch_id).limit(limit)
+
+
+# ========================================================= the dashboard (mailbox/http/ui)
+# Global reads for the dashboard's overview and thread list (`Inspection.thread_summaries`,
+# `.throughput`, `.waiting_runs`): off the hot path, like the audit's
+# (docs/architecture.md#sharding). A thread is listed while it has dispatches, that is while
+# its newest dispatch is younger than retention; its conversation stays readable by id.
+def _count_when(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+
+_LAST_ACTIVITY = sa.func.max(_D.updated_at).label("last_activity")
+
+
+def thread_summaries_query(prefix: str | None) -> sa.Select[Any]:
+    """Threads by their latest dispatch change, newest first, with how many of their
+    dispatches are Queued, Claimed and in all; `prefix` keeps thread ids that start with it.
+    One GROUP BY over the dispatches (the thread id index's order), paged by :limit/:offset.
+    """
+    query = (sa.select(_D.thread_id, _LAST_ACTIVITY,
+                       _count_when(_D.status == DispatchStatus.Queued.value).label("queued"),
+                       _count_when(_D.status == DispatchStatus.Claimed.value).label("claimed"),
+                       sa.func.count().label("dispatches"))
+             .group_by(_D.thread_id)
+             .order_by(_LAST_ACTIVITY.desc(), _D.thread_id)
+             .limit(sa.bindparam("limit")).offset(sa.bindparam("offset")))
+    if prefix:
+        query = query.where(_D.thread_id.startswith(prefix, autoescape=True))
+    return query
+
+
+# Dispatches that reached each terminal status within the last :short, :medium and :long
+# milliseconds (:long the widest): the terminal-status literals let SQLite use the partial
+# index on (updated_at, ...) that garbage collection scans, and a terminal row's updated_at
+# is when it settled.
+SETTLED_SINCE = (sa.select(_D.status,
+                           _count_when(_D.updated_at >= sa.bindparam("short")).label("short"),
+                           _count_when(_D.updated_at >= sa.bindparam("medium")).label("medium"),
+                           sa.func.count().label("long"))
+                 .where(_D.status.in_(_literals(TERMINAL_VALUES)),
+                        _D.updated_at >= sa.bindparam("long"))
+                 .group_by(_D.status))
+# Runs waiting for a human decision, the most recently suspended first.
+SELECT_WAITING_RUNS = (sa.select(runs).where(_R.status == RunStatus.waiting.value)
+                       .order_by(_R.updated_at.desc(), _R.run_id)
+                       .limit(sa.bindparam("limit")))
+# `/healthz`: the database answers at all.
+PING = sa.select(sa.literal(1, literal_execute=True))

@@ -26,7 +26,8 @@ from mailbox.cli import main
 from mailbox.errors import PermanentError
 from mailbox.events import CursorExpiredError, EventStreams
 from mailbox.maintenance import GcReport, garbage_collection, sweep
-from mailbox.phases import claim_next, now_ms, run_chain
+from mailbox.phases import claim_next, run_chain
+from mailbox.runtime import now_ms
 from mailbox.schema import messages, runs, thread_epochs
 from mailbox.store.dispatches import MAX_LIST_LIMIT
 from tests.support.phase_kit import register
