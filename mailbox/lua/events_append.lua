@@ -5,7 +5,7 @@
 -- KEYS[1] stream key, KEYS[2] meta hash key (dropped_upto, last_id, bytes)
 -- ARGV: payload json, max_len, ttl_ms, max_bytes
 local max_len = tonumber(ARGV[2])
-local max_bytes = tonumber(ARGV[4])
+local max_bytes = tonumber(ARGV[4]) or math.huge
 local bytes = redis.call('HGET', KEYS[2], 'bytes')
 if bytes then
   bytes = tonumber(bytes)
