@@ -39,7 +39,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +105,9 @@ _originals: dict[str, Any] = {}
 
 # ----------------------------------------------------------------------------- phase traps
 def _thread_and_attempt(ctx: Any) -> tuple[str | None, int | None]:
-    if not isinstance(ctx, dict):
+    # A Mapping, not only a dict: a phase's return value, which Celery publishes as the next
+    # link's argument, is a read-only Mapping (tasks.phases.PhaseMessage) until serialized.
+    if not isinstance(ctx, Mapping):
         return None, None
     thread_id, attempt = ctx.get("thread_id"), ctx.get("attempt")
     return (thread_id if isinstance(thread_id, str) else None,
