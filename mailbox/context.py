@@ -15,6 +15,7 @@ a chain started by a newer one (and the other way round, for fields a version ad
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -96,13 +97,16 @@ class PhaseContext:
     """Why the heartbeat stopped the agent (mailbox.heartbeat.StopKind values)."""
     settled: str | None = None
     """The outcome kind settle wrote (ack, nack or dead letter)."""
+    traceparent: str | None = None
+    """The dispatch's trace (mailbox/tracing.py), when tracing is on."""
 
     @classmethod
     def from_claim(cls, dispatch: RunDispatch) -> PhaseContext:
         assert dispatch.claim_token is not None and dispatch.updated_at is not None
         return cls(dispatch.dispatch_id, dispatch.thread_id, dispatch.run_id,
                    dispatch.claim_token, dispatch.attempt_count, dispatch.dispatch_epoch,
-                   dispatch.created_at, dispatch.available_at, dispatch.updated_at)
+                   dispatch.created_at, dispatch.available_at, dispatch.updated_at,
+                   traceparent=dispatch.traceparent)
 
     def finish(self, reason: str) -> PhaseContext:
         """Mark the chain finished for the dispatch; later phases only pass it on."""
@@ -165,6 +169,10 @@ def _check(name: str, kind: Any, value: Any) -> Any:
         return value
     if name in _IDS:
         return _id(name, value)
+    if name == "traceparent":
+        if not isinstance(value, str) or not _TRACEPARENT.fullmatch(value):
+            raise MalformedContextError("field 'traceparent' is not a W3C traceparent")
+        return value
     if name == "token":
         value = _id(name, value)
         if len(value) > MAX_TOKEN_CHARS:
@@ -207,6 +215,7 @@ _FIELDS: dict[str, Any] = {f.name: _HINTS[f.name] for f in dataclasses.fields(Ph
 _REQUIRED = frozenset(f.name for f in dataclasses.fields(PhaseContext)
                       if f.default is dataclasses.MISSING)
 _IDS = frozenset({"dispatch_id", "thread_id", "run_id", "instance_id", "resolution_id"})
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 __all__ = ["COMPLETED", "PERMANENT", "TRANSIENT", "MalformedContextError", "Outcome",
            "OutcomeKind", "PhaseContext"]

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 import uuid6
 
-from mailbox import agents, maintenance, metrics, reports
+from mailbox import agents, maintenance, metrics, reports, tracing
 from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
 from mailbox.coordination import Coordinator, connect_redis
 from mailbox.database import create_engine
@@ -199,20 +199,27 @@ class Mailbox:
             raise ValidationError(f"interrupt must be True or False, got {show_value(interrupt)}")
         if interrupt:
             self.interrupt(thread_id)
-        now = now_ms()
-        dispatch_id = _new_id()
-        dispatch = RunDispatch.queued(dispatch_id, thread_id, _new_id(), now, priority=priority,
-                                      dedupe_key=dedupe_key, available_at=now + delay_ms,
-                                      max_attempts=attempts)
-        run = RunRecord(dispatch.run_id, thread_id, spec.name, spec.resolution_id,
-                        RunStatus.created, dispatch_id=dispatch_id, created_at=now,
-                        updated_at=now)
-        resolution = Resolution(spec.resolution_id, spec.name, spec.version)
-        if interrupt:  # latest wins: the input starts a new run, it never resumes one
-            self.runs.submit(run, dispatch, resolution, _new_id(), input, now)
-            stored = Submission(dispatch, run, resumed=False)
-        else:
-            stored = self.runs.submit_input(run, dispatch, resolution, _new_id(), input, now)
+        with tracing.span("mailbox.submit", attributes={
+                "mailbox.thread_id": thread_id, "mailbox.agent": spec.resolution_id}) as trace:
+            now = now_ms()
+            dispatch_id = _new_id()
+            dispatch = RunDispatch.queued(
+                dispatch_id, thread_id, _new_id(), now, priority=priority, dedupe_key=dedupe_key,
+                available_at=now + delay_ms, max_attempts=attempts,
+                traceparent=tracing.traceparent_of(trace))
+            run = RunRecord(dispatch.run_id, thread_id, spec.name, spec.resolution_id,
+                            RunStatus.created, dispatch_id=dispatch_id, created_at=now,
+                            updated_at=now)
+            resolution = Resolution(spec.resolution_id, spec.name, spec.version)
+            if interrupt:  # latest wins: the input starts a new run, it never resumes one
+                self.runs.submit(run, dispatch, resolution, _new_id(), input, now)
+                stored = Submission(dispatch, run, resumed=False)
+            else:
+                stored = self.runs.submit_input(run, dispatch, resolution, _new_id(), input,
+                                                now)
+            tracing.set_attributes(trace, **{"mailbox.dispatch_id": dispatch_id,
+                                             "mailbox.run_id": stored.run.run_id,
+                                             "mailbox.resumed": stored.resumed})
         data: dict[str, Any] = {"agent": stored.run.resolution_id}
         data.update({"resume": True} if stored.resumed else {"priority": priority})
         self.events.emit(stored.run.run_id, dispatch_id, "run_queued", data, ts=now)
@@ -230,10 +237,15 @@ class Mailbox:
         if run.status != RunStatus.waiting:
             raise ValidationError(f"run {run_id} is {run.status.value}, not waiting for a "
                                   f"decision")
-        now = now_ms()
-        dispatch = RunDispatch.queued(_new_id(), run.thread_id, run.run_id, now,
-                                      max_attempts=self.settings.max_attempts)
-        return self._resume(run, dispatch, decision, now, 0)
+        with tracing.span("mailbox.resume", attributes={
+                "mailbox.thread_id": run.thread_id, "mailbox.run_id": run.run_id,
+                "mailbox.agent": run.resolution_id}) as trace:
+            now = now_ms()
+            dispatch = RunDispatch.queued(_new_id(), run.thread_id, run.run_id, now,
+                                          max_attempts=self.settings.max_attempts,
+                                          traceparent=tracing.traceparent_of(trace))
+            tracing.set_attributes(trace, **{"mailbox.dispatch_id": dispatch.dispatch_id})
+            return self._resume(run, dispatch, decision, now, 0)
 
     def _resume(self, run: RunRecord, dispatch: RunDispatch, decision: Any, now: int,
                 delay_ms: int, *, wake: bool = True) -> Receipt:

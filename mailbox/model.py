@@ -313,7 +313,7 @@ _PROJECTION_CLEARED: JsonDict = {
     "run_error": None,
 }
 _PROJECTION_FIELDS = tuple(_PROJECTION_CLEARED)
-_OMITTED_WHEN_NONE = (*_PROJECTION_FIELDS, "completed_at", "deferred_since")
+_OMITTED_WHEN_NONE = (*_PROJECTION_FIELDS, "completed_at", "deferred_since", "traceparent")
 
 
 @dataclass(frozen=True)
@@ -350,6 +350,9 @@ class RunDispatch:
     deferred_since: int | None = None
     """When a worker first found this dispatch's pinned agent version missing (a deploy in
     progress, T19); cleared when an attempt starts."""
+    traceparent: str | None = None
+    """The W3C traceparent of the span that submitted it, when tracing is on: its claim and
+    phases join that trace (mailbox/tracing.py)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", DispatchStatus(self.status))
@@ -370,6 +373,7 @@ class RunDispatch:
         available_at: int | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         attempt_count: int = 0,
+        traceparent: str | None = None,
     ) -> RunDispatch:
         """A new Queued dispatch; `available_at` and `updated_at` default to `created_at`."""
         return cls(
@@ -383,6 +387,7 @@ class RunDispatch:
             max_attempts=max_attempts,
             created_at=created_at,
             updated_at=created_at,
+            traceparent=traceparent,
         )
 
     def replace(self, **changes: Any) -> RunDispatch:

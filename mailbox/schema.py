@@ -55,6 +55,7 @@ dispatches = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.Column("deferred_since", sa.BigInteger),
+    sa.Column("traceparent", sa.String(64)),
     # Claim order within a thread: priority, then FIFO, then id for determinism.
     sa.Index("ix_dispatch_claim_order", "thread_id", "status", "priority", "created_at",
              "dispatch_id"),

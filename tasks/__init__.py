@@ -17,9 +17,10 @@ if "worker" in sys.argv[1:]:  # a worker: prefork children report metrics throug
 
     prepare_multiprocess_dir(os.environ.get("MAILBOX_NAMESPACE", "mailbox"))
 
-from celery.signals import before_task_publish
+from celery.signals import before_task_publish, worker_init, worker_process_init
 
 import mailbox  # noqa: F401  (first import of `mailbox`, while the root is on sys.path)
+from mailbox import tracing
 from tasks import maintenance, monitoring, phases
 from tasks.app import app
 from tasks.dispatch import WakeNotPublishedError, dispatch
@@ -45,6 +46,24 @@ def _ids_only_in_flower(headers: dict[str, Any] | None = None, body: Any = None,
         headers["argsrepr"] = f"thread={args[0]}" + (
             f" dispatch={kwargs.get('dispatch_id')}" if kwargs.get("dispatch_id") else "")
         headers["kwargsrepr"] = "{}"
+
+
+@worker_process_init.connect
+def _trace_pool_process(**_: Any) -> None:
+    """Celery's spans in a prefork child, with a tracer provider of the child's own (span
+    processors' threads do not survive the fork)."""
+    tracing.instrument_celery()
+
+
+@worker_init.connect
+def _trace_worker(sender: Any = None, **_: Any) -> None:
+    """Celery's spans in a worker whose tasks run in its own process (threads, solo)."""
+    if "prefork" not in str(getattr(sender, "pool_cls", "prefork")):
+        tracing.instrument_celery()
+
+
+if tracing.ENABLED and "worker" not in sys.argv[1:]:
+    tracing.instrument_celery()  # a process that publishes: dispatch.delay, the API, beat
 
 
 __all__ = ["WakeNotPublishedError", "app", "dispatch", "maintenance", "monitoring", "phases"]

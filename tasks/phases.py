@@ -16,7 +16,7 @@ from typing import Any
 
 from celery.signals import worker_init
 
-from mailbox import agents
+from mailbox import agents, tracing
 from mailbox import phases as phase_functions
 from mailbox.context import MalformedContextError, PhaseContext
 from mailbox.runtime import Runtime
@@ -80,11 +80,15 @@ def _guarded(name: str, func: Phase, message: Any) -> PhaseMessage | None:
     ctx = received(name, message)
     if ctx is None:
         return None
-    try:
-        return PhaseMessage(func(runtime(), ctx))
-    except Exception:
-        log.exception("phase %s failed for %s", name, ctx.describe())
-        return PhaseMessage(ctx.finish(f"phase {name} crashed"))
+    with tracing.span(f"mailbox.{name}", traceparent=ctx.traceparent,
+                      attributes=tracing.phase_attributes(ctx)) as span:
+        try:
+            ctx = func(runtime(), ctx)
+        except Exception:
+            log.exception("phase %s failed for %s", name, ctx.describe())
+            ctx.finish(f"phase {name} crashed")
+        tracing.end_attributes(span, ctx)
+        return PhaseMessage(ctx)
 
 
 @app.task(name="mailbox.verify")
@@ -112,12 +116,16 @@ def settle(message: Any) -> PhaseMessage | None:
     ctx = received("settle", message)
     if ctx is None:
         return None
-    try:
-        return PhaseMessage(phase_functions.settle(runtime(), ctx))
-    except Exception:
-        log.exception("settle failed for %s", ctx.describe())
-        publish_wake(runtime().settings.namespace, ctx.thread_id, 0)
-        return PhaseMessage(ctx.finish("phase settle crashed"))
+    with tracing.span("mailbox.settle", traceparent=ctx.traceparent,
+                      attributes=tracing.phase_attributes(ctx)) as span:
+        try:
+            ctx = phase_functions.settle(runtime(), ctx)
+        except Exception:
+            log.exception("settle failed for %s", ctx.describe())
+            publish_wake(runtime().settings.namespace, ctx.thread_id, 0)
+            ctx.finish("phase settle crashed")
+        tracing.end_attributes(span, ctx)
+        return PhaseMessage(ctx)
 
 
 @worker_init.connect

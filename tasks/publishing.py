@@ -10,10 +10,12 @@ task name, so this module needs the app, not the task modules (which import it).
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 from celery import Signature
 
+from mailbox import tracing
 from mailbox.context import PhaseContext
 from mailbox.phases import claim_next
 from mailbox.runtime import Runtime
@@ -49,10 +51,13 @@ def publish_chain(queue: str, ctx: PhaseContext) -> None:
 def start_next(rt: Runtime, thread_id: str) -> str | None:
     """Claim the thread's next eligible dispatch and publish its chain; its dispatch id, or
     None when the thread is busy or has nothing due."""
+    started = time.time_ns()
     ctx = claim_next(rt, thread_id)
     if ctx is None:
         return None
-    publish_chain(rt.settings.namespace, ctx)
+    with tracing.span("mailbox.claim", traceparent=ctx.traceparent, start_ns=started,
+                      attributes=tracing.phase_attributes(ctx)):
+        publish_chain(rt.settings.namespace, ctx)
     return ctx.dispatch_id
 
 
