@@ -48,6 +48,29 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value > 65535:
+        raise ValidationError(f"{name} must be a TCP port (0..65535), got {value}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValidationError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
+
+
+def _tokens(raw: str) -> tuple[str, ...]:
+    """MAILBOX_API_TOKENS: comma-separated, blanks around and between them ignored. Their
+    strength is checked where they are used (mailbox/http/auth.py): a worker that never
+    serves HTTP must not fail to start over them."""
+    return tuple(token.strip() for token in raw.split(",") if token.strip())
+
+
 def normalize_database_url(url: str) -> str:
     """Accept plain `postgresql://` URLs and use the psycopg 3 driver we ship."""
     for prefix in ("postgresql://", "postgres://"):
@@ -90,6 +113,22 @@ class Settings:
     missing_agent_grace_s: int = 600
     """How long a dispatch whose pinned agent version no worker that took it had is put
     back (a rolling deploy in progress) before it is dead-lettered."""
+    # ------------------------------------------------ the HTTP API and dashboard (mailbox/http)
+    api_host: str = "127.0.0.1"
+    """Where `python -m mailbox serve` listens (MAILBOX_API_HOST)."""
+    api_port: int = 8000
+    api_tokens: tuple[str, ...] = ()
+    """Bearer tokens the API and the dashboard accept (MAILBOX_API_TOKENS, comma-separated).
+    None configured: the server refuses to start unless `api_insecure_no_auth`."""
+    api_insecure_no_auth: bool = False
+    """MAILBOX_API_INSECURE_NO_AUTH=1: serve without tokens, on a loopback address only (local
+    development); every caller on the machine can then drive the mailbox."""
+    api_max_body_bytes: int = 1024 * 1024
+    """Request bodies above this are refused with 413 before they are read whole."""
+    api_sse_keepalive_s: int = 10
+    """An event stream with nothing to say sends a comment this often (at most 15 s)."""
+    api_flower_url: str = ""
+    """Flower's address, linked from the dashboard (none when empty)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,6 +164,14 @@ class Settings:
             agent_timeout_s=_int(env, "MAILBOX_AGENT_TIMEOUT_S", 900, minimum=1),
             agent_timeout_grace_s=_int(env, "MAILBOX_AGENT_TIMEOUT_GRACE_S", 30, minimum=1),
             missing_agent_grace_s=_int(env, "MAILBOX_MISSING_AGENT_GRACE_S", 600),
+            api_host=env.get("MAILBOX_API_HOST", "").strip() or "127.0.0.1",
+            api_port=_port(env, "MAILBOX_API_PORT", 8000),
+            api_tokens=_tokens(env.get("MAILBOX_API_TOKENS", "")),
+            api_insecure_no_auth=_flag(env, "MAILBOX_API_INSECURE_NO_AUTH"),
+            api_max_body_bytes=_int(env, "MAILBOX_API_MAX_BODY_BYTES", 1024 * 1024,
+                                    minimum=1024),
+            api_sse_keepalive_s=_int(env, "MAILBOX_API_SSE_KEEPALIVE_S", 10, minimum=1),
+            api_flower_url=env.get("MAILBOX_API_FLOWER_URL", "").strip().rstrip("/"),
         )
 
 

@@ -16,6 +16,7 @@ Commands::
     stats                       counts, queue age, waiting runs
     audit                       check the invariants on the live system
     db upgrade                  run the migrations
+    serve                       the HTTP API (/v1) and the dashboard (/ui)
 
 Every command takes `--json` (before or after the command name) for machine output.
 
@@ -43,6 +44,7 @@ package imports them all, so `main` is complete once `mailbox.cli` is)::
     dead_letters.py  dlq list|replay|purge
     operations.py    stats, audit, db upgrade
     dev_stack.py     up, demo
+    serve.py         serve (the HTTP API and dashboard, mailbox/http)
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import sys
 import click
 
 # The command modules attach their commands to `main` when imported.
-from mailbox.cli import dead_letters, dev_stack, operations, runs  # noqa: F401
+from mailbox.cli import dead_letters, dev_stack, operations, runs, serve  # noqa: F401
 from mailbox.cli.common import EXIT_FAILURE
 from mailbox.cli.group import main
 from mailbox.errors import MailboxError

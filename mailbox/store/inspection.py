@@ -11,20 +11,38 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
-from mailbox.model import DispatchStatus, RunStatus
+from mailbox.model import TERMINAL_STATUSES, DispatchStatus, RunRecord, RunStatus
 from mailbox.store import statements as q
 from mailbox.store.dispatches import MailboxStore
 
 IN_CHUNK = 500  # ids per `IN (...)` list
+THROUGHPUT_WINDOWS_S = (60, 300, 3600)  # the dashboard's "last minute, 5 minutes, hour"
 
 
 def _chunks(items: Sequence[str], size: int = IN_CHUNK) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield list(items[start:start + size])
+
+
+@dataclass(frozen=True)
+class ThreadSummary:
+    """One row of the dashboard's thread list."""
+
+    thread_id: str
+    last_activity: int
+    queued: int
+    claimed: int
+    dispatches: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"thread_id": self.thread_id, "last_activity": self.last_activity,
+                "queued": self.queued, "claimed": self.claimed,
+                "dispatches": self.dispatches}
 
 
 class Inspection:
@@ -119,3 +137,34 @@ class Inspection:
                                          {"run_ids": chunk}).mappings():
                 rows[str(row["run_id"])] = dict(row)
         return rows
+
+    # ------------------------------------------------------------------------- dashboard
+    def thread_summaries(self, *, limit: int, offset: int = 0, prefix: str | None = None
+                         ) -> list[ThreadSummary]:
+        """Threads with dispatches, the most recently active first (the dashboard's list)."""
+        rows = self.conn.execute(q.thread_summaries_query(prefix),
+                                 {"limit": limit, "offset": offset})
+        return [ThreadSummary(str(t), int(last), int(queued), int(claimed), int(total))
+                for t, last, queued, claimed, total in rows]
+
+    def throughput(self, now: int, windows_s: tuple[int, int, int] = THROUGHPUT_WINDOWS_S
+                   ) -> dict[int, dict[str, int]]:
+        """Dispatches settled in each window before `now` (seconds, widest last), by
+        terminal status: {60: {"Acked": 12, ...}, ...}, every terminal status present."""
+        short, medium, long = windows_s
+        found = {w: {s.value: 0 for s in TERMINAL_STATUSES} for w in windows_s}
+        params = {"short": now - short * 1000, "medium": now - medium * 1000,
+                  "long": now - long * 1000}
+        for status, n_short, n_medium, n_long in self.conn.execute(q.SETTLED_SINCE, params):
+            for window, n in ((short, n_short), (medium, n_medium), (long, n_long)):
+                found[window][str(status)] = int(n)
+        return found
+
+    def waiting_runs(self, limit: int) -> list[RunRecord]:
+        """Runs waiting for a human decision, the most recently suspended first."""
+        return [q.run_from_row(row)
+                for row in self.conn.execute(q.SELECT_WAITING_RUNS, {"limit": limit})]
+
+    def ping(self) -> None:
+        """One round trip (`/healthz`): raises when the database does not answer."""
+        self.conn.execute(q.PING).scalar_one()

@@ -1,0 +1,62 @@
+"""Request bodies and the JSON form of records (OpenAPI shows both at /docs).
+
+Bodies are strict: a field of the wrong JSON type is refused rather than coerced (`"1"` is
+not a priority, `"no"` is not `false`, which would otherwise interrupt a thread), and an
+unknown field is refused by name (a typo such as `priorty` must not be silently ignored).
+Ranges and the input itself are checked by the facade, which names the value it refuses;
+either way the answer is 400 and nothing is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mailbox.model import RunDispatch, RunRecord
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DispatchRequest(_Body):
+    """What `dispatch.delay(thread_id, agent, input, ...)` takes, the thread from the path."""
+
+    agent: str = Field(description="A registered agent's name (e.g. `echo`).")
+    input: Any = Field(description="Any JSON value (at most 256 KiB as JSON).")
+    priority: int = Field(128, description="0..255, 0 the highest; FIFO within a priority.")
+    dedupe_key: str | None = Field(None, description="Refused (409) while a live dispatch "
+                                                     "of the thread holds this key.")
+    delay_ms: int = Field(0, description="Not claimable before this many milliseconds.")
+    max_attempts: int | None = Field(None, description="Attempt budget (default: "
+                                                       "MAILBOX_MAX_ATTEMPTS).")
+    interrupt: bool = Field(False, description="Latest wins: supersede the thread's queued "
+                                               "work and stop its running run first.")
+
+
+class ResumeRequest(_Body):
+    decision: Any = Field(description="The human decision: any JSON value.")
+
+
+class ReplayRequest(_Body):
+    force: bool = Field(False, description="Replay even though the thread was interrupted "
+                                           "after the dead letter was queued.")
+
+
+class Receipt(BaseModel):
+    dispatch_id: str
+    run_id: str
+    thread_id: str
+
+
+def dispatch_json(dispatch: RunDispatch) -> dict[str, Any]:
+    """A dispatch as the API shows it: without its claim token, the fencing secret of the
+    worker holding it (whoever knows it could forge that worker's phase messages)."""
+    out = dispatch.to_json()
+    out.pop("claim_token", None)
+    return out
+
+
+def run_json(run: RunRecord) -> dict[str, Any]:
+    return run.to_json()
