@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from click.testing import CliRunner
 
@@ -23,7 +24,7 @@ from mailbox import DispatchStatus, Mailbox, RunStatus, ValidationError
 from mailbox.agents import AgentContext
 from mailbox.audit import audit
 from mailbox.cli import main
-from mailbox.errors import PermanentError
+from mailbox.errors import PermanentError, StoreUnavailableError
 from mailbox.events import CursorExpiredError, EventStreams
 from mailbox.maintenance import GcReport, garbage_collection, sweep
 from mailbox.phases import claim_next, run_chain
@@ -279,6 +280,26 @@ def test_concurrent_submit_keeps_its_thread(mailbox: Mailbox) -> None:
     mailbox.submit("t-race", "echo", "x")
     assert retention.delete_thread("t-race").threads == 0
     assert has_epoch_row(mailbox, "t-race")
+
+
+def test_an_epoch_row_stays_when_redis_cannot_forget_its_cached_epoch(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    mailbox.interrupt("t-redis-down")
+    mailbox.store.current_dispatch_epoch("t-redis-down")  # cached: 1
+
+    def unreachable(**_: Any) -> None:
+        raise redis.ConnectionError("Redis is down")
+
+    retention = mailbox.retention
+    monkeypatch.setattr(retention, "_forget", unreachable)
+    with pytest.raises(StoreUnavailableError, match="redis unreachable"):
+        retention.delete_thread("t-redis-down")
+    assert has_epoch_row(mailbox, "t-redis-down"), "rolled back: the cache would outlive it"
+    assert mailbox.store.sql_epoch("t-redis-down") == 1
+    monkeypatch.undo()
+    assert mailbox.retention.delete_thread("t-redis-down").threads == 1
+    assert mailbox.store.coordinator.client.get(
+        mailbox.store.coordinator.epoch_key("t-redis-down")) is None
 
 
 # ================================================================================== purge
