@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from mailbox.dev.embedded_redis import free_port
 from tasks import dispatch
 from tests.conftest import BACKENDS, POSTGRES_URL
 from tests.support.local_compose import LocalCompose, http_get
+from tests.support.services import require
 from tests.support.workers import CELERY, ROOT, Stack
 
 SECRETS = {"REDIS_PASSWORD": uuid.uuid4().hex, "POSTGRES_PASSWORD": uuid.uuid4().hex,
@@ -41,7 +42,7 @@ def compose_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
         yield f"sqlite:///{tmp_path_factory.mktemp('compose') / 'mailbox.sqlite3'}"
         return
     if not POSTGRES_URL:
-        pytest.skip("MAILBOX_TEST_POSTGRES_URL is not set")
+        require("postgres", "MAILBOX_TEST_POSTGRES_URL is not set")
     with scratch_postgres_schema(POSTGRES_URL, "compose") as url:
         yield url
 
@@ -101,13 +102,17 @@ def test_flower_never_sees_a_claim_token_or_payload(local_compose: LocalCompose,
                                                     compose_database: str) -> None:
     """The compose worker runs with -E: the task-succeeded events carry each phase's return
     value, and Flower shows it as the task's result."""
-    time.sleep(1.0)  # Flower must be listening for events before the tasks run
-    submitted = subprocess.run(
-        [sys.executable, "-m", "mailbox", "submit", "thread-compose", "sleep",
-         json.dumps({"ms": 1500, "note": PAYLOAD}), "--json"],
-        cwd=ROOT, env=local_compose.env("worker"), capture_output=True, text=True, timeout=60)
-    assert submitted.returncode == 0, submitted.stderr
-    dispatch_id = json.loads(submitted.stdout)["dispatch_id"]
+    def submit(thread_id: str, agent: str, input: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "mailbox", "submit", thread_id, agent, input, "--json"],
+            cwd=ROOT, env=local_compose.env("worker"), capture_output=True, text=True,
+            timeout=60)
+        assert done.returncode == 0, done.stderr
+        return str(json.loads(done.stdout)["dispatch_id"])
+
+    _until_flower_listens(local_compose.ports["flower"], FLOWER_AUTH,
+                          lambda thread_id: submit(thread_id, "echo", "probe"))
+    dispatch_id = submit("thread-compose", "sleep", json.dumps({"ms": 1500, "note": PAYLOAD}))
     box = Mailbox.connect(compose_database, local_compose.env("worker")["MAILBOX_REDIS_URL"],
                           namespace="mailbox")
     try:
@@ -122,6 +127,27 @@ def test_flower_never_sees_a_claim_token_or_payload(local_compose: LocalCompose,
     for name in PHASES:
         assert tasks[name]["result"] == f"dispatch={dispatch_id} thread=thread-compose", \
             tasks[name]
+
+
+def _until_flower_listens(port: int, auth: tuple[str, str] | None,
+                          submit: Callable[[str], str], timeout_s: float = 90) -> None:
+    """Flower must receive the task events before the tasks under test run: submit probe
+    dispatches (each on a thread of its own) until Flower has shown one of their tasks."""
+    deadline = time.monotonic() + timeout_s
+    probes: list[str] = []
+    while True:
+        probes.append(f"flower-probe-{len(probes)}")
+        submit(probes[-1])
+        shows_by = min(deadline, time.monotonic() + 10)
+        while time.monotonic() < shows_by:
+            tasks = json.loads(http_get(f"http://127.0.0.1:{port}/api/tasks", 10, auth=auth))
+            if any(probe in str(info.get("args", "")) for info in tasks.values()
+                   for probe in probes):
+                return
+            time.sleep(0.2)
+        assert time.monotonic() < deadline, (
+            f"Flower showed none of the tasks of {len(probes)} probe dispatches in "
+            f"{timeout_s}s")
 
 
 def _claim_token(box: Mailbox, dispatch_id: str, timeout_s: float = 30) -> str:
@@ -178,7 +204,8 @@ def test_flower_sees_all_five_phases_with_ids_only(celery_stack: Stack,
     celery_stack.processes.append(flower)
     http_get(f"http://127.0.0.1:{port}/healthcheck", 60)
     celery_stack.start_worker(concurrency=2, MAILBOX_WORKER_EVENTS="1")
-    time.sleep(1.0)  # Flower must be listening for events before the tasks run
+    _until_flower_listens(port, None,
+                          lambda thread_id: dispatch.delay(thread_id, "echo", "probe").id)
     result = dispatch.delay("thread-flower", "echo", PAYLOAD)
     assert publisher.wait(result.id, timeout_s=30).status == DispatchStatus.Acked
     seen = _phase_tasks(port, result.id)
