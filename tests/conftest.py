@@ -8,9 +8,11 @@ namespace, so tests never see each other's keys; tests that flush or restart Red
 SQL: every store test runs on SQLite (a fresh file per test) and, when
 MAILBOX_TEST_POSTGRES_URL is set, again on PostgreSQL (a fresh schema per test).
 
-Services a test needs but the machine lacks (PostgreSQL, RabbitMQ) skip the test with a
-message saying which; MAILBOX_TEST_REQUIRE_SERVICES (CI: "postgres,rabbitmq") turns that skip
-into a failure for the services named (`tests.support.services.require`).
+Services a test needs but the machine lacks (PostgreSQL, RabbitMQ, a browser for the
+dashboard tests: Debian's chromium and chromium-driver) skip the test with a message saying
+which and how to get it; MAILBOX_TEST_REQUIRE_SERVICES (CI: "postgres,rabbitmq", plus
+"browser" where the browser is installed) turns that skip into a failure for the services
+named (`tests.support.services.require`).
 
 A test that fails gets the logs of every worker stack it started (tests/support/workers.py)
 attached to its report, and `item.rep_setup` / `rep_call` / `rep_teardown` are set for

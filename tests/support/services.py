@@ -4,6 +4,8 @@
 tests that need it, saying what is missing. CI has every service, so a skip there would only
 hide a broken service or configuration: `.ci/run` sets MAILBOX_TEST_REQUIRE_SERVICES to the
 services it provides ("postgres,rabbitmq"), and a missing one fails the test instead.
+"browser" is Debian's chromium with chromium-driver, which the dashboard tests drive
+(tests/support/browser.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import NoReturn
 
 import pytest
 
-KNOWN = ("postgres", "rabbitmq")
+KNOWN = ("postgres", "rabbitmq", "browser")
 
 
 def required_services() -> set[str]:

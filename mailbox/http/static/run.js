@@ -12,6 +12,8 @@
   const state = document.getElementById("stream-state");
   const status = document.getElementById("run-status");
   const resume = document.getElementById("resume");
+  const cancel = document.getElementById("cancel");
+  const response = document.getElementById("run-response");
   const types = ["run_queued", "run_started", "output", "suspended", "run_rescheduled",
                  "run_cancelled", "run_finish"];
 
@@ -60,6 +62,7 @@
       const ev = JSON.parse(message.data);
       show(ev);
       if (name === "run_started") { status.textContent = "running"; }
+      if (name === "run_queued" && ev.data && ev.data.resume && resume) { resume.hidden = true; }
       if (name === "suspended") {
         status.textContent = "waiting";
         if (resume) { resume.hidden = false; }
@@ -68,6 +71,11 @@
         source.close();
         status.textContent = "done";
         state.textContent = "finished";
+        if (response && ev.data && typeof ev.data.response === "string") {
+          response.textContent = ev.data.response;
+        }
+        if (cancel) { cancel.closest("form").hidden = true; }
+        if (resume) { resume.hidden = true; }
       }
     });
   });
