@@ -115,24 +115,32 @@ class EventStreams:
 
     def emit_many(self, run_id: str, dispatch_id: str | None,
                   items: Sequence[tuple[str, Any, int | None]]) -> int:
-        """Append (type, data, ts) events in order, in one round trip (a pipeline of the
-        append script: each is still its own trimmed append). How many were recorded; a
-        Redis error is logged and counted, never raised (events are advisory)."""
-        if not items:
+        """Append (type, data, ts) events of one run in order, in one round trip (a
+        pipeline of the append script: each is still its own trimmed append). How many
+        were recorded; a Redis error is logged and counted, never raised (events are
+        advisory)."""
+        return self.emit_batch([(run_id, dispatch_id, type_, data, ts)
+                                for type_, data, ts in items])
+
+    def emit_batch(self, entries: Sequence[tuple[str, str | None, str, Any, int | None]]
+                   ) -> int:
+        """Append (run_id, dispatch_id, type, data, ts) events, in order, in one round trip
+        (bulk submission queues hundreds of runs at once). Same guarantees as emit_many."""
+        if not entries:
             return 0
-        keys = list(self._keys(run_id))
         pipe = self.client.pipeline(transaction=False)
-        for type_, data, ts in items:
-            self.append_script(keys=keys, args=[
+        for run_id, dispatch_id, type_, data, ts in entries:
+            self.append_script(keys=list(self._keys(run_id)), args=[
                 self._payload(run_id, dispatch_id, type_, data, ts), self.max_len,
                 self.retention_ms, self.max_bytes], client=pipe)
         try:
             pipe.execute()
         except redis.RedisError as exc:
-            metrics.count_operation("event_emit", "error", len(items))
-            log.warning("%d events for run %s not recorded: %s", len(items), run_id, exc)
+            metrics.count_operation("event_emit", "error", len(entries))
+            log.warning("%d events (first for run %s) not recorded: %s", len(entries),
+                        entries[0][0], exc)
             return 0
-        return len(items)
+        return len(entries)
 
     def forget(self, run_ids: Sequence[str]) -> int:
         """Delete these runs' streams (garbage collection deleted the runs); how many keys

@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +50,8 @@ from mailbox.runtime import Runtime, now_ms
 from mailbox.schema import upgrade
 from mailbox.settings import Settings, validate_namespace
 from mailbox.store import (
+    BulkEntry,
+    BulkEntryError,
     MailboxStore,
     Message,
     Resolution,
@@ -63,6 +65,50 @@ from mailbox.store.retention import Retention, replay_run_id
 log = logging.getLogger(__name__)
 Waker = Callable[[str, int], None]
 MAX_DELAY_MS = 365 * 24 * 3600 * 1000
+
+
+BULK_FIELDS = frozenset({"thread_id", "agent", "input", "priority", "dedupe_key", "delay_ms",
+                         "max_attempts"})
+
+
+class BulkSubmitError(MailboxError):
+    """Item `index` of a bulk submission was refused (`error` says why). Nothing of its chunk
+    was written; `submitted` are the receipts of the chunks written before it (nothing when
+    an item failed validation: every item is checked before any write)."""
+
+    prefix = "bulk submission refused"
+
+    def __init__(self, index: int, error: MailboxError, submitted: list[Receipt], *,
+                 whole_chunk: bool = False) -> None:
+        where = f"the chunk starting at item {index}" if whole_chunk else f"item {index}"
+        super().__init__(f"{where}: {error}")
+        self.index = index
+        self.error = error
+        self.submitted = list(submitted)
+
+
+@dataclass(frozen=True)
+class BulkWake:
+    """One wake-up of a bulk submission: per thread, not per item."""
+
+    thread_id: str
+    delay_ms: int
+    dispatch_id: str  # the thread's first dispatch of the batch: the wake-up's task id
+
+
+def wakes_for(items: Sequence[Mapping[str, Any]], receipts: Sequence[Receipt]
+              ) -> list[BulkWake]:
+    """The wake-ups of the submitted items (`receipts[i]` is `items[i]`'s): one per thread,
+    after the shortest delay of its items, in the order threads first appear."""
+    wakes: dict[str, BulkWake] = {}
+    for item, receipt in zip(items, receipts, strict=False):
+        delay = int(item.get("delay_ms", 0) or 0)
+        known = wakes.get(receipt.thread_id)
+        if known is None:
+            wakes[receipt.thread_id] = BulkWake(receipt.thread_id, delay, receipt.dispatch_id)
+        elif delay < known.delay_ms:
+            wakes[receipt.thread_id] = replace(known, delay_ms=delay)
+    return list(wakes.values())
 
 
 class WaitTimeoutError(MailboxError, TimeoutError):
@@ -184,16 +230,8 @@ class Mailbox:
         resumes that run with the input as the decision. `wake=False` leaves publishing the
         wake-up to the caller (dispatch.delay publishes its own, under the dispatch id).
         """
-        check_text("thread_id", thread_id)
-        spec = agents.current(agent)
-        _check_input(input)
-        if spec.check_input is not None:
-            spec.check_input(input)
-        _check_int("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
-        _check_int("delay_ms", delay_ms, 0, MAX_DELAY_MS)
-        attempts = self.settings.max_attempts if max_attempts is None else max_attempts
-        _check_int("max_attempts", attempts, 1, 1000)
-        check_text("dedupe_key", dedupe_key, optional=True)
+        spec, attempts = self._check_submit(thread_id, agent, input, priority, dedupe_key,
+                                            delay_ms, max_attempts)
         if not isinstance(interrupt, bool):
             # Any truthy value would interrupt the thread: "no" must not supersede its work.
             raise ValidationError(f"interrupt must be True or False, got {show_value(interrupt)}")
@@ -226,6 +264,99 @@ class Mailbox:
         if wake:
             self._wake(thread_id, delay_ms)
         return Receipt(dispatch_id, stored.run.run_id, thread_id, resumed=stored.resumed)
+
+    def _check_submit(self, thread_id: Any, agent: Any, input: Any, priority: Any,
+                      dedupe_key: Any, delay_ms: Any, max_attempts: Any
+                      ) -> tuple[agents.AgentSpec, int]:
+        """Every check of a submit, before anything is written: the agent's current spec
+        and the attempt budget."""
+        check_text("thread_id", thread_id)
+        spec = agents.current(agent)
+        _check_input(input)
+        if spec.check_input is not None:
+            spec.check_input(input)
+        _check_int("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
+        _check_int("delay_ms", delay_ms, 0, MAX_DELAY_MS)
+        attempts = self.settings.max_attempts if max_attempts is None else max_attempts
+        _check_int("max_attempts", attempts, 1, 1000)
+        check_text("dedupe_key", dedupe_key, optional=True)
+        return spec, attempts
+
+    def submit_many(self, items: Sequence[Mapping[str, Any]], *, chunk_size: int = 500,
+                    wake: bool = True, progress: Callable[[int], None] | None = None
+                    ) -> list[Receipt]:
+        """Submit many inputs at once (batch evaluations, back-fills, fan-out to many
+        threads): one receipt per item, in order.
+
+        Each item is a mapping of `submit`'s arguments by name: `thread_id`, `agent`, `input`,
+        optional `priority`, `dedupe_key`, `delay_ms`, `max_attempts` (no `interrupt`). Every
+        item is validated before anything is written (BulkSubmitError naming the first bad
+        one, nothing written). Then each chunk of `chunk_size` items is written in one
+        transaction, all or nothing: a refused item (a live dedupe key) fails the call with
+        BulkSubmitError naming it, and `submitted` holds the receipts of the chunks written
+        before. Items on one thread keep their order. One wake-up per thread, not per item
+        (`wake=False` leaves publishing to the caller: `dispatch.delay_many`). `progress`
+        is called with the number of items written so far after each chunk."""
+        _check_int("chunk_size", chunk_size, 1, MAX_LIST_LIMIT)
+        if isinstance(items, str | bytes | Mapping) or not isinstance(items, Sequence):
+            raise ValidationError(f"items must be a list of submissions, got "
+                                  f"{show_value(items)}")
+        now = now_ms()
+        entries = [self._bulk_entry(index, item, now) for index, item in enumerate(items)]
+        receipts: list[Receipt] = []
+        try:
+            for start in range(0, len(entries), chunk_size):
+                receipts += self._submit_chunk(entries[start:start + chunk_size], start,
+                                               receipts, now)
+                if progress is not None:
+                    progress(len(receipts))
+        finally:  # the chunks written before a refused one still get their wake-ups
+            if wake:
+                for wake_up in wakes_for(items, receipts):
+                    self._wake(wake_up.thread_id, wake_up.delay_ms)
+        return receipts
+
+    def _submit_chunk(self, chunk: Sequence[BulkEntry], start: int,
+                      submitted: list[Receipt], now: int) -> list[Receipt]:
+        try:
+            stored = self.runs.submit_many(chunk, now)
+        except BulkEntryError as exc:
+            raise BulkSubmitError(start + exc.index, exc.error, submitted) from None
+        except MailboxError as exc:
+            raise BulkSubmitError(start, exc, submitted, whole_chunk=True) from exc
+        self.events.emit_batch([(s.run.run_id, s.dispatch.dispatch_id, "run_queued", {
+            "agent": s.run.resolution_id,
+            **({"resume": True} if s.resumed else {"priority": s.dispatch.priority})},
+            now) for s in stored])
+        return [Receipt(s.dispatch.dispatch_id, s.run.run_id, s.dispatch.thread_id,
+                        resumed=s.resumed) for s in stored]
+
+    def _bulk_entry(self, index: int, item: Any, now: int) -> BulkEntry:
+        try:
+            if not isinstance(item, Mapping):
+                raise ValidationError(f"an item must be an object of submit's arguments, got "
+                                      f"{show_value(item)}")
+            unknown = set(item) - BULK_FIELDS
+            if unknown:
+                raise ValidationError(f"unknown fields {sorted(map(str, unknown))} (known: "
+                                      f"{', '.join(sorted(BULK_FIELDS))})")
+            for required in ("thread_id", "agent", "input"):
+                if required not in item:
+                    raise ValidationError(f"{required} is missing")
+            priority, delay_ms = item.get("priority", 128), item.get("delay_ms", 0)
+            spec, attempts = self._check_submit(
+                item["thread_id"], item["agent"], item["input"], priority,
+                item.get("dedupe_key"), delay_ms, item.get("max_attempts"))
+        except MailboxError as exc:
+            raise BulkSubmitError(index, exc, []) from None
+        dispatch = RunDispatch.queued(_new_id(), item["thread_id"], _new_id(), now,
+                                      priority=priority, dedupe_key=item.get("dedupe_key"),
+                                      available_at=now + delay_ms, max_attempts=attempts)
+        run = RunRecord(dispatch.run_id, dispatch.thread_id, spec.name, spec.resolution_id,
+                        RunStatus.created, dispatch_id=dispatch.dispatch_id, created_at=now,
+                        updated_at=now)
+        return BulkEntry(run, dispatch, Resolution(spec.resolution_id, spec.name,
+                                                   spec.version), _new_id(), item["input"])
 
     def resume(self, run_id: str, decision: Any) -> Receipt:
         """Queue a new dispatch for a waiting run, carrying the human decision."""

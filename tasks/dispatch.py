@@ -10,16 +10,18 @@ wakes it again when it settles.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery import Task
 from celery.result import AsyncResult
 
 from mailbox.errors import MailboxError, ValidationError
+from mailbox.facade import BulkSubmitError, Receipt, wakes_for
 from mailbox.maintenance import consume_sweep_wake, is_sweep_wake_id
 from mailbox.model import check_text
 from tasks.app import app
-from tasks.publishing import publish_wake, start_next
+from tasks.publishing import publish_wake, publish_wakes, start_next
 from tasks.runtime import mailbox, runtime
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,20 @@ class WakeNotPublishedError(MailboxError):
         super().__init__(f"dispatch {dispatch_id} is stored durably but the broker refused the "
                          f"wake-up ({cause}); a worker's sweep will deliver it")
         self.dispatch_id = dispatch_id
+
+
+class WakesNotPublishedError(MailboxError):
+    """A bulk submission is stored durably, but some of its wake-ups could not reach the
+    broker. `results` are the AsyncResults of every stored dispatch."""
+
+    prefix = "stored, wake-ups not published"
+
+    def __init__(self, results: list[AsyncResult], unsent: int, cause: BaseException) -> None:
+        super().__init__(f"{len(results)} dispatches are stored durably but the broker "
+                         f"refused {unsent} thread wake-ups ({cause}); a worker's sweep will "
+                         f"deliver them")
+        self.results = results
+        self.unsent = unsent
 
 
 class DispatchTask(Task):
@@ -52,6 +68,32 @@ class DispatchTask(Task):
         except Exception as exc:  # kombu raises several types for an unreachable broker
             raise WakeNotPublishedError(receipt.dispatch_id, exc) from exc
         return self.AsyncResult(receipt.dispatch_id)
+
+    def delay_many(self, items: Sequence[Mapping[str, Any]], *, chunk_size: int = 500
+                   ) -> list[AsyncResult]:
+        """Submit many dispatches (`Mailbox.submit_many`: each item a mapping of `delay`'s
+        arguments by name, all validated before any write, each chunk one transaction) and
+        publish one wake-up per thread over one broker connection, not one per item. One
+        AsyncResult per item, in order. A refused item raises BulkSubmitError after the
+        chunks written before it were woken; a broker failure WakesNotPublishedError."""
+        box = mailbox()
+        try:
+            receipts = box.submit_many(items, chunk_size=chunk_size, wake=False)
+        except BulkSubmitError as exc:
+            self._wake_all(box.settings.namespace, items, exc.submitted)
+            raise
+        return self._wake_all(box.settings.namespace, items, receipts)
+
+    def _wake_all(self, queue: str, items: Sequence[Mapping[str, Any]],
+                  receipts: list[Receipt]) -> list[AsyncResult]:
+        results = [self.AsyncResult(r.dispatch_id) for r in receipts]
+        wakes = [(w.thread_id, w.delay_ms, w.dispatch_id) for w in wakes_for(items, receipts)]
+        sent: list[str] = []
+        try:
+            publish_wakes(queue, wakes, sent)
+        except Exception as exc:  # kombu raises several types for an unreachable broker
+            raise WakesNotPublishedError(results, len(wakes) - len(sent), exc) from exc
+        return results
 
 
 @app.task(bind=True, base=DispatchTask, name="mailbox.dispatch")

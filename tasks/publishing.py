@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Signature
@@ -39,6 +40,24 @@ def publish_wake(queue: str, thread_id: str, delay_ms: int = 0, *, wake_id: str 
     app.send_task(WAKE_TASK, args=(thread_id,), kwargs=kwargs,
                   countdown=delay_ms / 1000 if delay_ms > 0 else None, task_id=wake_id,
                   queue=queue, priority=wake_priority(app.conf.broker_url))
+
+
+def publish_wakes(queue: str, wakes: Sequence[tuple[str, int, str | None]],
+                  sent: list[str] | None = None) -> None:
+    """Many wake-ups, (thread_id, delay_ms, wake_id) each, over one broker connection (bulk
+    submission: one per thread; a wake_id names the thread's first dispatch), each thread
+    appended to `sent` once handed over (delays past MAX_COUNTDOWN_MS count as handed to the
+    sweep). A broker error propagates."""
+    sent = [] if sent is None else sent
+    with app.producer_or_acquire() as producer:
+        for thread_id, delay_ms, wake_id in wakes:
+            if delay_ms <= MAX_COUNTDOWN_MS:
+                kwargs = {"dispatch_id": wake_id} if wake_id else {}
+                app.send_task(WAKE_TASK, args=(thread_id,), kwargs=kwargs,
+                              countdown=delay_ms / 1000 if delay_ms > 0 else None,
+                              task_id=wake_id, queue=queue, producer=producer,
+                              priority=wake_priority(app.conf.broker_url))
+            sent.append(thread_id)
 
 
 def publish_chain(queue: str, ctx: PhaseContext) -> None:

@@ -5,6 +5,7 @@ Run from the project root (or with it on PYTHONPATH) so that `mailbox` is this p
 Commands::
 
     submit THREAD AGENT INPUT   queue a run (INPUT is JSON, else a plain string)
+    submit --from-file F.jsonl  queue many (one JSON object per line; bulk, chunked)
     show ID                     a dispatch or a run, with its counterpart
     list THREAD                 a thread's dispatches in claim order
     thread THREAD               a thread's conversation (user, assistant, tool messages)
@@ -41,6 +42,7 @@ package imports them all, so `main` is complete once `mailbox.cli` is)::
     common.py        what the commands share: state, exit codes, argument types, --json,
                      output helpers, publishing wake-ups
     runs.py          submit, show, list, follow, cancel, interrupt, resume
+    bulk_submit.py   submit --from-file (JSON lines through Mailbox.submit_many)
     dead_letters.py  dlq list|replay|purge
     operations.py    stats, audit, db upgrade
     dev_stack.py     up, demo

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import exc as sa_exc
 
@@ -231,13 +232,22 @@ def publish_wakes(box: Mailbox, wakes: Iterable[tuple[str, int]]) -> str | None:
         return ("the --namespace/--redis-url/--database-url options differ from the MAILBOX_* "
                 "environment the Celery app reads, so a wake-up would reach the wrong workers")
     try:
-        from tasks.publishing import publish_wake
+        from tasks.publishing import publish_wakes
 
-        for thread_id, delay_ms in wakes:
-            publish_wake(box.settings.namespace, thread_id, delay_ms)
+        # one broker connection for all of them (a bulk submit wakes every thread once)
+        publish_wakes(box.settings.namespace, [(thread, delay, None) for thread, delay in wakes])
     except Exception as exc:  # kombu/celery raise many types for an unreachable broker
         return f"{type(exc).__name__}: {first_line(exc)}"
     return None
+
+
+def progress_bar(total: int, enabled: bool) -> Progress:
+    """A progress bar on stderr for long bulk commands: off in --json mode, for one item,
+    and when stderr is not a terminal (a log file would keep only its last frame)."""
+    console = make_console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console,
+                    disable=not enabled or total < 2 or not console.is_terminal)
 
 
 def wake_or_warn(box: Mailbox, wakes: Iterable[tuple[str, int]], what: str

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mailbox.audit import iso_ms, now_ms
@@ -35,6 +34,7 @@ from mailbox.cli.common import (
     json_option,
     mailbox_for,
     make_console,
+    progress_bar,
     publish_wakes,
     usage_error,
     warn,
@@ -188,12 +188,6 @@ def _selection(ctx: click.Context, box: Mailbox, ids: tuple[str, ...], all_: boo
     return _select_all(box, filters, batch_size) if all_ else list(dict.fromkeys(ids))
 
 
-def _progress(total: int, enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=make_console(stderr=True),
-                    disable=not enabled or total < 2)
-
-
 def _finish_bulk(ctx: click.Context, failures: list[dict[str, str]], done: int,
                  verb: str) -> None:
     """Report what failed; exit 4 when every failure is an unknown id, else 1."""
@@ -233,7 +227,7 @@ def dlq_replay(ctx: click.Context, ids: tuple[str, ...], all_: bool, thread: str
     replayed: list[dict[str, str]] = []
     failures: list[dict[str, str]] = []
     wake_problem: str | None = None
-    with _progress(len(selected), not as_json) as progress:
+    with progress_bar(len(selected), not as_json) as progress:
         task = progress.add_task("replaying", total=len(selected))
         for start in range(0, len(selected), batch_size):
             threads: dict[str, None] = {}
@@ -315,7 +309,7 @@ def dlq_purge(ctx: click.Context, ids: tuple[str, ...], all_: bool, thread: str 
         else:
             usage_error(ctx, f"refusing to delete {len(selected)} dead letter(s) without --yes")
     purged = 0
-    with _progress(len(selected), not as_json) as progress:
+    with progress_bar(len(selected), not as_json) as progress:
         task = progress.add_task("purging", total=len(selected))
         for start in range(0, len(selected), batch_size):
             chunk = selected[start:start + batch_size]

@@ -14,13 +14,14 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import click
 import redis
 from rich.table import Table
 
 from mailbox.audit import iso_ms
+from mailbox.cli.bulk_submit import submit_file
 from mailbox.cli.common import (
     EXIT_FAILURE,
     EXIT_NOT_ACKED,
@@ -36,6 +37,7 @@ from mailbox.cli.common import (
     mailbox_for,
     make_console,
     record_table,
+    usage_error,
     wake_or_warn,
     warn,
 )
@@ -78,10 +80,20 @@ def _print_result(result: dict[str, Any]) -> None:
 
 
 @main.command(help="Queue a run of AGENT on THREAD. INPUT is parsed as JSON, falling back to "
-                   "a plain string ('hello' and '\"hello\"' are the same input).")
-@click.argument("thread", type=THREAD)
-@click.argument("agent")
-@click.argument("input_text", metavar="INPUT")
+                   "a plain string ('hello' and '\"hello\"' are the same input). With "
+                   "--from-file, queue every line of a JSON-lines file instead.")
+@click.argument("thread", type=THREAD, required=False)
+@click.argument("agent", required=False)
+@click.argument("input_text", metavar="INPUT", required=False)
+@click.option("--from-file", "from_file", type=click.File("r", encoding="utf-8"),
+              default=None, metavar="ITEMS.jsonl",
+              help="One JSON object per line with thread_id, agent, input and optional "
+                   "priority, dedupe_key, delay_ms, max_attempts ('-' reads stdin). Every "
+                   "line is checked before anything is written; then each chunk is one "
+                   "transaction, and each thread gets one wake-up. --priority, --delay-ms "
+                   "and --max-attempts give defaults for lines that leave them out.")
+@click.option("--chunk-size", type=click.IntRange(1, MAX_LIST_LIMIT), default=500,
+              show_default=True, help="With --from-file: items per transaction.")
 @click.option("--priority", type=click.IntRange(0, 255), default=128, show_default=True,
               help="0 is the highest.")
 @click.option("--dedupe-key", default=None,
@@ -97,9 +109,20 @@ def _print_result(result: dict[str, Any]) -> None:
               metavar="SECONDS", help="Wait this long for the result and show it.")
 @json_option
 @click.pass_context
-def submit(ctx: click.Context, thread: str, agent: str, input_text: str, priority: int,
-           dedupe_key: str | None, delay_ms: int, max_attempts: int | None, interrupt: bool,
+def submit(ctx: click.Context, thread: str | None, agent: str | None, input_text: str | None,
+           from_file: IO[str] | None, chunk_size: int, priority: int, dedupe_key: str | None,
+           delay_ms: int, max_attempts: int | None, interrupt: bool,
            wait_s: float | None) -> None:
+    if from_file is not None:
+        if thread is not None or dedupe_key or interrupt or wait_s is not None:
+            usage_error(ctx, "--from-file takes no THREAD AGENT INPUT, --dedupe-key, "
+                             "--interrupt or --wait (put dedupe_key in the lines)")
+        defaults = {"priority": priority, "delay_ms": delay_ms,
+                    **({"max_attempts": max_attempts} if max_attempts is not None else {})}
+        submit_file(ctx, mailbox_for(ctx), from_file, defaults, chunk_size)
+        return
+    if thread is None or agent is None or input_text is None:
+        usage_error(ctx, "give THREAD AGENT INPUT, or --from-file ITEMS.jsonl")
     box = mailbox_for(ctx)
     value, parsed = _parse_value(input_text)
     try:

@@ -14,6 +14,8 @@ from mailbox.store.dispatches import FencedWrite, MailboxStore, ReclaimPage, new
 from mailbox.store.inspection import Inspection
 from mailbox.store.runs import (
     MAX_INPUT_BYTES,
+    BulkEntry,
+    BulkEntryError,
     Message,
     Resolution,
     RunStore,
@@ -21,5 +23,6 @@ from mailbox.store.runs import (
     encode_input,
 )
 
-__all__ = ["MAX_INPUT_BYTES", "FencedWrite", "Inspection", "MailboxStore", "Message",
-           "ReclaimPage", "Resolution", "RunStore", "Submission", "encode_input", "new_token"]
+__all__ = ["MAX_INPUT_BYTES", "BulkEntry", "BulkEntryError", "FencedWrite", "Inspection",
+           "MailboxStore", "Message", "ReclaimPage", "Resolution", "RunStore", "Submission",
+           "encode_input", "new_token"]

@@ -170,6 +170,36 @@ class MailboxStore:
             epoch = conn.execute(q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one()
         return None if epoch is None else int(epoch)
 
+    def lock_threads(self, conn: sa.Connection, thread_ids: Iterable[str]) -> dict[str, int]:
+        """Lock several threads' epoch rows (created at epoch 0 where missing), in thread-id
+        order, so that two transactions locking several threads never wait on each other in
+        a cycle; return their epochs. For bulk submission: per-thread invariants hold as
+        with one thread, the transaction just holds more than one thread's lock."""
+        ids = sorted(set(thread_ids))
+        if not ids:
+            return {}
+        conn.execute(self._insert_epoch_if_missing,
+                     [{"thread_id": t, "current_epoch": 0} for t in ids])
+        return {str(t): int(e) for t, e in conn.execute(q.SELECT_EPOCHS_FOR_UPDATE,
+                                                         {"thread_ids": ids})}
+
+    def live_dedupe_keys(self, conn: sa.Connection, pairs: Iterable[tuple[str, str]]
+                         ) -> set[tuple[str, str]]:
+        """Which of these (thread, dedupe key) pairs a live dispatch holds."""
+        wanted = set(pairs)
+        if not wanted:
+            return set()
+        rows = conn.execute(q.SELECT_LIVE_DEDUPE_KEYS, {
+            "thread_ids": sorted({t for t, _ in wanted}),
+            "dedupe_keys": sorted({k for _, k in wanted})})
+        return {(str(t), str(k)) for t, k in rows} & wanted
+
+    def insert_dispatches(self, conn: sa.Connection, stored: Sequence[RunDispatch]) -> None:
+        """T1 for many dispatches already stamped with their threads' epochs (`enqueued`),
+        in one statement, inside the caller's transaction holding their threads' locks."""
+        if stored:
+            conn.execute(q.INSERT_DISPATCH, [q.dispatch_row(d) for d in stored])
+
     def lock_dispatch(self, conn: sa.Connection, dispatch_id: str,
                       thread_id: str | None = None) -> tuple[RunDispatch, int] | None:
         """Lock the dispatch's thread, then load the dispatch; None if it does not exist.

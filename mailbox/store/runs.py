@@ -23,6 +23,7 @@ from mailbox import metrics
 from mailbox.errors import (
     AlreadyExistsError,
     AlreadyStartedError,
+    MailboxError,
     NotFoundError,
     ValidationError,
 )
@@ -85,6 +86,29 @@ def encode_input(value: Any) -> Any:
             f"input is {len(text.encode())} bytes of JSON; the limit is {MAX_INPUT_BYTES}"
         )
     return value
+
+
+@dataclass(frozen=True)
+class BulkEntry:
+    """One item of a bulk submission, built and validated by the caller (the facade)."""
+
+    run: RunRecord
+    dispatch: RunDispatch
+    resolution: Resolution
+    message_id: str
+    content: Any
+
+
+class BulkEntryError(MailboxError):
+    """Entry `index` of a bulk chunk was refused (a live dedupe key, a duplicate id): the
+    whole chunk was rolled back."""
+
+    prefix = "bulk entry refused"
+
+    def __init__(self, index: int, error: MailboxError) -> None:
+        super().__init__(f"entry {index}: {error}")
+        self.index = index
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -157,6 +181,102 @@ class RunStore:
         if not submission.resumed:
             self._resolutions.setdefault(resolution.resolution_id, resolution)  # committed
         return submission
+
+    @operation("submit_many")
+    def submit_many(self, entries: Sequence[BulkEntry], now: int) -> list[Submission]:
+        """Many inputs in ONE transaction, all or nothing: each a new run or, like
+        `submit_input`, the resume of its thread's waiting run. The threads are locked
+        together in thread-id order; inputs on one thread keep their order (their dispatch
+        ids and log seqs follow the entries). Rows go in one statement per table. A live
+        dedupe key or a duplicate id refuses the chunk with BulkEntryError naming the entry."""
+        for entry in entries:
+            self._check_submission(entry.run, entry.dispatch, entry.content)
+        self._refuse_repeated_keys(entries)
+        threads = sorted({e.dispatch.thread_id for e in entries})
+        try:
+            with self.store.write() as conn:
+                epochs = self.store.lock_threads(conn, threads)
+                self._refuse_live_keys(conn, entries)
+                submissions = self._write_many(conn, entries, epochs, threads, now)
+        except sa_exc.IntegrityError:
+            raise self._bulk_conflict(entries) from None
+        for entry in entries:
+            self._resolutions.setdefault(entry.resolution.resolution_id, entry.resolution)
+        return submissions
+
+    def _write_many(self, conn: sa.Connection, entries: Sequence[BulkEntry],
+                    epochs: dict[str, int], threads: list[str], now: int
+                    ) -> list[Submission]:
+        waiting: dict[str, RunRecord] = {}
+        for row in conn.execute(q.SELECT_WAITING_OF_THREADS, {"thread_ids": threads}):
+            waiting.setdefault(str(row.thread_id), q.run_from_row(row))
+        last = {str(t): int(n) for t, n in conn.execute(q.SELECT_LAST_SEQS,
+                                                         {"thread_ids": threads})}
+        dispatches, new_runs, message_rows, submissions = [], [], [], []
+        for entry in entries:
+            thread = entry.dispatch.thread_id
+            seq = last.get(thread, 0) + 1
+            last[thread] = seq
+            resumed = waiting.get(thread)
+            if resumed is None:
+                run, dispatch, role, turn = entry.run, entry.dispatch, "user", seq
+                new_runs.append(q.run_row(run))
+                self._ensure_resolution(conn, entry.resolution, now)
+            else:
+                if resumed.resolution_id is None:
+                    raise ValidationError(f"run {resumed.run_id} has no pinned agent")
+                dispatch = replace(entry.dispatch, run_id=resumed.run_id)
+                run = replace(resumed, dispatch_id=dispatch.dispatch_id, updated_at=now)
+                if conn.execute(q.UPDATE_RUN, {**q.run_row(run), "guard_run_id": run.run_id}
+                                ).rowcount != 1:
+                    raise NotFoundError(f"run {run.run_id}")
+                waiting[thread] = run
+                role = "decision"
+                turn = int(conn.execute(q.SELECT_RUN_TURN, {"run_id": run.run_id}
+                                        ).scalar_one_or_none() or seq)
+            stored = dispatch.enqueued(epochs[thread])
+            dispatches.append(stored)
+            message_rows.append({"thread_id": thread, "seq": seq, "message_id": entry.message_id,
+                                 "run_id": run.run_id, "role": role, "content": entry.content,
+                                 "created_at": now, "turn": turn})
+            submissions.append(Submission(stored, run, resumed=resumed is not None))
+        if new_runs:
+            conn.execute(q.INSERT_RUN, new_runs)
+        self.store.insert_dispatches(conn, dispatches)
+        conn.execute(q.INSERT_MESSAGE, message_rows)
+        return submissions
+
+    @staticmethod
+    def _refuse_repeated_keys(entries: Sequence[BulkEntry]) -> None:
+        seen: dict[tuple[str, str], int] = {}
+        for index, entry in enumerate(entries):
+            key = entry.dispatch.dedupe_key
+            if key is None:
+                continue
+            pair = (entry.dispatch.thread_id, key)
+            if pair in seen:
+                raise BulkEntryError(index, AlreadyExistsError(
+                    f"dedupe_key={key} (entry {seen[pair]} of this chunk holds it)"))
+            seen[pair] = index
+
+    def _refuse_live_keys(self, conn: sa.Connection, entries: Sequence[BulkEntry]) -> None:
+        pairs = [(e.dispatch.thread_id, e.dispatch.dedupe_key) for e in entries
+                 if e.dispatch.dedupe_key is not None]
+        held = self.store.live_dedupe_keys(conn, [(t, k) for t, k in pairs if k is not None])
+        for index, entry in enumerate(entries):
+            if (entry.dispatch.thread_id, entry.dispatch.dedupe_key) in held:
+                raise BulkEntryError(index, AlreadyExistsError(
+                    f"dedupe_key={entry.dispatch.dedupe_key}"))
+
+    def _bulk_conflict(self, entries: Sequence[BulkEntry]) -> BulkEntryError:
+        """After a unique key refused the chunk: which entry (an id that exists already)."""
+        for index, entry in enumerate(entries):
+            error = self.store.duplicate_error(entry.dispatch)
+            if error is not None:
+                return BulkEntryError(index, error)
+            if self.load_run(entry.run.run_id) is not None:
+                return BulkEntryError(index, AlreadyExistsError(f"run {entry.run.run_id}"))
+        return BulkEntryError(0, AlreadyExistsError("a unique key of the chunk"))
 
     @staticmethod
     def _check_submission(run: RunRecord, dispatch: RunDispatch, content: Any) -> None:

@@ -95,6 +95,14 @@ UPDATE_EPOCH = (thread_epochs.update().where(_E.thread_id == sa.bindparam("guard
                 .values(current_epoch=sa.bindparam("current_epoch")))
 
 
+# Several threads locked in one transaction (bulk submission): in thread-id order, so two
+# such transactions can never wait on each other in a cycle.
+SELECT_EPOCHS_FOR_UPDATE = (sa.select(_E.thread_id, _E.current_epoch)
+                            .where(_E.thread_id.in_(sa.bindparam("thread_ids", expanding=True)))
+                            .order_by(_E.thread_id)
+                            .with_for_update())
+
+
 def insert_epoch_if_missing(postgres: bool) -> sa.Executable:
     return insert_ignoring_conflict(thread_epochs, postgres)
 
@@ -104,6 +112,10 @@ SELECT_THREAD_OF = sa.select(_D.thread_id).where(_D.dispatch_id == sa.bindparam(
 SELECT_DISPATCH = sa.select(dispatches).where(_D.dispatch_id == sa.bindparam("dispatch_id"))
 SELECT_DISPATCH_ID = sa.select(_D.dispatch_id).where(
     _D.dispatch_id == sa.bindparam("dispatch_id"))
+SELECT_LIVE_DEDUPE_KEYS = sa.select(_D.thread_id, _D.dedupe_key).where(
+    _D.thread_id.in_(sa.bindparam("thread_ids", expanding=True)),
+    _D.dedupe_key.in_(sa.bindparam("dedupe_keys", expanding=True)),
+    _D.status.in_(LIVE_VALUES))
 SELECT_LIVE_DEDUPE = sa.select(_D.dispatch_id).where(
     _D.thread_id == sa.bindparam("thread_id"), _D.dedupe_key == sa.bindparam("dedupe_key"),
     _D.status.in_(LIVE_VALUES))
@@ -235,6 +247,11 @@ SELECT_LATEST_WAITING = (sa.select(runs)
                          .where(_R.thread_id == sa.bindparam("thread_id"),
                                 _R.status == RunStatus.waiting.value)
                          .order_by(_R.updated_at.desc()).limit(1))
+SELECT_WAITING_OF_THREADS = (sa.select(runs)
+                             .where(_R.thread_id.in_(sa.bindparam("thread_ids",
+                                                                  expanding=True)),
+                                    _R.status == RunStatus.waiting.value)
+                             .order_by(_R.thread_id, _R.updated_at.desc()))
 SELECT_RUN_WITH_INPUT = sa.select(
     runs, sa.exists().where(_M.run_id == _R.run_id, _M.role == "user").label(HAS_INPUT)
 ).where(_R.run_id == sa.bindparam("run_id"))
@@ -244,6 +261,9 @@ RUNS_BY_STATUS = (sa.select(_R.status, sa.func.count())
 ALL_RUNS_BY_STATUS = sa.select(_R.status, sa.func.count()).group_by(_R.status)
 
 # ================================================================================= messages
+SELECT_LAST_SEQS = (sa.select(_M.thread_id, sa.func.max(_M.seq))
+                    .where(_M.thread_id.in_(sa.bindparam("thread_ids", expanding=True)))
+                    .group_by(_M.thread_id))
 SELECT_LAST_SEQ = sa.select(sa.func.coalesce(sa.func.max(_M.seq), 0)).where(
     _M.thread_id == sa.bindparam("thread_id"))
 INSERT_MESSAGE = messages.insert()
