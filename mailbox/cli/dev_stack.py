@@ -16,13 +16,15 @@ from mailbox.cli.group import main
 
 @main.command(help="Run the development stack in the foreground: an embedded Redis (unless "
                    "MAILBOX_REDIS_URL is set), the database under var/ (or MAILBOX_DATABASE_URL), "
-                   "a worker, beat and Flower. Ctrl-C stops everything it started.")
+                   "a worker, beat, Flower and the HTTP API with its dashboard (its token is "
+                   "printed, and kept in var/api.token). Ctrl-C stops everything it started.")
 @click.option("-c", "--concurrency", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
-def up(concurrency: int, no_flower: bool) -> None:
+@click.option("--no-api", is_flag=True, help="Do not start the HTTP API and dashboard.")
+def up(concurrency: int, no_flower: bool, no_api: bool) -> None:
     from mailbox.dev.stack import DevStack
 
-    stack = DevStack(concurrency=concurrency, flower=not no_flower)
+    stack = DevStack(concurrency=concurrency, flower=not no_flower, api=not no_api)
     try:
         stack.start(say=click.echo)
         for name, url in stack.urls().items():

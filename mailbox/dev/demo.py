@@ -161,9 +161,16 @@ def _summary(box: Any, ids: dict[str, str], ask_run_id: str, interrupted_id: str
 def _next_steps(stack: DevStack) -> None:
     urls = stack.urls()
     console.print("\n[bold]Where to look next")
+    console.print(f"  Dashboard:                  {urls['dashboard']}   (log in with the "
+                  f"API token)")
+    console.print(f"  HTTP API:                   {urls['api']}   (OpenAPI: {urls['api_docs']})")
+    token = stack.api_token if stack.api_token_generated else "<one of MAILBOX_API_TOKENS>"
+    console.print(f"  API token:                  {token}")
     console.print(f"  Flower (every phase task):  {urls['flower']}")
     console.print(f"  Prometheus metrics:         {urls['metrics']}")
     console.print("  CLI:  python -m mailbox stats | list chat-1 | dlq list | audit")
+    console.print(f"  curl -H 'Authorization: Bearer {token}' {urls['api']}/stats",
+                  soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,27 @@
-"""The development stack: embedded Redis, SQLite, a worker, beat and Flower as child processes.
+"""The development stack: embedded Redis, SQLite, a worker, beat, Flower and the HTTP API with
+its dashboard as child processes.
 
 `python -m mailbox up` runs it in the foreground and `make demo` runs a workload through it.
 Everything lives under `var/` of the project; the Redis URL is written to `var/redis.url` so
 every other process of the project (the CLI, `dispatch.delay()` callers) finds it without
 configuration. Ctrl-C (or SIGTERM) stops every process the stack started, and a second start
 works because nothing is left behind but files.
+
+The API needs a token (mailbox/http/auth.py): the stack uses MAILBOX_API_TOKENS when set, else
+generates one, prints it and keeps it in `var/api.token` (readable by its owner only) for
+curl and the dashboard's login.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +35,18 @@ VAR = PROJECT_ROOT / "var"
 LOGS = VAR / "log"
 FLOWER_PORT = int(os.environ.get("MAILBOX_FLOWER_PORT", "5555"))
 METRICS_PORT = int(os.environ.get("MAILBOX_METRICS_PORT", "9808"))
+API_PORT = int(os.environ.get("MAILBOX_API_PORT", "8000"))
+API_TOKEN_FILE = VAR / "api.token"
 
 
 @dataclass
 class DevStack:
     concurrency: int = 2
     flower: bool = True
+    api: bool = True
+    api_token: str | None = None
+    """The token the API accepts: the first of MAILBOX_API_TOKENS, else generated."""
+    api_token_generated: bool = False
     redis: EmbeddedRedis | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
@@ -66,9 +79,51 @@ class DevStack:
             self._spawn("flower", [celery, "-A", "tasks", "flower", f"--port={FLOWER_PORT}",
                                    "--address=127.0.0.1", f"--logfile={LOGS / 'flower.log'}"],
                         FLOWER_UNAUTHENTICATED_API="true")
+        if self.api:
+            self._spawn("api", [sys.executable, "-m", "mailbox", "serve", "--host",
+                                "127.0.0.1", "--port", str(API_PORT)], **self._api_env(settings))
         self._wait_for_worker()
         say(f"worker (-c {self.concurrency})       ready   logs: {LOGS}")
+        if self.api:
+            self._wait_for_api()
+            token = self.api_token if self.api_token_generated else "one of MAILBOX_API_TOKENS"
+            say(f"API + dashboard     ready   token: {token}")
         return self
+
+    def _api_env(self, settings: Settings) -> dict[str, str]:
+        """The API's token (generated unless MAILBOX_API_TOKENS has some) and Flower's URL."""
+        tokens = list(settings.api_tokens)
+        if not tokens:
+            tokens = [secrets.token_urlsafe(24)]
+            self.api_token_generated = True
+            API_TOKEN_FILE.unlink(missing_ok=True)
+            fd = os.open(API_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(tokens[0] + "\n")
+        self.api_token = tokens[0]
+        env = {"MAILBOX_API_TOKENS": ",".join(tokens)}
+        if self.flower:
+            env["MAILBOX_API_FLOWER_URL"] = f"http://127.0.0.1:{FLOWER_PORT}"
+        return env
+
+    def _wait_for_api(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            api = self.processes["api"]
+            if api.poll() is not None:
+                self.stop()
+                raise MailboxError(f"the API server exited ({api.returncode}); see "
+                                   f"{LOGS / 'api.out'}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{API_PORT}/healthz",
+                                            timeout=1):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answers (503 names what it cannot reach yet)
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise MailboxError(f"the API server did not answer within {timeout_s:.0f}s; see {LOGS}")
 
     def _run_checked(self, args: list[str], name: str) -> None:
         done = subprocess.run(args, cwd=PROJECT_ROOT, env=self.env, capture_output=True,
@@ -129,10 +184,17 @@ class DevStack:
             self.redis.stop()
             DEV_REDIS_URL_FILE.unlink(missing_ok=True)
             self.redis = None
+        if self.api_token_generated:
+            API_TOKEN_FILE.unlink(missing_ok=True)
 
     def urls(self) -> dict[str, str]:
-        return {"flower": f"http://127.0.0.1:{FLOWER_PORT}",
+        urls = {"flower": f"http://127.0.0.1:{FLOWER_PORT}",
                 "metrics": f"http://127.0.0.1:{METRICS_PORT}/metrics"}
+        if self.api:
+            urls.update(api=f"http://127.0.0.1:{API_PORT}/v1",
+                        api_docs=f"http://127.0.0.1:{API_PORT}/docs",
+                        dashboard=f"http://127.0.0.1:{API_PORT}/ui")
+        return urls
 
     def wait_forever(self) -> None:
         """Block until Ctrl-C / SIGTERM or until a process of the stack dies."""

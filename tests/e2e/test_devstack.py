@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
                 "MAILBOX_NAMESPACE": f"demo{os.getpid()}",
                 "MAILBOX_METRICS_PORT": str(free_port()),
                 "MAILBOX_FLOWER_PORT": str(free_port()),
+                "MAILBOX_API_PORT": str(free_port()),
                 "DEMO_EXIT": "1", "PYTHONPATH": str(ROOT)})
     return env
 
@@ -52,7 +56,8 @@ def test_demo_runs_the_workload_and_prints_the_summary(tmp_path: Path) -> None:
     assert done.returncode == 0, output
     for expected in ("embedded Redis", "settling dispatches", "DeadLetter", "Superseded",
                      "human in the loop", "'approved by alice'", "p50", "Flower",
-                     "/metrics", "stack stopped"):
+                     "/metrics", "Dashboard:", "/ui", "API token:", "Authorization: Bearer",
+                     "stack stopped"):
         assert expected in output, f"{expected!r} missing from:\n{output}"
 
 
@@ -70,8 +75,18 @@ def test_up_starts_the_stack_and_ctrl_c_stops_every_process(tmp_path: Path) -> N
         if "running; press Ctrl-C" in line or proc.poll() is not None:
             break
     assert any("running; press Ctrl-C" in line for line in lines), "".join(lines)
+    # The API and its dashboard are up, behind the token the stack printed.
+    token = next(line.split("token:")[1].strip() for line in lines if "token:" in line)
+    dashboard = next(line.split()[-1] for line in lines if line.startswith("dashboard"))
+    api = dashboard.removesuffix("/ui") + "/v1/stats"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(api, timeout=10)
+    assert refused.value.code == 401
+    request = urllib.request.Request(api, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert "counts" in json.loads(answer.read())
     children = _children_of(proc.pid)
-    assert len(children) >= 2  # worker and beat (each in its own session)
+    assert len(children) >= 3  # worker, beat and the API (each in its own session)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     # `up` returns once it has stopped them; the kernel may take a moment to reap them.

@@ -1,7 +1,7 @@
-"""Operating the stack: docker-compose.yml's services run for real (without Docker), with
-their passwords, health checks and Flower's basic auth; a dispatch through them never shows
-its claim token or payload to Flower; Flower sees every phase by its ids; a worker's
-Prometheus endpoint answers a scrape."""
+"""Operating the stack: docker-compose.yml's services run for real (without Docker), with their
+passwords, health checks, Flower's basic auth and the API's bearer tokens; a dispatch
+through them never shows its claim token or payload to Flower; Flower sees every phase by
+its ids; a worker's Prometheus endpoint answers a scrape."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from tests.support.services import require
 from tests.support.workers import CELERY, ROOT, Stack
 
 SECRETS = {"REDIS_PASSWORD": uuid.uuid4().hex, "POSTGRES_PASSWORD": uuid.uuid4().hex,
-           "FLOWER_PASSWORD": uuid.uuid4().hex}
+           "FLOWER_PASSWORD": uuid.uuid4().hex, "MAILBOX_API_TOKENS": uuid.uuid4().hex}
 FLOWER_AUTH = ("admin", SECRETS["FLOWER_PASSWORD"])
 PHASES = ("mailbox.verify", "mailbox.reconstruct", "mailbox.resolve", "mailbox.execute",
           "mailbox.settle")
@@ -60,9 +60,9 @@ def local_compose(compose_database: str, tmp_path_factory: pytest.TempPathFactor
         migrate = local.run("migrate")
         assert migrate.returncode == 0, migrate.stderr
         assert "revision" in migrate.stdout
-        for name in ("worker", "beat", "flower"):
+        for name in ("worker", "beat", "flower", "api"):
             local.spawn(name)
-        for name in ("worker", "beat", "flower"):
+        for name in ("worker", "beat", "flower", "api"):
             local.wait_healthy(name)
         yield local
     finally:
@@ -92,6 +92,14 @@ def test_compose_services_refuse_callers_without_the_secrets(
         info = redis.Redis(port=local_compose.ports[name], password=SECRETS["REDIS_PASSWORD"]
                            ).config_get("maxmemory*")
         assert info["maxmemory-policy"] == "noeviction" and int(info["maxmemory"]) > 0
+    api = f"http://127.0.0.1:{local_compose.ports['api']}/v1/stats"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(api, headers=headers), timeout=5)
+        assert refused.value.code == 401
+    bearer = {"Authorization": f"Bearer {SECRETS['MAILBOX_API_TOKENS']}"}
+    with urllib.request.urlopen(urllib.request.Request(api, headers=bearer), timeout=5) as ok:
+        assert "counts" in json.loads(ok.read())
     broker_down = local_compose.healthcheck(
         "beat", CELERY_BROKER_URL=f"redis://:wrong@127.0.0.1:"
                                   f"{local_compose.ports['redis-broker']}/0")

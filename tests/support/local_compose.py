@@ -3,10 +3,10 @@
 Each service runs its own command with its own environment, as Compose interpolates them
 (tests/support/compose.py) from test secrets; only what a container provides is swapped: the
 compose hostnames and ports become local ports, `python`/`celery`/`redis-server` come from
-this machine, `/app/var` becomes a test directory, and Flower listens on loopback rather than
-on every interface of a shared machine. PostgreSQL is the one service not run from the file
-(the machine's server trusts local connections, so its password would prove nothing): the
-services use the test's database instead.
+this machine, `/app/var` becomes a test directory, and Flower and the API listen on loopback
+rather than on every interface of a shared machine. PostgreSQL is the one service not run
+from the file (the machine's server trusts local connections, so its password would prove
+nothing): the services use the test's database instead.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from tests.support import compose
 from tests.support.workers import CELERY, ROOT, Stack
 
 REDIS_SERVICES = ("redis", "redis-broker")
-CONTAINER_PORTS = {"redis": 6379, "redis-broker": 6379, "worker": 9808, "flower": 5555}
+CONTAINER_PORTS = {"redis": 6379, "redis-broker": 6379, "worker": 9808, "flower": 5555,
+                   "api": 8000}
 
 
 @dataclass
@@ -69,6 +70,9 @@ class LocalCompose:
             env["MAILBOX_DATABASE_URL"] = self.database_url
         if "MAILBOX_METRICS_PORT" in env:
             env["MAILBOX_METRICS_PORT"] = str(self.ports["worker"])
+        if "MAILBOX_API_PORT" in env:  # loopback here, as for Flower, on a free port
+            env["MAILBOX_API_PORT"] = str(self.ports["api"])
+            env["MAILBOX_API_HOST"] = "127.0.0.1"
         env.update(extra)
         return env
 

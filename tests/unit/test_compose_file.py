@@ -1,8 +1,9 @@
 """docker-compose.yml is safe to expose as written (issue 12): no service starts without its
-secrets, nothing has a default password, only Flower is published and on loopback, both Redis
-servers require a password and refuse to evict, and every service is pinned, restarted,
-health-checked and memory-limited. CI has no Docker engine, so the file is read the way
-Compose reads it (tests/support/compose.py); tests/e2e/test_operations.py runs its commands."""
+secrets, nothing has a default password, only Flower and the API are published and on
+loopback, the API needs its tokens (issue 14), both Redis servers require a password and
+refuse to evict, and every service is pinned, restarted, health-checked and memory-limited.
+CI has no Docker engine, so the file is read the way Compose reads it
+(tests/support/compose.py); tests/e2e/test_operations.py runs its commands."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from tests.support import compose
 from tests.support.workers import ROOT
 
 SECRETS = {"REDIS_PASSWORD": "redis-secret-1", "POSTGRES_PASSWORD": "pg-secret-2",
-           "FLOWER_PASSWORD": "flower-secret-3"}
+           "FLOWER_PASSWORD": "flower-secret-3",
+           "MAILBOX_API_TOKENS": "api-token-4-0123456789abcdef,api-token-5-0123456789abcdef"}
 REDIS_SERVICES = ("redis", "redis-broker")
 ONE_SHOT = {"migrate"}
 # name:major.minor[.patch][-variant]: never `latest`, never a major-only tag.
@@ -51,7 +53,8 @@ def _memory_limit(service: dict[str, Any]) -> str | None:
 
 
 def test_every_password_is_required_and_has_no_default() -> None:
-    passwords = [ref for ref in compose.references(compose.raw()) if "PASSWORD" in ref]
+    passwords = [ref for ref in compose.references(compose.raw())
+                 if "PASSWORD" in ref or "TOKENS" in ref]
     assert passwords, "no password variables at all"
     for ref in passwords:
         name, _, message = ref.partition(":?")
@@ -75,19 +78,37 @@ def test_credentials_come_only_from_the_environment(services: dict[str, Any]) ->
             if "://" not in str(value):
                 continue
             url = urlsplit(str(value))
+            if url.scheme in ("http", "https"):  # a link for a browser: no credentials in it
+                assert url.password is None, f"{name}.{key} = {value}"
+                continue
             expected = (SECRETS["POSTGRES_PASSWORD"] if url.scheme.startswith("postgres")
                         else SECRETS["REDIS_PASSWORD"])
             assert url.password == expected, f"{name}.{key} = {value}"
 
 
-def test_only_flower_is_published_and_on_loopback_unless_overridden(
+def test_only_flower_and_the_api_are_published_and_on_loopback_unless_overridden(
         services: dict[str, Any]) -> None:
     published = {name for name, service in services.items() if service.get("ports")}
-    assert published == {"flower"}
+    assert published == {"flower", "api"}
     assert services["flower"]["ports"] == ["127.0.0.1:5555:5555"]
-    widened = compose.load({**SECRETS, "FLOWER_BIND_ADDR": "10.0.0.5",
-                            "FLOWER_HOST_PORT": "8555"})["services"]["flower"]
-    assert widened["ports"] == ["10.0.0.5:8555:5555"]
+    assert services["api"]["ports"] == ["127.0.0.1:8000:8000"]
+    widened = compose.load({**SECRETS, "FLOWER_BIND_ADDR": "10.0.0.5", "FLOWER_HOST_PORT": "8555",
+                            "API_BIND_ADDR": "10.0.0.6", "API_HOST_PORT": "8080"})["services"]
+    assert widened["flower"]["ports"] == ["10.0.0.5:8555:5555"]
+    assert widened["api"]["ports"] == ["10.0.0.6:8080:8000"]
+
+
+def test_the_api_serves_with_its_tokens_and_is_checked_on_healthz(
+        services: dict[str, Any]) -> None:
+    api = services["api"]
+    assert _command(api) == ["python", "-m", "mailbox", "serve"]
+    env = api["environment"]
+    assert env["MAILBOX_API_TOKENS"] == SECRETS["MAILBOX_API_TOKENS"]
+    assert "MAILBOX_API_INSECURE_NO_AUTH" not in env
+    assert (env["MAILBOX_API_HOST"], env["MAILBOX_API_PORT"]) == ("0.0.0.0", "8000")
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    assert "MAILBOX_API_TOKENS" not in services["worker"]["environment"], \
+        "only the API holds the tokens"
 
 
 def test_redis_requires_a_password_and_never_evicts(services: dict[str, Any]) -> None:
@@ -104,7 +125,7 @@ def test_redis_requires_a_password_and_never_evicts(services: dict[str, Any]) ->
 
 
 def test_the_broker_has_its_own_redis(services: dict[str, Any]) -> None:
-    for name in ("migrate", "worker", "beat"):
+    for name in ("migrate", "worker", "beat", "api"):
         env = services[name]["environment"]
         assert urlsplit(env["MAILBOX_REDIS_URL"]).hostname == "redis"
         assert urlsplit(env["CELERY_BROKER_URL"]).hostname == "redis-broker"
@@ -146,6 +167,9 @@ def test_services_start_in_order(services: dict[str, Any]) -> None:
     assert waits_for("beat") == {"migrate": "service_completed_successfully",
                                  "redis-broker": "service_healthy"}
     assert waits_for("flower") == {"redis-broker": "service_healthy"}
+    assert waits_for("api") == {"migrate": "service_completed_successfully",
+                                "redis": "service_healthy",
+                                "redis-broker": "service_healthy"}
 
 
 def test_metrics_listen_beyond_loopback_only_where_prometheus_scrapes(
