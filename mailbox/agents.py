@@ -1,10 +1,14 @@
 """Agents: named, versioned handlers, and the context a run gives them (docs/behaviour.md#execute).
 
-`@agent("name", version="1")` registers `handler(ctx) -> str | AgentResult`. At submit a run
-is pinned to the agent's current (name, version); the resolve phase loads exactly that pair,
-so deploying a new version never changes what an already-queued run meant. An agent raises
-`TransientError` to be retried with backoff or `PermanentError` to be dead-lettered; anything
-else it raises counts as transient.
+`@agent("name", version="1")` registers `handler(ctx)`, a plain function or an `async def`
+one (run on the process's agent loop, mailbox/agent_loop.py). It returns the run's answer: a
+string as it is, any other JSON value (object, list, number, bool) stored as its JSON text,
+None for no answer, or `AgentResult` for a termination of its own and turns before the
+answer (docs/behaviour.md#outcomes); `ctx.suspend(...)` waits for a human instead. At submit
+a run is pinned to the agent's current (name, version); the resolve phase loads exactly that
+pair, so deploying a new version never changes what an already-queued run meant. An agent
+raises `TransientError` to be retried with backoff or `PermanentError` to be dead-lettered;
+anything else it raises counts as transient.
 """
 
 from __future__ import annotations

@@ -25,7 +25,10 @@ violations
                           epoch went backwards
   redis_epoch_ahead       a Redis epoch cache above the SQL epoch: SQL went backwards (restored
                           from a backup?), and verify would fence current work as stale
-  missing_epoch           a dispatch whose thread has no epoch row (epochs are never dropped)
+  missing_epoch           a dispatch whose thread has no epoch row. Garbage collection drops
+                          an epoch row only for a thread with no dispatch and no run left,
+                          under the thread's lock, so a dispatch beside no epoch row means a
+                          row lost some other way (docs/behaviour.md#gc)
   orphan_run              a created/running run with no dispatch at all: nothing will ever run
                           it. Waiting and done runs are exempt: garbage collection
                           (T18) purges their old terminal dispatches and keeps the runs.
@@ -180,8 +183,9 @@ SQL_CHECKS: dict[str, tuple[Severity, str]] = {
                                   "interrupt that raised the epoch should have superseded them"),
     "epoch_regressed": ("violation", "dispatches stamped with an epoch above their thread's "
                                      "current epoch: the thread's epoch went backwards"),
-    "missing_epoch": ("violation", "dispatches whose thread has no epoch row (epochs are never "
-                                   "dropped)"),
+    "missing_epoch": ("violation", "dispatches whose thread has no epoch row (garbage "
+                                   "collection drops only the epoch row of a thread with no "
+                                   "dispatch and no run)"),
     "unreconciled_run": ("warning", "Cancelled/Superseded/DeadLetter dispatches whose run is "
                                     "not done yet (the sweep reconciles them)"),
     "orphan_run": ("violation", "created/running runs without any dispatch: nothing will ever "

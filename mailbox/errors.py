@@ -69,8 +69,15 @@ class AlreadyStartedError(MailboxError):
 
 
 class StoreUnavailableError(MailboxError):
-    """The database or Redis could not be reached; the operation had no effect (its
-    transaction was rolled back) and may be retried."""
+    """The database or Redis could not be reached, so the operation's outcome is unknown.
+
+    Usually nothing happened (the transaction rolled back before it could commit), but not
+    always: a connection lost while COMMIT was under way, or after the server committed and
+    before its answer arrived, surfaces as this error too, with the write in place. Retrying
+    is safe because every write is fenced (claim token, epoch, status) and refused or a no-op
+    when it already landed; a caller that must know re-reads instead of assuming — settle's
+    ack recovery tells "our ack landed" from "nobody acked" that way
+    (docs/behaviour.md#ack-recovery)."""
 
     prefix = "store unavailable"
 
