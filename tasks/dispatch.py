@@ -19,12 +19,19 @@ from celery.result import AsyncResult
 from mailbox.errors import MailboxError, ValidationError
 from mailbox.facade import BulkSubmitError, Receipt, wakes_for
 from mailbox.maintenance import consume_sweep_wake, is_sweep_wake_id
-from mailbox.model import check_text
+from mailbox.model import check_text, show_value
 from tasks.app import app
-from tasks.publishing import publish_wake, publish_wakes, start_next
+from tasks.publishing import (
+    WAKE_GROUP,
+    WAKE_MANY_TASK,
+    publish_wake,
+    publish_wakes,
+    start_next,
+)
 from tasks.runtime import mailbox, runtime
 
 log = logging.getLogger(__name__)
+MAX_WAKE_GROUP = 4 * WAKE_GROUP  # what a dispatch_many message may carry (hostile input)
 
 
 class WakeNotPublishedError(MailboxError):
@@ -73,7 +80,8 @@ class DispatchTask(Task):
                    ) -> list[AsyncResult]:
         """Submit many dispatches (`Mailbox.submit_many`: each item a mapping of `delay`'s
         arguments by name, all validated before any write, each chunk one transaction) and
-        publish one wake-up per thread over one broker connection, not one per item. One
+        wake each thread once, not once per item, threads grouped into a few messages over
+        one broker connection (`tasks.publishing.publish_wakes`). One
         AsyncResult per item, in order. A refused item raises BulkSubmitError after the
         chunks written before it were woken; a broker failure WakesNotPublishedError."""
         box = mailbox()
@@ -87,7 +95,7 @@ class DispatchTask(Task):
     def _wake_all(self, queue: str, items: Sequence[Mapping[str, Any]],
                   receipts: list[Receipt]) -> list[AsyncResult]:
         results = [self.AsyncResult(r.dispatch_id) for r in receipts]
-        wakes = [(w.thread_id, w.delay_ms, w.dispatch_id) for w in wakes_for(items, receipts)]
+        wakes = [(w.thread_id, w.delay_ms) for w in wakes_for(items, receipts)]
         sent: list[str] = []
         try:
             publish_wakes(queue, wakes, sent)
@@ -112,3 +120,30 @@ def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None)
     if is_sweep_wake_id(self.request.id):
         consume_sweep_wake(mailbox().store.coordinator, thread_id, self.request.id)
     return start_next(runtime(), thread_id)
+
+
+@app.task(bind=True, name=WAKE_MANY_TASK)
+def dispatch_many(self: Task, thread_ids: list[str]) -> int:
+    """A bulk submission's wake-up for a group of threads: claim each one's next dispatch
+    and chain its phases, as `mailbox.dispatch` does for one. How many chains started.
+
+    One thread's failure (a store outage) is logged and the rest still go: a thread not
+    started is woken again by whoever holds it when it settles, or by the sweep."""
+    if not isinstance(thread_ids, list) or not 1 <= len(thread_ids) <= MAX_WAKE_GROUP:
+        log.error("mailbox.dispatch_many refused a malformed message: thread_ids must be a "
+                  "list of 1..%d thread ids, got %s", MAX_WAKE_GROUP, show_value(thread_ids))
+        return 0
+    rt = runtime()
+    started = 0
+    for thread_id in thread_ids:
+        try:
+            check_text("thread_id", thread_id)
+        except ValidationError as exc:
+            log.error("mailbox.dispatch_many skipped a malformed thread id: %s", exc.message)
+            continue
+        try:
+            started += start_next(rt, thread_id) is not None
+        except MailboxError as exc:
+            log.warning("mailbox.dispatch_many could not start thread %s (%s); its holder "
+                        "or the sweep wakes it again", thread_id, exc)
+    return started

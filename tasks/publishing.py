@@ -24,6 +24,11 @@ from tasks.app import app
 from tasks.priorities import MAX_COUNTDOWN_MS, wake_priority
 
 WAKE_TASK = "mailbox.dispatch"
+WAKE_MANY_TASK = "mailbox.dispatch_many"
+WAKE_GROUP = 50
+"""Threads per `mailbox.dispatch_many` message: the worker that takes one claims them one
+after the other, so a group is small enough that its last thread starts soon (50 claims:
+~0.1-0.3 s) and a burst still spreads over every worker."""
 CHAIN = ("mailbox.verify", "mailbox.reconstruct", "mailbox.resolve", "mailbox.execute",
          "mailbox.settle")
 
@@ -42,22 +47,30 @@ def publish_wake(queue: str, thread_id: str, delay_ms: int = 0, *, wake_id: str 
                   queue=queue, priority=wake_priority(app.conf.broker_url))
 
 
-def publish_wakes(queue: str, wakes: Sequence[tuple[str, int, str | None]],
+def publish_wakes(queue: str, wakes: Sequence[tuple[str, int]],
                   sent: list[str] | None = None) -> None:
-    """Many wake-ups, (thread_id, delay_ms, wake_id) each, over one broker connection (bulk
-    submission: one per thread; a wake_id names the thread's first dispatch), each thread
-    appended to `sent` once handed over (delays past MAX_COUNTDOWN_MS count as handed to the
-    sweep). A broker error propagates."""
+    """Wake many threads, (thread_id, delay_ms) each (bulk submission): threads due at the
+    same delay go together in one `mailbox.dispatch_many` message of up to WAKE_GROUP
+    threads (a lone thread gets a plain wake-up), all over one broker connection — so a
+    burst over 1,000 threads costs 20 publishes, not 1,000. Each thread is appended to
+    `sent` once its message is handed over (delays past MAX_COUNTDOWN_MS count as handed
+    to the sweep). A broker error propagates."""
     sent = [] if sent is None else sent
+    by_delay: dict[int, list[str]] = {}
+    for thread_id, delay_ms in wakes:
+        by_delay.setdefault(delay_ms, []).append(thread_id)
+    priority = wake_priority(app.conf.broker_url)
     with app.producer_or_acquire() as producer:
-        for thread_id, delay_ms, wake_id in wakes:
-            if delay_ms <= MAX_COUNTDOWN_MS:
-                kwargs = {"dispatch_id": wake_id} if wake_id else {}
-                app.send_task(WAKE_TASK, args=(thread_id,), kwargs=kwargs,
-                              countdown=delay_ms / 1000 if delay_ms > 0 else None,
-                              task_id=wake_id, queue=queue, producer=producer,
-                              priority=wake_priority(app.conf.broker_url))
-            sent.append(thread_id)
+        for delay_ms, threads in by_delay.items():
+            for start in range(0, len(threads), WAKE_GROUP):
+                group = threads[start:start + WAKE_GROUP]
+                if delay_ms <= MAX_COUNTDOWN_MS:
+                    name, args = ((WAKE_TASK, (group[0],)) if len(group) == 1
+                                  else (WAKE_MANY_TASK, (group,)))
+                    app.send_task(name, args=args, queue=queue, producer=producer,
+                                  countdown=delay_ms / 1000 if delay_ms > 0 else None,
+                                  priority=priority)
+                sent.extend(group)
 
 
 def publish_chain(queue: str, ctx: PhaseContext) -> None:

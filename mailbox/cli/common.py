@@ -234,8 +234,8 @@ def publish_wakes(box: Mailbox, wakes: Iterable[tuple[str, int]]) -> str | None:
     try:
         from tasks.publishing import publish_wakes
 
-        # one broker connection for all of them (a bulk submit wakes every thread once)
-        publish_wakes(box.settings.namespace, [(thread, delay, None) for thread, delay in wakes])
+        # grouped, over one broker connection (a bulk submit wakes every thread once)
+        publish_wakes(box.settings.namespace, wakes)
     except Exception as exc:  # kombu/celery raise many types for an unreachable broker
         return f"{type(exc).__name__}: {first_line(exc)}"
     return None

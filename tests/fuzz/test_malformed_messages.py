@@ -29,11 +29,15 @@ def test_worker_survives_malformed_messages(celery_stack: Stack,  # noqa: F811
     for thread in (None, 7, "", "   ", {"x": 1}):
         app.send_task("mailbox.dispatch", args=(thread,), queue=queue)
     app.send_task("mailbox.dispatch", args=(), queue=queue)  # missing argument entirely
+    for group in (None, "t", [], ["t"] * 1000, [None, 7, "", "\x00"], {"t": 1}):
+        app.send_task("mailbox.dispatch_many", args=(group,), queue=queue)
     result = dispatch.delay("thread-after-garbage", "echo", "still alive")
     final = publisher.wait(result.id, timeout_s=60)
     assert final.status == DispatchStatus.Acked, celery_stack.logs()
     assert worker.poll() is None, "the worker died"
     log = (celery_stack.workdir / "worker1.log").read_text()
     assert "refused a malformed message" in log
+    assert "mailbox.dispatch_many refused a malformed message" in log
+    assert "mailbox.dispatch_many skipped a malformed thread id" in log
     counts = publisher.store.counts_by_status()
     assert sum(counts.values()) == 1, counts  # garbage wrote no dispatch
