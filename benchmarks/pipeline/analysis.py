@@ -13,6 +13,8 @@ from typing import Any
 
 from benchmarks.common import median
 from benchmarks.pipeline.config import (
+    TARGET_BULK_OVER_BARE,
+    TARGET_BULK_OVER_DELAY,
     TARGET_CLAIM,
     TARGET_DELAY,
     TARGET_IDLE_P50_MS,
@@ -96,6 +98,7 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
                        "c_started_to_settled": idle_c.get("started_to_settled")}
     summary["delay"] = {"dispatch_per_s": d_rate, "bare_per_s": bare_rate,
                         "ratio": _r(ratio(d_rate, bare_rate)), "rates": delay}
+    summary["bulk"] = bulk_summary(cfgs)
     claim = report.get("claim_latency", {})
     claim_ratios = {name: res.get("ratio") or {}
                     for name, res in (claim.get("backends") or {}).items()
@@ -124,6 +127,13 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
                         "note": claim.get("reason")})
     targets.append({"target": f"mailbox -c 2 ≥ {TARGET_SCALING}x -c 1",
                     **verdict(ratio(c, c_c1), TARGET_SCALING, True)})
+    for backend, bulk in summary["bulk"].items():
+        targets.append({"target": f"dispatch.delay_many() per item ≥ {TARGET_BULK_OVER_DELAY:g}x "
+                                  f"dispatch.delay() ({backend})",
+                        **verdict(bulk["over_delay"], TARGET_BULK_OVER_DELAY, True)})
+        targets.append({"target": f"dispatch.delay_many() per item ≥ {TARGET_BULK_OVER_BARE:g}x "
+                                  f"bare task.delay() ({backend})",
+                        **verdict(bulk["over_bare"], TARGET_BULK_OVER_BARE, True)})
     summary["targets"] = targets
     return summary
 
@@ -160,3 +170,20 @@ def celery_messages_per_dispatch(ref: dict[str, Any] | None) -> float | None:
     return None if not values else round(median(values), 2)
 
 
+
+
+def bulk_summary(cfgs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per database: the per-item rate of dispatch.delay_many() against dispatch.delay() and
+    a bare task.delay(), measured in the same client run."""
+    out: dict[str, dict[str, float]] = {}
+    for key, backend in (("delay", "sqlite"), ("delay_pg", "postgres")):
+        rates = (cfgs.get(key) or {}).get("steps", {}).get("delay_rate", {}).get("rates", {})
+        bulk = next((v.get("per_s", math.nan) for k, v in rates.items()
+                     if k.startswith("dispatch.delay_many()")), None)
+        if bulk is None:
+            continue
+        single = rates.get("dispatch.delay()", {}).get("per_s", math.nan)
+        bare = rates.get("task.delay() (bare)", {}).get("per_s", math.nan)
+        out[backend] = {"bulk_per_s": bulk, "delay_per_s": single, "bare_per_s": bare,
+                        "over_delay": ratio(bulk, single), "over_bare": ratio(bulk, bare)}
+    return out

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from benchmarks.common import latency_summary, say
-from benchmarks.pipeline.config import AGENT, IDLE_THREADS, KIND_LABEL, PER_THREAD
+from benchmarks.pipeline.config import AGENT, BULK_BATCH, IDLE_THREADS, KIND_LABEL, PER_THREAD
 
 # ======================================================================================= cpu
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -296,7 +296,8 @@ class Client:
         per = max(1, n // blocks)
         threads = max(1, n // PER_THREAD)
         spent = {"dispatch.delay()": 0.0, "task.delay() (bare)": 0.0,
-                 "Mailbox.submit() (SQL only)": 0.0, "wake publish (apply_async)": 0.0}
+                 "Mailbox.submit() (SQL only)": 0.0, "wake publish (apply_async)": 0.0,
+                 f"dispatch.delay_many() per item ({BULK_BATCH} a call)": 0.0}
         calls = dict.fromkeys(spent, 0)
         key = self._key("delay")
         serial = 0
@@ -310,11 +311,30 @@ class Client:
             spent[name] += time.perf_counter() - started
             calls[name] += per
 
+        def bulk(items: int) -> None:
+            """`items` submissions in calls of BULK_BATCH, over as many threads as the
+            single calls use (so each call wakes up to BULK_BATCH threads)."""
+            nonlocal serial
+            name = f"dispatch.delay_many() per item ({BULK_BATCH} a call)"
+            started = time.perf_counter()
+            for first in range(0, items, BULK_BATCH):
+                batch = []
+                for _ in range(min(BULK_BATCH, items - first)):
+                    serial += 1
+                    batch.append({"thread_id": f"db-t{serial % threads:04d}", "agent": AGENT,
+                                  "input": f"m{serial}"})
+                dispatch.delay_many(batch)
+            spent[name] += time.perf_counter() - started
+            calls[name] += items
+
         # warm-up: connections, scripts, the first epoch rows
         for i in range(20):
             dispatch.delay(f"dw-{i}", AGENT, "warm")
             noop.delay({"key": key, "item": i, "hop": 0, "links": 99})
             plain.submit(f"dw-{i}", AGENT, "warm")
+        bulk(BULK_BATCH)
+        for name in spent:  # the warm-up is not measured
+            spent[name], calls[name] = 0.0, 0
         for _ in range(blocks):
             timed("dispatch.delay()", lambda i: dispatch.delay(
                 f"dd-t{i % threads:04d}", AGENT, f"m{i}"))
@@ -324,6 +344,7 @@ class Client:
                 f"ds-t{i % threads:04d}", AGENT, f"m{i}"))
             timed("wake publish (apply_async)", lambda i: dispatch.apply_async(
                 args=(f"dw-t{i % threads:04d}",)))
+            bulk(per)
         plain.close()
         rates = {name: {"calls": calls[name], "seconds": round(spent[name], 3),
                         "per_s": round(calls[name] / spent[name], 1),

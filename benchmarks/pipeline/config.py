@@ -22,6 +22,9 @@ TARGET_THROUGHPUT = 0.6  # (c)/(a) >=
 TARGET_IDLE_P50_MS = 30.0  # <=
 TARGET_IDLE_P99_MS = 100.0  # <=
 TARGET_DELAY = 0.7  # dispatch.delay() rate / bare task.delay() rate >=
+TARGET_BULK_OVER_DELAY = 3.0  # dispatch.delay_many() per item / dispatch.delay() >=
+TARGET_BULK_OVER_BARE = 1.5  # dispatch.delay_many() per item / bare task.delay() >=
+BULK_BATCH = 100  # items per delay_many() call in the submit-rate step
 TARGET_CLAIM = 1.5  # claim p50 at 100k queued / at 1k <=
 TARGET_SCALING = 1.6  # -c 2 / -c 1 >=
 
@@ -132,4 +135,12 @@ def configurations(opts: Options, services: Services) -> list[Configuration]:
 
 DELAY_CONFIGURATION = Configuration("delay", "delay() rate, Redis broker, SQLite, no workers",
                                     "redis", "sqlite", 0, (), 1, delay_rate=True)
+DELAY_PG_CONFIGURATION = Configuration("delay_pg",
+                                       "delay() rate, Redis broker, PostgreSQL, no workers",
+                                       "redis", "postgres", 0, (), 1, delay_rate=True)
+
+
+def delay_configurations(services: Services) -> list[Configuration]:
+    """The submit-rate measurements: SQLite, and PostgreSQL when it is there."""
+    return [DELAY_CONFIGURATION] + ([DELAY_PG_CONFIGURATION] if services.postgres_url else [])
 

@@ -29,7 +29,7 @@ def targets_table(summary: dict[str, Any]) -> str:
 def throughput_table(report: dict[str, Any]) -> str:
     rows = []
     for key, cfg in report["configurations"].items():
-        if key == "delay":
+        if key.startswith("delay"):
             continue
         for kind in "abc":
             values = rates(cfg, kind)
@@ -115,6 +115,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                     [[k, v["calls"], fmt(v["per_s"]), fmt(v["ms_per_call"], 3)]
                      for k, v in d["rates"].items()]),
               f"dispatch.delay() / bare task.delay() = {fmt(d['ratio'], 3)}."]
+    if s.get("bulk"):
+        parts += ["Bulk submission, per item (each database in its own client run):",
+                  table(["database", "delay_many() per item/s", "delay()/s",
+                         "bare task.delay()/s", "bulk / delay()", "bulk / bare"],
+                        [[name, fmt(b["bulk_per_s"]), fmt(b["delay_per_s"]),
+                          fmt(b["bare_per_s"]), fmt(b["over_delay"], 2),
+                          fmt(b["over_bare"], 2)] for name, b in s["bulk"].items()])]
     sc = s["scaling"]
     comp_rows = [["-c 2 / -c 1, (c) mailbox", fmt(sc["c_c1_per_s"]), fmt(sc["c_c2_per_s"]),
                   fmt(sc["c"], 3)],
@@ -276,7 +283,7 @@ def render_chart(report: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(21, 11))
     colors = {"a": "#4c72b0", "b": "#dd8452", "c": "#55a868"}
-    cfgs = [(k, v) for k, v in report["configurations"].items() if k != "delay"]
+    cfgs = [(k, v) for k, v in report["configurations"].items() if not k.startswith("delay")]
     ticks = [cfg["title"].replace(", ", "\n") for _, cfg in cfgs]
     width = 0.27
     # 1. throughput per configuration

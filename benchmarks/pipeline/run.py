@@ -38,7 +38,12 @@ from benchmarks.common import (
     start_redis,
 )
 from benchmarks.pipeline.analysis import celery_messages_per_dispatch
-from benchmarks.pipeline.config import DELAY_CONFIGURATION, Configuration, Options, configurations
+from benchmarks.pipeline.config import (
+    Configuration,
+    Options,
+    configurations,
+    delay_configurations,
+)
 from benchmarks.pipeline.inprocess import inprocess_breakdown, parallel_chains
 from benchmarks.pipeline.report import targets_table, throughput_table, write_outputs
 from benchmarks.processes import ProcessGroup, stack_env
@@ -304,8 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for cfg in order:
                 merge_pass(report["configurations"], cfg, run_pass(
                     cfg, opts, services, workdir, pass_no, idle=pass_no == opts.rounds))
-        merge_pass(report["configurations"], DELAY_CONFIGURATION,
-                   run_pass(DELAY_CONFIGURATION, opts, services, workdir, 1, idle=False))
+        for delay_cfg in delay_configurations(services):
+            merge_pass(report["configurations"], delay_cfg,
+                       run_pass(delay_cfg, opts, services, workdir, 1, idle=False))
         messages = celery_messages_per_dispatch(report["configurations"].get("ref"))
         report["celery_messages_per_dispatch"] = messages
         wakes = 1 if messages is None else max(0, min(3, round(messages) - 5))
