@@ -3,6 +3,7 @@ behaviour."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -55,3 +56,25 @@ def ask(ctx: AgentContext) -> str:
         ctx.suspend("approve", message=ctx.input if isinstance(ctx.input, str)
                     else json.dumps(ctx.input))
     return ctx.decision if isinstance(ctx.decision, str) else json.dumps(ctx.decision)
+
+
+CHAT_TOKEN_DELAY_S = 0.01
+
+
+@agent("chat")
+async def chat(ctx: AgentContext) -> str:
+    """A deterministic multi-turn assistant for the demo and the tests: async, streams its
+    answer word by word as `token` outputs, and answers from the conversation so far (the
+    user's earlier inputs and its own earlier answers, `ctx.messages`), so a thread of
+    several turns shows that each turn sees the ones before it."""
+    history = ctx.messages
+    earlier = [m.content for m in history if m.role == "user" and m.run_id != ctx.run_id]
+    answers = sum(1 for m in history if m.role == "assistant")
+    said = ctx.input if isinstance(ctx.input, str) else json.dumps(ctx.input)
+    recalled = (f"before that you said {', '.join(repr(e) for e in earlier[-3:])}"
+                if earlier else "that is the first thing you told me")
+    answer = f"Turn {answers + 1}: you said {said!r}; {recalled}."
+    for word in answer.split(" "):
+        ctx.emit("token", {"text": word + " "})
+        await asyncio.sleep(CHAT_TOKEN_DELAY_S)
+    return answer

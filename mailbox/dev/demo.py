@@ -1,10 +1,11 @@
 """`make demo`: start the dev stack, push a realistic workload through `dispatch.delay()`, show
 what happened, and say where to look next.
 
-The workload: ordinary chat threads with mixed priorities, a flaky agent that recovers, a
-permanent failure that dead-letters, a user who interrupts a long run with a newer message,
-and a run that waits for a human decision and is resumed. Celery is imported lazily: this
-module is an application of the mailbox, like any caller of `dispatch.delay()`.
+The workload: ordinary chat threads with mixed priorities, a conversation of several turns
+with an async streaming agent that answers from what was said before, a flaky agent that
+recovers, a permanent failure that dead-letters, a user who interrupts a long run with a
+newer message, and a run that waits for a human decision and is resumed. Celery is imported
+lazily: this module is an application of the mailbox, like any caller of `dispatch.delay()`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from mailbox.dev.stack import DevStack
 from mailbox.model import DispatchStatus, RunStatus
 
 console = Console()
+
+
+CONVERSATION = "chat-conversation"
+CONVERSATION_TURNS = ("hi, I am planning a trip to Lisbon", "I would like to go in May",
+                      "what did I tell you so far?")
 
 
 def _workload() -> list[tuple[str, str, Any, dict[str, Any]]]:
@@ -53,6 +59,9 @@ def run(keep_running: bool | None = None) -> int:
         for thread, agent, payload, options in _workload():
             result = dispatch.delay(thread, agent, payload, **options)
             ids[result.id] = agent
+        # A conversation: three turns queued at once run in order, each seeing the ones before.
+        turns = [dispatch.delay(CONVERSATION, "chat", text) for text in CONVERSATION_TURNS]
+        ids.update({turn.id: "chat" for turn in turns})
         # A long run, then the user changes their mind: the newer message wins.
         long_run = dispatch.delay("chat-interrupt", "sleep", {"ms": 30_000})
         ids[long_run.id] = "sleep"
@@ -71,6 +80,7 @@ def run(keep_running: bool | None = None) -> int:
 
         _progress(box, list(ids), started)
         _summary(box, ids, ask_run.run_id, long_run.id, time.time() - started)
+        _conversation(box, turns[-1].id)
         _next_steps(stack)
         interactive = sys.stdin.isatty() and not os.environ.get("DEMO_EXIT")
         if keep_running if keep_running is not None else interactive:
@@ -158,6 +168,24 @@ def _summary(box: Any, ids: dict[str, str], ask_run_id: str, interrupted_id: str
     assert ask_run is None or ask_run.status == RunStatus.done
 
 
+def _conversation(box: Any, last_dispatch_id: str) -> None:
+    """The multi-turn thread as the agent left it, and how many tokens its last turn
+    streamed on the run's event stream."""
+    table = Table(title=f"conversation on {CONVERSATION} (agent: chat, async, streaming)")
+    table.add_column("role")
+    table.add_column("content", overflow="fold")
+    for message in box.thread_messages(CONVERSATION, limit=20):
+        table.add_row(message.role, str(message.content))
+    console.print(table)
+    last = box.get_dispatch(last_dispatch_id)
+    if last is not None:
+        tokens = [e for e in box.events.read(last.run_id)
+                  if e.type == "output" and isinstance(e.data, dict)
+                  and e.data.get("kind") == "token"]
+        console.print(f"  the last turn streamed {len(tokens)} tokens "
+                      f"(python -m mailbox follow {last.run_id})")
+
+
 def _next_steps(stack: DevStack) -> None:
     urls = stack.urls()
     console.print("\n[bold]Where to look next")
@@ -168,7 +196,7 @@ def _next_steps(stack: DevStack) -> None:
     console.print(f"  API token:                  {token}")
     console.print(f"  Flower (every phase task):  {urls['flower']}")
     console.print(f"  Prometheus metrics:         {urls['metrics']}")
-    console.print("  CLI:  python -m mailbox stats | list chat-1 | dlq list | audit")
+    console.print(f"  CLI:  python -m mailbox stats | thread {CONVERSATION} | dlq list | audit")
     console.print(f"  curl -H 'Authorization: Bearer {token}' {urls['api']}/stats",
                   soft_wrap=True)
 

@@ -57,8 +57,11 @@ def test_demo_runs_the_workload_and_prints_the_summary(tmp_path: Path) -> None:
     for expected in ("embedded Redis", "settling dispatches", "DeadLetter", "Superseded",
                      "human in the loop", "'approved by alice'", "p50", "Flower",
                      "/metrics", "Dashboard:", "/ui", "API token:", "Authorization: Bearer",
-                     "stack stopped"):
+                     "stack stopped", "conversation on chat-conversation", "Turn 1:",
+                     "Turn 2:", "Turn 3:", "the last turn streamed"):
         assert expected in output, f"{expected!r} missing from:\n{output}"
+    streamed = output.split("the last turn streamed ")[1].split()[0]
+    assert int(streamed) >= 10, output  # the third answer, word by word
 
 
 @pytest.mark.slow
