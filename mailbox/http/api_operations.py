@@ -13,7 +13,7 @@ from mailbox.cli.dead_letters import parse_time
 from mailbox.facade import MAX_LIST_LIMIT, Mailbox
 from mailbox.http import actions, health, state
 from mailbox.http.errors import ApiError
-from mailbox.http.schemas import ReplayRequest, dispatch_json
+from mailbox.http.schemas import MAX_OFFSET, ReplayRequest, dispatch_json
 from mailbox.store import Inspection
 
 router = APIRouter(prefix="/v1", tags=["dead letters and statistics"])
@@ -41,7 +41,7 @@ def dead_letters(
         since: Annotated[str | None, Query(description=TIME_HELP)] = None,
         until: Annotated[str | None, Query(description=TIME_HELP)] = None,
         limit: Annotated[int, Query(ge=0, le=MAX_LIST_LIMIT)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> list[dict[str, Any]]:
     """Dead letters, newest first, with their reason, attempts and last error."""
     rows = box.dead_letters(thread_id=thread_id or None, agent=agent or None,
                             error_contains=error or None, since=filter_time("since", since),

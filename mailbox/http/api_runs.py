@@ -20,7 +20,7 @@ from mailbox.facade import MAX_LIST_LIMIT, Mailbox
 from mailbox.http import state
 from mailbox.http.errors import ApiError, not_found
 from mailbox.http.publishing import StoredNotPublishedError
-from mailbox.http.schemas import DispatchRequest, Receipt, dispatch_json, run_json
+from mailbox.http.schemas import MAX_OFFSET, DispatchRequest, Receipt, dispatch_json, run_json
 from mailbox.model import DispatchStatus, check_text
 
 router = APIRouter(prefix="/v1", tags=["runs"])
@@ -85,7 +85,7 @@ def thread_dispatches(
             description=f"Only these statuses (repeat, or comma-separate): "
                         f"{', '.join(STATUSES)}")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> list[dict[str, Any]]:
     """The thread's dispatches in claim order (priority, then first in first out)."""
     wanted = _statuses(status)
     rows = box.store.list_dispatches(_thread(thread_id), wanted, limit=limit, offset=offset)

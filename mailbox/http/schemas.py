@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mailbox.model import RunDispatch, RunRecord
 
+MAX_OFFSET = 1_000_000_000
+"""Paging offsets beyond any table we keep: a bigger one would overflow the SQL parameter."""
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)

@@ -22,6 +22,7 @@ from mailbox.audit import collect_stats
 from mailbox.http import state
 from mailbox.http.api_operations import TIME_HELP, filter_time
 from mailbox.http.errors import not_found
+from mailbox.http.schemas import MAX_OFFSET
 from mailbox.model import DispatchStatus, RunStatus
 from mailbox.store import Inspection
 
@@ -57,7 +58,7 @@ def overview(request: Request, services: Services) -> Response:
 @router.get("/threads")
 def threads(request: Request, services: Services,
             q: Annotated[str | None, Query(max_length=255)] = None,
-            offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+            offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Response:
     with Inspection.open(services.mailbox.store) as inspect:
         rows = inspect.thread_summaries(limit=PAGE + 1, offset=offset, prefix=q or None)
     return page(request, services, "threads.html", {
@@ -68,7 +69,7 @@ def threads(request: Request, services: Services,
 @router.get("/threads/{thread_id:path}")
 def thread(request: Request, thread_id: str, services: Services,
            before: Annotated[int | None, Query(ge=1)] = None,
-           offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+           offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Response:
     box = services.mailbox
     messages = box.thread_messages(thread_id, limit=PAGE, before=before)
     dispatches = box.store.list_dispatches(thread_id, limit=PAGE + 1, offset=offset)
@@ -99,7 +100,7 @@ def dead_letters(request: Request, services: Services,
                  error: str | None = None,
                  since: Annotated[str | None, Query(description=TIME_HELP)] = None,
                  until: Annotated[str | None, Query(description=TIME_HELP)] = None,
-                 offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+                 offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Response:
     filters = {"thread_id": thread_id or "", "agent": agent or "", "error": error or "",
                "since": since or "", "until": until or ""}
     rows = services.mailbox.dead_letters(
