@@ -47,16 +47,40 @@ class WakeNotPublishedError(MailboxError):
 
 class WakesNotPublishedError(MailboxError):
     """A bulk submission is stored durably, but some of its wake-ups could not reach the
-    broker. `results` are the AsyncResults of every stored dispatch."""
+    broker. `receipts` (and `results`, as AsyncResults) are every stored dispatch."""
 
     prefix = "stored, wake-ups not published"
 
-    def __init__(self, results: list[AsyncResult], unsent: int, cause: BaseException) -> None:
-        super().__init__(f"{len(results)} dispatches are stored durably but the broker "
-                         f"refused {unsent} thread wake-ups ({cause}); a worker's sweep will "
-                         f"deliver them")
-        self.results = results
+    def __init__(self, receipts: list[Receipt], unsent: int, cause: BaseException) -> None:
+        super().__init__(f"{len(receipts)} dispatches are stored durably but the broker "
+                         f"refused wake-ups for {unsent} threads ({cause}); a worker's sweep "
+                         f"will deliver them")
+        self.receipts = receipts
+        self.results = [AsyncResult(r.dispatch_id, app=app) for r in receipts]
         self.unsent = unsent
+
+
+def submit_and_wake(items: Sequence[Mapping[str, Any]], *, chunk_size: int = 500
+                    ) -> list[Receipt]:
+    """`dispatch.delay_many` with the facade's receipts (run ids, resumed) instead of
+    AsyncResults: what the HTTP API's batch route answers with."""
+    box = mailbox()
+    try:
+        receipts = box.submit_many(items, chunk_size=chunk_size, wake=False)
+    except BulkSubmitError as exc:
+        _wake_all(box.settings.namespace, items, exc.submitted)
+        raise
+    _wake_all(box.settings.namespace, items, receipts)
+    return receipts
+
+
+def _wake_all(queue: str, items: Sequence[Mapping[str, Any]], receipts: list[Receipt]) -> None:
+    wakes = [(w.thread_id, w.delay_ms) for w in wakes_for(items, receipts)]
+    sent: list[str] = []
+    try:
+        publish_wakes(queue, wakes, sent)
+    except Exception as exc:  # kombu raises several types for an unreachable broker
+        raise WakesNotPublishedError(receipts, len(wakes) - len(sent), exc) from exc
 
 
 class DispatchTask(Task):
@@ -81,27 +105,11 @@ class DispatchTask(Task):
         """Submit many dispatches (`Mailbox.submit_many`: each item a mapping of `delay`'s
         arguments by name, all validated before any write, each chunk one transaction) and
         wake each thread once, not once per item, threads grouped into a few messages over
-        one broker connection (`tasks.publishing.publish_wakes`). One
-        AsyncResult per item, in order. A refused item raises BulkSubmitError after the
-        chunks written before it were woken; a broker failure WakesNotPublishedError."""
-        box = mailbox()
-        try:
-            receipts = box.submit_many(items, chunk_size=chunk_size, wake=False)
-        except BulkSubmitError as exc:
-            self._wake_all(box.settings.namespace, items, exc.submitted)
-            raise
-        return self._wake_all(box.settings.namespace, items, receipts)
-
-    def _wake_all(self, queue: str, items: Sequence[Mapping[str, Any]],
-                  receipts: list[Receipt]) -> list[AsyncResult]:
-        results = [self.AsyncResult(r.dispatch_id) for r in receipts]
-        wakes = [(w.thread_id, w.delay_ms) for w in wakes_for(items, receipts)]
-        sent: list[str] = []
-        try:
-            publish_wakes(queue, wakes, sent)
-        except Exception as exc:  # kombu raises several types for an unreachable broker
-            raise WakesNotPublishedError(results, len(wakes) - len(sent), exc) from exc
-        return results
+        one broker connection (`tasks.publishing.publish_wakes`). One AsyncResult per item,
+        in order. A refused item raises BulkSubmitError after the chunks written before it
+        were woken; a broker failure WakesNotPublishedError (everything stored)."""
+        return [self.AsyncResult(r.dispatch_id)
+                for r in submit_and_wake(items, chunk_size=chunk_size)]
 
 
 @app.task(bind=True, base=DispatchTask, name="mailbox.dispatch")

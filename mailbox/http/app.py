@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailbox.facade import Mailbox
 from mailbox.http import (
+    api_batch,
     api_control,
     api_operations,
     api_runs,
@@ -60,7 +61,7 @@ UI_HEADERS = [
 
 
 # Every route of the app (tests/e2e/test_http_api.py checks each one's authentication).
-ROUTERS = (api_runs.router, api_control.router, api_operations.router,
+ROUTERS = (api_runs.router, api_batch.router, api_control.router, api_operations.router,
            api_operations.health_router, ui_login.router, ui_actions.router, ui_pages.router)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailbox.errors import MailboxError
-from mailbox.facade import Mailbox
+from mailbox.facade import Mailbox, Receipt
 
 
 class StoredNotPublishedError(MailboxError):
@@ -26,17 +26,38 @@ class StoredNotPublishedError(MailboxError):
         self.dispatch_id = dispatch_id
 
 
-class Publisher:
-    """What the routes need from Celery: `submit` (dispatch.delay) and `broker_ok`."""
+class BatchStoredNotPublishedError(MailboxError):
+    """A batch is stored durably but some wake-ups did not reach the broker; the sweep
+    delivers them. Carries every receipt for the 503 answer."""
 
-    def __init__(self, submit: Callable[..., str], broker_check: Callable[[], None]) -> None:
+    prefix = "stored, wake-ups not published"
+
+    def __init__(self, message: str, receipts: list[Receipt]) -> None:
+        super().__init__(message)
+        self.receipts = receipts
+
+
+class Publisher:
+    """What the routes need from Celery: `submit` (dispatch.delay), `submit_many`
+    (dispatch.delay_many, with the receipts) and `broker_ok`."""
+
+    def __init__(self, submit: Callable[..., str], broker_check: Callable[[], None],
+                 submit_many: Callable[..., list[Receipt]] | None = None) -> None:
         self.submit_fn = submit
         self.broker_check = broker_check
+        self.submit_many_fn = submit_many
 
     def submit(self, thread_id: str, agent: str, input: Any, **options: Any) -> str:
         """The dispatch id, durable once this returns; StoredNotPublishedError when the
         broker refused the wake-up after the durable write."""
         return self.submit_fn(thread_id, agent, input, **options)
+
+    def submit_many(self, items: list[dict[str, Any]], chunk_size: int) -> list[Receipt]:
+        """The receipts, in order, durable once this returns; BulkSubmitError naming the
+        refused item, BatchStoredNotPublishedError when wake-ups were refused."""
+        if self.submit_many_fn is None:
+            raise MailboxError("this server's publisher does not take batches")
+        return self.submit_many_fn(items, chunk_size=chunk_size)
 
     def broker_ok(self) -> None:
         """Raise when the broker cannot be reached."""
@@ -46,7 +67,12 @@ class Publisher:
 def celery_publisher() -> Publisher:
     """`dispatch.delay()` and the Celery app's own broker connection."""
     from tasks.app import app
-    from tasks.dispatch import WakeNotPublishedError, dispatch
+    from tasks.dispatch import (
+        WakeNotPublishedError,
+        WakesNotPublishedError,
+        dispatch,
+        submit_and_wake,
+    )
 
     def submit(thread_id: str, agent: str, input: Any, **options: Any) -> str:
         try:
@@ -54,12 +80,18 @@ def celery_publisher() -> Publisher:
         except WakeNotPublishedError as exc:
             raise StoredNotPublishedError(exc.message, exc.dispatch_id) from exc
 
+    def submit_many(items: list[dict[str, Any]], chunk_size: int) -> list[Receipt]:
+        try:
+            return submit_and_wake(items, chunk_size=chunk_size)
+        except WakesNotPublishedError as exc:
+            raise BatchStoredNotPublishedError(exc.message, exc.receipts) from exc
+
     def broker_check() -> None:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
                                    timeout=3)
 
-    return Publisher(submit, broker_check)
+    return Publisher(submit, broker_check, submit_many)
 
 
 def process_mailbox() -> Mailbox:

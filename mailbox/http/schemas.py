@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mailbox.model import RunDispatch, RunRecord
 
+MAX_BATCH_ITEMS = 1000
+"""Items per batch request (the body limit, MAILBOX_API_MAX_BODY_BYTES, also applies)."""
 MAX_OFFSET = 1_000_000_000
 """Paging offsets beyond any table we keep: a bigger one would overflow the SQL parameter."""
 
@@ -38,6 +40,28 @@ class DispatchRequest(_Body):
                                                "work and stop its running run first.")
 
 
+class BatchItem(_Body):
+    """One submission of a batch: `dispatch.delay()`'s arguments by name (no `interrupt`:
+    "latest wins" is a decision about one thread, not a batch)."""
+
+    thread_id: str = Field(description="The conversation thread.")
+    agent: str = Field(description="A registered agent's name.")
+    input: Any = Field(description="Any JSON value (at most 256 KiB as JSON).")
+    priority: int = Field(128, description="0..255, 0 the highest.")
+    dedupe_key: str | None = Field(None, description="Refuses the batch's chunk (409) "
+                                                     "while a live dispatch holds it.")
+    delay_ms: int = Field(0, description="Not claimable before this many milliseconds.")
+    max_attempts: int | None = Field(None, description="Attempt budget.")
+
+
+class BatchRequest(_Body):
+    items: list[BatchItem] = Field(min_length=1, max_length=MAX_BATCH_ITEMS,
+                                   description=f"1..{MAX_BATCH_ITEMS} submissions; items on "
+                                               f"one thread keep their order.")
+    chunk_size: int = Field(500, ge=1, le=MAX_BATCH_ITEMS,
+                            description="Items per transaction (each chunk all or nothing).")
+
+
 class ResumeRequest(_Body):
     decision: Any = Field(description="The human decision: any JSON value.")
 
@@ -51,6 +75,15 @@ class Receipt(BaseModel):
     dispatch_id: str
     run_id: str
     thread_id: str
+
+
+class BatchReceipt(Receipt):
+    resumed: bool = Field(description="The input resumed the thread's waiting run.")
+
+
+class BatchAnswer(BaseModel):
+    submitted: int
+    dispatches: list[BatchReceipt]
 
 
 def dispatch_json(dispatch: RunDispatch) -> dict[str, Any]:
