@@ -54,7 +54,9 @@ def create_engine(url: str, **kwargs: Any) -> sa.Engine:
 
 def _sqlite_engine(url: str, **kwargs: Any) -> sa.Engine:
     database = make_url(url).database
-    if database and database != ":memory:":
+    # A `file:` URI (uri=true) names its database in SQLite's URI syntax, not as a path: an
+    # in-memory one (`file:/name?vfs=memdb`, mailbox.testing) has no directory to create.
+    if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, **kwargs.pop("connect_args", {})}
     busy_ms = int(float(connect_args["timeout"]) * 1000)

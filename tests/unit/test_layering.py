@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("mailbox", "tasks")
-TASKS_ALLOWED = ("mailbox.cli", "mailbox.dev", "mailbox.http")
+TASKS_ALLOWED = ("mailbox.cli", "mailbox.dev", "mailbox.http", "mailbox.testing")
 
 
 def module_name(path: Path) -> str:
