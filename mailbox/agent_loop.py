@@ -11,6 +11,13 @@ cancels the task on the loop: the agent sees `asyncio.CancelledError` at its nex
 A prefork child never inherits a running loop (threads do not survive fork): the loop is
 created on first use in each process, and again in a child forked after it existed.
 
+A coroutine that swallows its cancellation and outlives the grace is let go when its attempt
+is abandoned (`AgentLoop.let_go`): the execute thread returns, and a watchdog thread keeps
+the process reported stuck until the coroutine ends. Nothing can end a coroutine from outside
+but its loop, and the loop is the whole process's: so a let-go coroutine still running a
+bound later poisons the loop, and the watchdog asks for the process to be recycled
+(docs/behaviour.md#abandonment).
+
 `BufferedEmitter` keeps `ctx.emit` from blocking the loop on Redis: events go through a
 queue to a thread of their own, which writes them in order, a batch per round trip; the
 execute phase drains it before it records the outcome, so a run's `run_finish` always follows
@@ -25,7 +32,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mailbox.events import EventStreams
@@ -59,12 +66,37 @@ class AgentLoop:
         asyncio.set_event_loop(loop)
         loop.run_forever()
 
-    def start(self, coroutine: Coroutine[Any, Any, Any]) -> AgentTask:
-        """Run `coroutine` as a task on the loop; the handle cancels it and waits for it."""
+    def start(self, coroutine: Coroutine[Any, Any, Any],
+              on_end: Callable[[], object] | None = None) -> AgentTask:
+        """Run `coroutine` as a task on the loop; the handle cancels it and waits for it.
+        `on_end()` is called on the loop the moment the task ends, before any waiter
+        hears of it (the execute phase marks there when the agent's handler ended)."""
         loop = self._running_loop()
-        handle = AgentTask(loop)
+        handle = AgentTask(loop, on_end)
         loop.call_soon_threadsafe(handle.begin, coroutine)
         return handle
+
+    @staticmethod
+    def let_go(task: AgentTask, bound_s: float, *, name: str, on_end: Callable[[], None],
+               on_overdue: Callable[[], None]) -> threading.Thread:
+        """An abandoned coroutine that still runs: cancel it once more (one that swallowed
+        a cancellation may heed the next) and watch it from a thread of its own, since the
+        loop may be the very thing it blocks. `on_overdue()` once if it still runs `bound_s`
+        later — the loop is poisoned, the process should go — and `on_end()` when it has
+        ended, whenever that is."""
+        task.cancel()
+
+        def watch() -> None:
+            try:
+                if not task.wait(bound_s):
+                    on_overdue()
+                    task.wait(None)
+            finally:
+                on_end()
+
+        watchdog = threading.Thread(target=watch, name=f"abandoned-{name}", daemon=True)
+        watchdog.start()
+        return watchdog
 
     def submit(self, coroutine: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         """Run `coroutine` on the loop (a plain future: for tools and tests)."""
@@ -83,8 +115,10 @@ class AgentTask:
     returns when the task has really ended — after whatever clean-up the agent does once
     cancelled — not merely when it was asked to stop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_end: Callable[[], object] | None = None) -> None:
         self._loop = loop
+        self._on_end = on_end
         self._task: asyncio.Task[Any] | None = None
         self._cancel_requested = False
         self._done = threading.Event()
@@ -104,7 +138,13 @@ class AgentTask:
             self._error = task.exception()
             if self._error is None:
                 self._value = task.result()
-        self._done.set()
+        try:
+            if self._on_end is not None:
+                self._on_end()
+        except Exception:  # the caller's; the waiter must still hear of the end
+            log.exception("on_end of an agent task failed")
+        finally:
+            self._done.set()
 
     def cancel(self) -> None:
         self._cancel_requested = True
@@ -115,7 +155,8 @@ class AgentTask:
 
         self._loop.call_soon_threadsafe(cancel_on_loop)
 
-    def wait(self, timeout_s: float) -> bool:
+    def wait(self, timeout_s: float | None) -> bool:
+        """True once the task has ended; None waits as long as that takes."""
         return self._done.wait(timeout_s)
 
     def result(self) -> Any:
@@ -145,12 +186,17 @@ class BufferedEmitter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     def emit(self, type_: str, data: Any) -> None:
+        """Queue an event; dropped once closed (the attempt's outcome, and its run_finish,
+        may already be out: nothing of the attempt may follow them)."""
+        if self._closed:
+            return
         self._queue.put((type_, data, self.clock()))
         if self._thread is None:
             with self._lock:
-                if self._thread is None:
+                if self._thread is None and not self._closed:
                     self._thread = threading.Thread(target=self._drain, daemon=True,
                                                     name=f"emit-{self.run_id}")
                     self._thread.start()
@@ -172,7 +218,10 @@ class BufferedEmitter:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued, in order, before returning (bounded: a Redis that does not
-        answer must not hold the attempt forever; its events are advisory)."""
+        answer must not hold the attempt forever; its events are advisory). Later emits
+        are dropped."""
+        with self._lock:
+            self._closed = True
         if self._thread is None:
             return
         self._queue.put(_DONE)

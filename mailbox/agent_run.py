@@ -10,7 +10,15 @@ kinds share the heartbeat, the stops and the judging. What an agent's ending mea
 - `PermanentError`, or a result that cannot be stored as given → a permanent failure, with
   an error that says what to do;
 - after a stop (`mailbox.heartbeat.StopKind`): cancel means stop, a timeout or an unsafe
-  stop is a transient failure, whatever the agent then did.
+  stop is a transient failure, whatever the agent then did. A stop decided after the handler
+  ended changes nothing: what it returned (or raised) stands.
+
+An agent that ignores a stop past the grace is abandoned: the heartbeat ends the attempt for
+it and the process is reported stuck (`Runtime.stuck`) until the agent's code has really
+ended. A plain agent holds the execute thread until then (Celery's hard time limit is the
+bound). An async agent's coroutine is let go on the shared loop and watched: still running a
+grace after its abandonment, it has poisoned the loop, and the process is recycled
+(`Runtime.recycle`; docs/behaviour.md#abandonment).
 """
 
 from __future__ import annotations
@@ -18,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailbox import agents
+from mailbox import agents, metrics
 from mailbox.agent_loop import AGENT_LOOP, AgentTask, BufferedEmitter
 from mailbox.agents import AGENT_ROLES, AgentContext, AgentResult, SuspendRequested
 from mailbox.context import COMPLETED, PERMANENT, TRANSIENT, OutcomeKind, PhaseContext
@@ -33,6 +42,8 @@ from mailbox.heartbeat import CancelCheck, Heartbeat, StopKind
 from mailbox.model import Termination, show_value
 from mailbox.runtime import Runtime
 from mailbox.store import encode_input
+
+log = logging.getLogger(__name__)
 
 
 def classify(error: BaseException) -> OutcomeKind:
@@ -106,6 +117,8 @@ def run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, input_: An
     on_loop = threading.Event()  # set while a coroutine runs: emits must not wait on Redis
 
     def emit(type_: str, data: Any) -> None:
+        if heartbeat.abandoned:  # the attempt was ended and reported: nothing may follow
+            return
         if on_loop.is_set():
             emitter.emit(type_, data)
         else:
@@ -120,9 +133,10 @@ def run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, input_: An
         emit=emit, cancel_event=cancel)
     timeout_s = spec.timeout_or(rt.settings.agent_timeout_s)
     grace_s = rt.settings.agent_timeout_grace_s
+    stuck = _StuckReport(rt, ctx.dispatch_id)
 
     def abandon(reason: str, kind: StopKind) -> None:
-        rt.stuck(ctx.dispatch_id, True)
+        stuck.mark()
         on_abandon(stopped(kind, reason, None, grace_s))
 
     heartbeat = Heartbeat(rt.store, dispatch_id=ctx.dispatch_id, token=ctx.token,
@@ -131,25 +145,34 @@ def run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, input_: An
                           grace_ms=grace_s * 1000, on_abandon=abandon)
     value: Any = None
     failure: BaseException | None = None
+    still_running: AgentTask | None = None
     try:
         with heartbeat:
-            value = spec.handler(agent_ctx)
-            if inspect.isawaitable(value):  # async def, or a callable returning a coroutine
-                on_loop.set()
-                value = _await(value, running, cancel, heartbeat)
+            try:
+                value = spec.handler(agent_ctx)
+                if inspect.isawaitable(value):  # async def, or a callable returning one
+                    on_loop.set()
+                    value = _await(value, running, cancel, heartbeat)
+            finally:
+                # The handler's ending, fixed now (an async one's at the coroutine's end, on
+                # the loop): a stop the heartbeat decides from here on changes nothing.
+                heartbeat.end()
     except SuspendRequested as suspend:
         value = suspend
-    except _Abandoned:
-        pass
+    except _Abandoned as abandoned:
+        still_running = abandoned.task
     except (Exception, asyncio.CancelledError) as exc:  # the agent's failure is data here
         failure = exc
     finally:
         rt.active.pop(ctx.dispatch_id, None)
         emitter.close()  # its output goes out before whatever ends the run
     if heartbeat.abandoned:
-        rt.stuck(ctx.dispatch_id, False)
+        if still_running is None:
+            stuck.clear()  # a plain agent: it has returned now
+        else:
+            _let_go(rt, ctx, spec, still_running, grace_s, stuck)
         return AgentOutcome(COMPLETED, abandoned=True)
-    if heartbeat.stop_kind is not None:
+    if heartbeat.stop_kind is not None:  # decided before the handler ended
         return stopped(heartbeat.stop_kind, heartbeat.stop_reason or "", value, None)
     if failure is not None:
         if isinstance(failure, asyncio.CancelledError):  # cancelled, but not by us
@@ -163,14 +186,74 @@ def run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, input_: An
         turns = turns_of(value)
     except InvalidAgentResultError as exc:
         return AgentOutcome(PERMANENT, storable(f"invalid agent result: {exc}"))
-    if cancel.is_set() and termination == Termination.natural_end() and response is None:
-        termination = Termination.cancelled()
     error = termination.value if termination.type == "error" else None
     return AgentOutcome(COMPLETED, error, termination, response, turns=turns)
 
 
+class _StuckReport:
+    """`Runtime.stuck` for one attempt: marked when the attempt is abandoned, cleared once
+    the agent's code has really ended. The two come from different threads (the heartbeat's;
+    the execute thread or the watchdog of a let-go coroutine) and race when the agent ends
+    just as it is abandoned: a clear that comes first leaves nothing to mark, so no marker
+    is left behind for an agent that no longer runs."""
+
+    def __init__(self, rt: Runtime, dispatch_id: str) -> None:
+        self._report = rt.stuck
+        self._dispatch_id = dispatch_id
+        self._lock = threading.Lock()
+        self._marked = False
+        self._over = False
+
+    def mark(self) -> None:
+        with self._lock:
+            if not self._over and not self._marked:
+                self._marked = True
+                self._report(self._dispatch_id, True)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._over = True
+            if self._marked:
+                self._marked = False
+                self._report(self._dispatch_id, False)
+
+
+def _let_go(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, task: AgentTask,
+            grace_s: float, stuck: _StuckReport) -> None:
+    """An abandoned coroutine still runs on the shared loop, where nothing outside it can
+    end it. The execute thread does not wait for it (the worker slot is free), but the
+    process stays reported stuck until it ends; still running a grace later — the point
+    where Celery's hard limit would have ended a plain agent's process — it has poisoned
+    the loop, and the process is recycled."""
+    described = f"the coroutine of agent {spec.name}@{spec.version} (dispatch " \
+                f"{ctx.dispatch_id}, {ctx.stop_reason})"
+
+    def overdue() -> None:
+        metrics.count_operation("abandoned_coroutine", "overdue")
+        reason = f"{described} still runs {grace_s:g} s after its attempt was abandoned: " \
+                 f"the agent loop is poisoned"
+        log.error("%s; recycling this process", reason)
+        try:
+            rt.recycle(reason)
+        except Exception:  # the runtime's hook; the watchdog goes on watching
+            log.exception("recycling the process failed")
+
+    def ended() -> None:
+        metrics.count_operation("abandoned_coroutine", "ended")
+        log.warning("%s ended after its attempt was abandoned; its result is discarded",
+                    described)
+        stuck.clear()
+
+    AGENT_LOOP.let_go(task, grace_s, name=ctx.dispatch_id, on_end=ended, on_overdue=overdue)
+
+
 class _Abandoned(Exception):
-    """The heartbeat ended the attempt of an async agent that ignored its stop."""
+    """The heartbeat ended the attempt of an async agent that ignored its stop; `task` is
+    its coroutine, still running."""
+
+    def __init__(self, task: AgentTask) -> None:
+        super().__init__()
+        self.task = task
 
 
 def _await(awaitable: Any, running: list[AgentTask], cancel: threading.Event,
@@ -178,14 +261,16 @@ def _await(awaitable: Any, running: list[AgentTask], cancel: threading.Event,
     """Run the coroutine on the process's agent loop and wait, from this thread, until it
     has ended. A stop cancels it (on_stop cancels `running`), and the wait lasts through its
     clean-up; one that swallows the cancellation is let go once the heartbeat abandons the
-    attempt: it goes on on the loop, this worker slot does not wait for it."""
-    task = AGENT_LOOP.start(_as_coroutine(awaitable))
+    attempt: it goes on on the loop, this worker slot does not wait for it. The handler's
+    ending is marked on the loop the moment the coroutine ends (`Heartbeat.end`), not when
+    this thread next looks."""
+    task = AGENT_LOOP.start(_as_coroutine(awaitable), on_end=heartbeat.end)
     running.append(task)
     if cancel.is_set():
         task.cancel()  # stopped before the coroutine was handed over
     while not task.wait(0.05):
         if heartbeat.abandoned:
-            raise _Abandoned()
+            raise _Abandoned(task)
     return task.result()
 
 

@@ -23,9 +23,17 @@ It stops the agent, cooperatively (`ctx.cancelled()` turns true), for one of fou
 A stop does not end the renewals: the claim stays ours while the agent winds down, so an
 agent slow to notice is never reclaimed and run a second time beside itself (only a lost
 lease ends them: there is nothing left to renew). An agent that has not returned `grace_ms`
-after its stop is abandoned: `on_abandon` ends the attempt in the store for it (the execute
-phase records what the stop means), renewals end, and the process is reported stuck until
-the agent returns or Celery's hard time limit ends the process.
+after its first stop is abandoned: `on_abandon` ends the attempt in the store for it (the
+execute phase records what the stop means), renewals end, and the process is reported stuck
+until the agent returns or the process is ended. A lost lease does not stop that clock,
+whether it was the first stop or came after another: the attempt is over for the mailbox
+then, but an agent that ignores it still runs — beside the claim's new owner — and must be
+reported and bounded like any other.
+
+`end()` marks the moment the handler ended (returned, raised, suspended). From then on no
+stop is decided and no abandonment happens: what the handler did stands against a stop that
+came after it, and an attempt is never abandoned after it was over. The handler's ending and
+the heartbeat's decisions are ordered by one lock, so exactly one of them came first.
 """
 
 from __future__ import annotations
@@ -104,6 +112,9 @@ class Heartbeat:
         self.stop_reason: str | None = None
         self.stop_kind: StopKind | None = None
         self.abandoned = False
+        self.lease_lost = False
+        self._ended = False
+        self._lock = threading.Lock()  # orders the handler's end against stops, abandonment
         self._stopped_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{dispatch_id}",
@@ -127,13 +138,26 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def end(self) -> bool:
+        """The handler has ended. From now on `stop_kind` stays as it is — a stop decided
+        later is only counted — and the attempt is never abandoned. (A stop decided in the
+        moments between the handler's return and `stop()` used to override a finished
+        result: a completed answer became `cancelled` or "timed out".) False when the
+        attempt had already been abandoned: the ending came too late to count."""
+        with self._lock:
+            if not self.abandoned:
+                self._ended = True
+            return self._ended
+
     def _decide(self, reason: str, kind: StopKind) -> None:
-        """Stop the agent (the first decision stands; later ones are only counted)."""
+        """Stop the agent (the first decision stands; later ones, and any after the handler
+        ended, are only counted)."""
         metrics.count_operation("heartbeat_stop", kind.value)
-        if self.stop_kind is not None:
-            return
-        self.stop_reason, self.stop_kind = reason, kind
-        self._stopped_at = time.monotonic()
+        with self._lock:
+            if self.stop_kind is not None or self._ended:
+                return
+            self.stop_reason, self.stop_kind = reason, kind
+            self._stopped_at = time.monotonic()
         try:
             self.on_stop(reason, kind)
         except Exception:  # the callback is the caller's; its bug must not look like ours
@@ -157,22 +181,32 @@ class Heartbeat:
             if self._abandon_due(now):
                 self._abandon()
                 return
-            if now >= next_renewal:
+            if not self.lease_lost and now >= next_renewal:
                 next_renewal = now + self.interval_s
                 if self._renew(renewals):
-                    return
+                    # Nothing left to renew. Without an abandonment clock to keep there is
+                    # nothing left to do either; with one, the loop goes on until the agent
+                    # returns or is abandoned (a lost lease ends the attempt for the
+                    # mailbox, not the agent's run in this process).
+                    self.lease_lost = True
+                    if self.grace_ms is None or self.on_abandon is None:
+                        return
 
     def _abandon_due(self, now: float) -> bool:
         return (self._stopped_at is not None and self.grace_ms is not None
-                and self.on_abandon is not None and self.stop_kind != StopKind.lease_lost
+                and self.on_abandon is not None
                 and (now - self._stopped_at) * 1000 >= self.grace_ms
                 and not self._stop.is_set())
 
     def _abandon(self) -> None:
         """The agent did not return within the grace after its stop: end the attempt for it
-        (`on_abandon`), stop renewing. Its late return, if any, is discarded by the caller."""
+        (`on_abandon`), stop renewing. Its late return, if any, is discarded by the caller.
+        Nothing happens when the handler ended meanwhile (`end()`): that attempt is over."""
         assert self.on_abandon is not None and self.stop_kind is not None
-        self.abandoned = True
+        with self._lock:
+            if self._ended:
+                return
+            self.abandoned = True
         metrics.count_operation("heartbeat_abandon", self.stop_kind.value)
         log.error("agent of %s did not stop within %s ms of its stop (%s): attempt abandoned",
                   self.dispatch_id, self.grace_ms, self.stop_reason)
@@ -200,7 +234,7 @@ class Heartbeat:
             self._decide(reason, StopKind.requested)
 
     def _renew(self, streak: _Streak) -> bool:
-        """True when the loop is over: the lease is lost, nothing is left to renew."""
+        """True when the lease is lost: nothing is left to renew."""
         started = time.perf_counter()
         try:
             renewed = self.store.extend_lease(self.dispatch_id, self.token, self.lease_ms,

@@ -37,5 +37,12 @@ class Runtime:
     """(thread_id, token) -> reason when a cancel signal for this attempt arrived."""
     active: dict[str, threading.Event] = field(default_factory=dict)
     stuck: Callable[[str, bool], None] = lambda dispatch_id, stuck: None
-    """(dispatch_id, True) when an abandoned agent still occupies this process, (…, False)
-    when it returned: the worker's health check reports the process stuck meanwhile."""
+    """(dispatch_id, True) when an abandoned agent still runs in this process, (…, False)
+    once its code has ended (a plain agent returned, an async agent's coroutine finished):
+    the worker's health check reports the process stuck meanwhile."""
+    recycle: Callable[[str], None] = lambda reason: None
+    """(reason) when this process can no longer be trusted to run agents: an abandoned
+    coroutine still runs on the shared agent loop a grace after its abandonment
+    (docs/behaviour.md#abandonment). A worker ends the process once it is idle, and Celery
+    or the orchestrator starts another (tasks/health.py); elsewhere (tests, tools) it is
+    only logged."""

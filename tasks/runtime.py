@@ -23,7 +23,7 @@ _state: dict[int, tuple[Mailbox, Runtime]] = {}
 def _create() -> tuple[Mailbox, Runtime]:
     box = Mailbox.connect()
     box.waker = functools.partial(publishing.publish_wake, box.settings.namespace)
-    rt = dataclasses.replace(box.runtime(), stuck=health.mark_stuck)
+    rt = dataclasses.replace(box.runtime(), stuck=health.mark_stuck, recycle=health.recycle)
     # The worker's waker claims with this very runtime: bound after it exists.
     rt = dataclasses.replace(rt, wake=lambda thread_id, delay_ms: publishing.worker_wake(
         rt, thread_id, delay_ms))
