@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 import redis
 
 from mailbox import metrics, reports
+from mailbox.context import COMPLETED
 from mailbox.coordination import Coordinator
 from mailbox.events import EventStreams
-from mailbox.model import MAX_MS, DispatchStatus
+from mailbox.model import MAX_MS, DispatchStatus, RunDispatch, RunStatus
 from mailbox.runtime import Runtime
 from mailbox.settings import Settings
 from mailbox.store.retention import GC_BATCH, Cutoffs, Retention, check_batch
@@ -69,6 +70,10 @@ class SweepReport:
     """Expired claims whose attempt had written its outcome: acked, not counted as failed."""
     reclaimed: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
+    superseded: list[str] = field(default_factory=list)
+    """Expired claims of an interrupted thread, superseded (T17), not reclaimed. Their runs
+    are reported here when the attempt had written a done outcome (its end was never
+    reported), else reconciled and reported by the repair below (also listed `reconciled`)."""
     reconciled: list[str] = field(default_factory=list)
     woken: list[str] = field(default_factory=list)
     already_pending: list[str] = field(default_factory=list)
@@ -122,15 +127,17 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
     `pending_ttl_ms` overrides `wake_pending_ttl_ms(rt.settings)`."""
     report = SweepReport()
     while True:
-        page, finished_runs = rt.runs.reclaim_expired(now, RECLAIM_BATCH)
+        page, finished = rt.runs.reclaim_expired(now, RECLAIM_BATCH)
         for dispatch in page.transitioned:
             if dispatch.status == DispatchStatus.Acked:
-                # Its attempt wrote the outcome; only the ack was lost. Report it as settle
-                # would have (mailbox_operations_total{operation="sweep_ack"} counts these).
+                # Its attempt wrote the outcome; only the ack was lost. Report and count it
+                # as settle would have (mailbox_operations_total{operation="sweep_ack"}
+                # counts these too).
                 report.acked.append(dispatch.dispatch_id)
                 metrics.count_operation("sweep_ack", "ok")
-                reports.acked(rt.events, dispatch.dispatch_id,
-                              finished_runs[dispatch.dispatch_id], rt.clock())
+                ended = finished[dispatch.dispatch_id]
+                _count_completion(ended.claim, now)
+                reports.acked(rt.events, dispatch.dispatch_id, ended.run, rt.clock())
             elif dispatch.status == DispatchStatus.Queued:
                 # The crashed attempt ended: followers get its run_finish like any other's.
                 report.reclaimed.append(dispatch.dispatch_id)
@@ -141,6 +148,16 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
                 rt.runs.reconcile(dispatch, now)
                 reports.dead_letter(rt.events, dispatch.run_id, dispatch.dispatch_id,
                                     dispatch.last_error or LEASE_EXPIRED, rt.clock())
+        for dispatch in page.superseded:
+            report.superseded.append(dispatch.dispatch_id)
+            wrote = finished.get(dispatch.dispatch_id)
+            if wrote is not None and wrote.run.status == RunStatus.done:
+                # The attempt wrote the run's outcome, then an interrupt came before its ack
+                # and its settle never did: the run keeps the outcome (nothing to reconcile),
+                # and nobody else will report its end. A late settle finds the claim gone and
+                # reports nothing (docs/behaviour.md#sweep).
+                _count_completion(wrote.claim, now)
+                reports.ended_after_outcome(rt.events, dispatch, wrote.run, rt.clock())
         if not page.more:
             break
     _reconcile_terminal(rt, now, report)
@@ -153,6 +170,27 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
         else:
             _publish_wakes(rt.store.coordinator, due, publish, ttl, report)
     return report
+
+
+def _count_completion(claim: RunDispatch, now: int) -> None:
+    """The completion metrics of an attempt whose settle never came, counted by the sweep
+    that acks or supersedes its claim (docs/behaviour.md#metrics): runtime from the attempt's
+    instance id (a UUIDv7 minted in reconstruct, just before the start, which the sweep does
+    not know; 0 if it is not one) to its outcome write, and submit to now."""
+    ended = now if claim.completed_at is None else claim.completed_at
+    started = _minted_at(claim.dispatch_instance_id)
+    metrics.observe_completion(
+        COMPLETED, runtime_s=max(0, ended - (ended if started is None else started)) / 1000,
+        enqueue_to_complete_s=max(0, now - claim.created_at) / 1000)
+
+
+def _minted_at(instance_id: str | None) -> int | None:
+    """The Unix milliseconds of a UUIDv7, or None."""
+    try:
+        value = uuid.UUID(instance_id or "")
+    except ValueError:
+        return None
+    return value.int >> 80 if value.version == 7 else None
 
 
 def _reconcile_terminal(rt: Runtime, now: int, report: SweepReport) -> None:

@@ -366,28 +366,38 @@ def settle(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
 
 
 def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> None:
+    """Act on the outcome. Completion metrics (docs/behaviour.md#metrics): a failure is
+    counted first, as the original does; a completed attempt once its end is this settle's
+    to report — acked here, or its own ack fenced by an interrupt — and not when another
+    delivery or the sweep settled it, nor when it is left for the sweep (which counts what
+    it acks or supersedes): each completed attempt is counted once."""
     outcome = ctx.outcome
     assert outcome is not None, "settle of a context with neither outcome nor done"
     now = rt.clock()
-    if outcome.kind != DEFERRED:  # an attempt that ran (or could not run at all)
-        _record_completion(ctx, outcome.kind, now)
+    kind: str = outcome.kind
+    if kind in (TRANSIENT, PERMANENT):
+        _record_completion(ctx, kind, now)
     try:
-        if outcome.kind == DEFERRED:
-            _settle_deferred(rt, ctx, outcome.error or "agent version not deployed", now)
-        elif outcome.kind == COMPLETED:
+        if kind == DEFERRED:
+            kind = _settle_deferred(rt, ctx, outcome.error or "agent version not deployed", now)
+        elif kind == COMPLETED:
             _settle_completed(rt, ctx, outcome, now)
-        elif outcome.kind == TRANSIENT:
+        elif kind == TRANSIENT:
             _settle_transient(rt, ctx, outcome.error or "transient error", now)
         else:
             _settle_permanent(rt, ctx, outcome.error or "permanent error", now)
     except (VersionConflictError, NotFoundError) as exc:
         _after_fence(rt, ctx, exc)
+        if kind == COMPLETED and _fenced_by_us(exc):
+            _record_completion(ctx, COMPLETED, now)  # reported "superseded" by this settle
     except StoreUnavailableError as exc:
         # Left Claimed: the lease expires and the sweep reclaims it (attempt + 1).
         ctx.finish(f"store unavailable settling: {exc}")
     else:
         if not ctx.duplicate and not ctx.done:  # done: recovery left it for the sweep
-            ctx.settled = outcome.kind
+            ctx.settled = kind
+            if kind == COMPLETED:
+                _record_completion(ctx, COMPLETED, now)
 
 
 def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int) -> None:
@@ -451,7 +461,9 @@ def _recover_ack(rt: Runtime, ctx: PhaseContext, now: int) -> RecoveredAck | Non
       left for the sweep, which decides with the run store under the thread lock.
     - anything else: the claim is not ours (VersionConflictError).
 
-    A store outage while recovering propagates: the claim is left for the sweep, which acks
+    If the second ack fails, that failure propagates (counted `ack_failed`): fenced, the
+    settle goes "after a fence"; an outage leaves the claim for the sweep. A store outage
+    while recovering propagates: the claim is left for the sweep, which acks
     a claim whose outcome is recorded."""
     started = time.perf_counter()
 
@@ -479,7 +491,11 @@ def _recover_ack(rt: Runtime, ctx: PhaseContext, now: int) -> RecoveredAck | Non
                    f"{current.run_status.value if current.run_status else 'missing'}; left "
                    f"for the sweep")
         return None
-    run = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now, thread_id=ctx.thread_id)
+    try:
+        run = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now, thread_id=ctx.thread_id)
+    except MailboxError:
+        outcome("ack_failed")  # fenced → after a fence; outage → left for the sweep
+        raise
     outcome("acked")
     return RecoveredAck(run)
 
@@ -509,12 +525,14 @@ def _settle_transient(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> N
     _reconcile(rt, after)
 
 
-def _settle_deferred(rt: Runtime, ctx: PhaseContext, reason: str, now: int) -> None:
+def _settle_deferred(rt: Runtime, ctx: PhaseContext, reason: str, now: int) -> str:
     """Put back a dispatch whose pinned agent version this worker lacks (T19), without
     spending an attempt, backing off as the wait grows (half the time waited so far, within
     the retry base and cap); once it has waited MAILBOX_MISSING_AGENT_GRACE_S since a
     worker first found the version missing, dead-letter it with a reason naming the version
-    (`mailbox_operations_total{operation="agent_missing"}` counts both)."""
+    (`mailbox_operations_total{operation="agent_missing"}` counts both). That dead letter is
+    a permanent failure like any other, its completion metrics included (a deferral has
+    none: nothing ran). Returns what settle did: DEFERRED, or PERMANENT past the grace."""
     current = rt.store.load_dispatch(ctx.dispatch_id)
     since = now if current is None or current.deferred_since is None \
         else current.deferred_since
@@ -522,11 +540,12 @@ def _settle_deferred(rt: Runtime, ctx: PhaseContext, reason: str, now: int) -> N
     grace_s = rt.settings.missing_agent_grace_s
     if waited_ms >= grace_s * 1000:
         metrics.count_operation("agent_missing", "dead_letter")
+        _record_completion(ctx, PERMANENT, now)
         _settle_permanent(rt, ctx, (
             f"{reason}, nor on any worker that took it in {waited_ms // 1000} s "
             f"(MAILBOX_MISSING_AGENT_GRACE_S={grace_s}): deploy that version, then replay "
             f"this dead letter"), now)
-        return
+        return PERMANENT
     delay = int(min(max(rt.settings.retry_base_ms, waited_ms // 2), rt.settings.retry_max_ms))
     requeued = rt.store.defer(ctx.dispatch_id, ctx.token, now + delay, reason, now)
     metrics.count_operation("agent_missing", "deferred")
@@ -535,6 +554,7 @@ def _settle_deferred(rt: Runtime, ctx: PhaseContext, reason: str, now: int) -> N
         "attempt_count": requeued.attempt_count, "available_at": requeued.available_at},
         ts=rt.clock())
     rt.wake(ctx.thread_id, delay)
+    return DEFERRED
 
 
 def _settle_permanent(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> None:

@@ -16,6 +16,7 @@ from mailbox.store.runs import (
     MAX_INPUT_BYTES,
     BulkEntry,
     BulkEntryError,
+    FinishedClaim,
     Message,
     Resolution,
     RunStore,
@@ -23,6 +24,6 @@ from mailbox.store.runs import (
     encode_input,
 )
 
-__all__ = ["MAX_INPUT_BYTES", "BulkEntry", "BulkEntryError", "FencedWrite", "Inspection",
-           "MailboxStore", "Message", "ReclaimPage", "Resolution", "RunStore", "Submission",
-           "encode_input", "new_token"]
+__all__ = ["MAX_INPUT_BYTES", "BulkEntry", "BulkEntryError", "FencedWrite", "FinishedClaim",
+           "Inspection", "MailboxStore", "Message", "ReclaimPage", "Resolution", "RunStore",
+           "Submission", "encode_input", "new_token"]

@@ -34,7 +34,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -84,16 +84,20 @@ call's work, memory or transaction grows with the data (docs/behaviour.md#gc).""
 
 FinishedCheck = Callable[[sa.Connection, RunDispatch], bool]
 """`finished(conn, claim)`: did this expired claim's attempt already write the run's outcome?
-Asked by reclaim under the claim's thread lock, in its transaction."""
+Asked by reclaim under the claim's thread lock, in its transaction: for a current claim (True:
+ack it instead of reclaiming it) and for a stale one, which is superseded either way (the
+answer tells the caller that the run holds an outcome nobody has reported yet)."""
 
 
 @dataclass(frozen=True)
 class ReclaimPage:
     """What one page of reclaim transitioned (Queued, DeadLetter, or Acked when `finished`
-    said so; superseded claims are not listed), and whether another page may follow."""
+    said so), the stale claims it superseded instead (T17, listed apart: they were not
+    reclaimed), and whether another page may follow."""
 
     transitioned: list[RunDispatch]
     more: bool
+    superseded: list[RunDispatch] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -723,18 +727,26 @@ class MailboxStore:
 
         `finished(conn, claim)`, asked under the thread lock, says whether the claim's attempt
         already wrote the run's outcome (the run store knows; see `RunStore.reclaim_expired`):
-        such a claim only lost its ack, and is acked (listed Acked) instead of reclaimed."""
+        such a claim only lost its ack, and is acked (listed Acked) instead of reclaimed. A
+        stale claim is superseded (T17) whatever the answer, and listed in `superseded`;
+        `finished` is asked about it too, so that the caller learns of an outcome the
+        attempt wrote that nobody reported (docs/behaviour.md#sweep)."""
         require_ms("now", now)
         _require_page(limit, 0)
         with self.read() as conn:
             candidates = conn.execute(q.SELECT_EXPIRED_CLAIMS,
                                       {"now": now, "limit": limit}).scalars().all()
         transitioned: list[RunDispatch] = []
+        superseded: list[RunDispatch] = []
         for dispatch_id in candidates:
             after = self._reclaim_one(str(dispatch_id), now, finished)
-            if after is not None:
+            if after is None:
+                continue
+            if after.status == DispatchStatus.Superseded:
+                superseded.append(after)
+            else:
                 transitioned.append(after)
-        return ReclaimPage(transitioned, more=len(candidates) == limit)
+        return ReclaimPage(transitioned, more=len(candidates) == limit, superseded=superseded)
 
     def _reclaim_one(self, dispatch_id: str, now: int, finished: FinishedCheck | None
                      ) -> RunDispatch | None:
@@ -748,13 +760,15 @@ class MailboxStore:
                 return None  # another sweep or the owner got there first
             if current.is_stale(epoch):
                 after = current.fenced(epoch, REASON_STALE_RECLAIM, now)
+                if finished is not None:
+                    finished(conn, current)  # superseded all the same; the caller reports
             elif finished is not None and finished(conn, current):
                 after = current.acked(now)
             else:
                 after = current.lease_expired(now)
             self._save(conn, [(current, after)])
         self._release(after, current.claim_token)
-        return None if after.status == DispatchStatus.Superseded else after
+        return after
 
     @operation("purge_terminal")
     def purge_terminal(self, older_than: int) -> int:

@@ -67,6 +67,16 @@ class Message:
 
 
 @dataclass(frozen=True)
+class FinishedClaim:
+    """An expired claim whose attempt had written the run's outcome, as the claim stood before
+    the sweep acked it (T6) or superseded it (T17), and the run it finished: what the sweep
+    reports, and counts as the attempt's completion (docs/behaviour.md#sweep)."""
+
+    claim: RunDispatch
+    run: RunRecord
+
+
+@dataclass(frozen=True)
 class Resolution:
     """The (agent name, version) a run was pinned to at submit."""
 
@@ -578,25 +588,27 @@ class RunStore:
 
     @operation("reclaim")
     def reclaim_expired(self, now: int, limit: int
-                        ) -> tuple[ReclaimPage, dict[str, RunRecord]]:
+                        ) -> tuple[ReclaimPage, dict[str, FinishedClaim]]:
         """`MailboxStore.reclaim_page`, except that a claim whose attempt already wrote the
         run's outcome is acked, not counted as a failed attempt: only its ack was lost (the
         worker died before settle, the settle message was lost, or it queued longer than
         the lease). Reclaiming it would retry a finished run and, on the last attempt,
         dead-letter a dispatch whose run says done. Decided under the thread lock, per claim,
         so no outcome written before the reclaim's transaction can be missed. Returns the
-        page and, for each acked dispatch, its run (what settle would have reported)."""
-        finished_runs: dict[str, RunRecord] = {}
+        page and, for each dispatch it acked — or superseded as stale (T17) after its attempt
+        wrote the outcome — the claim as it was and its run (what settle would have
+        reported)."""
+        finished_claims: dict[str, FinishedClaim] = {}
 
         def finished(conn: sa.Connection, claim: RunDispatch) -> bool:
             run = self._finished_by(conn, claim)
             if run is not None:
-                finished_runs[claim.dispatch_id] = run
+                finished_claims[claim.dispatch_id] = FinishedClaim(claim, run)
             return run is not None
 
-        # A claim found finished is acked in the same transaction: each run collected here
-        # belongs to a dispatch the page lists as Acked.
-        return self.store.reclaim_page(now, limit, finished=finished), finished_runs
+        # Asked under the thread lock, in the transaction that acks or supersedes the claim:
+        # each entry belongs to a dispatch the page lists as Acked or as superseded.
+        return self.store.reclaim_page(now, limit, finished=finished), finished_claims
 
     @staticmethod
     def _finished_by(conn: sa.Connection, claim: RunDispatch) -> RunRecord | None:
