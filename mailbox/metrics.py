@@ -78,7 +78,7 @@ def count_terminal(status: str, n: int = 1) -> None:
 
 def observe_ack_recovery(outcome: str, seconds: float) -> None:
     """Ack recovery by outcome: landed (our ack had committed), acked (acked again),
-    acked_elsewhere, refused, not_ours, missing."""
+    ack_failed (acking again failed), acked_elsewhere, refused, not_ours, missing."""
     OPERATIONS.labels("ack_recovery", outcome).inc()
     ACK_RECOVERY_SECONDS.labels(outcome).observe(seconds)
 
