@@ -21,6 +21,13 @@ _settings = Settings.from_env()
 NAMESPACE = _settings.namespace
 QUEUE = NAMESPACE
 
+if _settings.broker_url is None and (_settings.redis_url or "").split("://", 1)[0].lower() in (
+        "redis+cluster", "rediss+cluster"):
+    # kombu's Redis transport needs one server: the coordination cluster cannot carry the
+    # queues (docs/redis-cluster.md#configuration).
+    raise ValueError("MAILBOX_REDIS_URL names a Redis Cluster, which cannot be Celery's "
+                     "broker: set CELERY_BROKER_URL to a plain Redis (redis://…) or RabbitMQ "
+                     "(amqp://…)")
 broker_url = _settings.broker_url or "redis://127.0.0.1:6379/0"
 broker_connection_retry_on_startup = True
 # kombu's Redis transport, minus the way one malformed queue entry stops a worker (tasks/app.py).

@@ -178,10 +178,11 @@ class BufferedEmitter:
     """`ctx.emit` for an async agent: never waits on Redis in the caller's thread."""
 
     def __init__(self, events: EventStreams, run_id: str, dispatch_id: str,
-                 clock: Any) -> None:
+                 clock: Any, *, thread_id: str | None = None) -> None:
         self.events = events
         self.run_id = run_id
         self.dispatch_id = dispatch_id
+        self.thread_id = thread_id  # names the stream on a Redis Cluster
         self.clock = clock
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -212,7 +213,8 @@ class BufferedEmitter:
             done = any(item is _DONE for item in batch)
             items = [item for item in batch if item is not _DONE]
             if items:
-                self.events.emit_many(self.run_id, self.dispatch_id, items)
+                self.events.emit_many(self.run_id, self.dispatch_id, items,
+                                      thread_id=self.thread_id)
             if done:
                 return
 

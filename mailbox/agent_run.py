@@ -113,7 +113,8 @@ def run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, input_: An
         def check() -> str | None:
             return signal(ctx.thread_id, ctx.token)
 
-    emitter = BufferedEmitter(rt.events, ctx.run_id, ctx.dispatch_id, rt.clock)
+    emitter = BufferedEmitter(rt.events, ctx.run_id, ctx.dispatch_id, rt.clock,
+                              thread_id=ctx.thread_id)
     on_loop = threading.Event()  # set while a coroutine runs: emits must not wait on Redis
 
     def emit(type_: str, data: Any) -> None:
@@ -122,7 +123,8 @@ def run_agent(rt: Runtime, ctx: PhaseContext, spec: agents.AgentSpec, input_: An
         if on_loop.is_set():
             emitter.emit(type_, data)
         else:
-            rt.events.emit(ctx.run_id, ctx.dispatch_id, type_, data, ts=rt.clock())
+            rt.events.emit(ctx.run_id, ctx.dispatch_id, type_, data, ts=rt.clock(),
+                           thread_id=ctx.thread_id)
 
     agent_ctx = AgentContext(
         run_id=ctx.run_id, thread_id=ctx.thread_id, dispatch_id=ctx.dispatch_id,

@@ -259,9 +259,9 @@ def _check_leases(mailbox: Mailbox, report: AuditReport, sample: int, page_size:
     """Walk the namespace's lease keys with SCAN; compare each bound lease with SQL."""
     report.checks.append("stale_lease")
     client = mailbox.store.coordinator.client
-    prefix = mailbox.store.coordinator.lease_key("")
+    scheme = mailbox.store.coordinator.keys
     stale: list[str] = []
-    for keys in _scan_pages(client, prefix + "*", page_size):
+    for keys in _scan_pages(client, scheme.pattern("lease"), page_size):
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(key)
@@ -287,7 +287,7 @@ def _check_leases(mailbox: Mailbox, report: AuditReport, sample: int, page_size:
             dispatch_id, expected = leases[key]
             if _text(token) == expected:
                 state = rows[dispatch_id][0] if dispatch_id in rows else "missing"
-                stale.append(f"{key[len(prefix):]} -> {dispatch_id} ({state})")
+                stale.append(f"{scheme.thread_of(key, 'lease')} -> {dispatch_id} ({state})")
     if stale:
         report.add(Finding("stale_lease", "warning",
                            "Redis leases naming dispatches that SQL does not hold Claimed "
@@ -299,21 +299,17 @@ def _check_redis_epochs(mailbox: Mailbox, report: AuditReport, sample: int,
                         page_size: int) -> None:
     """A cached epoch above SQL would fence current work as stale: SQL went backwards."""
     report.checks.append("redis_epoch_ahead")
-    client = mailbox.store.coordinator.client
-    prefix = mailbox.store.coordinator.epoch_key("")
+    coordinator = mailbox.store.coordinator
     ahead: list[str] = []
-    for keys in _scan_pages(client, prefix + "*", page_size):
-        cached = {_text(k)[len(prefix):]: v for k, v in zip(keys, client.mget(keys),
-                                                            strict=True) if v is not None}
+    for keys in _scan_pages(coordinator.client, coordinator.keys.pattern("epoch"), page_size):
+        threads = [t for t in (coordinator.keys.thread_of(_text(k), "epoch") for k in keys)
+                   if t is not None]
+        cached = coordinator.cached_epochs(threads)
         if not cached:
             continue
         with Inspection.open(mailbox.store) as inspect:
             sql = inspect.epochs_of(list(cached))
-        for thread, value in cached.items():
-            try:
-                redis_epoch = int(value)
-            except ValueError:
-                continue
+        for thread, redis_epoch in cached.items():
             if redis_epoch > sql.get(thread, 0):
                 ahead.append(f"{thread} (redis {redis_epoch} > sql {sql.get(thread, 0)})")
     if ahead:
@@ -324,18 +320,21 @@ def _check_redis_epochs(mailbox: Mailbox, report: AuditReport, sample: int,
 
 
 def _scan_pages(client: Any, pattern: str, page_size: int) -> Iterator[list[Any]]:
-    """SCAN in pages (never KEYS): each yielded page holds at most about `page_size` keys.
-    SCAN may return a key twice; each key is yielded once."""
-    cursor: int = 0
+    """SCAN in pages (never KEYS): each yielded page holds at most `page_size` keys. SCAN
+    may return a key twice; each key is yielded once. On a Redis Cluster `scan_iter` walks
+    every master in turn."""
     seen: set[bytes | str] = set()
-    while True:
-        cursor, keys = client.scan(cursor=cursor, match=pattern, count=page_size)
-        fresh = [k for k in keys if k not in seen]
-        seen.update(fresh)
-        if fresh:
-            yield fresh
-        if int(cursor) == 0:
-            return
+    page: list[Any] = []
+    for key in client.scan_iter(match=pattern, count=page_size):
+        if key in seen:
+            continue
+        seen.add(key)
+        page.append(key)
+        if len(page) >= page_size:
+            yield page
+            page = []
+    if page:
+        yield page
 
 
 __all__ = ["AuditReport", "Finding", "MailboxStats", "audit", "collect_stats", "iso_ms"]

@@ -10,22 +10,40 @@ is its `lease_until`, which carries the caller's clock like every store time.
 
 Each multi-step change is one Lua script (kept as a file under `lua/`, registered once per
 client; redis-py reloads it by itself after a Redis restart forgets scripts).
+
+The coordination Redis is one server (`redis://…`) or a Redis Cluster (`redis+cluster://…`,
+docs/redis-cluster.md). Every key is named by `KeyScheme`: on one server the names are the
+ones this project always used; on a cluster every key of a thread carries the thread as its
+hash tag, so each script touches one slot, and a run's event stream lives in its thread's
+slot.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff  # type: ignore[attr-defined]
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (  # type: ignore[attr-defined]
+    NoScriptError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+)
+from redis.retry import Retry
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 EPOCH_TTL_MS = 7 * 24 * 3600 * 1000
 MIN_LEASE_TTL_MS = 60_000
 MAX_LEASE_TTL_MS = 30 * 24 * 3600 * 1000
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""MAILBOX_REDIS_URL schemes that name a Redis Cluster, and the scheme of one node's URL."""
 
 
 @dataclass(frozen=True)
@@ -41,28 +59,170 @@ def _lease_ttl(lease_ms: int) -> int:
     return min(MAX_LEASE_TTL_MS, max(MIN_LEASE_TTL_MS, 3 * lease_ms))
 
 
+# ------------------------------------------------------------------------------------ keys
+_ESCAPED = re.compile(r"%(25|7D)")
+
+
+def hash_tag(thread_id: str) -> str:
+    """The thread's hash tag on a cluster: `{<thread>}` with `%` and `}` percent-escaped, so
+    that the first `}` after our `{` is ours (Redis hashes only what is between them), the
+    tag is never empty (thread ids are), and distinct threads keep distinct keys."""
+    return "{" + thread_id.replace("%", "%25").replace("}", "%7D") + "}"
+
+
+def thread_of_tag(escaped: str) -> str:
+    """The inverse of `hash_tag`, for the text between the braces."""
+    return _ESCAPED.sub(lambda m: "%" if m[1] == "25" else "}", escaped)
+
+
+@dataclass(frozen=True)
+class KeyScheme:
+    """Every Redis key of the mailbox (docs/redis-cluster.md#keys).
+
+    One server (`cluster=False`): the names the project always used — `<ns>:lease:<thread>`,
+    `<ns>:epoch:<thread>`, `<ns>:epoch-generation`, `<ns>:events:<run>` … — so upgrading a
+    running deployment changes no key. A cluster: every key of a thread starts with
+    `<ns>:{<thread>}:` (the hash tag), so a script's keys share a slot and everything of a
+    thread — lease, epoch and its generation, wake mark, cancel signals, its runs' event
+    streams — lives on one master. The namespace alphabet has no braces
+    (`settings.validate_namespace`), so the first `{` of a key is always the tag's."""
+
+    namespace: str
+    cluster: bool = False
+
+    def _of_thread(self, thread_id: str, kind: str) -> str:
+        if self.cluster:
+            return f"{self.namespace}:{hash_tag(thread_id)}:{kind}"
+        return f"{self.namespace}:{kind}:{thread_id}"
+
+    def lease(self, thread_id: str) -> str:
+        return self._of_thread(thread_id, "lease")
+
+    def epoch(self, thread_id: str) -> str:
+        return self._of_thread(thread_id, "epoch")
+
+    def wake_pending(self, thread_id: str) -> str:
+        return self._of_thread(thread_id, "wake-pending")
+
+    def epoch_generation(self, thread_id: str) -> str:
+        """The epoch cache's generation (`epoch_fill.lua`): one per server, renewed by a
+        flush or restart that empties it; on a cluster one per thread, in the thread's slot
+        (a script may not touch a global key beside the thread's), which a flush or a
+        restart of the thread's master empties just the same."""
+        if self.cluster:
+            return self._of_thread(thread_id, "epoch-generation")
+        return f"{self.namespace}:epoch-generation"
+
+    def cancel(self, thread_id: str, token: str) -> str:
+        """A stop signal for the claim holding `token` (read by its heartbeat)."""
+        if self.cluster:
+            return f"{self._of_thread(thread_id, 'cancel')}:{token}"
+        return f"{self.namespace}:cancel:{token}"
+
+    def events(self, thread_id: str, run_id: str) -> tuple[str, str]:
+        """A run's event stream and its meta hash; on a cluster in its thread's slot."""
+        base = (f"{self._of_thread(thread_id, 'events')}:{run_id}" if self.cluster
+                else f"{self.namespace}:events:{run_id}")
+        return base, base + ":meta"
+
+    def gc_cursor(self) -> str:
+        """Where garbage collection stopped (one key, not a thread's: any slot will do)."""
+        return f"{self.namespace}:gc:thread-cursor"
+
+    # ------------------------------------------------------------------- scans (the audit)
+    def pattern(self, kind: str) -> str:
+        """A SCAN MATCH pattern for every per-thread key of this kind ("lease", "epoch")."""
+        if self.cluster:
+            return f"{self.namespace}:{{*}}:{kind}"
+        return f"{self.namespace}:{kind}:*"
+
+    def thread_of(self, key: str, kind: str) -> str | None:
+        """The thread a per-thread key of this kind belongs to; None for any other key."""
+        if self.cluster:
+            head, tail = f"{self.namespace}:{{", f"}}:{kind}"
+            if key.startswith(head) and key.endswith(tail) and len(key) > len(head + tail):
+                inner = key[len(head):-len(tail)]
+                return None if "}" in inner else thread_of_tag(inner)
+            return None
+        head = f"{self.namespace}:{kind}:"
+        return key[len(head):] if key.startswith(head) and len(key) > len(head) else None
+
+
+def is_cluster_client(client: object) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def run_scripts(client: redis.Redis[bytes], script: Any,
+                calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    """Run `script` once per (keys, args), pipelined in one round trip; the replies in order.
+
+    A cluster pipeline does not load scripts, and a master that restarted has forgotten
+    them: calls refused with NOSCRIPT are run again once the script is loaded (on every
+    master). Only those: so the calls of one batch must be independent — no two of them
+    touching the same keys — or a retried one could land after a later one that went
+    through. The first other error is raised once every call was tried."""
+    if not calls:
+        return []
+    replies = _pipelined(client, script, calls)
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        client.script_load(script.script)  # type: ignore[no-untyped-call]
+        for i, reply in zip(missing, _pipelined(client, script, [calls[i] for i in missing]),
+                            strict=True):
+            replies[i] = reply
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def _pipelined(client: redis.Redis[bytes], script: Any,
+               calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for keys, args in calls:
+        # EVALSHA straight into the pipeline: no SCRIPT EXISTS round trip before it (the
+        # NOSCRIPT replies are handled by the caller, the same way on one server and on a
+        # cluster).
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    return execute(pipe, raise_on_error=False)
+
+
+def execute(pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
+    """`pipe.execute()`, with a cluster that cannot be reached reported as a
+    `redis.ConnectionError` like any Redis that is down (see `MailboxCluster`)."""
+    try:
+        return list(pipe.execute(raise_on_error=raise_on_error))
+    except (SlotNotCoveredError, RedisClusterUnreachableError) as exc:
+        raise redis.ConnectionError(f"redis cluster unreachable: {exc}") from exc
+
+
 class Coordinator:
     """Redis side of the store. Counts its round trips so benchmarks can report them."""
 
     def __init__(self, client: redis.Redis[bytes], namespace: str) -> None:
         self.client = client
         self.namespace = namespace
+        self.keys = KeyScheme(namespace, cluster=is_cluster_client(client))
         self.round_trips = 0
         self.scripts = {  # name -> registered script (benchmarks name EVALSHA calls by it)
             name: client.register_script((LUA_DIR / f"{name}.lua").read_text())
             for name in ("lease_acquire", "lease_put", "lease_release", "lease_take_executor",
-                         "epoch_generation", "epoch_fill", "wake_consume")
+                         "epoch_generation", "epoch_fill", "epoch_forget", "wake_consume")
         }
+
+    @property
+    def cluster(self) -> bool:
+        return self.keys.cluster
 
     # -------------------------------------------------------------------------------- keys
     def lease_key(self, thread_id: str) -> str:
-        return f"{self.namespace}:lease:{thread_id}"
+        return self.keys.lease(thread_id)
 
     def epoch_key(self, thread_id: str) -> str:
-        return f"{self.namespace}:epoch:{thread_id}"
+        return self.keys.epoch(thread_id)
 
     def wake_pending_key(self, thread_id: str) -> str:
-        return f"{self.namespace}:wake-pending:{thread_id}"
+        return self.keys.wake_pending(thread_id)
 
     def _run(self, name: str, key: str, *args: Any) -> Any:
         self.round_trips += 1
@@ -113,19 +273,53 @@ class Coordinator:
         raw = self.client.get(self.epoch_key(thread_id))
         return None if raw is None else int(raw)
 
-    def epoch_generation(self) -> str:
-        """Taken before reading an epoch from SQL to refill the cache (see `fill_epoch`)."""
+    def cached_epochs(self, thread_ids: Sequence[str]) -> dict[str, int]:
+        """The cached epochs of these threads (those Redis has), in one round trip per
+        server (MGET on one server; split by slot on a cluster)."""
+        if not thread_ids:
+            return {}
         self.round_trips += 1
+        keys = [self.epoch_key(t) for t in thread_ids]
+        values = (self.client.mget_nonatomic(keys)  # type: ignore[attr-defined]
+                  if self.cluster else self.client.mget(keys))
+        found: dict[str, int] = {}
+        for thread_id, raw in zip(thread_ids, values, strict=True):
+            try:
+                found[thread_id] = int(raw)
+            except (TypeError, ValueError):
+                continue
+        return found
+
+    def epoch_generation(self, thread_id: str) -> str:
+        """Taken before reading the thread's epoch from SQL to refill the cache (see
+        `fill_epoch`). One generation per server; on a cluster one per thread, expiring
+        with the epochs it guards."""
+        self.round_trips += 1
+        ttl = str(EPOCH_TTL_MS) if self.cluster else "0"
         return _text(self.scripts["epoch_generation"](
-            keys=[f"{self.namespace}:epoch-generation"], args=[uuid.uuid4().hex]))
+            keys=[self.keys.epoch_generation(thread_id)], args=[uuid.uuid4().hex, ttl]))
 
     def fill_epoch(self, thread_id: str, epoch: int, generation: str) -> bool:
         """Cache an epoch read from SQL, unless Redis was flushed or restarted since the
         generation was taken: a value read before a flush may already be old, and an empty
         cache must never take an old value (epochs only go up). False when skipped."""
         return int(self._run_keys("epoch_fill", [self.epoch_key(thread_id),
-                                      f"{self.namespace}:epoch-generation"],
-                       epoch, generation, EPOCH_TTL_MS)) != -1
+                                                 self.keys.epoch_generation(thread_id)],
+                                  epoch, generation, EPOCH_TTL_MS)) != -1
+
+    def forget_epochs(self, thread_ids: Sequence[str]) -> int:
+        """Delete these threads' cached epochs and renew the generation that guards them
+        (garbage collection deleted their epoch rows, docs/behaviour.md#gc): one call on one
+        server, one per thread on a cluster (each in its thread's slot). How many cached
+        epochs existed."""
+        if not self.cluster:
+            return int(self._run_keys("epoch_forget", [
+                self.keys.epoch_generation(""), *(self.epoch_key(t) for t in thread_ids)],
+                uuid.uuid4().hex))
+        return sum(int(self._run_keys("epoch_forget", [self.keys.epoch_generation(t),
+                                                       self.epoch_key(t)],
+                                      uuid.uuid4().hex, EPOCH_TTL_MS))
+                   for t in thread_ids)
 
     # ----------------------------------------------------------------- sweep wake-ups
     def mark_wakes_pending(self, wakes: Sequence[tuple[str, str]], ttl_ms: int) -> list[bool]:
@@ -138,7 +332,7 @@ class Coordinator:
         pipe = self.client.pipeline(transaction=False)
         for thread_id, wake_id in wakes:
             pipe.set(self.wake_pending_key(thread_id), wake_id, nx=True, px=ttl_ms)
-        return [bool(reply) for reply in pipe.execute()]
+        return [bool(reply) for reply in execute(pipe)]
 
     def consume_wake(self, thread_id: str, wake_id: str) -> bool:
         """Clear the thread's mark if it still names this wake-up: one round trip."""
@@ -150,11 +344,9 @@ class Coordinator:
         if not wakes:
             return
         self.round_trips += 1
-        pipe = self.client.pipeline(transaction=False)
-        for thread_id, wake_id in wakes:
-            self.scripts["wake_consume"](keys=[self.wake_pending_key(thread_id)],
-                                          args=[wake_id], client=pipe)
-        pipe.execute()
+        run_scripts(self.client, self.scripts["wake_consume"],
+                    [([self.wake_pending_key(thread_id)], [wake_id])
+                     for thread_id, wake_id in dict(wakes).items()])
 
     def _run_keys(self, name: str, keys: list[str], *args: Any) -> Any:
         self.round_trips += 1
@@ -167,7 +359,62 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# ------------------------------------------------------------------------------ connecting
+class MailboxCluster(RedisCluster):  # type: ignore[type-arg]
+    """redis-py's cluster client, reporting a cluster it cannot reach (no node answers, a
+    slot nobody serves) as `redis.ConnectionError`, like a single Redis that is down: the
+    store turns that into StoreUnavailableError and the heartbeat into a blind renewal
+    (docs/redis-cluster.md#failures). Other cluster errors — a script whose keys span
+    slots — stay what they are: bugs, not outages."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except (SlotNotCoveredError, RedisClusterUnreachableError) as exc:
+            raise redis.ConnectionError(f"redis cluster unreachable: {exc}") from exc
+
+
+def is_cluster_url(url: object) -> bool:
+    return isinstance(url, str) and url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def cluster_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """Split `redis+cluster://[user:password@]host:port[,host:port…][/0][?options]` into a
+    node URL for redis-py (`redis://[user:password@]<first node>[/0][?options]`, which
+    carries the credentials and options) and every (host, port) given. IPv6 hosts in
+    brackets. ValueError says what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    node_scheme = CLUSTER_SCHEMES.get(scheme.lower())
+    if not sep or node_scheme is None:
+        raise ValueError(f"not a Redis Cluster URL (redis+cluster://host:port,...): {url!r}")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    userinfo, at, hostlist = netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"Redis Cluster URL: {item.strip()!r} is not host:port in {url!r}")
+        nodes.append((unquote(host), int(port)))
+    first, first_port = nodes[0]
+    shown = f"[{first}]" if ":" in first else first
+    return f"{node_scheme}://{userinfo}{at}{shown}:{first_port}{tail}", nodes
+
+
 def connect_redis(url: str) -> redis.Redis[bytes]:
-    """A client with bounded timeouts: a dead Redis fails fast instead of hanging a worker."""
+    """A client with bounded timeouts: a dead Redis fails fast instead of hanging a worker.
+
+    A `redis+cluster://` (or `rediss+cluster://`) URL gives a cluster client (`MailboxCluster`)
+    that discovers the cluster from the nodes listed; it offers the same commands, so it is
+    typed as a `redis.Redis` here (keys are named for it by `KeyScheme`)."""
+    if is_cluster_url(url):
+        node_url, nodes = cluster_nodes(url)
+        return cast("redis.Redis[bytes]", MailboxCluster(
+            url=node_url, startup_nodes=[ClusterNode(h, p) for h, p in nodes[1:]],
+            socket_timeout=5, socket_connect_timeout=5, retry_on_timeout=False,
+            # A master that is down: give up within about a second, like a single Redis
+            # (connect refused at once); the store calls that an outage, SQL stays the truth.
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3)))
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
                                 health_check_interval=15, retry_on_timeout=False)

@@ -160,7 +160,8 @@ class Mailbox:
         self.runs = RunStore(store)
         self.events = EventStreams(store.coordinator.client, settings.namespace,
                                    settings.retention_s,
-                                   max_bytes=settings.event_stream_max_bytes)
+                                   max_bytes=settings.event_stream_max_bytes,
+                                   thread_of=self._thread_of_run)
         self.retention = Retention(store)
         self.waker: Waker | None = None
 
@@ -260,7 +261,8 @@ class Mailbox:
                                              "mailbox.resumed": stored.resumed})
         data: dict[str, Any] = {"agent": stored.run.resolution_id}
         data.update({"resume": True} if stored.resumed else {"priority": priority})
-        self.events.emit(stored.run.run_id, dispatch_id, "run_queued", data, ts=now)
+        self.events.emit(stored.run.run_id, dispatch_id, "run_queued", data, ts=now,
+                         thread_id=thread_id)
         if wake:
             self._wake(thread_id, delay_ms)
         return Receipt(dispatch_id, stored.run.run_id, thread_id, resumed=stored.resumed)
@@ -327,7 +329,7 @@ class Mailbox:
         self.events.emit_batch([(s.run.run_id, s.dispatch.dispatch_id, "run_queued", {
             "agent": s.run.resolution_id,
             **({"resume": True} if s.resumed else {"priority": s.dispatch.priority})},
-            now) for s in stored])
+            now) for s in stored], threads={s.run.run_id: s.dispatch.thread_id for s in stored})
         return [Receipt(s.dispatch.dispatch_id, s.run.run_id, s.dispatch.thread_id,
                         resumed=s.resumed) for s in stored]
 
@@ -387,7 +389,8 @@ class Mailbox:
         self.runs.submit(updated, dispatch, Resolution(run.resolution_id, name, version),
                          _new_id(), decision, now, new_run=False, role="decision")
         self.events.emit(run.run_id, dispatch.dispatch_id, "run_queued",
-                         {"agent": run.resolution_id, "resume": True}, ts=now)
+                         {"agent": run.resolution_id, "resume": True}, ts=now,
+                         thread_id=run.thread_id)
         if wake:
             self._wake(run.thread_id, delay_ms)
         return Receipt(dispatch.dispatch_id, run.run_id, run.thread_id, resumed=True)
@@ -468,7 +471,7 @@ class Mailbox:
         if current is None or current.status != DispatchStatus.Claimed:
             return False
         assert current.claim_token is not None
-        self._signal_cancel(current.claim_token, "cancelled by request")
+        self._signal_cancel(current.thread_id, current.claim_token, "cancelled by request")
         return True
 
     def interrupt(self, thread_id: str) -> MailboxInterrupt:
@@ -482,7 +485,8 @@ class Mailbox:
                 reports.cancelled(self.events, dispatch, now)
         if result.active_dispatch is not None and result.active_dispatch.claim_token:
             try:
-                self._signal_cancel(result.active_dispatch.claim_token, "interrupted")
+                self._signal_cancel(thread_id, result.active_dispatch.claim_token,
+                                    "interrupted")
             except StoreUnavailableError as exc:
                 # The interrupt is committed: the running attempt's next lease renewal (within
                 # a third of a lease) is fenced by the new epoch and stops the agent anyway.
@@ -563,7 +567,8 @@ class Mailbox:
                 raise
             return earlier
         self.events.emit(replayed.run_id, dispatch.dispatch_id, "run_queued",
-                         {"agent": run.resolution_id, "replay_of": dispatch_id}, ts=now)
+                         {"agent": run.resolution_id, "replay_of": dispatch_id}, ts=now,
+                         thread_id=dead.thread_id)
         self._wake(dead.thread_id, 0)
         return Receipt(dispatch.dispatch_id, replayed.run_id, dead.thread_id)
 
@@ -588,7 +593,7 @@ class Mailbox:
                                   f"{len(dispatch_ids)}")
         ids = [check_text("dispatch_ids item", d) for d in dispatch_ids]
         purged = self.retention.purge_dead_letters(ids)
-        maintenance.forget_event_streams(self.events, purged.run_ids)
+        maintenance.forget_event_streams(self.events, purged.run_ids, purged.run_threads)
         return purged.dispatches
 
     # ------------------------------------------------------------------------- maintenance
@@ -603,15 +608,20 @@ class Mailbox:
     def collect_garbage(self, now: int | None = None) -> int:
         return maintenance.collect_garbage(self.runtime(), now_ms() if now is None else now)
 
-    def _cancel_key(self, token: str) -> str:
-        return f"{self.settings.namespace}:cancel:{token}"
+    def _thread_of_run(self, run_id: str) -> str | None:
+        """For the event streams on a Redis Cluster: the run's thread, from SQL."""
+        run = self.runs.load_run(run_id)
+        return None if run is None else run.thread_id
 
-    def _signal_cancel(self, token: str, reason: str) -> None:
+    def _cancel_key(self, thread_id: str, token: str) -> str:
+        return self.store.coordinator.keys.cancel(thread_id, token)
+
+    def _signal_cancel(self, thread_id: str, token: str, reason: str) -> None:
         """Tell the worker holding this claim to stop its agent (read by its heartbeat every
         100 ms). StoreUnavailableError when Redis cannot take the signal."""
         payload = json.dumps({"reason": reason, "at": now_ms()})
         try:
-            self.store.coordinator.client.set(self._cancel_key(token), payload,
+            self.store.coordinator.client.set(self._cancel_key(thread_id, token), payload,
                                               px=max(60_000, 3 * self.settings.lease_ms))
         except redis.RedisError as exc:
             raise StoreUnavailableError(f"redis unreachable signalling the worker to stop: "
@@ -620,7 +630,7 @@ class Mailbox:
     def _cancel_signal(self, thread_id: str, token: str) -> str | None:
         """Read by the heartbeat every 100 ms: a cancel signal for this claim. A Redis error
         propagates: the heartbeat counts it, and stops the agent when it lasts a lease."""
-        raw = self.store.coordinator.client.get(self._cancel_key(token))
+        raw = self.store.coordinator.client.get(self._cancel_key(thread_id, token))
         if raw is None:
             return None
         try:

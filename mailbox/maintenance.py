@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis
@@ -147,7 +147,8 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
                 report.dead_lettered.append(dispatch.dispatch_id)
                 rt.runs.reconcile(dispatch, now)
                 reports.dead_letter(rt.events, dispatch.run_id, dispatch.dispatch_id,
-                                    dispatch.last_error or LEASE_EXPIRED, rt.clock())
+                                    dispatch.last_error or LEASE_EXPIRED, rt.clock(),
+                                    thread_id=dispatch.thread_id)
         for dispatch in page.superseded:
             report.superseded.append(dispatch.dispatch_id)
             wrote = finished.get(dispatch.dispatch_id)
@@ -319,7 +320,7 @@ def garbage_collection(rt: Runtime, now: int, *, batch: int = GC_BATCH,
 
 def _collect_threads(rt: Runtime, retention: Retention, cutoffs: Cutoffs, report: GcReport,
                      batch: int, max_threads: int) -> None:
-    cursor_key = f"{rt.settings.namespace}:gc:thread-cursor"
+    cursor_key = rt.store.coordinator.keys.gc_cursor()
     client = rt.store.coordinator.client
     try:
         raw = client.get(cursor_key)
@@ -363,19 +364,22 @@ def _collect_runs(rt: Runtime, retention: Retention, threads: list[str], before:
             report.runs += len(deleted.run_ids)
             report.messages += deleted.messages
             report.transactions += deleted.transactions
-            report.event_streams += forget_event_streams(rt.events, deleted.run_ids)
+            report.event_streams += forget_event_streams(rt.events, deleted.run_ids,
+                                                         page.threads)
         if not page.more:
             return
         after = page.cursor
 
 
-def forget_event_streams(events: EventStreams, run_ids: Sequence[str]) -> int:
-    """Delete the event streams of deleted runs. Best effort: a stream Redis keeps expires
+def forget_event_streams(events: EventStreams, run_ids: Sequence[str],
+                         threads: Mapping[str, str] | None = None) -> int:
+    """Delete the event streams of deleted runs (`threads`: their threads, which a Redis
+    Cluster needs to find them). Best effort: a stream Redis keeps expires
     MAILBOX_RETENTION_S after its last event anyway."""
     if not run_ids:
         return 0
     try:
-        return events.forget(run_ids)
+        return events.forget(run_ids, threads)
     except redis.RedisError as exc:
         metrics.count_operation("event_forget", "error")
         log.warning("event streams of %d deleted runs not deleted (%s); they expire on their "

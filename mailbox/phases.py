@@ -184,7 +184,8 @@ def _unreconstructable(rt: Runtime, ctx: PhaseContext, message: str) -> PhaseCon
         except MailboxError as exc:
             log.warning("could not record the result of %s: %s", ctx.dispatch_id, exc)
         rt.store.dead_letter(ctx.dispatch_id, ctx.token, msg, now)
-        reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, msg, rt.clock())
+        reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, msg, rt.clock(),
+                            thread_id=ctx.thread_id)
         _reconcile(rt, rt.store.load_dispatch(ctx.dispatch_id))
     except (VersionConflictError, NotFoundError) as exc:
         return _after_fence(rt, ctx, exc)
@@ -245,7 +246,8 @@ def execute(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     # Stamped with the start time the store recorded, not the time of this emit: a start
     # committed just before an interrupt must not look as if it came after it.
     rt.events.emit(ctx.run_id, ctx.dispatch_id, "run_started",
-                   {"attempt": ctx.attempt, "resumed": ctx.resumed}, ts=ctx.started_at)
+                   {"attempt": ctx.attempt, "resumed": ctx.resumed}, ts=ctx.started_at,
+                   thread_id=ctx.thread_id)
 
     if ctx.resolve_error:
         ctx.outcome = Outcome(PERMANENT, ctx.resolve_error)
@@ -521,7 +523,8 @@ def _settle_transient(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> N
         rt.wake(ctx.thread_id, delay)
         return
     if after is not None and after.status == DispatchStatus.DeadLetter:
-        reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, error, rt.clock())
+        reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, error, rt.clock(),
+                            thread_id=ctx.thread_id)
     _reconcile(rt, after)
 
 
@@ -552,7 +555,7 @@ def _settle_deferred(rt: Runtime, ctx: PhaseContext, reason: str, now: int) -> s
     rt.events.emit(ctx.run_id, ctx.dispatch_id, "run_rescheduled", {
         "reason": "agent_version_missing", "error": reason,
         "attempt_count": requeued.attempt_count, "available_at": requeued.available_at},
-        ts=rt.clock())
+        ts=rt.clock(), thread_id=ctx.thread_id)
     rt.wake(ctx.thread_id, delay)
     return DEFERRED
 
@@ -562,7 +565,8 @@ def _settle_permanent(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> N
     dead letter fenced off by an interrupt reports the cancellation instead)."""
     _record_failure(rt, ctx, error, now)
     rt.store.dead_letter(ctx.dispatch_id, ctx.token, error, now)
-    reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, error, rt.clock())
+    reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, error, rt.clock(),
+                        thread_id=ctx.thread_id)
     _reconcile(rt, rt.store.load_dispatch(ctx.dispatch_id))
 
 

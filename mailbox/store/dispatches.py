@@ -296,9 +296,9 @@ class MailboxStore:
 
         self._after_commit("epoch", fill)
 
-    def _generation(self) -> str | None:
+    def _generation(self, thread_id: str) -> str | None:
         try:
-            return self.coordinator.epoch_generation()
+            return self.coordinator.epoch_generation(thread_id)
         except redis.RedisError:
             return None
 
@@ -616,7 +616,7 @@ class MailboxStore:
         """
         require_id("thread_id", thread_id)
         require_ms("now", now)
-        generation = self._generation()
+        generation = self._generation(thread_id)
         with self.write() as conn:
             old = self.lock_thread(conn, thread_id, create=True)
             assert old is not None
@@ -643,7 +643,7 @@ class MailboxStore:
         cached = self.coordinator.cached_epoch(thread_id)
         if cached is not None:
             return cached
-        generation = self.coordinator.epoch_generation()
+        generation = self.coordinator.epoch_generation(thread_id)
         epoch = self._sql_epoch(thread_id)
         self._after_commit("epoch fill", lambda: self.coordinator.fill_epoch(
             thread_id, epoch, generation))
@@ -653,7 +653,7 @@ class MailboxStore:
         """Bring the cache up to the SQL epoch (a writer's duty after its commit). Gives up
         only when Redis keeps being flushed, which leaves the cache empty: also correct."""
         for _ in range(attempts):
-            generation = self.coordinator.epoch_generation()
+            generation = self.coordinator.epoch_generation(thread_id)
             if self.coordinator.fill_epoch(thread_id, self._sql_epoch(thread_id), generation):
                 return
 

@@ -21,7 +21,8 @@ What may go, and why it is safe:
   there is none to start, so a later submit may begin again at epoch 0. The Redis epoch cache
   must not keep the old value above it (`redis_epoch_ahead` in the audit: verify would fence
   the new work as stale), so the thread's cache key is deleted, and the cache generation
-  renewed so that a refill which read SQL before the delete cannot put it back.
+  renewed so that a refill which read SQL before the delete cannot put it back
+  (`Coordinator.forget_epochs`; on a Redis Cluster the generation is the thread's own).
 
 No transaction touches two threads' invariants: rows of many threads go in one DELETE only
 where no invariant links them (terminal dispatches, unreferenced runs and their messages), and
@@ -39,7 +40,6 @@ import redis
 import sqlalchemy as sa
 
 from mailbox import metrics
-from mailbox.coordination import LUA_DIR
 from mailbox.errors import ValidationError
 from mailbox.model import DispatchStatus, require_ms
 from mailbox.store import statements as q
@@ -122,6 +122,9 @@ class RunPage:
     kept_replays: int
     cursor: tuple[str, str]
     more: bool
+    threads: dict[str, str] = field(default_factory=dict)
+    """run id -> thread id of `run_ids` (a Redis Cluster keeps a run's events in its
+    thread's slot: deleting them needs the thread once the run is gone)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class Deleted:
     messages: int = 0
     threads: int = 0
     transactions: int = 0
+    run_threads: dict[str, str] = field(default_factory=dict)
+    """run id -> thread id, where known, of `run_ids` (for their event streams)."""
 
 
 class Retention:
@@ -141,8 +146,6 @@ class Retention:
 
     def __init__(self, store: MailboxStore) -> None:
         self.store = store
-        self._forget = store.coordinator.client.register_script(
-            (LUA_DIR / "epoch_forget.lua").read_text())
 
     # --------------------------------------------------------------------------- dispatches
     @operation("gc_dispatches")
@@ -203,7 +206,7 @@ class Retention:
             kept = self._kept_replays(conn, free)
         cursor = (str(rows[-1].thread_id), str(rows[-1].run_id)) if rows else after
         return RunPage([r for r, _ in free if r not in kept], len(kept), cursor,
-                       len(rows) == limit)
+                       len(rows) == limit, {r: t for r, t in free if r not in kept})
 
     @staticmethod
     def _kept_replays(conn: sa.Connection, candidates: list[tuple[str, str]]) -> set[str]:
@@ -297,13 +300,9 @@ class Retention:
                 or conn.execute(q.SELECT_THREAD_HAS_RUN, params).first() is not None)
 
     def _forget_epochs(self, thread_ids: Sequence[str]) -> None:
-        """Delete the threads' cached epochs and renew the cache generation, in one call."""
-        coordinator = self.store.coordinator
-        # The generation key of the epoch cache (mailbox/coordination.py, epoch_fill.lua).
-        keys = [f"{coordinator.namespace}:epoch-generation",
-                *(coordinator.epoch_key(t) for t in thread_ids)]
-        coordinator.round_trips += 1
-        self._forget(keys=keys, args=[uuid.uuid4().hex])
+        """Delete the threads' cached epochs and renew the cache generation guarding them
+        (mailbox/coordination.py, epoch_fill.lua)."""
+        self.store.coordinator.forget_epochs(thread_ids)
 
     # ------------------------------------------------------------------------------- purge
     @operation("purge_dead_letters")
@@ -314,6 +313,7 @@ class Retention:
         ids = list(dict.fromkeys(dispatch_ids))
         dispatches, messages, transactions = 0, 0, 0
         run_ids: list[str] = []
+        run_threads: dict[str, str] = {}
         for start in range(0, len(ids), PURGE_BATCH):
             chunk = ids[start:start + PURGE_BATCH]
             with self.store.write() as conn:
@@ -324,6 +324,7 @@ class Retention:
                 dispatches += int(conn.execute(q.DELETE_DEAD_LETTERS, {
                     "dispatch_ids": [d.dispatch_id for d in dead]}).rowcount)
                 runs = sorted({str(d.run_id) for d in dead})
+                run_threads.update({str(d.run_id): str(d.thread_id) for d in dead})
                 orphans = [str(r) for r in conn.execute(q.SELECT_UNREFERENCED_RUNS,
                                                         {"run_ids": runs}).scalars()]
                 if not orphans:
@@ -337,7 +338,8 @@ class Retention:
                 run_ids += [str(r) for r in conn.execute(q.DELETE_UNREFERENCED_RUNS,
                                                          {"run_ids": orphans}).scalars()]
         return Deleted(run_ids=run_ids, dispatches=dispatches, messages=messages,
-                       transactions=transactions)
+                       transactions=transactions,
+                       run_threads={r: run_threads[r] for r in run_ids if r in run_threads})
 
 
 __all__ = ["GC_BATCH", "MAX_GC_BATCH", "PURGE_BATCH", "REPLAY_NAMESPACE", "Cutoffs",

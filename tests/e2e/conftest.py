@@ -10,8 +10,8 @@ from tests.support.workers import Stack, stack
 
 
 @pytest.fixture
-def celery_stack(mailbox: Mailbox, tmp_path: Path, request: pytest.FixtureRequest
-                 ) -> Iterator[Stack]:
+def celery_stack(mailbox: Mailbox, tmp_path: Path, request: pytest.FixtureRequest,
+                 broker_url: str) -> Iterator[Stack]:
     """Worker/beat launcher bound to the test's database, Redis and namespace. Environment
     overrides: `@pytest.mark.stack_env(MAILBOX_LEASE_MS="2000")`. When the test fails, the
     stack's logs are attached to its report (tests/conftest.py); when one of the stack's
@@ -21,6 +21,7 @@ def celery_stack(mailbox: Mailbox, tmp_path: Path, request: pytest.FixtureReques
     settings = mailbox.settings
     assert settings.redis_url is not None
     with stack(settings.database_url, settings.redis_url, settings.namespace, tmp_path,
+               broker_url=broker_url if broker_url != settings.redis_url else None,
                **overrides) as s:
         yield s
 
@@ -35,7 +36,7 @@ def publisher(celery_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     import tasks.runtime
     from tasks import app as celery_app
 
-    celery_app.conf.broker_url = celery_stack.redis_url
+    celery_app.conf.broker_url = celery_stack.broker
     tasks.runtime.reset()
     yield tasks.runtime.mailbox()
     tasks.runtime.reset()

@@ -9,14 +9,15 @@ import pytest
 from mailbox import DispatchStatus, Mailbox
 from mailbox.facade import BulkSubmitError
 from tasks import dispatch
+from tests.support.e2e_helpers import broker_client
 from tests.support.workers import Stack
 
 
-def queued_messages(box: Mailbox) -> int:
+def queued_messages(stack: Stack) -> int:
     """Messages waiting on the namespace's queue (the Redis transport keeps one list per
-    priority step, named after the queue)."""
-    client = box.store.coordinator.client
-    return sum(int(client.llen(key)) for key in client.scan_iter(f"{box.settings.namespace}*")
+    priority step, named after the queue) in the stack's broker."""
+    client = broker_client(stack)
+    return sum(int(client.llen(key)) for key in client.scan_iter(f"{stack.namespace}*")
                if client.type(key) == b"list")
 
 
@@ -29,7 +30,7 @@ def test_delay_many_wakes_each_thread_once_in_grouped_messages_and_all_run_in_or
     assert len(results) == 241
     # before any worker: 60 due threads in groups of 50 (two messages), the delayed one alone
     # (a countdown is the worker's to hold: the message is on the queue already)
-    assert queued_messages(publisher) == 3
+    assert queued_messages(celery_stack) == 3
     celery_stack.start_worker(concurrency=2)
     finals = [publisher.wait(r.id, timeout_s=120) for r in results]
     assert {f.status for f in finals} == {DispatchStatus.Acked}

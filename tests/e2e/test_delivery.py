@@ -12,6 +12,7 @@ import time
 from mailbox import DispatchStatus, Mailbox, RunStatus
 from tasks import dispatch
 from tests.support.e2e_helpers import (
+    broker_client,
     describe_events,
     drop_queue,
     events_of,
@@ -33,7 +34,7 @@ def test_lost_wake_ups_are_delivered_by_the_start_up_sweep(celery_stack: Stack,
     for n in range(20):
         thread_id = f"lost-{n % 5}"
         ids[dispatch.delay(thread_id, "echo", f"lost #{n}").id] = f"lost #{n}"
-    client = publisher.store.coordinator.client
+    client = broker_client(celery_stack)
     assert queued_messages(client, publisher.settings.namespace) >= 20, \
         "the wake-ups were not in the broker queue: the test would prove nothing"
 
@@ -139,7 +140,7 @@ def test_a_claimed_chain_overtakes_a_backlog_of_wake_ups(celery_stack: Stack,
     from tasks.runtime import runtime
 
     namespace = publisher.settings.namespace
-    client = publisher.store.coordinator.client
+    client = broker_client(celery_stack)
     receipt = dispatch.delay("thread-overtake", "echo", "first through")
     drop_queue(client, namespace)  # its own wake-up is not needed: we claim it here
     assert start_next(runtime(), "thread-overtake") == receipt.id  # claimed; verify is on the queue

@@ -287,13 +287,12 @@ def test_an_epoch_row_stays_when_redis_cannot_forget_its_cached_epoch(
     mailbox.interrupt("t-redis-down")
     mailbox.store.current_dispatch_epoch("t-redis-down")  # cached: 1
 
-    def unreachable(**_: Any) -> None:
+    def unreachable(*_: Any) -> None:
         raise redis.ConnectionError("Redis is down")
 
-    retention = mailbox.retention
-    monkeypatch.setattr(retention, "_forget", unreachable)
+    monkeypatch.setattr(mailbox.store.coordinator, "forget_epochs", unreachable)
     with pytest.raises(StoreUnavailableError, match="redis unreachable"):
-        retention.delete_thread("t-redis-down")
+        mailbox.retention.delete_thread("t-redis-down")
     assert has_epoch_row(mailbox, "t-redis-down"), "rolled back: the cache would outlive it"
     assert mailbox.store.sql_epoch("t-redis-down") == 1
     monkeypatch.undo()

@@ -115,6 +115,12 @@ def queue_keys(namespace: str) -> list[str]:
             for step in KOMBU_PRIORITY_STEPS]
 
 
+def broker_client(stack: Stack) -> redis.Redis[bytes]:
+    """A client of the stack's broker (the coordination Redis, unless that is a Redis
+    Cluster: MAILBOX_TEST_REDIS_CLUSTER)."""
+    return redis.Redis.from_url(stack.broker)
+
+
 def queued_messages(client: redis.Redis[bytes], namespace: str) -> int:
     return sum(int(client.llen(key)) for key in queue_keys(namespace))
 

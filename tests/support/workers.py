@@ -45,16 +45,23 @@ class Stack:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     died: list[str] = field(default_factory=list)  # see unexpected_exits()
     _count: int = 0
+    broker_url: str | None = None
+    """Celery's broker when it is not the coordination Redis (which a Redis Cluster cannot
+    be: MAILBOX_TEST_REDIS_CLUSTER)."""
 
     def __post_init__(self) -> None:
         STACKS.append(self)
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis_url
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBOX_")}
         env.update({
             "MAILBOX_DATABASE_URL": self.database_url,
             "MAILBOX_REDIS_URL": self.redis_url,
-            "CELERY_BROKER_URL": self.redis_url,
+            "CELERY_BROKER_URL": self.broker,
             "MAILBOX_NAMESPACE": self.namespace,
             "MAILBOX_BEAT_SCHEDULE": str(self.workdir / "beat-schedule"),
             "PYTHONPATH": str(ROOT),
@@ -180,11 +187,13 @@ class Stack:
 
 
 @contextmanager
-def stack(database_url: str, redis_url: str, namespace: str, workdir: Path,
-          **env_overrides: str) -> Iterator[Stack]:
+def stack(database_url: str, redis_url: str, namespace: str, workdir: Path, *,
+          broker_url: str | None = None, **env_overrides: str) -> Iterator[Stack]:
     """A stack for the block; it fails (with the logs) when one of its processes died that
-    the test did not kill."""
-    s = Stack(database_url, redis_url, namespace, workdir, dict(env_overrides))
+    the test did not kill. `broker_url`: Celery's broker, when not the Redis at
+    `redis_url`."""
+    s = Stack(database_url, redis_url, namespace, workdir, dict(env_overrides),
+              broker_url=broker_url)
     try:
         yield s
     finally:
