@@ -32,9 +32,11 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff  # type: ignore[attr-defined]
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (  # type: ignore[attr-defined]
+    ClusterDownError,
     NoScriptError,
     RedisClusterUnreachableError,
     SlotNotCoveredError,
+    TryAgainError,
 )
 from redis.retry import Retry
 
@@ -172,7 +174,7 @@ def run_scripts(client: redis.Redis[bytes], script: Any,
             replies[i] = reply
     for reply in replies:
         if isinstance(reply, Exception):
-            raise reply
+            raise as_outage(reply)
     return replies
 
 
@@ -187,13 +189,29 @@ def _pipelined(client: redis.Redis[bytes], script: Any,
     return execute(pipe, raise_on_error=False)
 
 
+CLUSTER_OUTAGES = (SlotNotCoveredError, RedisClusterUnreachableError, ClusterDownError,
+                   TryAgainError)
+"""What a cluster client raises while (part of) the cluster cannot serve: no node answers, a
+slot nobody serves, CLUSTERDOWN / MASTERDOWN, TRYAGAIN while slots move."""
+
+
+def as_outage(exc: BaseException) -> BaseException:
+    """A cluster outage as the `redis.ConnectionError` a single Redis that is down raises
+    (the store turns that into StoreUnavailableError); anything else as it is."""
+    if isinstance(exc, CLUSTER_OUTAGES):
+        error = redis.ConnectionError(f"redis cluster unavailable: {exc!r}")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
 def execute(pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
-    """`pipe.execute()`, with a cluster that cannot be reached reported as a
-    `redis.ConnectionError` like any Redis that is down (see `MailboxCluster`)."""
+    """`pipe.execute()`, with a cluster outage reported as a `redis.ConnectionError` like
+    any Redis that is down (see `MailboxCluster`)."""
     try:
         return list(pipe.execute(raise_on_error=raise_on_error))
-    except (SlotNotCoveredError, RedisClusterUnreachableError) as exc:
-        raise redis.ConnectionError(f"redis cluster unreachable: {exc}") from exc
+    except CLUSTER_OUTAGES as exc:
+        raise as_outage(exc) from exc
 
 
 class Coordinator:
@@ -361,17 +379,18 @@ def _text(value: Any) -> str:
 
 # ------------------------------------------------------------------------------ connecting
 class MailboxCluster(RedisCluster):  # type: ignore[type-arg]
-    """redis-py's cluster client, reporting a cluster it cannot reach (no node answers, a
-    slot nobody serves) as `redis.ConnectionError`, like a single Redis that is down: the
-    store turns that into StoreUnavailableError and the heartbeat into a blind renewal
+    """redis-py's cluster client, reporting an outage of the cluster or of the master a key
+    lives on (`CLUSTER_OUTAGES`, once redis-py's own retries gave up) as
+    `redis.ConnectionError`, like a single Redis that is down: the store turns that into
+    StoreUnavailableError and the heartbeat into a blind renewal
     (docs/redis-cluster.md#failures). Other cluster errors — a script whose keys span
     slots — stay what they are: bugs, not outages."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except (SlotNotCoveredError, RedisClusterUnreachableError) as exc:
-            raise redis.ConnectionError(f"redis cluster unreachable: {exc}") from exc
+        except CLUSTER_OUTAGES as exc:
+            raise as_outage(exc) from exc
 
 
 def is_cluster_url(url: object) -> bool:

@@ -1,7 +1,9 @@
 """Whole-stack faults under load, each run ending with the workload audit (issue 6).
 
 Real `celery -A tasks worker` and `celery -A tasks beat` processes, real Redis and SQL:
-- Redis flushed (FLUSHALL) and then restarted empty in the middle of 1,000 dispatches;
+- Redis flushed (FLUSHALL) and then restarted empty in the middle of 1,000 dispatches (with
+  MAILBOX_TEST_REDIS_CLUSTER=1: every master of a three-master Redis Cluster flushed, then
+  one master restarted empty);
 - PostgreSQL restarted (fast, then immediate) in the middle of a load (PostgreSQL pass only);
 - every wake-up message published three times (clients and workers), execute messages too;
 - broker messages dropped: every first-hand wake-up (only the sweep's get through) and one
@@ -49,6 +51,7 @@ from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
 from tests.support.e2e_helpers import events_of, received_count, worker_logs
 from tests.support.fault_hooks import PHASES, Driver, Faults, Item, installed
 from tests.support.racers import race
+from tests.support.redis_cluster import LocalRedisCluster, cluster_mode
 from tests.support.services import require
 from tests.support.workers import Stack, stack
 
@@ -100,7 +103,7 @@ def publishing_to(s: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mailbox
         celery_app._pool = None
         celery_app.amqp._producer_pool = None
 
-    repoint(s.redis_url)
+    repoint(s.broker)
     tasks.runtime.reset()
     try:
         yield tasks.runtime.mailbox()
@@ -162,21 +165,79 @@ class Supervisor:
             f"expected: {self.restarts}{worker_logs(self.stack)}")
 
 
+class LossyRedis:
+    """The Redis that the Redis-loss test wipes, of the test's own.
+
+    One server (the default): leases, epochs, event streams and the broker queue all live
+    there; `flush` is FLUSHALL, `crash_restart` a SIGKILL and a start, empty.
+    MAILBOX_TEST_REDIS_CLUSTER=1: the coordination state on a three-master Redis Cluster, the
+    broker a plain Redis beside it (a cluster cannot be one); `flush` empties every master
+    and the broker, `crash_restart` kills ONE master and starts it again — it rejoins with
+    its slots and nothing else, while the other masters keep serving theirs."""
+
+    def __init__(self, server: EmbeddedRedis, cluster: LocalRedisCluster | None) -> None:
+        self.server = server
+        self.cluster = cluster
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url if self.cluster else self.server.url
+
+    @property
+    def broker_url(self) -> str | None:
+        return self.server.url if self.cluster else None
+
+    def flush(self) -> None:
+        if self.cluster:
+            self.cluster.flushall()
+        client = redis.Redis.from_url(self.server.url)
+        pipe = client.pipeline(transaction=True)  # the live system writes right after
+        assert pipe.flushall().dbsize().execute() == [True, 0]
+        client.close()
+
+    def crash_restart(self, down_s: float) -> None:
+        """A crash: no persistence, it comes back empty."""
+        if self.cluster:
+            self.cluster.kill(0)
+            time.sleep(down_s)
+            self.cluster.start_node(0)
+        else:
+            self.server.kill()
+            time.sleep(down_s)
+            self.server.start()
+
+
 @pytest.fixture
-def redis_stack(make_mailbox: object, private_redis: EmbeddedRedis, tmp_path: Path,
+def lossy_redis(private_redis: EmbeddedRedis) -> Iterator[LossyRedis]:
+    if not cluster_mode():
+        yield LossyRedis(private_redis, None)
+        return
+    cluster = LocalRedisCluster()
+    cluster.start()
+    try:
+        yield LossyRedis(private_redis, cluster)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_stack(make_mailbox: object, lossy_redis: LossyRedis, tmp_path: Path,
                 monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Stack, Mailbox]]:
-    box = make_mailbox(private_redis.url)  # type: ignore[operator]
+    box = make_mailbox(lossy_redis.url)  # type: ignore[operator]
     settings = box.settings
-    with stack(settings.database_url, private_redis.url, settings.namespace, tmp_path,
-               **FAST) as s, publishing_to(s, monkeypatch) as pub:
+    with stack(settings.database_url, lossy_redis.url, settings.namespace, tmp_path,
+               broker_url=lossy_redis.broker_url, **FAST) as s, \
+            publishing_to(s, monkeypatch) as pub:
         yield s, pub
 
 
 def test_redis_flushed_then_restarted_during_1000_dispatches(
-        redis_stack: tuple[Stack, Mailbox], private_redis: EmbeddedRedis) -> None:
+        redis_stack: tuple[Stack, Mailbox], lossy_redis: LossyRedis) -> None:
     """A Redis of the test's own (leases, epochs, event streams and the broker queue): after
     a third of the dispatches FLUSHALL, after two thirds SIGKILL and start it again, empty.
-    Lost wake-ups and chain messages leave work Queued or Claimed; the sweep recovers it."""
+    Lost wake-ups and chain messages leave work Queued or Claimed; the sweep recovers it.
+    On a Redis Cluster (MAILBOX_TEST_REDIS_CLUSTER=1): every master and the broker flushed,
+    then one master killed and started again, empty (`LossyRedis`)."""
     s, box = redis_stack
     # 90 threads of plain work, 10 whose every third submission interrupts the thread: their
     # epochs rise, and the Redis epoch cache that FLUSHALL and the restart wipe is refilled.
@@ -193,15 +254,10 @@ def test_redis_flushed_then_restarted_during_1000_dispatches(
     with audit.sampling(), supervisor:
         driver.start()
         driver.wait_submitted(len(work) // 3, timeout_s=120)
-        client = redis.Redis.from_url(private_redis.url)
-        pipe = client.pipeline(transaction=True)  # the live system writes right after
-        assert pipe.flushall().dbsize().execute() == [True, 0]
-        client.close()
+        lossy_redis.flush()
         marks["flushed"] = time.monotonic() - started
         driver.wait_submitted(2 * len(work) // 3, timeout_s=120)
-        private_redis.kill()  # a crash: no persistence, it comes back empty
-        time.sleep(0.5)
-        private_redis.start()
+        lossy_redis.crash_restart(down_s=0.5)
         marks["restarted"] = time.monotonic() - started
         driver.join(timeout_s=180)
         audit.wait_terminal(timeout_s=120)
