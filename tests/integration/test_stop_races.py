@@ -223,8 +223,8 @@ def test_a_lease_lost_after_a_stop_keeps_the_abandonment_clock_running(
     process reported stuck until it returns."""
     hold = Hold()
     name = fresh_agent(hold, timeout_s=0.5 if first == "timeout" else 600)
-    stuck = Stuck()
-    rt = replace(make_runtime(mailbox, Wakes(), lease_ms=900, agent_timeout_grace_s=1),
+    stuck, wakes = Stuck(), Wakes()
+    rt = replace(make_runtime(mailbox, wakes, lease_ms=900, agent_timeout_grace_s=1),
                  stuck=stuck)
     if first == "lease_lost":
         rt = replace(rt, cancel_check=None)  # the interrupt reaches it by the fence only
@@ -247,6 +247,8 @@ def test_a_lease_lost_after_a_stop_keeps_the_abandonment_clock_running(
         assert stuck.calls == [(receipt.dispatch_id, True)]
         assert not hold.returned.is_set(), "reported stuck only while the agent runs"
         assert ops("heartbeat_abandon", first) == abandons + 1
+        # The abandonment ends the attempt (its writes fenced) and wakes the thread last.
+        wait_for(lambda: (thread, 0) in wakes.calls, "the abandonment to wake the thread")
         dispatch = load(mailbox, receipt.dispatch_id)
         assert dispatch.status == DispatchStatus.Superseded  # fenced by the interrupt
         assert run_of(mailbox, receipt.run_id).termination == Termination.cancelled()
@@ -267,9 +269,9 @@ def test_an_unsafe_stop_then_a_new_owner_abandons_the_old_attempt_beside_the_new
     worker, other = make_mailbox(), make_mailbox()
     hold = Hold()
     name = fresh_agent(hold)
-    stuck = Stuck()
+    stuck, wakes = Stuck(), Wakes()
     grace_s = 4
-    rt = replace(make_runtime(worker, Wakes(), lease_ms=600, agent_timeout_grace_s=grace_s),
+    rt = replace(make_runtime(worker, wakes, lease_ms=600, agent_timeout_grace_s=grace_s),
                  stuck=stuck)
     failing = threading.Event()
     failing.set()
@@ -302,6 +304,8 @@ def test_an_unsafe_stop_then_a_new_owner_abandons_the_old_attempt_beside_the_new
         assert stopped_at + grace_s - 0.5 <= stuck.at[0], "abandoned before the grace"
         assert lost_at < stuck.at[0]
         assert not hold.returned.is_set()
+        wait_for(lambda: ("t-unsafe-then-lost", 0) in wakes.calls,
+                 "the abandonment to end the old attempt and wake the thread")
         dispatch = load(worker, receipt.dispatch_id)
         assert dispatch.status == DispatchStatus.Claimed
         assert dispatch.claim_token == new.token and dispatch.claimed_by == "the-new-owner"
