@@ -214,6 +214,12 @@ def execute(pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
         raise as_outage(exc) from exc
 
 
+WAKE_HELD, WAKE_PUBLISH, WAKE_PENDING = 0, 1, 2
+"""What `gate_wake` answers (wake_gate.lua)."""
+WAKE_REQUESTED = 2
+"""What `release` answers when a submit skipped its wake-up on the standing lease."""
+
+
 class Coordinator:
     """Redis side of the store. Counts its round trips so benchmarks can report them."""
 
@@ -225,7 +231,8 @@ class Coordinator:
         self.scripts = {  # name -> registered script (benchmarks name EVALSHA calls by it)
             name: client.register_script((LUA_DIR / f"{name}.lua").read_text())
             for name in ("lease_acquire", "lease_put", "lease_release", "lease_take_executor",
-                         "epoch_generation", "epoch_fill", "epoch_forget", "wake_consume")
+                         "epoch_generation", "epoch_fill", "epoch_forget", "wake_consume",
+                         "wake_gate")
         }
 
     @property
@@ -248,10 +255,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------ leases
     def acquire(self, thread_id: str, token: str, lease_until: int, holder: str, now: int,
-                lease_ms: int) -> Lease | None:
-        """Take a pending lease; return None when taken, or the live lease that refused us."""
-        reply = self._run("lease_acquire", self.lease_key(thread_id), token, lease_until,
-                          holder, now, _lease_ttl(lease_ms))
+                lease_ms: int, *, wake_id: str | None = None) -> Lease | None:
+        """Take a pending lease; return None when taken, or the live lease that refused us.
+        A wake-up's claim passes its id: the thread's pending-wake mark is cleared first if
+        it names that wake-up (wake_gate.lua), in the same round trip."""
+        keys = [self.lease_key(thread_id)]
+        args: list[Any] = [token, lease_until, holder, now, _lease_ttl(lease_ms)]
+        if wake_id:
+            keys.append(self.wake_pending_key(thread_id))
+            args.append(wake_id)
+        reply = self._run_keys("lease_acquire", keys, *args)
         if int(reply[0]) == 1:
             return None
         return Lease(_text(reply[1]), _text(reply[2]), int(reply[3]), _text(reply[4]))
@@ -263,8 +276,19 @@ class Coordinator:
             lease.token, lease.dispatch_id, lease.lease_until, lease.holder, _lease_ttl(lease_ms),
         ))
 
-    def release(self, thread_id: str, token: str) -> bool:
-        return bool(self._run("lease_release", self.lease_key(thread_id), token))
+    def release(self, thread_id: str, token: str) -> int:
+        """Delete our lease: 0 when it is not ours, 1 when deleted, WAKE_REQUESTED when a
+        submit found it standing and skipped its wake-up (the caller claims again)."""
+        return int(self._run("lease_release", self.lease_key(thread_id), token))
+
+    def gate_wake(self, thread_id: str, wake_id: str, now: int, pending_ttl_ms: int) -> int:
+        """After a submit's commit: WAKE_PUBLISH when the caller must publish a wake-up named
+        `wake_id` (the pending mark now names it), WAKE_HELD when a claim is in flight (the
+        lease is marked: its holder claims again on release), WAKE_PENDING when a wake-up is
+        already on its way. One round trip (wake_gate.lua)."""
+        return int(self._run_keys("wake_gate", [self.lease_key(thread_id),
+                                                self.wake_pending_key(thread_id)],
+                                  now, pending_ttl_ms, wake_id))
 
     def take_executor(self, thread_id: str, token: str, executor: str, dispatch_id: str,
                       lease_until: int, lease_ms: int, *, create: bool = False) -> str:
@@ -340,16 +364,19 @@ class Coordinator:
                    for t in thread_ids)
 
     # ----------------------------------------------------------------- sweep wake-ups
-    def mark_wakes_pending(self, wakes: Sequence[tuple[str, str]], ttl_ms: int) -> list[bool]:
+    def mark_wakes_pending(self, wakes: Sequence[tuple[str, str]], ttl_ms: int, *,
+                           overwrite: bool = False) -> list[bool]:
         """For each (thread_id, wake_id), SET NX PX the thread's pending-wake mark to the wake
         id; all in one round trip. True where the mark was newly set (publish that wake-up),
-        False where an earlier sweep's wake-up is still pending."""
+        False where an earlier wake-up is still pending. `overwrite`: SET without NX, every
+        mark now names its new wake-up (a worker's start-up sweep: the wake-ups the old marks
+        stand for may have been lost with the broker)."""
         if not wakes:
             return []
         self.round_trips += 1
         pipe = self.client.pipeline(transaction=False)
         for thread_id, wake_id in wakes:
-            pipe.set(self.wake_pending_key(thread_id), wake_id, nx=True, px=ttl_ms)
+            pipe.set(self.wake_pending_key(thread_id), wake_id, nx=not overwrite, px=ttl_ms)
         return [bool(reply) for reply in execute(pipe)]
 
     def consume_wake(self, thread_id: str, wake_id: str) -> bool:

@@ -13,7 +13,9 @@ When the wake-ups are broker messages (the beat task passes `publish`), a thread
 previous sweep wake-up is still waiting in the queue is not woken again: the sweep marks each
 thread it wakes in Redis (`<namespace>:wake-pending:<thread>`, SET NX PX, one pipeline for all
 due threads) with the wake-up's id, which is also the message's task id, and the worker that
-consumes that very message clears the mark *before* it claims (`consume_sweep_wake`). During
+consumes that very message clears the mark as its claim begins, before it looks for work
+(in the lease script, `lease_acquire.lua`). Submits set and honour the same mark
+(docs/behaviour.md#wake-gate): a thread with any wake-up pending is not woken again. During
 a backlog the queue then holds at most one sweep wake-up per thread instead of one more per
 thread at every sweep. Never lost: the mark only suppresses the sweep's own duplicate, so
 - a mark set before the consumer clears it was set after the sweep's SQL read, and the
@@ -98,32 +100,13 @@ def new_sweep_wake_id() -> str:
     return f"{SWEEP_WAKE_PREFIX}{uuid.uuid4().hex}"
 
 
-def is_sweep_wake_id(wake_id: object) -> bool:
-    return (isinstance(wake_id, str) and wake_id.startswith(SWEEP_WAKE_PREFIX)
-            and len(wake_id) <= 64)
-
-
-def consume_sweep_wake(coordinator: Coordinator, thread_id: str, wake_id: object) -> None:
-    """Called by the consumer of a wake-up before it claims: if the wake-up is the sweep's,
-    clear the thread's mark (only if it still names this wake-up). No Redis call for other
-    wake-ups. A Redis error is logged and ignored: the claim goes ahead, and the mark lapses
-    after its TTL."""
-    if not is_sweep_wake_id(wake_id):
-        return
-    assert isinstance(wake_id, str)
-    try:
-        coordinator.consume_wake(thread_id, wake_id)
-    except redis.RedisError as exc:
-        metrics.count_operation("sweep_wake_consume", "error")
-        log.warning("could not clear the pending sweep wake-up of thread %s (%s); it lapses "
-                    "on its own", thread_id, exc)
-
-
 def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
-          pending_ttl_ms: int | None = None) -> SweepReport:
+          pending_ttl_ms: int | None = None, wake_all: bool = False) -> SweepReport:
     """One sweep at `now`. Without `publish`, due threads are woken with `rt.wake` every time
     (an in-process waker claims right away: nothing stays pending). With `publish`, a thread
-    whose previous sweep wake-up is still pending is skipped (see the module docstring);
+    whose previous wake-up is still pending is skipped (see the module docstring) unless
+    `wake_all` (a worker's start-up sweep: a broker that restarted lost the wake-ups the marks
+    stand for, and waiting for them to lapse would hold that work back for minutes);
     `pending_ttl_ms` overrides `wake_pending_ttl_ms(rt.settings)`."""
     report = SweepReport()
     while True:
@@ -169,7 +152,7 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
                 rt.wake(thread_id, 0)
                 report.woken.append(thread_id)
         else:
-            _publish_wakes(rt.store.coordinator, due, publish, ttl, report)
+            _publish_wakes(rt.store.coordinator, due, publish, ttl, report, wake_all)
     return report
 
 
@@ -225,10 +208,10 @@ def _due_threads(rt: Runtime, now: int) -> Iterator[list[str]]:
 
 
 def _publish_wakes(coordinator: Coordinator, due: list[str], publish: SweepWakePublisher,
-                   ttl_ms: int, report: SweepReport) -> None:
+                   ttl_ms: int, report: SweepReport, wake_all: bool = False) -> None:
     wakes = [(thread_id, new_sweep_wake_id()) for thread_id in due]
     try:
-        fresh = coordinator.mark_wakes_pending(wakes, ttl_ms)
+        fresh = coordinator.mark_wakes_pending(wakes, ttl_ms, overwrite=wake_all)
     except redis.RedisError as exc:
         # Never skip a wake-up because of Redis: without marks, wake every due thread.
         metrics.count_operation("sweep_wake_mark", "error")
@@ -396,6 +379,6 @@ def collect_garbage(rt: Runtime, now: int) -> int:
 
 
 __all__ = ["SWEEP_WAKE_PREFIX", "GcReport", "SweepReport", "SweepWakePublisher",
-           "collect_garbage", "consume_sweep_wake", "forget_event_streams",
-           "garbage_collection", "is_sweep_wake_id", "new_sweep_wake_id", "retention_cutoffs",
+           "collect_garbage", "forget_event_streams",
+           "garbage_collection", "new_sweep_wake_id", "retention_cutoffs",
            "sweep", "wake_pending_ttl_ms"]

@@ -103,9 +103,12 @@ def _fenced_by_us(error: MailboxError) -> bool:
 
 
 # =================================================================================== claim
-def claim_next(rt: Runtime, thread_id: str) -> PhaseContext | None:
-    """Claim the thread's next eligible dispatch; None when busy or nothing is due."""
-    claimed = rt.store.claim(thread_id, rt.consumer_id, rt.settings.lease_ms, rt.clock())
+def claim_next(rt: Runtime, thread_id: str, *, wake_id: str | None = None
+               ) -> PhaseContext | None:
+    """Claim the thread's next eligible dispatch; None when busy or nothing is due. A
+    wake-up's claim passes its id (docs/behaviour.md#wake-gate)."""
+    claimed = rt.store.claim(thread_id, rt.consumer_id, rt.settings.lease_ms, rt.clock(),
+                             wake_id=wake_id, clock=rt.clock)
     return PhaseContext.from_claim(claimed[0]) if claimed else None
 
 

@@ -16,17 +16,17 @@ from typing import Any
 from celery import Task
 from celery.result import AsyncResult
 
+from mailbox import metrics
 from mailbox.errors import MailboxError, ValidationError
 from mailbox.facade import BulkSubmitError, Receipt, wakes_for
-from mailbox.maintenance import consume_sweep_wake, is_sweep_wake_id
 from mailbox.model import check_text, show_value
 from tasks.app import app
 from tasks.publishing import (
     WAKE_GROUP,
     WAKE_MANY_TASK,
-    publish_wake,
     publish_wakes,
     start_next,
+    wake_thread,
 )
 from tasks.runtime import mailbox, runtime
 
@@ -94,8 +94,8 @@ class DispatchTask(Task):
                              dedupe_key=dedupe_key, delay_ms=delay_ms,
                              max_attempts=max_attempts, interrupt=interrupt, wake=False)
         try:
-            publish_wake(box.settings.namespace, thread_id, delay_ms,
-                         wake_id=receipt.dispatch_id, dispatch_id=receipt.dispatch_id)
+            wake_thread(box.store.coordinator, box.settings, thread_id, delay_ms,
+                        wake_id=receipt.dispatch_id, dispatch_id=receipt.dispatch_id)
         except Exception as exc:  # kombu raises several types for an unreachable broker
             raise WakeNotPublishedError(receipt.dispatch_id, exc) from exc
         return self.AsyncResult(receipt.dispatch_id)
@@ -123,11 +123,12 @@ def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None)
     except ValidationError as exc:
         log.error("mailbox.dispatch refused a malformed message: %s", exc.message)
         return None
-    # A sweep's wake-up clears the thread's pending mark before the claim, so that anything
-    # that sweep saw due is claimed here or woken by the next sweep (other wake-ups: no-op).
-    if is_sweep_wake_id(self.request.id):
-        consume_sweep_wake(mailbox().store.coordinator, thread_id, self.request.id)
-    return start_next(runtime(), thread_id)
+    # The claim clears the thread's pending-wake mark if it names this wake-up (a sweep's or
+    # a submit's), in the same round trip as the lease, before it looks for work: anything
+    # due before then is claimed here or by the holder's next claim; later writes wake again.
+    started = start_next(runtime(), thread_id, wake_id=self.request.id)
+    metrics.count_operation("wake_task", "claimed" if started else "nothing_to_claim")
+    return started
 
 
 @app.task(bind=True, name=WAKE_MANY_TASK)

@@ -99,19 +99,27 @@ _role: str | None = None  # "main": the worker's main process; "pool": a prefork
 _running = 0  # tasks running in this process now
 _changed = 0.0  # when a task last started or ended here (monotonic)
 _recycling = False
+_in_test_worker = False  # this process runs an in-process test worker (celery.contrib.testing)
 
 
 @worker_init.connect
-def _in_worker_main(**_: Any) -> None:
-    global _role
-    _role = "main"
+def _in_worker_main(sender: Any = None, **_: Any) -> None:
+    """A `celery worker` process. Not an in-process test worker
+    (celery.contrib.testing.worker, mailbox.testing.celery_worker): a warm shutdown there
+    would SIGTERM the test run itself, so such a process only logs what it would recycle."""
+    global _role, _in_test_worker
+    from celery.contrib.testing.worker import TestWorkController
+
+    _in_test_worker = isinstance(sender, TestWorkController)
+    _role = None if _in_test_worker else "main"
 
 
 @worker_process_init.connect
 def _in_pool_process(**_: Any) -> None:
     global _role, _running, _recycling
     with _lock:  # a forked child starts with its parent's view: nothing runs here yet
-        _role, _running, _recycling = "pool", 0, False
+        # The solo pool of an in-process test worker sends this in the test run's process.
+        _role, _running, _recycling = None if _in_test_worker else "pool", 0, False
 
 
 @task_prerun.connect

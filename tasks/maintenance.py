@@ -21,20 +21,21 @@ log = logging.getLogger(__name__)
 
 def publish_sweep_wake(thread_id: str, wake_id: str) -> None:
     """`publish_wake`, with the sweep's wake id as the task id: the `mailbox.dispatch` body
-    that consumes it clears the thread's pending mark (`maintenance.consume_sweep_wake`)."""
+    that consumes it clears the thread's pending mark as its claim begins."""
     publish_wake(queue(), thread_id, 0, wake_id=wake_id)
 
 
 @app.task(name="mailbox.sweep")
-def sweep() -> dict[str, int]:
+def sweep(wake_all: bool = False) -> dict[str, int]:
     # Due threads get wake-ups (behind phase messages) rather than claims made right here:
     # claiming every due thread at once started more chains than the workers could run
     # within a lease, and their leases ran out while they queued behind each other. A thread
-    # whose previous sweep wake-up is still queued is not woken again ("already_pending").
+    # whose previous wake-up is still queued is not woken again ("already_pending"), except
+    # by a worker's start-up sweep (`wake_all`): a restarted broker lost what was queued.
     rt = runtime()
     wake = functools.partial(publish_wake, rt.settings.namespace)
     report = maintenance.sweep(dataclasses.replace(rt, wake=wake), now_ms(),
-                               publish=publish_sweep_wake)
+                               publish=publish_sweep_wake, wake_all=wake_all is True)
     return {name: len(getattr(report, name)) for name in (
         "acked", "reclaimed", "dead_lettered", "reconciled", "woken", "already_pending")}
 
@@ -46,8 +47,10 @@ def gc() -> int:
 
 @worker_ready.connect
 def recover_on_start(**_: Any) -> None:
-    """A starting worker sweeps once: expired claims of dead workers, stranded queues."""
+    """A starting worker sweeps once: expired claims of dead workers, stranded queues, and
+    every due thread woken even where a wake-up is marked pending (it may have been lost
+    with a broker that restarted: one duplicate per due thread and worker start at most)."""
     try:
-        sweep.apply_async(queue=queue())
+        sweep.apply_async(kwargs={"wake_all": True}, queue=queue())
     except Exception as exc:
         log.warning("could not publish the start-up sweep: %s", exc)

@@ -9,17 +9,23 @@ task name, so this module needs the app, not the task modules (which import it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import redis
 from celery import Signature
 
-from mailbox import tracing
+from mailbox import metrics, tracing
 from mailbox.context import PhaseContext
+from mailbox.coordination import WAKE_HELD, WAKE_PUBLISH, Coordinator
+from mailbox.maintenance import wake_pending_ttl_ms
 from mailbox.phases import claim_next
-from mailbox.runtime import Runtime
+from mailbox.runtime import Runtime, now_ms
+from mailbox.settings import Settings
 from tasks.app import app
 from tasks.priorities import MAX_COUNTDOWN_MS, wake_priority
 
@@ -80,11 +86,45 @@ def publish_chain(queue: str, ctx: PhaseContext) -> None:
                   argsrepr=ctx.describe(), kwargsrepr="{}")
 
 
-def start_next(rt: Runtime, thread_id: str) -> str | None:
+def wake_thread(coordinator: Coordinator, settings: Settings, thread_id: str,
+                delay_ms: int = 0, *, wake_id: str | None = None,
+                dispatch_id: str | None = None) -> bool:
+    """A wake-up after a durable write (submit, cancel, resume, replay) — unless it would find
+    nothing to do (docs/behaviour.md#wake-gate): due now while a claim of the thread is in
+    flight (its holder claims again when it releases the lease, which the gate marked) or
+    while a wake-up is already on its way (its claim will see this write). Without the gate
+    nearly every submit to a busy thread published a wake-up that found the thread busy.
+    Redis unreachable for the gate: publish, as without it. True when published."""
+    if delay_ms == 0:
+        wake_id = wake_id or uuid.uuid4().hex  # the pending mark names the message's task id
+        try:
+            gate = coordinator.gate_wake(thread_id, wake_id, now_ms(),
+                                         wake_pending_ttl_ms(settings))
+        except redis.RedisError:
+            gate = WAKE_PUBLISH
+        if gate != WAKE_PUBLISH:
+            metrics.count_operation("wake_publish",
+                                    "skipped_held" if gate == WAKE_HELD else "skipped_pending")
+            return False
+    try:
+        publish_wake(settings.namespace, thread_id, delay_ms, wake_id=wake_id,
+                     dispatch_id=dispatch_id)
+    except Exception:
+        # A mark for a message never sent would hold back the next submits' wake-ups (when
+        # Redis refuses this too, the mark expires and the sweep wakes the thread then).
+        if delay_ms == 0 and wake_id is not None:
+            with contextlib.suppress(redis.RedisError):
+                coordinator.consume_wake(thread_id, wake_id)
+        raise
+    return True
+
+
+def start_next(rt: Runtime, thread_id: str, *, wake_id: str | None = None) -> str | None:
     """Claim the thread's next eligible dispatch and publish its chain; its dispatch id, or
-    None when the thread is busy or has nothing due."""
+    None when the thread is busy or has nothing due. A wake-up passes its task id: its claim
+    clears the thread's pending-wake mark if the mark names it."""
     started = time.time_ns()
-    ctx = claim_next(rt, thread_id)
+    ctx = claim_next(rt, thread_id, wake_id=wake_id)
     if ctx is None:
         return None
     with tracing.span("mailbox.claim", traceparent=ctx.traceparent, start_ns=started,

@@ -8,7 +8,6 @@ and Redis connections must never be shared across a fork. Their wakers publish t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import threading
 
@@ -22,7 +21,12 @@ _state: dict[int, tuple[Mailbox, Runtime]] = {}
 
 def _create() -> tuple[Mailbox, Runtime]:
     box = Mailbox.connect()
-    box.waker = functools.partial(publishing.publish_wake, box.settings.namespace)
+    coordinator, settings = box.store.coordinator, box.settings
+
+    def waker(thread_id: str, delay_ms: int) -> None:
+        publishing.wake_thread(coordinator, settings, thread_id, delay_ms)
+
+    box.waker = waker
     rt = dataclasses.replace(box.runtime(), stuck=health.mark_stuck, recycle=health.recycle)
     # The worker's waker claims with this very runtime: bound after it exists.
     rt = dataclasses.replace(rt, wake=lambda thread_id, delay_ms: publishing.worker_wake(

@@ -1,8 +1,14 @@
 -- Take a thread's lease unless a live one exists. A busy thread is refused here, before any
 -- SQL. The new lease is "pending" (no dispatch id) until the SQL claim binds it.
--- KEYS[1] lease key
--- ARGV: token, lease_until, holder, now, ttl_ms
+-- KEYS[1] lease key; KEYS[2] (optional) the thread's pending-wake key
+-- ARGV: token, lease_until, holder, now, ttl_ms, wake_id (optional)
+-- A wake-up's claim first clears the pending-wake mark if it names this wake-up, busy thread
+-- or not: anything submitted before this point is claimed by this claim or by the holder's
+-- next one, so later submits must publish (or flag the lease) again.
 -- Returns {1} when taken, or {0, token, dispatch_id, lease_until, holder} of the live lease.
+if KEYS[2] and ARGV[6] and redis.call('GET', KEYS[2]) == ARGV[6] then
+  redis.call('DEL', KEYS[2])
+end
 local cur = redis.call('HMGET', KEYS[1], 'token', 'dispatch_id', 'lease_until', 'holder')
 if cur[1] and tonumber(cur[3]) and tonumber(cur[3]) >= tonumber(ARGV[4]) then
   return {0, cur[1], cur[2] or '', cur[3], cur[4] or ''}

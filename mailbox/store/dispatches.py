@@ -43,7 +43,7 @@ import uuid6
 from sqlalchemy import exc as sa_exc
 
 from mailbox import metrics
-from mailbox.coordination import Coordinator, Lease
+from mailbox.coordination import WAKE_REQUESTED, Coordinator, Lease
 from mailbox.database import READ_ONLY, WriteGateTimeoutError, is_postgres, write_gate
 from mailbox.errors import (
     AlreadyExistsError,
@@ -68,15 +68,21 @@ from mailbox.model import (
     RunDispatchResult,
     require_id,
     require_ms,
+    show_value,
 )
 from mailbox.store import statements as q
 from mailbox.store.operations import operation
 
 log = logging.getLogger(__name__)
+CLAIM_RETRIES = 5
+"""Claims of one call when submits keep marking the pending lease (each retry sees what the
+mark stood for: one is enough unless submits keep arriving)."""
 
 NOT_OURS = (0, 1)
 _ON_COMMIT = "mailbox_on_commit"  # VersionConflict(expected=0, actual=1): "not your claim"
 
+MAX_OFFSET = 2**63 - 1
+"""The largest offset a list call takes (SQL's 64-bit integers)."""
 MAX_LIST_LIMIT = 1000
 """The most rows one list call returns (list_dispatches, list_terminal_dispatches,
 list_dead_letters, thread_messages, ...): page with offsets or cursors beyond it, so that no
@@ -138,7 +144,10 @@ class MailboxStore:
                 try:
                     yield conn
                 finally:  # the info dict outlives the checkout: leave nothing behind
-                    conn.info.pop(_ON_COMMIT, None)
+                    # (a connection the failure invalidated refuses even this: its info
+                    # goes with the DBAPI connection, and the original error must surface)
+                    with contextlib.suppress(sa.exc.SQLAlchemyError):
+                        conn.info.pop(_ON_COMMIT, None)
         except WriteGateTimeoutError as exc:
             raise StoreUnavailableError(f"database is locked: {exc}") from exc
         for action in committed:
@@ -323,13 +332,16 @@ class MailboxStore:
                    or AlreadyExistsError(f"dedupe_key={dispatch.dedupe_key}")) from None
 
     @operation("claim", empty_result=True)
-    def claim(self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1
+    def claim(self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1,
+              *, wake_id: str | None = None, clock: Callable[[], int] | None = None
               ) -> list[RunDispatch]:
         """Claim the thread's next eligible dispatch (T2): at most one per call and per thread.
 
         Eligible = Queued, `available_at <= now`; order = priority, then created_at. Nothing
         is claimed while the thread has a Claimed dispatch, even one whose lease expired and
-        was not reclaimed yet (the sweep reclaims it).
+        was not reclaimed yet (the sweep reclaims it). A wake-up's claim passes its id, which
+        clears the thread's pending-wake mark (docs/behaviour.md#wake-gate); `clock` gives
+        a claim that looks again a fresh `now` (what it looks for was submitted after `now`).
         """
         require_id("thread_id", thread_id)
         require_id("consumer_id", consumer_id)
@@ -339,7 +351,8 @@ class MailboxStore:
             raise ValidationError(f"limit must be a non-negative integer, got {limit!r}")
         if limit == 0:
             return []
-        claimed = self._claim_thread(thread_id, None, consumer_id, lease_ms, now)
+        claimed = self._claim_thread(thread_id, None, consumer_id, lease_ms, now,
+                                     wake_id=wake_id, clock=clock)
         return [] if claimed is None else [claimed]
 
     @operation("claim_dispatch", empty_result=True)
@@ -370,15 +383,31 @@ class MailboxStore:
                                 ).first() is not None
 
     def _claim_thread(self, thread_id: str, dispatch_id: str | None, consumer_id: str,
-                      lease_ms: int, now: int) -> RunDispatch | None:
+                      lease_ms: int, now: int, *, wake_id: str | None = None,
+                      clock: Callable[[], int] | None = None) -> RunDispatch | None:
+        """Claim under a pending lease. When the claim comes away empty and a submit marked
+        the pending lease meanwhile (it skipped its wake-up, counting on us), claim again:
+        its dispatch committed before the mark, so the next look sees it."""
+        for _ in range(CLAIM_RETRIES):
+            claimed, requested = self._claim_once(thread_id, dispatch_id, consumer_id,
+                                                  lease_ms, now, wake_id)
+            if claimed is not None or not requested:
+                return claimed
+            wake_id, dispatch_id = None, None
+            now = max(now, clock()) if clock is not None else now
+        return None
+
+    def _claim_once(self, thread_id: str, dispatch_id: str | None, consumer_id: str,
+                    lease_ms: int, now: int, wake_id: str | None
+                    ) -> tuple[RunDispatch | None, bool]:
+        """(claimed, whether a submit asked for another claim while our pending lease stood)."""
         token = new_token()
         try:
             if self.coordinator.acquire(thread_id, token, now + lease_ms, consumer_id, now,
-                                        lease_ms) is not None:
-                return None  # a live lease: busy, refused without SQL
+                                        lease_ms, wake_id=wake_id) is not None:
+                return None, False  # a live lease: busy, refused without SQL
             if dispatch_id is None and not self._has_due(thread_id, now):
-                self._release_pending(thread_id, token)
-                return None
+                return None, self._release_pending(thread_id, token)
             claimed, holder = self._claim_in_sql(thread_id, dispatch_id, token, consumer_id,
                                                  lease_ms, now)
         except BaseException:
@@ -391,34 +420,42 @@ class MailboxStore:
         elif holder is not None:
             # Redis had forgotten a claim SQL still holds: rebuild the lease from the row.
             assert holder.claim_token and holder.claimed_by and holder.lease_until is not None
-            self._after_commit("rebuild", lambda: self._rebuild_lease(thread_id, holder, token,
-                                                                      lease_ms))
+            requested: list[bool] = []
+            self._after_commit("rebuild", lambda: requested.append(self._rebuild_lease(
+                thread_id, holder, token, lease_ms)))
+            return None, bool(requested) and requested[0]
         else:
-            self._release_pending(thread_id, token)
-        return claimed
+            return None, self._release_pending(thread_id, token)
+        return claimed, False
 
     def _rebuild_lease(self, thread_id: str, holder: RunDispatch, pending_token: str,
-                       lease_ms: int) -> None:
+                       lease_ms: int) -> bool:
         """Put the holder's lease back in place of our pending one, then look at the row
         again. The holder may have acked after our read and released before our put (its
         release then found our pending token and did nothing): the rebuilt lease would stand
         for a finished claim and stall the thread until it ran out. Seeing the row still
-        Claimed after the put means the holder's own release is still to come."""
+        Claimed after the put means the holder's own release is still to come. True when we
+        released it and a submit had marked it meanwhile (claim again)."""
         token = holder.claim_token or ""
         if not self.coordinator.put(thread_id, Lease(token, holder.dispatch_id,
                                                      holder.lease_until or 0,
                                                      holder.claimed_by or ""),
                                     expected_token=pending_token, allow_missing=False,
                                     lease_ms=lease_ms):
-            return
+            return False
         with self.read() as conn:
             row = conn.execute(q.SELECT_DISPATCH,
                                {"dispatch_id": holder.dispatch_id}).one_or_none()
         if row is None or row.status != DispatchStatus.Claimed.value or row.claim_token != token:
-            self.coordinator.release(thread_id, token)
+            return self.coordinator.release(thread_id, token) == WAKE_REQUESTED
+        return False
 
-    def _release_pending(self, thread_id: str, token: str) -> None:
-        self._after_commit("release pending", lambda: self.coordinator.release(thread_id, token))
+    def _release_pending(self, thread_id: str, token: str) -> bool:
+        """Release a pending lease; True when a submit marked it meanwhile (claim again)."""
+        released: list[int] = []
+        self._after_commit("release pending", lambda: released.append(
+            self.coordinator.release(thread_id, token)))
+        return bool(released) and released[0] == WAKE_REQUESTED
 
     def _claim_in_sql(self, thread_id: str, dispatch_id: str | None, token: str,
                       consumer_id: str, lease_ms: int, now: int
@@ -864,6 +901,8 @@ def _require_page(limit: int, offset: int) -> None:
     if limit > MAX_LIST_LIMIT:
         raise ValidationError(f"limit must be at most {MAX_LIST_LIMIT} (MAX_LIST_LIMIT), got "
                               f"{limit}; page with offset or a cursor")
+    if offset > MAX_OFFSET:  # SQL integers are 64-bit: a larger offset is a driver error
+        raise ValidationError(f"offset must be at most {MAX_OFFSET}, got {show_value(offset)}")
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:

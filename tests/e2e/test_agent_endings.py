@@ -11,6 +11,7 @@ findings, where a user meets them):
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -67,11 +68,14 @@ def test_a_version_no_worker_has_waits_for_the_deploy(
         celery_stack: Stack, publisher: Mailbox) -> None:  # noqa: F811
     """The submitting process has `versioned@2` (tests.support.custom_agents_v2); the first
     worker only has version 1. The dispatch is put back (attempts unspent) until a worker
-    with version 2 starts, which runs it."""
+    with version 2 starts, which runs it; then the old worker stops, as in a rolling deploy.
+    (While both run, which worker takes the put-back dispatch is the broker's choice: with
+    two idle workers Redis hands messages to them in turn, so a chain of an even number of
+    messages can bring it back to the old worker many times over.)"""
     import tests.support.custom_agents_v2  # noqa: F401  (version 2, for submit)
 
     celery_stack.start_beat()
-    celery_stack.start_worker(concurrency=1, MAILBOX_AGENT_MODULES=AGENTS)  # version 1 only
+    old = celery_stack.start_worker(concurrency=1, MAILBOX_AGENT_MODULES=AGENTS)  # v1 only
     result = dispatch.delay("t-deploy", "versioned", "hello")
 
     def deferred() -> bool:
@@ -88,6 +92,7 @@ def test_a_version_no_worker_has_waits_for_the_deploy(
 
     celery_stack.start_worker(concurrency=1,
                               MAILBOX_AGENT_MODULES=f"{AGENTS},tests.support.custom_agents_v2")
+    celery_stack.kill(old, signal.SIGTERM)  # a warm shutdown: what it holds, it finishes
     final = publisher.wait(result.id, timeout_s=60)
     assert final.status == DispatchStatus.Acked and final.attempt_count == 0, final
     assert final.run_response == "v2: hello"

@@ -35,12 +35,14 @@ def test_lost_wake_ups_are_delivered_by_the_start_up_sweep(celery_stack: Stack,
         thread_id = f"lost-{n % 5}"
         ids[dispatch.delay(thread_id, "echo", f"lost #{n}").id] = f"lost #{n}"
     client = broker_client(celery_stack)
-    assert queued_messages(client, publisher.settings.namespace) >= 20, \
+    # One wake-up per thread: a thread whose wake-up still waits is not woken again
+    # (docs/behaviour.md#wake-gate).
+    assert queued_messages(client, publisher.settings.namespace) >= 5, \
         "the wake-ups were not in the broker queue: the test would prove nothing"
 
     dropped = drop_queue(client, publisher.settings.namespace)
     print(f"dropped from the broker: {dropped}")
-    assert dropped["messages"] >= 20, dropped
+    assert dropped["messages"] >= 5, dropped
     assert queued_messages(client, publisher.settings.namespace) == 0
 
     celery_stack.start_worker(concurrency=2)
@@ -87,8 +89,9 @@ def test_duplicated_wake_ups_execute_each_dispatch_once(celery_stack: Stack,
         assert d.dispatch_instance_id is not None
         instances.add(d.dispatch_instance_id)
     assert len(instances) == 24, "two dispatches share one runtime invocation"
-    # The duplicates really reached the worker (else this test proves nothing).
-    wait_until(lambda: received_count(celery_stack, "mailbox.dispatch") >= 4 * 24, 60,
+    # The duplicates really reached the worker (else this test proves nothing); the
+    # delay() calls' own wake-ups are fewer (docs/behaviour.md#wake-gate).
+    wait_until(lambda: received_count(celery_stack, "mailbox.dispatch") >= 3 * 24, 60,
                "the worker to receive every duplicated wake-up", celery_stack)
 
 

@@ -415,10 +415,13 @@ def test_every_wake_message_tripled(celery_stack: Stack,  # noqa: F811
         assert min(epochs(publisher, [f"dup-{t}" for t in range(10)]).values()) >= 1
     counters = faults.counters()["duplicated"]
     print(f"duplicated: {counters}")
-    assert counters.get("mailbox.dispatch", 0) >= 2 * len(work), counters
+    # Every execute is tripled; wake-ups are fewer than dispatches (a thread whose wake-up
+    # still waits is not woken again, docs/behaviour.md#wake-gate) but each thread's are.
+    threads = len({i.thread_id for i in work})
+    assert counters.get("mailbox.dispatch", 0) >= 2 * threads, counters
     assert counters.get("mailbox.execute", 0) >= 2 * len(work), counters
     wakes = received_count(celery_stack, "mailbox.dispatch")
-    assert wakes >= 3 * len(work), f"only {wakes} wake-ups reached the worker"
+    assert wakes >= 3 * threads, f"only {wakes} wake-ups reached the worker"
     for dispatch_id in audit.dispatch_ids:
         final = publisher.get_dispatch(dispatch_id)
         assert final is not None
@@ -468,7 +471,10 @@ def test_dropped_broker_messages_are_recovered_by_the_sweep(
     report = audited(audit, celery_stack)
     assert report.by_status == {"Acked": len(work), "DeadLetter": len(void)}, report.by_status
     dropped = faults.counters()["dropped"]
-    assert dropped.get("mailbox.dispatch", 0) >= len(work) + len(void), dropped
+    # At least each thread's first wake-up (while one waits, a thread is not woken again:
+    # docs/behaviour.md#wake-gate).
+    assert dropped.get("mailbox.dispatch", 0) >= len({i.thread_id for i in work + void}), \
+        dropped
     for phase in PHASES:
         assert dropped.get(f"mailbox.{phase}", 0) >= 1, (phase, dropped)
     for dispatch_id in audit.dispatch_ids:

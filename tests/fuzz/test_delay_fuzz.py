@@ -5,7 +5,8 @@ infinities, inputs nested past the recursion limit, objects JSON cannot encode. 
 either `delay` returns a result whose dispatch is stored whole — run, input message and
 dispatch, each with the values asked for — and exactly one wake-up naming that dispatch went
 to the namespace's broker queue (none for a delay beyond the countdown limit: the sweep
-delivers those), or it raises ValidationError / AlreadyExistsError with a message, and
+delivers those; none for a due dispatch on a thread whose earlier wake-up still waits, which
+will find it: the wake gate), or it raises ValidationError / AlreadyExistsError with a message, and
 nothing at all changed: no row, no Redis key of the namespace, no broker message. No worker
 runs: the broker's lists are read directly, so every message published stays visible.
 """
@@ -99,6 +100,12 @@ def check_delay(box: Mailbox, call: dict[str, Any], *, must_refuse: bool = False
     namespace = box.settings.namespace
     client = box.store.coordinator.client
     before, counts, depth = snapshot(box), row_counts(box), broker_depth(client, namespace)
+    # Nothing consumes here: a thread's earlier wake-up still waits, and a due dispatch on
+    # it publishes none (docs/behaviour.md#wake-gate).
+    try:
+        pending = bool(client.exists(box.store.coordinator.wake_pending_key(call["thread"])))
+    except (TypeError, ValueError):  # a hostile thread id names no key (UnicodeError too)
+        pending = False
     thread, payload, priority, delay_ms, max_attempts, dedupe_key = (
         call["thread"], call["input"], call["priority"], call["delay_ms"],
         call["max_attempts"], call["dedupe_key"])
@@ -128,6 +135,9 @@ def check_delay(box: Mailbox, call: dict[str, Any], *, must_refuse: bool = False
     published = broker_depth(client, namespace) - depth
     if delay_ms > MAX_COUNTDOWN_MS:
         assert published == 0, "a delay past the countdown limit is the sweep's to deliver"
+        return "accepted"
+    if delay_ms == 0 and pending:
+        assert published == 0, f"{published} wake-ups while the thread's wake-up still waits"
         return "accepted"
     assert published == 1, f"{published} wake-up messages for one dispatch"
     envelope = newest_message(client, namespace, stored.dispatch_id)

@@ -133,7 +133,8 @@ def test_worker_refuses_raw_garbage_and_keeps_serving(celery_stack: Stack,  # no
     missing = [case for case, _, marker in entries if marker not in log]
     assert not missing, f"no clear rejection logged for {missing}\n{log[-6000:]}"
 
-    assert row_counts(publisher) == (1, 1, 1), "the garbage wrote dispatches/runs/messages"
+    # One dispatch, its run, and the conversation's two messages (the input, echo's answer).
+    assert row_counts(publisher) == (1, 1, 2), "the garbage wrote dispatches/runs/messages"
     rows = table_rows(publisher)
     assert rows["thread_dispatch_epochs"] == 1, rows  # the real dispatch's thread only
     keys = list(client.scan_iter(f"{queue}:*"))

@@ -15,7 +15,7 @@ import pytest
 
 from mailbox import DispatchStatus, Mailbox
 from mailbox.dev.embedded_redis import EmbeddedRedis
-from mailbox.maintenance import SWEEP_WAKE_PREFIX, consume_sweep_wake, sweep, wake_pending_ttl_ms
+from mailbox.maintenance import SWEEP_WAKE_PREFIX, sweep, wake_pending_ttl_ms
 from mailbox.phases import claim_next
 from mailbox.runtime import Runtime, now_ms
 from mailbox.settings import Settings
@@ -74,6 +74,32 @@ def test_two_sweeps_publish_one_wake_per_due_thread(mailbox: Mailbox, rt: Runtim
         assert 0 < client.pttl(key) <= ttl
 
 
+def test_a_start_up_sweep_wakes_due_threads_whose_wake_up_is_marked_pending(
+        mailbox: Mailbox, rt: Runtime) -> None:
+    """A worker's start-up sweep (`wake_all`) does not trust the marks: the wake-ups they
+    stand for may have gone with a broker that restarted. It wakes every due thread once and
+    its wake-ups now own the marks (their consumers clear them)."""
+    backlog(mailbox)
+    published = Published()
+    sweep(rt, now_ms(), publish=published)  # marks every thread; these messages are "lost"
+    lost = dict(published.wakes)
+    assert sweep(rt, now_ms(), publish=published).already_pending == THREADS
+
+    start_up = sweep(rt, now_ms(), publish=published, wake_all=True)
+
+    assert (start_up.woken, start_up.already_pending) == (THREADS, [])
+    coordinator = mailbox.store.coordinator
+    for thread_id in THREADS:
+        resent = published.last(thread_id)
+        assert resent != lost[thread_id]
+        assert coordinator.client.get(coordinator.wake_pending_key(thread_id)) == \
+            resent.encode()
+        # The re-sent wake-up's claim clears the mark and starts the thread's head.
+        ctx = claim_next(rt, thread_id, wake_id=resent)
+        assert ctx is not None
+        assert coordinator.client.get(coordinator.wake_pending_key(thread_id)) is None
+
+
 def test_marks_are_set_in_one_round_trip(mailbox: Mailbox, rt: Runtime) -> None:
     threads = [f"wd-many-{i:03d}" for i in range(50)]
     backlog(mailbox, threads, per_thread=1)
@@ -105,11 +131,11 @@ def test_consumed_wake_lets_the_next_sweep_wake_the_thread_again(mailbox: Mailbo
     published = Published()
     sweep(rt, now_ms(), publish=published)
     coordinator = mailbox.store.coordinator
-    # The consumer of wd-a's wake-up clears the mark, then claims (and runs) one dispatch.
-    consume_sweep_wake(coordinator, "wd-a", published.last("wd-a"))
-    assert coordinator.client.exists(coordinator.wake_pending_key("wd-a")) == 0
+    # The consumer of wd-a's wake-up clears the mark as its claim begins, then claims (and
+    # runs) one dispatch.
     worker = mailbox.runtime()
-    ctx = claim_next(worker, "wd-a")
+    ctx = claim_next(worker, "wd-a", wake_id=published.last("wd-a"))
+    assert coordinator.client.exists(coordinator.wake_pending_key("wd-a")) == 0
     assert ctx is not None
     mailbox.store.ack(ctx.dispatch_id, ctx.token, now_ms())
     # wd-a still has a due dispatch and nothing Claimed: woken again; the others are pending.
@@ -119,8 +145,8 @@ def test_consumed_wake_lets_the_next_sweep_wake_the_thread_again(mailbox: Mailbo
 
 
 def test_only_the_marked_wake_clears_the_mark(mailbox: Mailbox, rt: Runtime) -> None:
-    """A duplicate of an older sweep wake-up, and wake-ups that are not the sweep's (submit,
-    settle, retry), leave a newer mark alone; the latter cost no Redis call at all."""
+    """The claims of a duplicate of an older sweep wake-up, and of wake-ups that are not the
+    sweep's (submit, settle, retry), leave a newer mark alone; the marked one clears it."""
     backlog(mailbox, ["wd-a"])
     coordinator = mailbox.store.coordinator
     old = Published()
@@ -129,17 +155,17 @@ def test_only_the_marked_wake_clears_the_mark(mailbox: Mailbox, rt: Runtime) -> 
     new = Published()
     sweep(rt, now_ms(), publish=new)  # the old mark expired: a new wake-up, a new mark
     assert new.threads() == ["wd-a"] and new.last("wd-a") != old.last("wd-a")
-    consume_sweep_wake(coordinator, "wd-a", old.last("wd-a"))
-    before = coordinator.round_trips
     [dispatch] = mailbox.store.list_dispatches("wd-a", limit=1)
-    for other in (dispatch.dispatch_id, "5f0c3c1e-0000-4000-8000-000000000000", None, 7,
-                  SWEEP_WAKE_PREFIX + "x" * 100):
-        consume_sweep_wake(coordinator, "wd-a", other)
-    assert coordinator.round_trips == before
     key = coordinator.wake_pending_key("wd-a")
-    assert coordinator.client.get(key) == new.last("wd-a").encode()
-    consume_sweep_wake(coordinator, "wd-a", new.last("wd-a"))
-    assert coordinator.client.exists(key) == 0
+    busy = mailbox.runtime()
+    held = claim_next(busy, "wd-a")  # the thread busy: the claims below take no lease
+    assert held is not None
+    for other in (old.last("wd-a"), dispatch.dispatch_id, "5f0c3c1e-0000-4000-8000-0000",
+                  SWEEP_WAKE_PREFIX + "x" * 100, None):
+        assert claim_next(mailbox.runtime(), "wd-a", wake_id=other) is None
+        assert coordinator.client.get(key) == new.last("wd-a").encode(), other
+    assert claim_next(mailbox.runtime(), "wd-a", wake_id=new.last("wd-a")) is None  # busy…
+    assert coordinator.client.exists(key) == 0  # …but the mark is its to clear
 
 
 def test_dropped_wake_is_resent_once_its_mark_expires(mailbox: Mailbox, rt: Runtime) -> None:
@@ -246,11 +272,12 @@ def test_dispatch_task_clears_the_mark_before_it_claims(tasks_runtime: Mailbox,
     coordinator = box.store.coordinator
     key = coordinator.wake_pending_key("wd-a")
     claims: list[str | None] = []
-    marked_at_claim: list[int] = []
+    marked_after_claim: list[int] = []
 
-    def claim_only(rt: Runtime, thread_id: str) -> str | None:  # start_next, no publish
-        marked_at_claim.append(coordinator.client.exists(key))
-        ctx = claim_next(box.runtime(), thread_id)
+    def claim_only(rt: Runtime, thread_id: str, *, wake_id: str | None = None
+                   ) -> str | None:  # start_next, no publish
+        ctx = claim_next(box.runtime(), thread_id, wake_id=wake_id)
+        marked_after_claim.append(coordinator.client.exists(key))
         claims.append(None if ctx is None else ctx.dispatch_id)
         return claims[-1]
 
@@ -260,13 +287,14 @@ def test_dispatch_task_clears_the_mark_before_it_claims(tasks_runtime: Mailbox,
     assert other.successful() and coordinator.client.exists(key) == 1
     [queued] = box.store.list_dispatches("wd-a")
     assert queued.status == DispatchStatus.Claimed and claims == [queued.dispatch_id]
-    assert marked_at_claim == [1]
+    assert marked_after_claim == [1]
     box.store.ack(queued.dispatch_id, queued.claim_token or "", now_ms())
     box.submit("wd-a", "echo", "later", wake=False)  # due after that sweep, before its wake-up
-    # …the sweep's own clears it first, then claims what is due.
+    # …the sweep's own clears it in the claim's first step (the lease script), then claims
+    # what is due.
     result = dispatch_module.dispatch.apply(args=("wd-a",), task_id=published.last("wd-a"))
     assert result.successful() and len(claims) == 2 and claims[1] is not None
-    assert marked_at_claim == [1, 0], "the sweep's wake-up claimed before clearing its mark"
+    assert marked_after_claim == [1, 0], "the sweep's wake-up left its mark"
     assert coordinator.client.exists(key) == 0
 
 

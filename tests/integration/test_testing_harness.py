@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,26 @@ def test_dispatch_delay_goes_through_real_celery_messages(
     mailbox_harness.wait_for_event(final.run_id, "run_finish", timeout_s=30)
     assert mailbox_harness.result(sent.id).event_types == ["run_queued", "run_started",
                                                            "run_finish"]
+
+
+def test_a_recycle_under_the_in_process_worker_does_not_stop_the_test_run(
+        mailbox_harness: MailboxHarness, mailbox_celery_worker: Any) -> None:
+    """An agent abandoned past its time limit asks its process to be recycled (a warm
+    shutdown of a `celery worker`). Under the in-process test worker that process is the
+    test run itself: it only logs."""
+    import signal
+
+    from tasks import health
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        health.recycle("a test of the in-process worker")
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        health._recycling = False
+    assert received == [], "recycle sent SIGTERM to the test process"
 
 
 class TestACeleryWorkerOnTheHarness:

@@ -1,0 +1,129 @@
+"""The wake gate (docs/behaviour.md#wake-gate): a submit publishes a wake-up only when one
+would find work — not while a claim of its thread is in flight (the lease is marked and its
+holder claims again on release) nor while a wake-up is already on its way (its claim clears
+the pending mark first, then sees the submit). Real Redis and SQL; publishing is recorded
+(`tasks.publishing.wake_thread` with `publish_wake` replaced), claims run the store's code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mailbox import DispatchStatus, Mailbox
+from mailbox.coordination import WAKE_HELD, WAKE_PENDING, WAKE_PUBLISH, WAKE_REQUESTED
+from mailbox.phases import claim_next
+from mailbox.runtime import now_ms
+from tasks import publishing
+
+
+@pytest.fixture
+def published(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
+    """What `wake_thread` hands to the broker: (thread, wake id)."""
+    sent: list[tuple[str, str | None]] = []
+
+    def record(queue: str, thread_id: str, delay_ms: int = 0, *,
+               wake_id: str | None = None, dispatch_id: str | None = None) -> None:
+        sent.append((thread_id, wake_id))
+
+    monkeypatch.setattr(publishing, "publish_wake", record)
+    return sent
+
+
+def submit(box: Mailbox, thread: str, text: str) -> tuple[str, bool]:
+    """A submit as `dispatch.delay()` does it: the durable write, then the gated wake-up."""
+    receipt = box.submit(thread, "echo", text, wake=False)
+    sent = publishing.wake_thread(box.store.coordinator, box.settings, thread, 0,
+                                  wake_id=receipt.dispatch_id, dispatch_id=receipt.dispatch_id)
+    return receipt.dispatch_id, sent
+
+
+def test_only_the_first_submit_to_an_idle_thread_publishes_until_a_claim_consumes_it(
+        mailbox: Mailbox, published: list[tuple[str, str | None]]) -> None:
+    first, sent = submit(mailbox, "g-idle", "one")
+    assert sent and published == [("g-idle", first)]
+    for n in range(5):  # the wake-up is still on its way: its claim will see these
+        assert submit(mailbox, "g-idle", f"more {n}")[1] is False
+    assert published == [("g-idle", first)]
+    rt = mailbox.runtime()
+    ctx = claim_next(rt, "g-idle", wake_id=first)  # the wake-up's claim clears the mark
+    assert ctx is not None and ctx.dispatch_id == first
+    # … and the claim is in flight now: later submits mark its lease instead of publishing
+    assert submit(mailbox, "g-idle", "during")[1] is False
+    assert published == [("g-idle", first)]
+
+
+def test_a_claim_in_flight_is_marked_and_its_release_says_so(mailbox: Mailbox) -> None:
+    coordinator = mailbox.store.coordinator
+    mailbox.submit("g-held", "echo", "one", wake=False)
+    ctx = claim_next(mailbox.runtime(), "g-held")
+    assert ctx is not None
+    now = now_ms()
+    assert coordinator.gate_wake("g-held", "w1", now, 60_000) == WAKE_HELD
+    assert coordinator.gate_wake("g-held", "w2", now, 60_000) == WAKE_HELD
+    assert coordinator.release("g-held", ctx.token) == WAKE_REQUESTED
+    assert coordinator.gate_wake("g-held", "w3", now, 60_000) == WAKE_PUBLISH
+    assert coordinator.gate_wake("g-held", "w4", now, 60_000) == WAKE_PENDING
+
+
+def test_a_claim_that_found_nothing_claims_again_for_a_submit_that_counted_on_it(
+        mailbox: Mailbox, published: list[tuple[str, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race the mark closes: a claim takes its pending lease and finds the thread empty;
+    before it releases, a submit commits, sees the lease and skips its wake-up. The release
+    finds the mark and the claim looks again: the submit is claimed, not stranded until a
+    sweep."""
+    store = mailbox.store
+    looked = store._has_due
+    arrived: list[str] = []
+
+    def has_due_then_submit(thread_id: str, now: int) -> bool:
+        found = looked(thread_id, now)
+        if not arrived:
+            arrived.append(submit(mailbox, thread_id, "meanwhile")[0])
+        return found
+
+    monkeypatch.setattr(store, "_has_due", has_due_then_submit)
+    ctx = claim_next(mailbox.runtime(), "g-race")
+    assert published == [], "the submit saw the pending lease and did not publish"
+    assert ctx is not None and ctx.dispatch_id == arrived[0]
+    dispatch = store.load_dispatch(arrived[0])
+    assert dispatch is not None and dispatch.status == DispatchStatus.Claimed
+
+
+def test_a_failed_publish_leaves_no_mark_behind(mailbox: Mailbox,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def broker_down(*_: Any, **__: Any) -> None:
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(publishing, "publish_wake", broker_down)
+    with pytest.raises(ConnectionError):
+        submit(mailbox, "g-fail", "one")
+    key = mailbox.store.coordinator.wake_pending_key("g-fail")
+    assert mailbox.store.coordinator.client.exists(key) == 0
+    assert mailbox.store.coordinator.gate_wake("g-fail", "w", now_ms(), 60_000) == WAKE_PUBLISH
+
+
+def test_without_redis_for_the_gate_the_wake_up_is_published(
+        mailbox: Mailbox, published: list[tuple[str, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    def unreachable(*_: Any, **__: Any) -> int:
+        raise redis.ConnectionError("Redis down")
+
+    receipt = mailbox.submit("g-noredis", "echo", "one", wake=False)
+    monkeypatch.setattr(mailbox.store.coordinator, "gate_wake", unreachable)
+    assert publishing.wake_thread(mailbox.store.coordinator, mailbox.settings, "g-noredis", 0,
+                                  wake_id=receipt.dispatch_id)
+    assert published == [("g-noredis", receipt.dispatch_id)]
+
+
+def test_delayed_wake_ups_are_not_gated(mailbox: Mailbox,
+                                        published: list[tuple[str, str | None]]) -> None:
+    mailbox.submit("g-later", "echo", "one", wake=False)
+    claim_next(mailbox.runtime(), "g-later")  # a claim in flight
+    assert publishing.wake_thread(mailbox.store.coordinator, mailbox.settings, "g-later",
+                                  5_000)
+    assert [t for t, _ in published] == ["g-later"]
