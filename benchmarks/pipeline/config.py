@@ -19,14 +19,21 @@ AGENT = "echo"
 
 # The targets of the issue: (name, comparison, threshold).
 TARGET_THROUGHPUT = 0.6  # (c)/(a) >=
-TARGET_IDLE_P50_MS = 30.0  # <=
-TARGET_IDLE_P99_MS = 100.0  # <=
-TARGET_DELAY = 0.7  # dispatch.delay() rate / bare task.delay() rate >=
+TARGET_IDLE_P50_MS = 25.0  # <=
+TARGET_IDLE_P99_MS = 60.0  # <=
+TARGET_DELAY = 0.45  # dispatch.delay() rate / bare task.delay() rate >=
 TARGET_BULK_OVER_DELAY = 3.0  # dispatch.delay_many() per item / dispatch.delay() >=
 TARGET_BULK_OVER_BARE = 1.5  # dispatch.delay_many() per item / bare task.delay() >=
 BULK_BATCH = 100  # items per delay_many() call in the submit-rate step
 TARGET_CLAIM = 1.5  # claim p50 at 100k queued / at 1k <=
-TARGET_SCALING = 1.6  # -c 2 / -c 1 >=
+# The mailbox's -c 2 / -c 1 >= bare Celery's -c 2 / -c 1 minus this (same run): on a small
+# machine the whole system is CPU-bound and bare Celery gains little from -c 2 itself.
+TARGET_SCALING_SLACK = 0.05
+TARGET_PG_TWO_PROCESSES = 1.7  # no Celery, PostgreSQL: 2 processes / 1 process >=
+TARGET_REDIS_COMMANDS = 75.0  # Redis commands per mailbox dispatch, broker included <=
+TARGET_SQL_TRANSACTIONS = 5.0  # SQL transactions per dispatch (no Celery) <=
+TARGET_CPU_MS = {"sqlite": 4.5, "postgres": 8.0}  # mailbox CPU per dispatch, no Celery <=
+TARGET_WAKE_UPS = 0.15  # wake-up messages per dispatch beside the five phase messages <=
 
 KIND_LABEL = {"a": "(a) bare chain, 5 no-op tasks", "b": "(b) chain, 1 SQL write per link",
               "c": "(c) mailbox echo dispatch"}

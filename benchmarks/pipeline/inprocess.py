@@ -140,11 +140,12 @@ SECTION_ORDER = ["submit (dispatch.delay's SQL + run_queued event)",
 
 
 def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
-                        profile_path: Path, wakes_per_delay: int = 1) -> dict[str, Any]:
+                        profile_path: Path, wakes_per_delay: float = 1.0) -> dict[str, Any]:
     """Count and time the mailbox's work per dispatch without Celery, in the throughput
-    scenario (10 dispatches per thread, all submitted first): submit; the wake task(s) each
-    `dispatch.delay()` publishes (`wakes_per_delay`, as measured on the broker: the first of
-    a thread claims, the others find the thread busy); the five phases; the settle's inline
+    scenario (10 dispatches per thread, all submitted first): submit; the wake tasks
+    `dispatch.delay()` publishes (`wakes_per_delay` per dispatch as measured on the broker,
+    at least one per thread: the first of a thread claims, the others find the thread busy);
+    the five phases; the settle's inline
     claim of the thread's next dispatch (tasks.publishing.worker_wake). That is what the
     workers run, minus the messages."""
     from mailbox import phases
@@ -178,8 +179,8 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
                 box.submit(threads[i % len(threads)], AGENT, f"message {i}")
         t1 = time.perf_counter()
         c1 = time.process_time()
-        for i in range(wakes_per_delay * count):  # the wake-ups of dispatch.delay()
-            thread = threads[(i // wakes_per_delay) % len(threads)]
+        for i in range(max(len(threads), round(wakes_per_delay * count))):
+            thread = threads[i % len(threads)]  # the wake-ups of dispatch.delay()
             with meter.section(SECTION_ORDER[1]) as section:
                 ctx = phases.claim_next(rt, thread)
                 if ctx is None:

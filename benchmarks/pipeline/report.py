@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import fmt, median, say, table
-from benchmarks.pipeline.analysis import analyse, cpu_ms, rates, round_values, throughput
+from benchmarks.pipeline.analysis import (
+    analyse,
+    cpu_ms,
+    rates,
+    round_values,
+    throughput,
+    wake_ups_per_dispatch,
+)
 from benchmarks.pipeline.config import KIND_LABEL, TARGET_IDLE_P50_MS, TARGET_IDLE_P99_MS
 from benchmarks.pipeline.inprocess import SECTION_ORDER
 
@@ -95,7 +102,10 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"{fmt(ref['cpu_ms_b'])} ms, (c) {fmt(ref['cpu_ms_c'])} ms, so CPU cost alone "
              f"predicts (c)/(a) = {fmt(ref['cpu_implied_c_over_a'], 3)} on a CPU-bound "
              f"machine. Celery messages per mailbox dispatch (LPUSH on the broker): "
-             f"{fmt(report.get('celery_messages_per_dispatch'), 2)}, against 5 per chain."]
+             f"{fmt(report.get('celery_messages_per_dispatch'), 2)}, against 5 per chain: "
+             f"{fmt(wake_ups_per_dispatch(report), 2)} wake-up(s) per dispatch beside the five "
+             f"phase messages (a thread with a wake-up pending or a claim in flight gets none: "
+             f"docs/behaviour.md#wake-gate)."]
     idle = s["idle"]
     idle_rows = []
     for label, key in (("(c) mailbox echo: submit→settled (stored created_at→completed_at)",

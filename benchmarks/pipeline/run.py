@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from benchmarks.common import (
     say,
     start_redis,
 )
-from benchmarks.pipeline.analysis import celery_messages_per_dispatch
+from benchmarks.pipeline.analysis import celery_messages_per_dispatch, wake_ups_per_dispatch
 from benchmarks.pipeline.config import (
     Configuration,
     Options,
@@ -314,10 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                        run_pass(delay_cfg, opts, services, workdir, 1, idle=False))
         messages = celery_messages_per_dispatch(report["configurations"].get("ref"))
         report["celery_messages_per_dispatch"] = messages
-        wakes = 1 if messages is None else max(0, min(3, round(messages) - 5))
+        wake_ups = wake_ups_per_dispatch(report)
+        wakes = 1.0 if math.isnan(wake_ups) else min(3.0, wake_ups)
         backends = ["sqlite"] + (["postgres"] if services.postgres_url else [])
         for backend in backends:
-            say(f"\n== in-process per-dispatch counts and profile: {backend} ({wakes} wake-up "
+            say(f"\n== in-process per-dispatch counts and profile: {backend} ({wakes:.2f} wake-up "
                 f"task(s) per dispatch.delay(), as measured on the broker) ==")
             try:
                 with fresh_database(backend, services.postgres_url, workdir,
