@@ -93,3 +93,27 @@ def test_mailbox_events_is_callable_as_designed(mailbox: Mailbox) -> None:
     assert [e.type for e in followed] == ["run_started", "run_finish"]
     first = next(iter(mailbox.events("run-g")))
     assert [e.type for e in mailbox.events("run-g", after=first.id)] == ["run_finish"]
+
+
+def test_cancel_and_interrupt_of_queued_work_end_each_stream_with_run_finish(
+        mailbox: Mailbox) -> None:
+    """A queued dispatch that is cancelled, or superseded by an interrupt, never ran: its
+    run's stream still ends with one run_finish carrying the cancelled termination, with
+    run_cancelled (if any) before it, and a follower returns after it."""
+    cancelled = mailbox.submit("t-queued-cancel", "echo", "never runs")
+    first = mailbox.submit("t-queued-interrupt", "echo", "one")
+    second = mailbox.submit("t-queued-interrupt", "echo", "two")
+
+    assert mailbox.cancel(cancelled.dispatch_id)
+    interrupt = mailbox.interrupt("t-queued-interrupt")
+    assert {d.dispatch_id for d in interrupt.superseded} == {first.dispatch_id,
+                                                             second.dispatch_id}
+
+    for receipt in (cancelled, first, second):
+        types = [e.type for e in mailbox.events(receipt.run_id)]
+        assert types.count("run_finish") == 1 and types[-1] == "run_finish", types
+        assert "run_started" not in types, types
+        finish = next(e for e in mailbox.events(receipt.run_id) if e.type == "run_finish")
+        assert finish.data["termination"]["type"] == "cancelled", finish.data
+        followed = list(mailbox.events(receipt.run_id, follow=True, timeout_s=5))
+        assert followed[-1].type == "run_finish"
