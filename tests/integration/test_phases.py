@@ -74,6 +74,7 @@ from tests.support.phase_kit import (
     sql,
     submit_raw,
 )
+from tests.support.racers import racing
 
 
 # ================================================================================= claim_next
@@ -1575,9 +1576,11 @@ def test_ack_recovery_refuses_a_result_that_is_not_done(
 def test_hops_from_claim_to_start_never_cost_an_attempt(mailbox: Mailbox) -> None:
     """Three hops of a quarter lease each before execute: before, the lease ran from the
     claim and the first renewal came a third of a lease after the start, so a racing sweep
-    reclaimed the claim under the running agent. Now the start extends the lease."""
-    lease_ms = 1200
-    name, calls = register(lambda ctx: (time.sleep(1.0), "done")[1])
+    reclaimed the claim under the running agent. Now the start extends the lease. (A lease
+    of 2.4 s: the hops leave 0.6 s before the claim's lease runs out, room for a loaded
+    machine's late wake-ups; the agent runs past where the first renewal used to come.)"""
+    lease_ms = 2400
+    name, calls = register(lambda ctx: (time.sleep(1.6), "done")[1])
     rt = make_runtime(mailbox, Wakes(), lease_ms=lease_ms)
     receipt = mailbox.submit("t-hops", name, "x")
     stop = threading.Event()
@@ -1587,20 +1590,18 @@ def test_hops_from_claim_to_start_never_cost_an_attempt(mailbox: Mailbox) -> Non
         while not stop.wait(0.02):
             sweeps.append(mailbox.sweep())
 
-    racer = threading.Thread(target=sweeping, daemon=True)
-    racer.start()
-    try:
-        ctx = claim(rt, "t-hops")
-        for phase in (verify, reconstruct, resolve):
-            ctx = phase(rt, ctx)
-            time.sleep(lease_ms / 4 / 1000)  # a phase hop behind a backlog
-        started = now_ms()
-        ctx = execute(rt, ctx)
-        lease_after_start = load(mailbox, receipt.dispatch_id).lease_until
-        ctx = settle(rt, ctx)
-    finally:
-        stop.set()
-        racer.join(10)
+    with racing(sweeping, timeout_s=30):
+        try:
+            ctx = claim(rt, "t-hops")
+            for phase in (verify, reconstruct, resolve):
+                ctx = phase(rt, ctx)
+                time.sleep(lease_ms / 4 / 1000)  # a phase hop behind a backlog
+            started = now_ms()
+            ctx = execute(rt, ctx)
+            lease_after_start = load(mailbox, receipt.dispatch_id).lease_until
+            ctx = settle(rt, ctx)
+        finally:
+            stop.set()
     assert not any(r.reclaimed for r in sweeps), "the claim was reclaimed during the hops"
     assert ctx.settled == "completed" and calls.count == 1
     dispatch = load(mailbox, receipt.dispatch_id)
