@@ -351,9 +351,16 @@ class Mailbox:
                 item.get("dedupe_key"), delay_ms, item.get("max_attempts"))
         except MailboxError as exc:
             raise BulkSubmitError(index, exc, []) from None
-        dispatch = RunDispatch.queued(_new_id(), item["thread_id"], _new_id(), now,
-                                      priority=priority, dedupe_key=item.get("dedupe_key"),
-                                      available_at=now + delay_ms, max_attempts=attempts)
+        # One trace per dispatch here too: each item's submit span is its trace's root.
+        with tracing.span("mailbox.submit", attributes={
+                "mailbox.thread_id": item["thread_id"], "mailbox.agent": spec.resolution_id,
+                "mailbox.bulk": True}) as trace:
+            dispatch = RunDispatch.queued(
+                _new_id(), item["thread_id"], _new_id(), now, priority=priority,
+                dedupe_key=item.get("dedupe_key"), available_at=now + delay_ms,
+                max_attempts=attempts, traceparent=tracing.traceparent_of(trace))
+            tracing.set_attributes(trace, **{"mailbox.dispatch_id": dispatch.dispatch_id,
+                                             "mailbox.run_id": dispatch.run_id})
         run = RunRecord(dispatch.run_id, dispatch.thread_id, spec.name, spec.resolution_id,
                         RunStatus.created, dispatch_id=dispatch.dispatch_id, created_at=now,
                         updated_at=now)
@@ -553,8 +560,15 @@ class Mailbox:
             return earlier
         name, _, version = run.resolution_id.partition("@")
         now = now_ms()
-        dispatch = RunDispatch.queued(_new_id(), dead.thread_id, replay_id, now,
-                                      priority=dead.priority, max_attempts=dead.max_attempts)
+        with tracing.span("mailbox.replay", attributes={
+                "mailbox.thread_id": dead.thread_id, "mailbox.agent": run.resolution_id,
+                "mailbox.replay_of": dispatch_id}) as trace:
+            dispatch = RunDispatch.queued(_new_id(), dead.thread_id, replay_id, now,
+                                          priority=dead.priority,
+                                          max_attempts=dead.max_attempts,
+                                          traceparent=tracing.traceparent_of(trace))
+            tracing.set_attributes(trace, **{"mailbox.dispatch_id": dispatch.dispatch_id,
+                                             "mailbox.run_id": replay_id})
         replayed = RunRecord(dispatch.run_id, dead.thread_id, run.agent_id, run.resolution_id,
                              RunStatus.created, dispatch_id=dispatch.dispatch_id,
                              created_at=now, updated_at=now)

@@ -22,10 +22,19 @@ PHASES = ["mailbox.submit", "mailbox.claim", "mailbox.verify", "mailbox.reconstr
           "mailbox.resolve", "mailbox.execute", "mailbox.settle"]
 CLIENT = """
 import sys
+from mailbox import Mailbox
 from tasks import dispatch
 for thread, agent, value in [("t-traced", "echo", "hello"), ("t-retried", "flaky",
                                                                {"fail_times": 1})]:
     print(dispatch.delay(thread, agent, value).id)
+for result in dispatch.delay_many([{"thread_id": "t-bulk-1", "agent": "echo", "input": 1},
+                                   {"thread_id": "t-bulk-2", "agent": "echo", "input": 2}]):
+    print(result.id)
+box = Mailbox.connect()
+dead = dispatch.delay("t-replayed", "fail", {"why": "trace the replay"}).id
+box.wait(dead, timeout_s=60)
+box.waker = lambda thread, delay: dispatch.apply_async(args=(thread,), queue=box.settings.namespace)
+print(box.replay(dead).dispatch_id)
 """
 
 
@@ -42,10 +51,11 @@ def test_one_trace_per_dispatch_across_processes(celery_stack: Stack,  # noqa: F
     client = subprocess.run([sys.executable, "-c", CLIENT], cwd=ROOT, capture_output=True,
                             text=True, timeout=60, env=celery_stack.env(**env))
     assert client.returncode == 0, client.stderr
-    traced, retried = client.stdout.split()
-    for dispatch_id in (traced, retried):
+    traced, retried, bulk_1, bulk_2, replayed = client.stdout.split()
+    for dispatch_id in (traced, retried, bulk_1, bulk_2):
         final = mailbox.wait(dispatch_id, timeout_s=60)
         assert final.status == DispatchStatus.Acked, final
+    assert mailbox.wait(replayed, timeout_s=60).status == DispatchStatus.DeadLetter
 
     spans = spans_of(trace_file)
     ours = [s for s in spans if s["name"].startswith("mailbox.")]
@@ -72,6 +82,14 @@ def test_one_trace_per_dispatch_across_processes(celery_stack: Stack,  # noqa: F
     assert [s["attributes"]["mailbox.attempt"] for s in executes] == [0, 1]
     assert [s["attributes"]["mailbox.outcome"] for s in executes] == ["transient_error",
                                                                       "completed"]
+    # Bulk items and a replay: each dispatch its own trace, from its submit (or replay)
+    # in the client to its settle in the worker.
+    for dispatch_id, root in ((bulk_1, "mailbox.submit"), (bulk_2, "mailbox.submit"),
+                              (replayed, "mailbox.replay")):
+        chain = sorted(by_dispatch[dispatch_id], key=lambda s: s["start"])
+        assert [s["name"] for s in chain] == [root, *PHASES[1:]], [s["name"] for s in chain]
+        assert len({s["trace_id"] for s in chain}) == 1, f"{root}: not one trace"
+    assert len({by_dispatch[d][0]["trace_id"] for d in (bulk_1, bulk_2)}) == 2
     assert any(s["name"].startswith(("run/", "apply_async/")) for s in spans), \
         "no span of Celery's own instrumentation"
 
