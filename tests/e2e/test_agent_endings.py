@@ -11,7 +11,6 @@ findings, where a user meets them):
 
 from __future__ import annotations
 
-import signal
 import time
 
 import pytest
@@ -92,7 +91,7 @@ def test_a_version_no_worker_has_waits_for_the_deploy(
 
     celery_stack.start_worker(concurrency=1,
                               MAILBOX_AGENT_MODULES=f"{AGENTS},tests.support.custom_agents_v2")
-    celery_stack.kill(old, signal.SIGTERM)  # a warm shutdown: what it holds, it finishes
+    celery_stack.stop_warm(old)  # what it holds, it finishes or gives back
     final = publisher.wait(result.id, timeout_s=60)
     assert final.status == DispatchStatus.Acked and final.attempt_count == 0, final
     assert final.run_response == "v2: hello"

@@ -128,6 +128,17 @@ class Stack:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
+    def stop_warm(self, proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+        """A warm shutdown, as a deploy stops a worker: SIGTERM to the main process only (it
+        finishes what its pool runs, gives back what it reserved, then ends its pool)."""
+        KILLED_ON_PURPOSE.update([proc.pid, *self.pool_children(proc)])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+
     @staticmethod
     def pool_children(proc: subprocess.Popen[bytes]) -> list[int]:
         """The pids whose parent is `proc` (a prefork worker's pool processes)."""
