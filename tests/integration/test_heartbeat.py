@@ -336,9 +336,14 @@ def test_an_agent_that_ignores_its_timeout_is_abandoned_after_the_grace(
     assert dispatch.last_error.startswith("timed out after 0.5 s; the agent did not stop "
                                           "within 1 s and was abandoned")
     assert stuck.calls == [(receipt.dispatch_id, True)]
-    # The thread is free: its next dispatch runs while the stuck agent still sleeps.
+    # The thread is free: its next dispatch runs while the stuck agent still sleeps (the
+    # abandonment gives the lease back just after its nack commits: poll for it).
     nxt = claim_next(rt, "t-hung")
+    while nxt is None and time.monotonic() - started < 3.3:
+        time.sleep(0.02)
+        nxt = claim_next(rt, "t-hung")
     assert nxt is not None and nxt.dispatch_id == later.dispatch_id
+    assert runner.is_alive(), "the stuck agent had already returned: this proves nothing"
     runner.join(10)
     out = results["out"]
     assert out.done and out.reason.startswith("abandoned")
