@@ -122,6 +122,7 @@ STOPS = {"cancel": lambda box, dispatch_id, thread: box.cancel(dispatch_id),
          "interrupt": lambda box, dispatch_id, thread: box.interrupt(thread)}
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("stop", list(STOPS))
 def test_a_stop_cancels_the_coroutine_within_200_ms(mailbox: Mailbox, stop: str) -> None:
     latencies = []
@@ -141,6 +142,7 @@ def test_a_stop_cancels_the_coroutine_within_200_ms(mailbox: Mailbox, stop: str)
     assert max(latencies) < 0.2, latencies
 
 
+@pytest.mark.serial
 def test_sync_agents_are_unchanged_and_their_latency_is_measured(mailbox: Mailbox) -> None:
     latencies = []
     for _ in range(8):

@@ -305,6 +305,7 @@ def test_a_global_default_bounds_agents_without_their_own_timeout(mailbox: Mailb
     assert load(mailbox, receipt.dispatch_id).last_error == "timed out after 1 s"
 
 
+@pytest.mark.serial
 def test_an_agent_that_ignores_its_timeout_is_abandoned_after_the_grace(
         mailbox: Mailbox) -> None:
     """A non-cooperative agent: past timeout + grace the heartbeat ends the attempt for it

@@ -108,6 +108,7 @@ def _live_work(box: Mailbox, stop: threading.Event, waits: dict[str, list[float]
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_gc_of_100k_rows_does_not_stall_claims(make_mailbox: Callable[..., Mailbox],
                                                database_url: str) -> None:
     if not database_url.startswith("sqlite"):
