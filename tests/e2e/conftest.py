@@ -34,9 +34,9 @@ def publisher(celery_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         if key.startswith(("MAILBOX_", "CELERY_")):
             monkeypatch.setenv(key, value)
     import tasks.runtime
-    from tasks import app as celery_app
+    from tests.support.e2e_helpers import point_app_at_broker
 
-    celery_app.conf.broker_url = celery_stack.broker
+    point_app_at_broker(celery_stack.broker)
     tasks.runtime.reset()
     yield tasks.runtime.mailbox()
     tasks.runtime.reset()

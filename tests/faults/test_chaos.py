@@ -48,7 +48,12 @@ from mailbox.dev.embedded_redis import EmbeddedRedis, free_port
 from mailbox.dev.workload_audit import WorkloadAudit, WorkloadReport
 from tests.conftest import BACKENDS, POSTGRES_URL
 from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
-from tests.support.e2e_helpers import events_of, received_count, worker_logs
+from tests.support.e2e_helpers import (
+    events_of,
+    point_app_at_broker,
+    received_count,
+    worker_logs,
+)
 from tests.support.fault_hooks import PHASES, Driver, Faults, Item, installed
 from tests.support.racers import race
 from tests.support.redis_cluster import LocalRedisCluster, cluster_mode
@@ -96,20 +101,13 @@ def publishing_to(s: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mailbox
             monkeypatch.setenv(key, value)
     before = celery_app.conf.broker_url
 
-    def repoint(url: str) -> None:
-        # Only drop the references: kombu keeps pools in a registry keyed by the connection,
-        # so a closed one would be handed back to the next test publishing to that broker.
-        celery_app.conf.broker_url = url
-        celery_app._pool = None
-        celery_app.amqp._producer_pool = None
-
-    repoint(s.broker)
+    point_app_at_broker(s.broker)
     tasks.runtime.reset()
     try:
         yield tasks.runtime.mailbox()
     finally:
         tasks.runtime.reset()
-        repoint(before)
+        point_app_at_broker(before)
 
 
 def audited(audit: WorkloadAudit, s: Stack) -> WorkloadReport:

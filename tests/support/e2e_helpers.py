@@ -197,3 +197,16 @@ class ClaimSampler:
 
 def as_json(value: Any) -> str:
     return json.dumps(value, indent=1, default=str)
+
+
+def point_app_at_broker(url: str) -> None:
+    """Make this process's Celery app publish to `url`. Setting `broker_url` alone is not
+    enough once the app has published: its connection and producer pools keep the broker
+    they were made for (an earlier test in the same process may have used another). Only the
+    references are dropped: kombu keeps pools in a registry keyed by the connection, so a
+    closed one would be handed back to the next test publishing to that broker."""
+    from tasks import app as celery_app
+
+    celery_app.conf.broker_url = url
+    celery_app._pool = None
+    celery_app.amqp._producer_pool = None
