@@ -62,8 +62,8 @@ SWEEP_WAKE_PREFIX = "sweep-wake-"
 WAKE_PENDING_SWEEPS = 4
 
 SweepWakePublisher = Callable[[str, str], None]
-"""`publish(thread_id, wake_id)`: send a wake-up for the thread whose consumer calls
-`consume_sweep_wake(coordinator, thread_id, wake_id)` before it claims."""
+"""`publish(thread_id, wake_id)`: send a wake-up for the thread whose consumer claims with
+`wake_id` (the claim clears the thread's pending mark if it still names it, lease_acquire.lua)."""
 
 
 @dataclass
