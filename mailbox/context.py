@@ -80,6 +80,13 @@ class PhaseContext:
     instance_id: str | None = None
     """This attempt's runtime invocation id (reconstruct)."""
     started_at: int | None = None
+    run_checked: bool = False
+    """The claim read the run (`phases.claim_next`): reconstruct has the next three fields
+    and `resolution_id` without a read of its own."""
+    run_error: str | None = None
+    """Why the run cannot be rebuilt (missing, another thread's, no input): a dead letter."""
+    run_done: bool = False
+    """An earlier attempt finished the run and died before its ack: settle, do not re-run."""
     resolution_id: str | None = None
     resumed: bool = False
     """The run was waiting for a decision and this dispatch resumes it."""

@@ -216,8 +216,9 @@ def execute(pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
 
 WAKE_HELD, WAKE_PUBLISH, WAKE_PENDING = 0, 1, 2
 """What `gate_wake` answers (wake_gate.lua)."""
-WAKE_REQUESTED = 2
-"""What `release` answers when a submit skipped its wake-up on the standing lease."""
+LEASE_NOT_OURS, RELEASED, WAKE_REQUESTED = 0, 1, 2
+"""What `release` answers: the lease was not ours (or gone), it was deleted, or it was
+deleted and a submit had skipped its wake-up on it (the caller claims again)."""
 
 
 class Coordinator:
@@ -308,6 +309,18 @@ class Coordinator:
         fields = {_text(k): _text(v) for k, v in raw.items()}
         return Lease(fields.get("token", ""), fields.get("dispatch_id", ""),
                      int(fields.get("lease_until", "0") or 0), fields.get("holder", ""))
+
+    def lease_and_epoch(self, thread_id: str) -> tuple[Lease | None, int | None]:
+        """The thread's lease and cached epoch, in one round trip (HMGET and GET pipelined;
+        both keys in the thread's slot on a cluster): what verify asks before it reads SQL."""
+        self.round_trips += 1
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.lease_key(thread_id), "token", "dispatch_id", "lease_until")
+        pipe.get(self.epoch_key(thread_id))
+        (token, dispatch_id, lease_until), epoch = execute(pipe)
+        lease = None if token is None else Lease(
+            _text(token), _text(dispatch_id or b""), int(lease_until or 0), "")
+        return lease, None if epoch is None else int(epoch)
 
     # ------------------------------------------------------------------------------ epochs
     def cached_epoch(self, thread_id: str) -> int | None:

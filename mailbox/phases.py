@@ -47,7 +47,7 @@ from mailbox.model import (
     Termination,
 )
 from mailbox.runtime import Runtime, now_ms  # noqa: F401  (now_ms: public here too)
-from mailbox.store import Message
+from mailbox.store import AttemptFacts, Message
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,21 @@ def _fenced_by_us(error: MailboxError) -> bool:
 
 
 # =================================================================================== claim
-def claim_next(rt: Runtime, thread_id: str, *, wake_id: str | None = None
-               ) -> PhaseContext | None:
+def claim_next(rt: Runtime, thread_id: str, *, wake_id: str | None = None,
+               expect_due: bool = False) -> PhaseContext | None:
     """Claim the thread's next eligible dispatch; None when busy or nothing is due. A
-    wake-up's claim passes its id (docs/behaviour.md#wake-gate)."""
-    claimed = rt.store.claim(thread_id, rt.consumer_id, rt.settings.lease_ms, rt.clock(),
-                             wake_id=wake_id, clock=rt.clock)
-    return PhaseContext.from_claim(claimed[0]) if claimed else None
+    wake-up's claim passes its id (docs/behaviour.md#wake-gate); a caller that knows
+    something is due passes `expect_due` (`MailboxStore.claim`). The claim also reads what
+    reconstruct checks of the run, in its own transaction."""
+    claimed = rt.runs.claim_for_attempt(thread_id, rt.consumer_id, rt.settings.lease_ms,
+                                        rt.clock(), wake_id=wake_id, clock=rt.clock,
+                                        expect_due=expect_due)
+    if claimed is None:
+        return None
+    dispatch, facts = claimed
+    ctx = PhaseContext.from_claim(dispatch)
+    _check_run(ctx, facts)
+    return ctx
 
 
 # ================================================================================== verify
@@ -117,6 +125,9 @@ def verify(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     """The claim is still ours and its epoch is current; else stop before running."""
     if ctx.done:
         return ctx
+    if rt.store.claim_current_in_redis(ctx.thread_id, ctx.dispatch_id, ctx.token, ctx.epoch,
+                                       rt.clock()):
+        return ctx  # nothing to look at in SQL: the start is fenced there anyway
     try:
         current = rt.store.load_dispatch(ctx.dispatch_id)
         if current is None:
@@ -143,30 +154,43 @@ def verify(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
 # ============================================================================= reconstruct
 def reconstruct(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     """Rebuild the request from the run record and the message log. A run that cannot be
-    rebuilt never will be: dead-letter it once (the runtime is never entered)."""
+    rebuilt never will be: dead-letter it once (the runtime is never entered). The claim read
+    the run in its own transaction (`claim_next`); a context from a worker that did not is
+    checked here."""
     if ctx.done:
         return ctx
     ctx.instance_id = str(uuid6.uuid7())
-    try:
-        run, has_input = rt.runs.load_run_for_attempt(ctx.run_id)
-        if run is None:
-            return _unreconstructable(rt, ctx, f"run '{ctx.run_id}' not found for dispatch "
-                                               f"'{ctx.dispatch_id}'")
-        if run.thread_id != ctx.thread_id:
-            return _unreconstructable(rt, ctx, f"run '{run.run_id}' belongs to thread "
-                                               f"'{run.thread_id}', not '{ctx.thread_id}'")
-        if not has_input:
-            return _unreconstructable(rt, ctx, f"input message for run '{run.run_id}' not "
-                                               f"found")
+    if not ctx.run_checked:
+        try:
+            _check_run(ctx, rt.runs.load_run_for_attempt(ctx.run_id))
+        except StoreUnavailableError as exc:
+            return ctx.finish(f"store unavailable in reconstruct: {exc}")
+    if ctx.run_error is not None:
+        return _unreconstructable(rt, ctx, ctx.run_error)
+    if ctx.run_done:
+        # A previous attempt finished the run and died before its ack: do not run the
+        # agent again, settle with what the run record already says.
+        ctx.outcome = Outcome(COMPLETED, replayed=True)
+    return ctx
+
+
+def _check_run(ctx: PhaseContext, facts: AttemptFacts) -> None:
+    """What reconstruct needs of the run, on the context: why it cannot be rebuilt
+    (`run_error`), or its pinned resolution, whether this dispatch resumes it and whether
+    an earlier attempt already finished it."""
+    ctx.run_checked = True
+    run = facts.run
+    if run is None:
+        ctx.run_error = f"run '{ctx.run_id}' not found for dispatch '{ctx.dispatch_id}'"
+    elif run.thread_id != ctx.thread_id:
+        ctx.run_error = f"run '{run.run_id}' belongs to thread '{run.thread_id}', not " \
+                        f"'{ctx.thread_id}'"
+    elif not facts.has_input:
+        ctx.run_error = f"input message for run '{run.run_id}' not found"
+    else:
         ctx.resolution_id = run.resolution_id
         ctx.resumed = run.status == RunStatus.waiting
-        if run.status == RunStatus.done:
-            # A previous attempt finished the run and died before its ack: do not run the
-            # agent again, settle with what the run record already says.
-            ctx.outcome = Outcome(COMPLETED, replayed=True)
-    except StoreUnavailableError as exc:
-        return ctx.finish(f"store unavailable in reconstruct: {exc}")
-    return ctx
+        ctx.run_done = run.status == RunStatus.done
 
 
 def _unreconstructable(rt: Runtime, ctx: PhaseContext, message: str) -> PhaseContext:
@@ -361,17 +385,20 @@ def _end_abandoned(rt: Runtime, ctx: PhaseContext, outcome: AgentOutcome) -> Non
 def settle(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
     """Record the result, classify, ack / nack / dead-letter, reconcile the run, and wake
     the thread so its next dispatch starts right away."""
+    wake = True
     try:
         if not ctx.done:
-            _settle_outcome(rt, ctx)
+            wake = _settle_outcome(rt, ctx)
     finally:
-        if not ctx.duplicate:
+        if wake and not ctx.duplicate:
             rt.wake(ctx.thread_id, 0)
     return ctx
 
 
-def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> None:
-    """Act on the outcome. Completion metrics (docs/behaviour.md#metrics): a failure is
+def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> bool:
+    """Act on the outcome; False when the thread needs no claim after it (an ack that saw
+    nothing due and no submit waiting on its lease), True otherwise. Completion metrics
+    (docs/behaviour.md#metrics): a failure is
     counted first, as the original does; a completed attempt once its end is this settle's
     to report — acked here, or its own ack fenced by an interrupt — and not when another
     delivery or the sweep settled it, nor when it is left for the sweep (which counts what
@@ -382,11 +409,12 @@ def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> None:
     kind: str = outcome.kind
     if kind in (TRANSIENT, PERMANENT):
         _record_completion(ctx, kind, now)
+    wake = True
     try:
         if kind == DEFERRED:
             kind = _settle_deferred(rt, ctx, outcome.error or "agent version not deployed", now)
         elif kind == COMPLETED:
-            _settle_completed(rt, ctx, outcome, now)
+            wake = _settle_completed(rt, ctx, outcome, now)
         elif kind == TRANSIENT:
             _settle_transient(rt, ctx, outcome.error or "transient error", now)
         else:
@@ -403,9 +431,11 @@ def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> None:
             ctx.settled = kind
             if kind == COMPLETED:
                 _record_completion(ctx, COMPLETED, now)
+    return wake
 
 
-def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int) -> None:
+def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int) -> bool:
+    """Ack and report; False when the ack's transaction saw nothing more to claim."""
     assert ctx.instance_id is not None
     run: RunRecord | None = None
     if not outcome.recorded:
@@ -417,10 +447,11 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         status, _ = termination.to_run_status()
         rt.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
             ctx.run_id, ctx.instance_id, status, termination, run.response, run.error), now)
+    next_due = True
     try:
-        acked_run = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
-                                thread_id=ctx.thread_id)
-        run = acked_run or run
+        acked = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
+                            thread_id=ctx.thread_id)
+        run, next_due = acked.run or run, acked.next_due
     except VersionConflictError:
         # Refused outright: the claim was not ours when the ack looked. If the dispatch is
         # Acked, another delivery of this same settle (a duplicated message) acked it and
@@ -429,7 +460,7 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         if current is not None and current.status == DispatchStatus.Acked:
             ctx.duplicate = True
             ctx.finish("settled by another delivery of this attempt")
-            return
+            return True
         raise
     except MailboxError:
         # Unknown whether the ack landed: its transaction failed, or it committed and the
@@ -437,13 +468,14 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         # StoreUnavailableError). Ack recovery finds out.
         recovered = _recover_ack(rt, ctx, now)
         if recovered is None:
-            return  # ctx says why: reported by another, or left for the sweep
+            return True  # ctx says why: reported by another, or left for the sweep
         run = recovered.run or run
     if run is None:
         run = rt.runs.load_run(ctx.run_id)
         if run is None:
             raise NotFoundError(f"run {ctx.run_id}")
     reports.acked(rt.events, ctx.dispatch_id, run, rt.clock())
+    return next_due
 
 
 @dataclass
@@ -497,12 +529,13 @@ def _recover_ack(rt: Runtime, ctx: PhaseContext, now: int) -> RecoveredAck | Non
                    f"for the sweep")
         return None
     try:
-        run = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now, thread_id=ctx.thread_id)
+        acked = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
+                            thread_id=ctx.thread_id)
     except MailboxError:
         outcome("ack_failed")  # fenced → after a fence; outage → left for the sweep
         raise
     outcome("acked")
-    return RecoveredAck(run)
+    return RecoveredAck(acked.run)
 
 
 def _record_failure(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> None:

@@ -126,7 +126,9 @@ def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None)
     # The claim clears the thread's pending-wake mark if it names this wake-up (a sweep's or
     # a submit's), in the same round trip as the lease, before it looks for work: anything
     # due before then is claimed here or by the holder's next claim; later writes wake again.
-    started = start_next(runtime(), thread_id, wake_id=self.request.id)
+    # A submit's wake-up names its dispatch: something is due, the claim skips its read-ahead.
+    started = start_next(runtime(), thread_id, wake_id=self.request.id,
+                         expect_due=dispatch_id is not None)
     metrics.count_operation("wake_task", "claimed" if started else "nothing_to_claim")
     return started
 

@@ -119,12 +119,14 @@ def wake_thread(coordinator: Coordinator, settings: Settings, thread_id: str,
     return True
 
 
-def start_next(rt: Runtime, thread_id: str, *, wake_id: str | None = None) -> str | None:
+def start_next(rt: Runtime, thread_id: str, *, wake_id: str | None = None,
+               expect_due: bool = False) -> str | None:
     """Claim the thread's next eligible dispatch and publish its chain; its dispatch id, or
     None when the thread is busy or has nothing due. A wake-up passes its task id: its claim
-    clears the thread's pending-wake mark if the mark names it."""
+    clears the thread's pending-wake mark if the mark names it. `expect_due`: the caller
+    knows something is due (`MailboxStore.claim`)."""
     started = time.time_ns()
-    ctx = claim_next(rt, thread_id, wake_id=wake_id)
+    ctx = claim_next(rt, thread_id, wake_id=wake_id, expect_due=expect_due)
     if ctx is None:
         return None
     with tracing.span("mailbox.claim", traceparent=ctx.traceparent, start_ns=started,
@@ -136,11 +138,13 @@ def start_next(rt: Runtime, thread_id: str, *, wake_id: str | None = None) -> st
 def worker_wake(rt: Runtime, thread_id: str, delay_ms: int = 0) -> None:
     """How a worker wakes a thread: a due thread is claimed right here and its chain
     published (one message hop less than a wake-up for another worker to claim); a later
-    one gets a delayed wake-up."""
+    one gets a delayed wake-up. A phase wakes its thread now when something may be due (a
+    settle whose ack saw nothing due does not wake it: `phases.settle`), so the claim skips
+    its read-ahead."""
     if delay_ms > 0:
         publish_wake(rt.settings.namespace, thread_id, delay_ms)
     else:
-        start_next(rt, thread_id)
+        start_next(rt, thread_id, expect_due=True)
 
 
 @functools.cache

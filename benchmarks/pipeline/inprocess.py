@@ -158,8 +158,8 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
     pending: deque[dict[str, Any]] = deque()
 
     def wake(thread_id: str, delay_ms: int) -> None:
-        with meter.section(SECTION_ORDER[-1]):
-            ctx = phases.claim_next(rt, thread_id)
+        with meter.section(SECTION_ORDER[-1]):  # as tasks.publishing.worker_wake claims
+            ctx = phases.claim_next(rt, thread_id, expect_due=True)
         if ctx is not None:
             pending.append(ctx)
 
@@ -181,8 +181,8 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
         c1 = time.process_time()
         for i in range(max(len(threads), round(wakes_per_delay * count))):
             thread = threads[i % len(threads)]  # the wake-ups of dispatch.delay()
-            with meter.section(SECTION_ORDER[1]) as section:
-                ctx = phases.claim_next(rt, thread)
+            with meter.section(SECTION_ORDER[1]) as section:  # a submit's wake-up
+                ctx = phases.claim_next(rt, thread, expect_due=True)
                 if ctx is None:
                     section.rename(SECTION_ORDER[2])
             if ctx is not None:

@@ -14,6 +14,8 @@ from mailbox.store.dispatches import FencedWrite, MailboxStore, ReclaimPage, new
 from mailbox.store.inspection import Inspection
 from mailbox.store.runs import (
     MAX_INPUT_BYTES,
+    Acked,
+    AttemptFacts,
     BulkEntry,
     BulkEntryError,
     FinishedClaim,
@@ -24,6 +26,6 @@ from mailbox.store.runs import (
     encode_input,
 )
 
-__all__ = ["MAX_INPUT_BYTES", "BulkEntry", "BulkEntryError", "FencedWrite", "FinishedClaim",
-           "Inspection", "MailboxStore", "Message", "ReclaimPage", "Resolution", "RunStore",
-           "Submission", "encode_input", "new_token"]
+__all__ = ["MAX_INPUT_BYTES", "Acked", "AttemptFacts", "BulkEntry", "BulkEntryError",
+           "FencedWrite", "FinishedClaim", "Inspection", "MailboxStore", "Message",
+           "ReclaimPage", "Resolution", "RunStore", "Submission", "encode_input", "new_token"]

@@ -88,6 +88,9 @@ MAX_LIST_LIMIT = 1000
 list_dead_letters, thread_messages, ...): page with offsets or cursors beyond it, so that no
 call's work, memory or transaction grows with the data (docs/behaviour.md#gc)."""
 
+ClaimedReader = Callable[[sa.Connection, RunDispatch], None]
+"""`inside(conn, claimed)`: a caller's reads of the dispatch it just claimed, in the claim's
+transaction (`MailboxStore.claim`)."""
 FinishedCheck = Callable[[sa.Connection, RunDispatch], bool]
 """`finished(conn, claim)`: did this expired claim's attempt already write the run's outcome?
 Asked by reclaim under the claim's thread lock, in its transaction: for a current claim (True:
@@ -106,12 +109,15 @@ class ReclaimPage:
     superseded: list[RunDispatch] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass
 class FencedWrite:
-    """Inside `fenced_write`: the open transaction and the dispatch as it now stands."""
+    """Inside `fenced_write`: the open transaction and the dispatch as it now stands. Once
+    the block is done, `released` says what giving the lease back answered (when the write
+    ended the claim): `coordinator.release`'s answer, None when Redis could not be asked."""
 
     conn: sa.Connection
     dispatch: RunDispatch
+    released: int | None = None
 
 
 def new_token() -> str:
@@ -288,9 +294,14 @@ class MailboxStore:
             metrics.count_operation("redis_after_commit", "error")
             log.warning("redis update after commit failed (%s): %s", what, exc)
 
-    def _release(self, d: RunDispatch, token: str | None) -> None:
+    def _release(self, d: RunDispatch, token: str | None) -> int | None:
+        """Give the lease back after the claim ended; what Redis answered (None: not asked,
+        or unreachable)."""
+        answer: list[int] = []
         if token:
-            self._after_commit("release", lambda: self.coordinator.release(d.thread_id, token))
+            self._after_commit("release", lambda: answer.append(
+                self.coordinator.release(d.thread_id, token)))
+        return answer[0] if answer else None
 
     def _cache_epoch(self, thread_id: str, epoch: int, generation: str | None) -> None:
         """Cache an epoch read under the thread lock. Filled only if Redis kept the
@@ -333,7 +344,8 @@ class MailboxStore:
 
     @operation("claim", empty_result=True)
     def claim(self, thread_id: str, consumer_id: str, lease_ms: int, now: int, limit: int = 1,
-              *, wake_id: str | None = None, clock: Callable[[], int] | None = None
+              *, wake_id: str | None = None, clock: Callable[[], int] | None = None,
+              expect_due: bool = False, inside: ClaimedReader | None = None
               ) -> list[RunDispatch]:
         """Claim the thread's next eligible dispatch (T2): at most one per call and per thread.
 
@@ -342,6 +354,11 @@ class MailboxStore:
         was not reclaimed yet (the sweep reclaims it). A wake-up's claim passes its id, which
         clears the thread's pending-wake mark (docs/behaviour.md#wake-gate); `clock` gives
         a claim that looks again a fresh `now` (what it looks for was submitted after `now`).
+        Without `expect_due`, a plain read first asks whether anything is due (`_has_due`);
+        a caller that knows something is (a settle whose ack saw it, a submit's wake-up)
+        passes `expect_due` and saves that read. `inside(conn, claimed)` reads what the
+        caller needs of the claimed dispatch in the claim's own transaction (the run store:
+        what reconstruct checks, one round trip less).
         """
         require_id("thread_id", thread_id)
         require_id("consumer_id", consumer_id)
@@ -352,7 +369,8 @@ class MailboxStore:
         if limit == 0:
             return []
         claimed = self._claim_thread(thread_id, None, consumer_id, lease_ms, now,
-                                     wake_id=wake_id, clock=clock)
+                                     wake_id=wake_id, clock=clock, expect_due=expect_due,
+                                     inside=inside)
         return [] if claimed is None else [claimed]
 
     @operation("claim_dispatch", empty_result=True)
@@ -372,44 +390,47 @@ class MailboxStore:
         return self._claim_thread(thread_id, dispatch_id, consumer_id, lease_ms, now)
 
     def _has_due(self, thread_id: str, now: int) -> bool:
-        """A plain read before the claim's write transaction: most claims made when an
-        attempt settles find the thread empty, and on SQLite a write transaction takes the
-        database's one write lock. Skipping on "nothing due" loses nothing: a dispatch
-        committed after this read is woken by its own submit (or retry, or the sweep), like
-        any dispatch that arrives after a claim. (A Claimed row that Redis forgot is then
-        not rebuilt into a lease here; the next claim that finds work does it.)"""
+        """A plain read before the claim's write transaction: on SQLite a write transaction
+        takes the database's one write lock, and a claim that does not know whether its
+        thread has work (the sweep's wake-ups, a test's claim) often finds it empty.
+        Skipping on "nothing due" loses nothing: a dispatch committed after this read is
+        woken by its own submit (or retry, or the sweep), like any dispatch that arrives
+        after a claim. (A Claimed row that Redis forgot is then not rebuilt into a lease
+        here; the next claim that finds work does it.)"""
         with self.read() as conn:
             return conn.execute(q.SELECT_ANY_DUE, {"thread_id": thread_id, "now": now}
                                 ).first() is not None
 
     def _claim_thread(self, thread_id: str, dispatch_id: str | None, consumer_id: str,
                       lease_ms: int, now: int, *, wake_id: str | None = None,
-                      clock: Callable[[], int] | None = None) -> RunDispatch | None:
+                      clock: Callable[[], int] | None = None, expect_due: bool = False,
+                      inside: ClaimedReader | None = None) -> RunDispatch | None:
         """Claim under a pending lease. When the claim comes away empty and a submit marked
         the pending lease meanwhile (it skipped its wake-up, counting on us), claim again:
         its dispatch committed before the mark, so the next look sees it."""
         for _ in range(CLAIM_RETRIES):
             claimed, requested = self._claim_once(thread_id, dispatch_id, consumer_id,
-                                                  lease_ms, now, wake_id)
+                                                  lease_ms, now, wake_id,
+                                                  expect_due=expect_due, inside=inside)
             if claimed is not None or not requested:
                 return claimed
-            wake_id, dispatch_id = None, None
+            wake_id, dispatch_id, expect_due = None, None, True  # a submit counted on us
             now = max(now, clock()) if clock is not None else now
         return None
 
     def _claim_once(self, thread_id: str, dispatch_id: str | None, consumer_id: str,
-                    lease_ms: int, now: int, wake_id: str | None
-                    ) -> tuple[RunDispatch | None, bool]:
+                    lease_ms: int, now: int, wake_id: str | None, *, expect_due: bool = False,
+                    inside: ClaimedReader | None = None) -> tuple[RunDispatch | None, bool]:
         """(claimed, whether a submit asked for another claim while our pending lease stood)."""
         token = new_token()
         try:
             if self.coordinator.acquire(thread_id, token, now + lease_ms, consumer_id, now,
                                         lease_ms, wake_id=wake_id) is not None:
                 return None, False  # a live lease: busy, refused without SQL
-            if dispatch_id is None and not self._has_due(thread_id, now):
+            if dispatch_id is None and not expect_due and not self._has_due(thread_id, now):
                 return None, self._release_pending(thread_id, token)
             claimed, holder = self._claim_in_sql(thread_id, dispatch_id, token, consumer_id,
-                                                 lease_ms, now)
+                                                 lease_ms, now, inside)
         except BaseException:
             self._release_pending(thread_id, token)
             raise
@@ -458,7 +479,8 @@ class MailboxStore:
         return bool(released) and released[0] == WAKE_REQUESTED
 
     def _claim_in_sql(self, thread_id: str, dispatch_id: str | None, token: str,
-                      consumer_id: str, lease_ms: int, now: int
+                      consumer_id: str, lease_ms: int, now: int,
+                      inside: ClaimedReader | None = None
                       ) -> tuple[RunDispatch | None, RunDispatch | None]:
         """Returns (claimed dispatch, the Claimed dispatch that blocked us)."""
         with self.write() as conn:
@@ -486,6 +508,8 @@ class MailboxStore:
                 return None, None
             claimed = head.claimed(token, consumer_id, lease_ms, now)
             self._save(conn, [(head, claimed)])
+            if inside is not None:
+                inside(conn, claimed)
             return claimed, None
 
     # ------------------------------------------------------------------ fenced claimed ops
@@ -509,6 +533,7 @@ class MailboxStore:
         if not isinstance(claim_token, str):
             raise ValidationError("claim_token must be a string")
         conflict: VersionConflictError | None = None
+        fenced: FencedWrite | None = None
         with self.write() as conn:
             found = self.lock_dispatch(conn, dispatch_id, thread_id)
             if found is None:
@@ -523,9 +548,12 @@ class MailboxStore:
                 after = apply(current)
             self._save(conn, [(current, after)])
             if conflict is None:
-                yield FencedWrite(conn, after)
+                fenced = FencedWrite(conn, after)
+                yield fenced
         if after.status != DispatchStatus.Claimed:
-            self._release(after, claim_token)
+            released = self._release(after, claim_token)
+            if fenced is not None:
+                fenced.released = released
         if conflict is not None:
             # Rare path: re-read under a fresh generation so the cache catches up safely.
             self._after_commit("epoch refresh", lambda: self._refresh_epoch(current.thread_id))
@@ -685,6 +713,22 @@ class MailboxStore:
         self._after_commit("epoch fill", lambda: self.coordinator.fill_epoch(
             thread_id, epoch, generation))
         return epoch
+
+    def claim_current_in_redis(self, thread_id: str, dispatch_id: str, claim_token: str,
+                               dispatch_epoch: int, now: int) -> bool:
+        """Does Redis say this claim is ours and current: the thread's live lease carries
+        our token and dispatch, and the cached epoch (when cached) is not past the
+        dispatch's? One round trip, no SQL. True lets verify pass without reading the
+        dispatch (docs/behaviour.md#verify); it decides nothing: the attempt's start is
+        fenced in SQL by token and epoch, so a claim that is not ours or is stale still never
+        starts. False (or Redis unreachable) sends verify to SQL."""
+        try:
+            lease, epoch = self.coordinator.lease_and_epoch(thread_id)
+        except redis.RedisError:
+            return False
+        return (lease is not None and lease.token == claim_token
+                and lease.dispatch_id == dispatch_id and lease.lease_until >= now
+                and (epoch is None or dispatch_epoch >= epoch))
 
     def _refresh_epoch(self, thread_id: str, attempts: int = 3) -> None:
         """Bring the cache up to the SQL epoch (a writer's duty after its commit). Gives up

@@ -20,6 +20,7 @@ import uuid6
 from sqlalchemy import exc as sa_exc
 
 from mailbox import metrics
+from mailbox.coordination import LEASE_NOT_OURS, RELEASED
 from mailbox.errors import (
     AlreadyExistsError,
     AlreadyStartedError,
@@ -129,6 +130,25 @@ class Submission:
     dispatch: RunDispatch
     run: RunRecord
     resumed: bool
+
+
+@dataclass(frozen=True)
+class AttemptFacts:
+    """What reconstruct checks before an attempt: the run (None when missing) and whether
+    its user input is stored."""
+
+    run: RunRecord | None
+    has_input: bool
+
+
+@dataclass(frozen=True)
+class Acked:
+    """What an ack read in its transaction: the run, and whether the thread may have a
+    dispatch to claim next (False only when nothing was due and no submit counted on the
+    released lease)."""
+
+    run: RunRecord | None
+    next_due: bool
 
 
 class RunStore:
@@ -356,14 +376,34 @@ class RunStore:
         return None if row is None else q.run_from_row(row)
 
     @operation("load_run")
-    def load_run_for_attempt(self, run_id: str) -> tuple[RunRecord | None, bool]:
+    def load_run_for_attempt(self, run_id: str) -> AttemptFacts:
         """The run and whether its user input is stored, in one read (what reconstruct
-        checks before an attempt)."""
+        checks before an attempt, when its claim did not read it: `claim_for_attempt`)."""
         with self.store.read() as conn:
-            row = conn.execute(q.SELECT_RUN_WITH_INPUT, {"run_id": run_id}).one_or_none()
+            return self._attempt_facts(conn, run_id)
+
+    @staticmethod
+    def _attempt_facts(conn: sa.Connection, run_id: str) -> AttemptFacts:
+        row = conn.execute(q.SELECT_RUN_WITH_INPUT, {"run_id": run_id}).one_or_none()
         if row is None:
-            return None, False
-        return q.run_from_row(row), bool(row._mapping[q.HAS_INPUT])
+            return AttemptFacts(None, False)
+        return AttemptFacts(q.run_from_row(row), bool(row._mapping[q.HAS_INPUT]))
+
+    def claim_for_attempt(self, thread_id: str, consumer_id: str, lease_ms: int, now: int,
+                          *, wake_id: str | None = None, clock: Callable[[], int] | None = None,
+                          expect_due: bool = False) -> tuple[RunDispatch, AttemptFacts] | None:
+        """`MailboxStore.claim`, reading in the claim's own transaction what reconstruct
+        checks (the run, whether its input is stored): the attempt's chain then needs no
+        read of its own before its start. Nothing it reads can change before the start
+        but through this claim, whose every later write is fenced."""
+        facts: list[AttemptFacts] = []
+
+        def read(conn: sa.Connection, claimed: RunDispatch) -> None:
+            facts.append(self._attempt_facts(conn, claimed.run_id))
+
+        claimed = self.store.claim(thread_id, consumer_id, lease_ms, now, wake_id=wake_id,
+                                   clock=clock, expect_due=expect_due, inside=read)
+        return (claimed[0], facts[-1]) if claimed else None
 
     @operation("thread_messages")
     def thread_messages(self, thread_id: str, limit: int = 1000) -> list[Message]:
@@ -518,13 +558,19 @@ class RunStore:
 
     @operation("ack")
     def ack(self, dispatch_id: str, claim_token: str, run_id: str, now: int, *,
-            thread_id: str | None = None) -> RunRecord | None:
-        """Ack (T6) and read the run in the same transaction: settle reports what the run
-        record says without a second round trip."""
+            thread_id: str | None = None) -> Acked:
+        """Ack (T6), and read in the same transaction the run (settle reports what the run
+        record says) and whether the thread has another dispatch due (settle claims it, or
+        has nothing to claim): no read of its own for either."""
         with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_ACK,
                                      lambda d: d.acked(now), thread_id=thread_id) as fenced:
             row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
-            return None if row is None else q.run_from_row(row)
+            due = fenced.conn.execute(q.SELECT_ANY_DUE, {
+                "thread_id": fenced.dispatch.thread_id, "now": now}).first() is not None
+        # A submit that committed after that read found our lease standing and left its
+        # wake-up to us: the release says so (WAKE_REQUESTED), or could not tell (None).
+        return Acked(None if row is None else q.run_from_row(row),
+                     next_due=due or fenced.released not in (RELEASED, LEASE_NOT_OURS))
 
     @operation("record_run_result")  # T5 and the run, together
     def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,

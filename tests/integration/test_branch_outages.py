@@ -14,6 +14,7 @@ finishes the work.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -39,6 +40,7 @@ from tests.support.phase_kit import (
     Wakes,
     claim,
     event_types,
+    forget_lease,
     load,
     make_runtime,
     ops,
@@ -80,6 +82,7 @@ def test_p2_2_epoch_read_outage_in_verify_leaves_the_claim_for_the_sweep(
     rt = make_runtime(mailbox, wakes, clock=clock)
     receipt = mailbox.submit("t-p2-2", name, "x")
     ctx = claim(rt, "t-p2-2")
+    forget_lease(mailbox, "t-p2-2")  # verify reads SQL only when Redis cannot vouch for it
     fault = FailOnce(mailbox.store.current_dispatch_epoch, outage())
     monkeypatch.setattr(mailbox.store, "current_dispatch_epoch", fault)
 
@@ -147,7 +150,9 @@ def test_p4_3_load_outage_in_reconstruct_is_no_dead_letter_and_the_sweep_reclaim
     clock = Clock()
     rt = make_runtime(mailbox, Wakes(), clock=clock)
     receipt = mailbox.submit("t-p4-3", name, "x")
-    ctx = claim(rt, "t-p4-3")
+    # The claim read the run in its transaction; a context from a worker that did not (a
+    # previous version, mid rolling deploy) is read by reconstruct: that read fails here.
+    ctx = replace(claim(rt, "t-p4-3"), run_checked=False)
     fault = FailOnce(mailbox.runs.load_run_for_attempt, outage())
     monkeypatch.setattr(mailbox.runs, "load_run_for_attempt", fault)
     dead = ops("dead_letter") + ops("dead_letter", "error")

@@ -64,7 +64,9 @@ from tests.support.phase_kit import (
     after_verify,
     assert_no_claim,
     claim,
+    count_sql,
     event_types,
+    forget_lease,
     load,
     make_runtime,
     ops,
@@ -111,6 +113,7 @@ def test_verify_dispatch_disappeared_finishes_without_running(mailbox: Mailbox) 
     receipt = mailbox.submit("t-gone", name, "hi")
     ctx = claim(rt, "t-gone")
     sql(mailbox, sa.delete(dispatches).where(dispatches.c.dispatch_id == receipt.dispatch_id))
+    forget_lease(mailbox, "t-gone")  # else verify passes on it: see the test below
 
     ctx = verify(rt, ctx)
     assert ctx.done is True and ctx.reason == "disappeared"
@@ -119,6 +122,39 @@ def test_verify_dispatch_disappeared_finishes_without_running(mailbox: Mailbox) 
     assert ctx.instance_id is None, "later phases must pass a finished context on untouched"
     assert wakes.calls == [("t-gone", 0)], "settle still wakes the thread"
     assert run_of(mailbox, receipt.run_id).status == RunStatus.created
+
+
+def test_verify_passes_on_the_redis_lease_and_the_start_fences_a_vanished_dispatch(
+        mailbox: Mailbox) -> None:
+    """Verify reads no SQL while Redis holds the thread's live lease with this claim's token
+    and dispatch and the cached epoch is not past the claim's (docs/behaviour.md#verify): a
+    row deleted behind Redis's back is then found by the start, whose write is fenced in SQL,
+    and the agent still never runs."""
+    name, calls = register(lambda ctx: "ok")
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    receipt = mailbox.submit("t-gone2", name, "hi")
+    ctx = claim(rt, "t-gone2")
+    sql(mailbox, sa.delete(dispatches).where(dispatches.c.dispatch_id == receipt.dispatch_id))
+
+    ctx = verify(rt, ctx)
+    assert ctx.done is False, "the lease in Redis says the claim is ours"
+    out = phases(rt, ctx, reconstruct, resolve, execute, settle)
+    assert out.done is True and out.reason.startswith("fenced"), out.reason
+    assert calls.count == 0
+    assert "run_started" not in event_types(mailbox, receipt.run_id)
+
+
+def test_verify_reads_no_sql_while_redis_says_the_claim_is_current(mailbox: Mailbox) -> None:
+    rt = make_runtime(mailbox, Wakes(), clock=Clock())
+    mailbox.submit("t-nosql", "echo", "hi")
+    ctx = claim(rt, "t-nosql")
+    with count_sql(mailbox.store) as statements:
+        assert verify(rt, ctx).done is False
+    assert statements == []
+    forget_lease(mailbox, "t-nosql")
+    with count_sql(mailbox.store) as statements:
+        assert verify(rt, ctx).done is False, "SQL says it is ours too"
+    assert statements, "without the lease in Redis verify asks SQL"
 
 
 def test_verify_other_token_is_not_ours_and_changes_nothing(mailbox: Mailbox) -> None:
@@ -286,6 +322,7 @@ def test_verify_store_outage_leaves_the_claim_for_the_sweep(
     rt = make_runtime(mailbox, wakes, clock=clock)
     receipt = mailbox.submit("t-outage", name, "hi")
     ctx = claim(rt, "t-outage")
+    forget_lease(mailbox, "t-outage")  # verify asks SQL only when Redis cannot tell
     monkeypatch.setattr(mailbox.store, "load_dispatch", FailOnce(
         mailbox.store.load_dispatch, StoreUnavailableError("injected: database unreachable")))
 
@@ -505,7 +542,7 @@ def test_execute_twice_with_the_same_context_runs_the_agent_once(mailbox: Mailbo
     settle(rt, ctx)
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Acked and dispatch.run_response == "once"
-    assert wakes.calls == [("t-dup", 0)]
+    assert wakes.calls == [], "the ack saw nothing else due on the thread: no claim"
 
 
 def test_execute_duplicate_delivered_while_the_first_runs_is_refused(mailbox: Mailbox) -> None:
@@ -805,7 +842,7 @@ def test_settle_completed_acks_and_keeps_the_projection(mailbox: Mailbox) -> Non
     assert run.status == RunStatus.done and run.response == "hello"
     assert run.termination == Termination.natural_end() and run.finished_at is not None
     assert run.dispatch_id == receipt.dispatch_id
-    assert wakes.calls == [("t-ok", 0)]
+    assert wakes.calls == [], "nothing else due on the thread: the ack said so, no claim"
     assert event_types(mailbox, receipt.run_id) == ["run_queued", "run_started", "run_finish"]
     assert mailbox.store.coordinator.read_lease("t-ok") is None, "settle releases the lease"
 
@@ -1157,6 +1194,7 @@ def test_settle_delivered_twice_reports_the_result_once(mailbox: Mailbox) -> Non
     rt = make_runtime(mailbox, wakes, clock=Clock())
     receipt = mailbox.submit("t-twice", "echo", "once")
     ctx = claim(rt, "t-twice")
+    mailbox.submit("t-twice", "echo", "next")  # so that the first settle's ack wakes
     for phase in (verify, reconstruct, resolve, execute):
         ctx = phase(rt, ctx)
     first, second = settle(rt, copy.deepcopy(ctx)), settle(rt, copy.deepcopy(ctx))

@@ -7,9 +7,8 @@ tests use real OS threads started together at a barrier.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import pytest
@@ -28,6 +27,7 @@ from mailbox import (
 )
 from mailbox.store import MailboxStore
 from tests.support.dispatches import assert_no_claim, load, mk, token_of
+from tests.support.phase_kit import count_sql
 
 T = TypeVar("T")
 
@@ -917,20 +917,6 @@ def test_extend_lease_edge_cases(store: MailboxStore) -> None:
 
 
 # ======================================================== busy thread refused without SQL
-@contextmanager
-def count_sql(store: MailboxStore) -> Iterator[list[str]]:
-    statements: list[str] = []
-
-    def before_cursor_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
-
-    sa.event.listen(store.engine, "before_cursor_execute", before_cursor_execute)
-    try:
-        yield statements
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", before_cursor_execute)
-
-
 def test_claim_on_busy_thread_issues_no_sql(store: MailboxStore) -> None:
     store.enqueue(mk("d1", "t", "r1"))
     store.enqueue(mk("d2", "t", "r2"))

@@ -13,7 +13,7 @@ import pytest
 
 from mailbox import DispatchStatus, Mailbox
 from mailbox.coordination import WAKE_HELD, WAKE_PENDING, WAKE_PUBLISH, WAKE_REQUESTED
-from mailbox.phases import claim_next
+from mailbox.phases import claim_next, run_chain
 from mailbox.runtime import now_ms
 from tasks import publishing
 
@@ -127,3 +127,73 @@ def test_delayed_wake_ups_are_not_gated(mailbox: Mailbox,
     assert publishing.wake_thread(mailbox.store.coordinator, mailbox.settings, "g-later",
                                   5_000)
     assert [t for t, _ in published] == ["g-later"]
+
+
+# ========================================== a settle claims next only when something is due
+def run_through_settle(box: Mailbox, thread: str, claimed: list[str]) -> Any:
+    """Claim the thread's next dispatch and run its chain with a runtime whose wake-ups
+    claim inline as a worker's do (`tasks.publishing.worker_wake`), recording each claim."""
+    rt = box.runtime()
+
+    def wake(thread_id: str, delay_ms: int) -> None:
+        ctx = claim_next(rt, thread_id, expect_due=True)
+        claimed.append("nothing" if ctx is None else ctx.dispatch_id)
+
+    rt.wake = wake
+    ctx = claim_next(rt, thread)
+    assert ctx is not None
+    return run_chain(rt, ctx)
+
+
+def test_an_ack_that_sees_nothing_due_claims_nothing(
+        mailbox: Mailbox, published: list[tuple[str, str | None]]) -> None:
+    submit(mailbox, "g-last", "only")
+    claimed: list[str] = []
+    assert run_through_settle(mailbox, "g-last", claimed).settled == "completed"
+    assert claimed == [], "the ack's own transaction saw the thread empty"
+    assert mailbox.store.coordinator.read_lease("g-last") is None
+
+
+def test_an_ack_that_sees_the_next_dispatch_claims_it(
+        mailbox: Mailbox, published: list[tuple[str, str | None]]) -> None:
+    submit(mailbox, "g-next", "first")
+    claimed: list[str] = []
+    rt = mailbox.runtime()
+    ctx = claim_next(rt, "g-next")
+    assert ctx is not None
+    second, sent = submit(mailbox, "g-next", "second")
+    assert sent is False, "the claim was in flight: the submit marked its lease"
+
+    def wake(thread_id: str, delay_ms: int) -> None:
+        got = claim_next(rt, thread_id, expect_due=True)
+        claimed.append("nothing" if got is None else got.dispatch_id)
+
+    rt.wake = wake
+    assert run_chain(rt, ctx).settled == "completed"
+    assert claimed == [second]
+
+
+def test_a_submit_between_the_acks_read_and_its_release_is_claimed(
+        mailbox: Mailbox, published: list[tuple[str, str | None]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race the release's answer closes: the ack's transaction saw nothing due; before
+    the lease is given back a submit commits, finds the lease standing and skips its wake-up
+    (the holder will claim). The release says a submit counted on it, and settle claims."""
+    coordinator = mailbox.store.coordinator
+    real_release = coordinator.release
+    arrived: list[str] = []
+
+    def submit_then_release(thread_id: str, token: str) -> int:
+        if not arrived:
+            dispatch_id, sent = submit(mailbox, thread_id, "meanwhile")
+            assert sent is False, "the lease stood: the submit left its wake-up to us"
+            arrived.append(dispatch_id)
+        return real_release(thread_id, token)
+
+    submit(mailbox, "g-between", "first")
+    monkeypatch.setattr(coordinator, "release", submit_then_release)
+    claimed: list[str] = []
+    assert run_through_settle(mailbox, "g-between", claimed).settled == "completed"
+    assert arrived and claimed == arrived, "the submit's dispatch was claimed, not stranded"
+    assert published[-1][0] == "g-between" and len(published) == 1, \
+        "only the first submit published"

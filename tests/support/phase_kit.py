@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,7 +23,7 @@ from mailbox.agents import AgentContext, agent
 from mailbox.context import PhaseContext
 from mailbox.phases import claim_next, execute, reconstruct, resolve, settle
 from mailbox.runtime import Runtime, now_ms
-from mailbox.store import Resolution
+from mailbox.store import MailboxStore, Resolution
 
 Phase = Callable[[Runtime, PhaseContext], PhaseContext]
 
@@ -169,3 +170,21 @@ def assert_no_claim(dispatch: RunDispatch) -> None:
     assert (dispatch.claim_token, dispatch.claimed_by, dispatch.lease_until) == (None, None, None)
 
 
+@contextmanager
+def count_sql(store: MailboxStore) -> Iterator[list[str]]:
+    """The SQL statements the store's engine runs inside the block."""
+    statements: list[str] = []
+
+    def before_cursor_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", before_cursor_execute)
+    try:
+        yield statements
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", before_cursor_execute)
+
+
+def forget_lease(mailbox: Mailbox, thread_id: str) -> None:
+    """Redis loses the thread's lease (a flush, a restart): what SQL says then decides."""
+    mailbox.store.coordinator.client.delete(mailbox.store.coordinator.lease_key(thread_id))
