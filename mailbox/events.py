@@ -4,7 +4,8 @@ Every run has a stream of JSON events `{id, type, run_id, dispatch_id, ts, data}
 resume from a cursor (the last id they saw) and get every later event, live or not. Retention
 is bounded three ways: at most `max_len` events per run, at most `max_bytes` bytes of events
 per run (an agent that emits big outputs would otherwise keep up to `max_len` times 64 KiB in
-Redis for every run), and the whole stream expires `retention` after its last event; garbage
+Redis for every run), and the whole stream expires `retention` (at most 1.1 x) after its last
+event (events_append.lua sets the TTL again only once less than `retention` remains); garbage
 collection deletes the streams of the runs it deletes (`forget`). A reader whose cursor points
 before what retention dropped gets `CursorExpiredError` — never a silent gap. Events are
 advisory: the SQL records are the truth, and a failed emit never fails a run.
@@ -167,7 +168,7 @@ class EventStreams:
         try:
             raw = self.append_script(keys=list(self._keys(run_id, thread_id)),
                                      args=[payload, self.max_len, self.retention_ms,
-                                           self.max_bytes])
+                                           self.max_bytes, _now_ms()])
         except (redis.RedisError, UnknownRunThreadError) as exc:
             metrics.count_operation("event_emit", "error")
             log.warning("event %s for run %s not recorded: %s", type_, run_id, exc)
@@ -201,7 +202,7 @@ class EventStreams:
         try:
             calls = [(list(self._keys(run_id, thread_id or (threads or {}).get(run_id))),
                       [payloads[0], self.max_len, self.retention_ms, self.max_bytes,
-                       *payloads[1:]])
+                       _now_ms(), *payloads[1:]])
                      for run_id, payloads in by_run.items()]
             if len(calls) == 1:  # one run (emit_many): one call, reloaded by redis-py
                 self.append_script(keys=calls[0][0], args=calls[0][1])
@@ -325,6 +326,11 @@ class EventStreams:
         body = json.loads(raw)
         return Event(eid, body["type"], run_id, body.get("dispatch_id"), body["ts"],
                      body.get("data"))
+
+
+def _now_ms() -> int:
+    """The writer's clock, for the append script's expiry bookkeeping (events_append.lua)."""
+    return int(time.time() * 1000)
 
 
 def _bounded(data: Any) -> Any:

@@ -1,22 +1,28 @@
 -- Append events to a run's stream and trim it to its budgets: at most ARGV[2] entries and at
 -- most ARGV[4] bytes of event payloads, dropping the oldest first (never the event just
 -- added). The newest id that trimming dropped is remembered, so a reader behind it gets
--- "cursor expired" instead of a gap. Several events in one call (ARGV[5..]) are appended one
+-- "cursor expired" instead of a gap. Several events in one call (ARGV[6..]) are appended one
 -- after the other exactly as that many calls would append them.
--- KEYS[1] stream key, KEYS[2] meta hash key (dropped_upto, last_id, bytes); on a Redis
--- Cluster both carry the run's thread as hash tag (docs/redis-cluster.md#keys).
--- ARGV: payload json, max_len, ttl_ms, max_bytes, more payloads...
+-- KEYS[1] stream key, KEYS[2] meta hash key (dropped_upto, last_id, bytes, len, expires); on
+-- a Redis Cluster both carry the run's thread as hash tag (docs/redis-cluster.md#keys).
+-- ARGV: payload json, max_len, ttl_ms, max_bytes, now_ms, more payloads...
+-- The meta hash keeps the stream's entry count and byte total, so an append needs no XLEN,
+-- and when the keys expire (`expires`, in the writers' clock): their TTL is set again only
+-- once less than ttl_ms remains, to 1.1 x ttl_ms, so that most appends of a run need no
+-- PEXPIRE, and a stream still lives at least ttl_ms after its last event (at most 1.1 x).
 -- Returns the id of the last event appended.
 local max_len = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
 local max_bytes = tonumber(ARGV[4]) or math.huge
-local bytes = redis.call('HGET', KEYS[2], 'bytes')
-if bytes then
-  bytes = tonumber(bytes)
-else
-  -- A stream written before the byte budget (or whose meta was lost): count it once.
-  bytes = 0
+local now = tonumber(ARGV[5]) or 0
+local meta = redis.call('HMGET', KEYS[2], 'bytes', 'len', 'expires')
+local bytes, len, expires = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
+if not bytes or not len then
+  -- A new stream, or one whose meta was lost or predates these fields: count it once.
+  bytes, len = 0, 0
   for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
     bytes = bytes + string.len(entry[2][2])
+    len = len + 1
   end
 end
 local dropped_upto = false
@@ -24,19 +30,19 @@ local dropped_upto = false
 local function append(payload)
   local id = redis.call('XADD', KEYS[1], '*', 'e', payload)
   bytes = bytes + string.len(payload)
-  local excess = redis.call('XLEN', KEYS[1]) - max_len
-  while excess > 0 or bytes > max_bytes do
-    local batch = math.max(excess, 1)
+  len = len + 1
+  while len > max_len or bytes > max_bytes do
+    local batch = math.max(len - max_len, 1)
     if batch > 100 then batch = 100 end
     local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', batch)
     local progressed = false
     for _, entry in ipairs(oldest) do
-      if entry[1] == id or (excess <= 0 and bytes <= max_bytes) then
+      if entry[1] == id or (len <= max_len and bytes <= max_bytes) then
         break
       end
       redis.call('XDEL', KEYS[1], entry[1])
       bytes = bytes - string.len(entry[2][2])
-      excess = excess - 1
+      len = len - 1
       dropped_upto = entry[1]
       progressed = true
     end
@@ -48,13 +54,21 @@ local function append(payload)
 end
 
 local id = append(ARGV[1])
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   id = append(ARGV[i])
 end
-if dropped_upto then
-  redis.call('HSET', KEYS[2], 'dropped_upto', dropped_upto)
+local refresh = not expires or expires - now < ttl
+if refresh then
+  expires = now + math.floor(ttl * 1.1)
 end
-redis.call('HSET', KEYS[2], 'last_id', id, 'bytes', bytes)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if dropped_upto then
+  redis.call('HSET', KEYS[2], 'dropped_upto', dropped_upto, 'last_id', id, 'bytes', bytes,
+             'len', len, 'expires', expires)
+else
+  redis.call('HSET', KEYS[2], 'last_id', id, 'bytes', bytes, 'len', len, 'expires', expires)
+end
+if refresh then  -- after the HSET: a new meta hash exists only from there
+  redis.call('PEXPIRE', KEYS[1], expires - now)
+  redis.call('PEXPIRE', KEYS[2], expires - now)
+end
 return id

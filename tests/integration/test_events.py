@@ -117,3 +117,48 @@ def test_cancel_and_interrupt_of_queued_work_end_each_stream_with_run_finish(
         assert finish.data["termination"]["type"] == "cancelled", finish.data
         followed = list(mailbox.events(receipt.run_id, follow=True, timeout_s=5))
         assert followed[-1].type == "run_finish"
+
+
+def test_a_stream_lives_its_retention_after_its_last_event_with_few_expiry_writes(
+        mailbox: Mailbox) -> None:
+    """events_append.lua sets the TTL of the stream and its meta again only once less than
+    the retention remains, to 1.1 x the retention: a stream still lives at least its
+    retention after its last event, and a run's later appends write no expiry."""
+    streams = EventStreams(mailbox.store.coordinator.client, mailbox.settings.namespace,
+                           retention_s=100)
+    client = mailbox.store.coordinator.client
+    stream, meta = streams._keys("run-ttl")
+    streams.emit("run-ttl", "d1", "run_queued", {})
+    first = client.pttl(stream)
+    assert 100_000 < first <= 110_000 and 100_000 < client.pttl(meta) <= 110_000
+    client.pexpire(stream, 105_000)  # as if 5 s went by: more than the retention remains
+    client.pexpire(meta, 105_000)
+    streams.emit("run-ttl", "d1", "run_started", {})
+    assert 100_000 < client.pttl(stream) <= 105_000, "no expiry written: enough remains"
+    # 15 s went by: less than the retention remains, so the append sets it again
+    client.hincrby(meta, "expires", -15_000)
+    client.pexpire(stream, 95_000)
+    client.pexpire(meta, 95_000)
+    streams.emit("run-ttl", "d1", "run_finish", {"status": "acked"})
+    assert client.pttl(stream) > 100_000 and client.pttl(meta) > 100_000
+    assert [e.type for e in streams.read("run-ttl")] == ["run_queued", "run_started",
+                                                        "run_finish"]
+
+
+def test_a_stream_whose_meta_lacks_its_count_is_counted_once_and_still_trimmed(
+        mailbox: Mailbox) -> None:
+    """A stream written before the meta hash kept its entry count (or whose meta was lost):
+    the next append counts the stream once, and the length budget holds."""
+    small = EventStreams(mailbox.store.coordinator.client, mailbox.settings.namespace,
+                         retention_s=60, max_len=3)
+    client = mailbox.store.coordinator.client
+    _, meta = small._keys("run-old")
+    for i in range(3):
+        small.emit("run-old", "d1", "output", {"i": i})
+    client.hdel(meta, "len", "expires")
+    small.emit("run-old", "d1", "output", {"i": 3})
+    assert [e.data["i"] for e in small.read("run-old")] == [1, 2, 3]
+    assert int(client.hget(meta, "len")) == 3
+    client.delete(meta)
+    small.emit("run-old", "d1", "output", {"i": 4})
+    assert [e.data["i"] for e in small.read("run-old")] == [2, 3, 4]
