@@ -435,7 +435,9 @@ def _settle_outcome(rt: Runtime, ctx: PhaseContext) -> bool:
 
 
 def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int) -> bool:
-    """Ack and report; False when the ack's transaction saw nothing more to claim."""
+    """Ack and report; True when the thread still needs a claim. A runtime that starts
+    chains itself (`Runtime.start`) has the ack claim the thread's next dispatch in its own
+    transaction and starts it; otherwise the ack says whether anything else is due."""
     assert ctx.instance_id is not None
     run: RunRecord | None = None
     if not outcome.recorded:
@@ -447,11 +449,18 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         status, _ = termination.to_run_status()
         rt.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
             ctx.run_id, ctx.instance_id, status, termination, run.response, run.error), now)
-    next_due = True
+    next_due, following = True, None
     try:
-        acked = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
-                            thread_id=ctx.thread_id)
-        run, next_due = acked.run or run, acked.next_due
+        if rt.start is not None:
+            acked_next = rt.runs.ack_and_claim_next(
+                ctx.dispatch_id, ctx.token, ctx.run_id, now, thread_id=ctx.thread_id,
+                consumer_id=rt.consumer_id, lease_ms=rt.settings.lease_ms)
+            run, following = acked_next.run or run, acked_next.next
+            next_due = acked_next.wake_requested
+        else:
+            acked = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
+                                thread_id=ctx.thread_id)
+            run, next_due = acked.run or run, acked.next_due
     except VersionConflictError:
         # Refused outright: the claim was not ours when the ack looked. If the dispatch is
         # Acked, another delivery of this same settle (a duplicated message) acked it and
@@ -475,6 +484,10 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         if run is None:
             raise NotFoundError(f"run {ctx.run_id}")
     reports.acked(rt.events, ctx.dispatch_id, run, rt.clock())
+    if following is not None and rt.start is not None:
+        nxt = PhaseContext.from_claim(following[0])
+        _check_run(nxt, following[1])
+        rt.start(nxt)
     return next_due
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mailbox.context import PhaseContext
 from mailbox.events import EventStreams
 from mailbox.settings import Settings
 from mailbox.store import MailboxStore, RunStore
@@ -32,6 +33,11 @@ class Runtime:
     settings: Settings
     consumer_id: str
     wake: Callable[[str, int], None] = lambda thread_id, delay_ms: None
+    start: Callable[[PhaseContext], None] | None = None
+    """Publish the chain of a dispatch this process claimed. Given, a settle claims the
+    thread's next dispatch in its ack's own transaction and starts it here (a worker's
+    runtime: tasks.publishing.start_claimed); without it, a settle wakes the thread when
+    its ack saw something due, and the waker claims."""
     clock: Callable[[], int] = now_ms
     cancel_check: Callable[[str, str], str | None] | None = None
     """(thread_id, token) -> reason when a cancel signal for this attempt arrived."""

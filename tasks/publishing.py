@@ -129,10 +129,19 @@ def start_next(rt: Runtime, thread_id: str, *, wake_id: str | None = None,
     ctx = claim_next(rt, thread_id, wake_id=wake_id, expect_due=expect_due)
     if ctx is None:
         return None
-    with tracing.span("mailbox.claim", traceparent=ctx.traceparent, start_ns=started,
+    start_claimed(rt, ctx, started_ns=started)
+    return ctx.dispatch_id
+
+
+def start_claimed(rt: Runtime, ctx: PhaseContext, *, started_ns: int | None = None) -> None:
+    """Publish the chain of a dispatch this process claimed (`Runtime.start`: a settle
+    claims the thread's next dispatch in its ack's transaction and starts it here). A
+    broker error propagates: the claim is left to run out its lease, and the sweep
+    reclaims it."""
+    with tracing.span("mailbox.claim", traceparent=ctx.traceparent,
+                      start_ns=started_ns or time.time_ns(),
                       attributes=tracing.phase_attributes(ctx)):
         publish_chain(rt.settings.namespace, ctx)
-    return ctx.dispatch_id
 
 
 def worker_wake(rt: Runtime, thread_id: str, delay_ms: int = 0) -> None:

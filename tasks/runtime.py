@@ -30,7 +30,7 @@ def _create() -> tuple[Mailbox, Runtime]:
     rt = dataclasses.replace(box.runtime(), stuck=health.mark_stuck, recycle=health.recycle)
     # The worker's waker claims with this very runtime: bound after it exists.
     rt = dataclasses.replace(rt, wake=lambda thread_id, delay_ms: publishing.worker_wake(
-        rt, thread_id, delay_ms))
+        rt, thread_id, delay_ms), start=lambda ctx: publishing.start_claimed(rt, ctx))
     return box, rt
 
 

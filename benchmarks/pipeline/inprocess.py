@@ -164,6 +164,7 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
             pending.append(ctx)
 
     rt = box.runtime(consumer_id=f"bench-{os.getpid()}", wake=wake)
+    rt.start = pending.append  # as a worker's settle: its ack claims the next, it publishes
     chain_phases: list[tuple[str, Callable[[Any, Any], Any]]] = [
         ("verify", phases.verify), ("reconstruct", phases.reconstruct),
         ("resolve", phases.resolve), ("execute", phases.execute), ("settle", phases.settle)]
@@ -278,18 +279,20 @@ DB_DRIVER_FUNCTIONS = {"do_execute", "do_executemany", "do_commit", "do_rollback
 
 
 def inline_runtime(box: Any, consumer_id: str) -> tuple[Any, deque[dict[str, Any]]]:
-    """A runtime of `box` whose wake-ups claim inline (tasks.publishing.worker_wake without the
-    message): the settle's claim of a thread's next dispatch lands in `pending`."""
+    """A runtime of `box` that runs as a worker's does, without the messages: a settle's ack
+    claims the thread's next dispatch and starts it (`Runtime.start`), a wake-up claims
+    inline (tasks.publishing.worker_wake); what either claimed lands in `pending`."""
     from mailbox import phases
 
     pending: deque[dict[str, Any]] = deque()
 
     def wake(thread_id: str, delay_ms: int) -> None:
-        ctx = phases.claim_next(rt, thread_id)
+        ctx = phases.claim_next(rt, thread_id, expect_due=True)
         if ctx is not None:
             pending.append(ctx)
 
     rt = box.runtime(consumer_id=consumer_id, wake=wake)
+    rt.start = pending.append  # a worker's settle: its ack claims the next dispatch
     return rt, pending
 
 

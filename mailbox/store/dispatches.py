@@ -117,6 +117,8 @@ class FencedWrite:
 
     conn: sa.Connection
     dispatch: RunDispatch
+    token: str
+    epoch: int
     released: int | None = None
 
 
@@ -487,36 +489,72 @@ class MailboxStore:
             epoch = self.lock_thread(conn, thread_id, create=False)
             if epoch is None:
                 return None, None
-            blockers = [q.dispatch_from_row(r) for r in conn.execute(
-                q.SELECT_BLOCKERS, {"thread_id": thread_id, "epoch": epoch})]
-            stale = [d for d in blockers if d.status == DispatchStatus.Queued]
-            self._save(conn, [(d, d.superseded_as_stale(epoch, now)) for d in stale])
-            holder = next((d for d in blockers if d.status == DispatchStatus.Claimed), None)
-            if holder is not None:
-                return None, holder
-            if dispatch_id is None:
-                row = conn.execute(q.SELECT_HEAD, {"thread_id": thread_id, "now": now}
-                                   ).one_or_none()
-            else:
-                row = conn.execute(q.SELECT_QUEUED_BY_ID, {"dispatch_id": dispatch_id}
-                                   ).one_or_none()
-            if row is None:
-                return None, None
-            head = q.dispatch_from_row(row)
-            if head.is_stale(epoch):  # only reachable by id; thread scans excluded it above
-                self._save(conn, [(head, head.superseded_as_stale(epoch, now))])
-                return None, None
-            claimed = head.claimed(token, consumer_id, lease_ms, now)
-            self._save(conn, [(head, claimed)])
-            if inside is not None:
-                inside(conn, claimed)
-            return claimed, None
+            return self._claim_locked(conn, thread_id, epoch, dispatch_id, token, consumer_id,
+                                      lease_ms, now, inside)
+
+    def _claim_locked(self, conn: sa.Connection, thread_id: str, epoch: int,
+                      dispatch_id: str | None, token: str, consumer_id: str, lease_ms: int,
+                      now: int, inside: ClaimedReader | None
+                      ) -> tuple[RunDispatch | None, RunDispatch | None]:
+        """T2 in a transaction that holds the thread's lock at `epoch`."""
+        blockers = [q.dispatch_from_row(r) for r in conn.execute(
+            q.SELECT_BLOCKERS, {"thread_id": thread_id, "epoch": epoch})]
+        stale = [d for d in blockers if d.status == DispatchStatus.Queued]
+        self._save(conn, [(d, d.superseded_as_stale(epoch, now)) for d in stale])
+        holder = next((d for d in blockers if d.status == DispatchStatus.Claimed), None)
+        if holder is not None:
+            return None, holder
+        if dispatch_id is None:
+            row = conn.execute(q.SELECT_HEAD, {"thread_id": thread_id, "now": now}
+                               ).one_or_none()
+        else:
+            row = conn.execute(q.SELECT_QUEUED_BY_ID, {"dispatch_id": dispatch_id}
+                               ).one_or_none()
+        if row is None:
+            return None, None
+        head = q.dispatch_from_row(row)
+        if head.is_stale(epoch):  # only reachable by id; thread scans excluded it above
+            self._save(conn, [(head, head.superseded_as_stale(epoch, now))])
+            return None, None
+        claimed = head.claimed(token, consumer_id, lease_ms, now)
+        self._save(conn, [(head, claimed)])
+        if inside is not None:
+            inside(conn, claimed)
+        return claimed, None
+
+    def claim_in(self, fenced: FencedWrite, consumer_id: str, lease_ms: int, now: int, *,
+                 inside: ClaimedReader | None = None) -> RunDispatch | None:
+        """Claim the thread's next eligible dispatch (T2) in a `fenced_write` that ended its
+        claim and kept the lease (`keep_lease`): a settle's ack claims the next dispatch in
+        its own transaction, under the thread lock it already holds, and the lease it still
+        holds keeps other claims away meanwhile. Give the lease on with `hand_over` once the
+        block is done. None when nothing is due."""
+        claimed, _ = self._claim_locked(fenced.conn, fenced.dispatch.thread_id, fenced.epoch,
+                                        None, new_token(), consumer_id, lease_ms, now, inside)
+        return claimed
+
+    def hand_over(self, fenced: FencedWrite, claimed: RunDispatch | None, lease_ms: int
+                  ) -> int | None:
+        """After a `fenced_write` with `keep_lease` committed: the lease goes to `claimed`
+        (compare-and-set on the old token; put back if Redis lost it), or, with nothing
+        claimed, is released. The release's answer (None: Redis unreachable, or a hand-over);
+        WAKE_REQUESTED means a submit counted on the lease: claim again."""
+        thread_id, old_token = fenced.dispatch.thread_id, fenced.token
+        if claimed is None:
+            return self._release(fenced.dispatch, old_token)
+        assert claimed.claim_token and claimed.claimed_by and claimed.lease_until is not None
+        lease = Lease(claimed.claim_token, claimed.dispatch_id, claimed.lease_until,
+                      claimed.claimed_by)
+        self._after_commit("hand over", lambda: self.coordinator.put(
+            thread_id, lease, expected_token=old_token, allow_missing=True, lease_ms=lease_ms))
+        return None
 
     # ------------------------------------------------------------------ fenced claimed ops
     @contextmanager
     def fenced_write(self, dispatch_id: str, claim_token: str, now: int, stale_reason: str,
                      apply: Callable[[RunDispatch], RunDispatch], *,
-                     thread_id: str | None = None) -> Iterator[FencedWrite]:
+                     thread_id: str | None = None, keep_lease: bool = False
+                     ) -> Iterator[FencedWrite]:
         """The fenced-claimed-op pattern (docs/behaviour.md#fencing): the claim is ours and
         its epoch current, then `apply` makes the dispatch's transition, and the block runs
         the caller's other writes of the same thread in the same transaction, under the same
@@ -526,7 +564,9 @@ class MailboxStore:
         VersionConflictError(0, 1) when the claim is not ours. A stale epoch supersedes the
         dispatch (T13) — that change is committed, the block does not run — and raises
         VersionConflictError(dispatch epoch, thread epoch). `thread_id`, when the caller
-        knows it, saves looking the dispatch's thread up.
+        knows it, saves looking the dispatch's thread up. A write that ends the claim gives
+        the lease back after its commit, unless `keep_lease`: then the caller passes it on
+        (`claim_in`, `hand_over`).
         """
         require_id("dispatch_id", dispatch_id)
         require_ms("now", now)
@@ -548,9 +588,9 @@ class MailboxStore:
                 after = apply(current)
             self._save(conn, [(current, after)])
             if conflict is None:
-                fenced = FencedWrite(conn, after)
+                fenced = FencedWrite(conn, after, claim_token, epoch)
                 yield fenced
-        if after.status != DispatchStatus.Claimed:
+        if after.status != DispatchStatus.Claimed and not (keep_lease and conflict is None):
             released = self._release(after, claim_token)
             if fenced is not None:
                 fenced.released = released

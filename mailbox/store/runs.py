@@ -142,6 +142,17 @@ class AttemptFacts:
 
 
 @dataclass(frozen=True)
+class AckedNext:
+    """What `ack_and_claim_next` did: the acked run, the thread's next dispatch it claimed
+    (with its run's facts), and, when it claimed none, whether a submit counted on the
+    released lease (claim again)."""
+
+    run: RunRecord | None
+    next: tuple[RunDispatch, AttemptFacts] | None
+    wake_requested: bool
+
+
+@dataclass(frozen=True)
 class Acked:
     """What an ack read in its transaction: the run, and whether the thread may have a
     dispatch to claim next (False only when nothing was due and no submit counted on the
@@ -571,6 +582,36 @@ class RunStore:
         # wake-up to us: the release says so (WAKE_REQUESTED), or could not tell (None).
         return Acked(None if row is None else q.run_from_row(row),
                      next_due=due or fenced.released not in (RELEASED, LEASE_NOT_OURS))
+
+    @operation("ack")
+    def ack_and_claim_next(self, dispatch_id: str, claim_token: str, run_id: str, now: int, *,
+                           thread_id: str, consumer_id: str, lease_ms: int) -> AckedNext:
+        """Ack (T6), read the run, and claim the thread's next due dispatch (T2) with what
+        reconstruct checks of its run, all in ONE transaction under the thread lock the ack
+        holds; then the lease goes from the acked claim to the new one in one Redis call
+        (`MailboxStore.hand_over`), or is released when nothing was due. A settle that
+        publishes the next chain itself (a worker's) saves the separate claim: its
+        transaction, and the release, acquire and bind of the lease. If the answer to the
+        commit is lost, ack recovery finds the ack landed and the new claim is left to run
+        out its lease and be reclaimed by the sweep (attempt + 1), like a worker lost right
+        after a claim."""
+        facts: list[AttemptFacts] = []
+
+        def read(conn: sa.Connection, claimed: RunDispatch) -> None:
+            facts.append(self._attempt_facts(conn, claimed.run_id))
+
+        # A failure inside rolls the ack back too: the claim is still ours, lease and all.
+        with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_ACK,
+                                     lambda d: d.acked(now), thread_id=thread_id,
+                                     keep_lease=True) as fenced:
+            row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
+            claimed = self.store.claim_in(fenced, consumer_id, lease_ms, now, inside=read)
+        released = self.store.hand_over(fenced, claimed, lease_ms)
+        run = None if row is None else q.run_from_row(row)
+        if claimed is None:
+            return AckedNext(run, None, wake_requested=released not in (RELEASED,
+                                                                        LEASE_NOT_OURS))
+        return AckedNext(run, (claimed, facts[-1]), wake_requested=False)
 
     @operation("record_run_result")  # T5 and the run, together
     def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,

@@ -1,0 +1,134 @@
+"""A worker's settle claims the thread's next dispatch in its ack's own transaction
+(docs/behaviour.md#settle, `Runtime.start`): one transaction for the ack and the claim, the
+lease handed from the acked claim to the new one in one Redis call, and the new claim's chain
+started by the runtime. Real Redis and SQL; the runtime's `start` records what it was given
+and the test runs those chains, as the worker's messages would."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import sqlalchemy as sa
+
+from mailbox import DispatchStatus, Mailbox
+from mailbox.context import PhaseContext
+from mailbox.coordination import WAKE_HELD
+from mailbox.errors import StoreUnavailableError
+from mailbox.phases import PHASES, run_chain, settle
+from mailbox.runtime import Runtime, now_ms
+from tests.support.phase_kit import Wakes, claim, load, make_runtime, register
+
+
+def worker_runtime(box: Mailbox, wakes: Wakes) -> tuple[Runtime, list[PhaseContext]]:
+    started: list[PhaseContext] = []
+    return replace(make_runtime(box, wakes), start=started.append), started
+
+
+def test_the_ack_claims_the_next_dispatch_and_hands_it_the_lease(mailbox: Mailbox) -> None:
+    name, calls = register(lambda ctx: f"did {ctx.input}")
+    wakes = Wakes()
+    rt, started = worker_runtime(mailbox, wakes)
+    first = mailbox.submit("s-next", name, "one")
+    second = mailbox.submit("s-next", name, "two")
+    ctx = claim(rt, "s-next")
+    assert ctx.dispatch_id == first.dispatch_id
+
+    out = run_chain(rt, ctx)
+    assert out.settled == "completed"
+    assert [c.dispatch_id for c in started] == [second.dispatch_id]
+    assert wakes.calls == [], "the ack claimed: nothing to wake"
+    nxt = started[0]
+    assert nxt.run_checked and nxt.run_error is None, "the claim read the run as well"
+    claimed = load(mailbox, second.dispatch_id)
+    assert claimed.status == DispatchStatus.Claimed and claimed.claim_token == nxt.token
+    assert claimed.claim_token != ctx.token
+    lease = mailbox.store.coordinator.read_lease("s-next")
+    assert lease is not None and (lease.token, lease.dispatch_id) == (nxt.token,
+                                                                      second.dispatch_id)
+    executor = mailbox.store.coordinator.client.hget(
+        mailbox.store.coordinator.lease_key("s-next"), "executor")
+    assert executor in (None, b""), "the acked attempt's executor does not stay on the lease"
+
+    assert run_chain(rt, nxt).settled == "completed", "the handed-over claim runs"
+    assert calls.count == 2 and load(mailbox, second.dispatch_id).status == DispatchStatus.Acked
+    assert len(started) == 1 and mailbox.store.coordinator.read_lease("s-next") is None
+
+
+def test_the_ack_and_the_next_claim_are_one_transaction(mailbox: Mailbox) -> None:
+    rt, started = worker_runtime(mailbox, Wakes())
+    mailbox.submit("s-one-tx", "echo", "one")
+    mailbox.submit("s-one-tx", "echo", "two")
+    ctx = claim(rt, "s-one-tx")
+    for phase in PHASES[:-1]:
+        ctx = phase(rt, ctx)
+    begins: list[int] = []
+
+    def on_begin(_conn: object) -> None:
+        begins.append(1)
+
+    sa.event.listen(mailbox.store.engine, "begin", on_begin)
+    try:
+        settle(rt, ctx)
+    finally:
+        sa.event.remove(mailbox.store.engine, "begin", on_begin)
+    assert len(started) == 1 and len(begins) == 1
+
+
+def test_nothing_due_releases_the_lease_and_claims_nothing(mailbox: Mailbox) -> None:
+    wakes = Wakes()
+    rt, started = worker_runtime(mailbox, wakes)
+    mailbox.submit("s-last", "echo", "only")
+    assert run_chain(rt, claim(rt, "s-last")).settled == "completed"
+    assert started == [] and wakes.calls == []
+    assert mailbox.store.coordinator.read_lease("s-last") is None
+
+
+def test_a_submit_that_counted_on_the_released_lease_is_woken(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ack's transaction found nothing due; a submit committed after it and, finding the
+    lease standing, left its wake-up to the holder (the gate marked the lease). The release
+    says so and the settle wakes the thread, whose claim takes the submit's dispatch."""
+    wakes = Wakes()
+    rt, started = worker_runtime(mailbox, wakes)
+    coordinator = mailbox.store.coordinator
+    real_release = coordinator.release
+    late: list[str] = []
+
+    def submit_then_release(thread_id: str, token: str) -> int:
+        if not late:
+            late.append(mailbox.submit(thread_id, "echo", "late", wake=False).dispatch_id)
+            assert coordinator.gate_wake(thread_id, "w-late", now_ms(), 60_000) == WAKE_HELD
+        return real_release(thread_id, token)
+
+    mailbox.submit("s-late", "echo", "first")
+    ctx = claim(rt, "s-late")
+    monkeypatch.setattr(coordinator, "release", submit_then_release)
+    assert run_chain(rt, ctx).settled == "completed"
+    assert started == [] and wakes.calls == [("s-late", 0)]
+    assert claim(rt, "s-late").dispatch_id == late[0]
+
+
+def test_a_failed_ack_and_claim_rolls_back_whole_and_ack_recovery_acks(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim inside the ack's transaction fails: the transaction rolls back whole, the
+    ack with it, and nothing is started. Ack recovery finds the claim still ours with its
+    outcome recorded and acks it (a plain ack, which gives the lease back); the thread is
+    woken for the dispatch that was not claimed."""
+    wakes = Wakes()
+    rt, started = worker_runtime(mailbox, wakes)
+    mailbox.submit("s-fail", "echo", "one")
+    second = mailbox.submit("s-fail", "echo", "two")
+    ctx = claim(rt, "s-fail")
+
+    def broken(*_: object, **__: object) -> None:
+        raise StoreUnavailableError("injected: connection lost inside the ack")
+
+    monkeypatch.setattr(mailbox.store, "claim_in", broken)
+    assert run_chain(rt, ctx).settled == "completed"
+    assert started == [] and wakes.calls == [("s-fail", 0)]
+    assert load(mailbox, ctx.dispatch_id).status == DispatchStatus.Acked
+    assert load(mailbox, second.dispatch_id).status == DispatchStatus.Queued
+    assert mailbox.store.coordinator.read_lease("s-fail") is None
+    monkeypatch.undo()
+    assert claim(rt, "s-fail").dispatch_id == second.dispatch_id
