@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,16 +159,18 @@ class EventStreams:
                            "data": _bounded(data)})
 
     def emit(self, run_id: str, dispatch_id: str | None, type_: str, data: Any = None,
-             ts: int | None = None, *, thread_id: str | None = None) -> str | None:
+             ts: int | None = None, *, thread_id: str | None = None,
+             new_run: bool = False) -> str | None:
         """Append an event; returns its id, or None when Redis refused (logged, counted).
         `thread_id`: the run's thread (on a Redis Cluster it names the stream; without it
-        the thread is looked up)."""
+        the thread is looked up). `new_run`: the run was just created, so its stream cannot
+        exist yet (the append script skips looking)."""
         payload = self._payload(run_id, dispatch_id, type_, data, ts)
         self._check_run(run_id)
         try:
             raw = self.append_script(keys=list(self._keys(run_id, thread_id)),
                                      args=[payload, self.max_len, self.retention_ms,
-                                           self.max_bytes, _now_ms()])
+                                           self.max_bytes, _now_ms(), _flag(new_run)])
         except (redis.RedisError, UnknownRunThreadError) as exc:
             metrics.count_operation("event_emit", "error")
             log.warning("event %s for run %s not recorded: %s", type_, run_id, exc)
@@ -187,11 +189,13 @@ class EventStreams:
 
     def emit_batch(self, entries: Sequence[tuple[str, str | None, str, Any, int | None]], *,
                    thread_id: str | None = None,
-                   threads: Mapping[str, str] | None = None) -> int:
+                   threads: Mapping[str, str] | None = None,
+                   new_runs: Collection[str] = ()) -> int:
         """Append (run_id, dispatch_id, type, data, ts) events, each run's in order, in one
         round trip (bulk submission queues hundreds of runs at once): one append call per
         run, pipelined. The runs' threads: `thread_id` for all of them, or `threads` by run
-        (on a Redis Cluster; looked up when missing). Same guarantees as emit_many."""
+        (on a Redis Cluster; looked up when missing); `new_runs`, those just created (see
+        `emit`). Same guarantees as emit_many."""
         if not entries:
             return 0
         by_run: dict[str, list[str]] = {}
@@ -202,7 +206,7 @@ class EventStreams:
         try:
             calls = [(list(self._keys(run_id, thread_id or (threads or {}).get(run_id))),
                       [payloads[0], self.max_len, self.retention_ms, self.max_bytes,
-                       _now_ms(), *payloads[1:]])
+                       _now_ms(), _flag(run_id in new_runs), *payloads[1:]])
                      for run_id, payloads in by_run.items()]
             if len(calls) == 1:  # one run (emit_many): one call, reloaded by redis-py
                 self.append_script(keys=calls[0][0], args=calls[0][1])
@@ -326,6 +330,10 @@ class EventStreams:
         body = json.loads(raw)
         return Event(eid, body["type"], run_id, body.get("dispatch_id"), body["ts"],
                      body.get("data"))
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
 
 
 def _now_ms() -> int:

@@ -262,7 +262,7 @@ class Mailbox:
         data: dict[str, Any] = {"agent": stored.run.resolution_id}
         data.update({"resume": True} if stored.resumed else {"priority": priority})
         self.events.emit(stored.run.run_id, dispatch_id, "run_queued", data, ts=now,
-                         thread_id=thread_id)
+                         thread_id=thread_id, new_run=not stored.resumed)
         if wake:
             self._wake(thread_id, delay_ms)
         return Receipt(dispatch_id, stored.run.run_id, thread_id, resumed=stored.resumed)
@@ -329,7 +329,8 @@ class Mailbox:
         self.events.emit_batch([(s.run.run_id, s.dispatch.dispatch_id, "run_queued", {
             "agent": s.run.resolution_id,
             **({"resume": True} if s.resumed else {"priority": s.dispatch.priority})},
-            now) for s in stored], threads={s.run.run_id: s.dispatch.thread_id for s in stored})
+            now) for s in stored], threads={s.run.run_id: s.dispatch.thread_id for s in stored},
+            new_runs={s.run.run_id for s in stored if not s.resumed})
         return [Receipt(s.dispatch.dispatch_id, s.run.run_id, s.dispatch.thread_id,
                         resumed=s.resumed) for s in stored]
 
@@ -582,7 +583,7 @@ class Mailbox:
             return earlier
         self.events.emit(replayed.run_id, dispatch.dispatch_id, "run_queued",
                          {"agent": run.resolution_id, "replay_of": dispatch_id}, ts=now,
-                         thread_id=dead.thread_id)
+                         thread_id=dead.thread_id, new_run=True)
         self._wake(dead.thread_id, 0)
         return Receipt(dispatch.dispatch_id, replayed.run_id, dead.thread_id)
 

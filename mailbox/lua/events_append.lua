@@ -1,11 +1,12 @@
 -- Append events to a run's stream and trim it to its budgets: at most ARGV[2] entries and at
 -- most ARGV[4] bytes of event payloads, dropping the oldest first (never the event just
 -- added). The newest id that trimming dropped is remembered, so a reader behind it gets
--- "cursor expired" instead of a gap. Several events in one call (ARGV[6..]) are appended one
+-- "cursor expired" instead of a gap. Several events in one call (ARGV[7..]) are appended one
 -- after the other exactly as that many calls would append them.
 -- KEYS[1] stream key, KEYS[2] meta hash key (dropped_upto, last_id, bytes, len, expires); on
 -- a Redis Cluster both carry the run's thread as hash tag (docs/redis-cluster.md#keys).
--- ARGV: payload json, max_len, ttl_ms, max_bytes, now_ms, more payloads...
+-- ARGV: payload json, max_len, ttl_ms, max_bytes, now_ms, new ('1': the run's stream cannot
+-- exist yet, its run was just created), more payloads...
 -- The meta hash keeps the stream's entry count and byte total, so an append needs no XLEN,
 -- and when the keys expire (`expires`, in the writers' clock): their TTL is set again only
 -- once less than ttl_ms remains, to 1.1 x ttl_ms, so that most appends of a run need no
@@ -18,9 +19,14 @@ local now = tonumber(ARGV[5]) or 0
 local meta = redis.call('HMGET', KEYS[2], 'bytes', 'len', 'expires')
 local bytes, len, expires = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
 if not bytes or not len then
-  -- A new stream, or one whose meta was lost or predates these fields: count it once.
+  -- A new stream, or one whose meta was lost or predates these fields: count it once (a
+  -- stream the caller knows to be new has nothing to count).
   bytes, len = 0, 0
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  local existing = {}
+  if ARGV[6] ~= '1' then
+    existing = redis.call('XRANGE', KEYS[1], '-', '+')
+  end
+  for _, entry in ipairs(existing) do
     bytes = bytes + string.len(entry[2][2])
     len = len + 1
   end
@@ -54,7 +60,7 @@ local function append(payload)
 end
 
 local id = append(ARGV[1])
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   id = append(ARGV[i])
 end
 local refresh = not expires or expires - now < ttl

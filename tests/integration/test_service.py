@@ -26,7 +26,7 @@ Numbering follows §6.2. Adapted or skipped:
   delivery, signal loops, background-task waits).
 
 Faults are injected by replacing ONE store method on the instance (`FailOnce`,
-`InterruptOnFirstClaimedLoad`, `CountCalls`); everything else is the real SQL and Redis.
+`InterruptOnFirstVerify`, `CountCalls`); everything else is the real SQL and Redis.
 """
 
 from __future__ import annotations
@@ -435,26 +435,25 @@ def test_11_background_permanent_error_records_run_result_before_dead_letter(
 
 
 # ================================================================ 12-14: start, lease, metrics
-class InterruptOnFirstClaimedLoad:
-    """`load_dispatch` that interrupts the thread the first time it returns a Claimed
-    dispatch: an interrupt lands between the claim and the start."""
+class InterruptOnFirstVerify:
+    """Verify's first look (`claim_current_in_redis`, before any SQL) interrupts the thread
+    first: an interrupt lands between the claim and the start."""
 
     def __init__(self, box: Mailbox) -> None:
         self.box = box
-        self.real = box.store.load_dispatch
+        self.real = box.store.claim_current_in_redis
         self.fired = False
 
-    def __call__(self, dispatch_id: str) -> RunDispatch | None:
-        loaded = self.real(dispatch_id)
-        if loaded is not None and loaded.status == DispatchStatus.Claimed and not self.fired:
+    def __call__(self, thread_id: str, *args: Any) -> bool:
+        if not self.fired:
             self.fired = True
-            self.box.store.interrupt(loaded.thread_id, now_ms())
-        return loaded
+            self.box.store.interrupt(thread_id, now_ms())
+        return self.real(thread_id, *args)
 
 
 def test_12_interrupt_between_claim_and_execution_supersedes_without_runtime_start(
         mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mailbox.store, "load_dispatch", InterruptOnFirstClaimedLoad(mailbox))
+    monkeypatch.setattr(mailbox.store, "claim_current_in_redis", InterruptOnFirstVerify(mailbox))
     name, calls = counting()
     worker = Worker(mailbox, lease_ms=300).attach()
     names = ("load_dispatch", "current_dispatch_epoch", "supersede_claimed",

@@ -274,9 +274,9 @@ def test_dispatch_task_clears_the_mark_before_it_claims(tasks_runtime: Mailbox,
     claims: list[str | None] = []
     marked_after_claim: list[int] = []
 
-    def claim_only(rt: Runtime, thread_id: str, *, wake_id: str | None = None
-                   ) -> str | None:  # start_next, no publish
-        ctx = claim_next(box.runtime(), thread_id, wake_id=wake_id)
+    def claim_only(rt: Runtime, thread_id: str, *, wake_id: str | None = None,
+                   expect_due: bool = False) -> str | None:  # start_next, no publish
+        ctx = claim_next(box.runtime(), thread_id, wake_id=wake_id, expect_due=expect_due)
         marked_after_claim.append(coordinator.client.exists(key))
         claims.append(None if ctx is None else ctx.dispatch_id)
         return claims[-1]
