@@ -1,15 +1,17 @@
 -- Compare-and-set a thread's lease: write it only when the current token is the expected one,
 -- or (when allowed) when no lease exists at all, e.g. after Redis lost its data. A lease
--- handed to another claim (a new token: a settle's ack claimed the thread's next dispatch)
--- loses the old attempt's executor; a mark a submit left on it stays (wake_gate.lua).
+-- handed to another claim (a new token: a settle's ack claimed the thread's next dispatch,
+-- or a lease rebuilt for the claim SQL holds) loses the old attempt's executor and the mark
+-- a submit left on it (wake_gate.lua): the new holder's own settle looks for due work, as
+-- every ending of a claim does, so nobody needs to claim again for that submit.
 -- KEYS[1] lease key
 -- ARGV: expected_token, allow_missing ('1'/'0'), token, dispatch_id, lease_until, holder, ttl_ms
 -- Returns 1 when written, 0 when another token holds the key.
 local cur = redis.call('HGET', KEYS[1], 'token')
 if (not cur and ARGV[2] == '1') or (cur and cur == ARGV[1]) then
-  if cur and cur ~= ARGV[3] then  -- no executor yet ('' counts as none: take_executor)
+  if cur and cur ~= ARGV[3] then  -- '' counts as none (take_executor, release, the gate)
     redis.call('HSET', KEYS[1], 'token', ARGV[3], 'dispatch_id', ARGV[4], 'lease_until',
-               ARGV[5], 'holder', ARGV[6], 'executor', '')
+               ARGV[5], 'holder', ARGV[6], 'executor', '', 'wake', '')
   else
     redis.call('HSET', KEYS[1], 'token', ARGV[3], 'dispatch_id', ARGV[4], 'lease_until',
                ARGV[5], 'holder', ARGV[6])

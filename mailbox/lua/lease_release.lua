@@ -5,7 +5,7 @@
 local cur = redis.call('HMGET', KEYS[1], 'token', 'wake')
 if cur[1] == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  if cur[2] then
+  if cur[2] and cur[2] ~= '' then
     return 2
   end
   return 1

@@ -6,9 +6,12 @@
 --   when it releases it (a settle always does; a claim that found nothing retries),
 -- 2 when a wake-up is already pending (its consumer clears the mark before it claims),
 -- 1 when the caller must publish: the mark now names its wake-up.
-local lease_until = redis.call('HGET', KEYS[1], 'lease_until')
-if lease_until and tonumber(lease_until) and tonumber(lease_until) >= tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'wake', '1')
+local lease = redis.call('HMGET', KEYS[1], 'lease_until', 'wake')
+local lease_until = tonumber(lease[1])
+if lease_until and lease_until >= tonumber(ARGV[1]) then
+  if not lease[2] or lease[2] == '' then  -- marked once is enough for a burst of submits
+    redis.call('HSET', KEYS[1], 'wake', '1')
+  end
   return 0
 end
 if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then

@@ -132,3 +132,30 @@ def test_a_failed_ack_and_claim_rolls_back_whole_and_ack_recovery_acks(
     assert mailbox.store.coordinator.read_lease("s-fail") is None
     monkeypatch.undo()
     assert claim(rt, "s-fail").dispatch_id == second.dispatch_id
+
+
+def test_a_handed_over_lease_drops_the_submits_mark_and_the_next_ack_still_claims_its_work(
+        mailbox: Mailbox) -> None:
+    """A submit that found the lease standing marked it (the gate). The ack that hands the
+    lease to the next claim clears the mark: the new holder's own ack looks for due work,
+    which finds the submit's dispatch; the last ack, with nothing due, wakes nobody."""
+    wakes = Wakes()
+    rt, started = worker_runtime(mailbox, wakes)
+    coordinator = mailbox.store.coordinator
+    mailbox.submit("s-mark", "echo", "one")
+    second = mailbox.submit("s-mark", "echo", "two")
+    ctx = claim(rt, "s-mark")
+    third = mailbox.submit("s-mark", "echo", "three", wake=False)
+    assert coordinator.gate_wake("s-mark", "w-3", now_ms(), 60_000) == WAKE_HELD
+
+    run_chain(rt, ctx)
+    assert [c.dispatch_id for c in started] == [second.dispatch_id]
+    mark = coordinator.client.hget(coordinator.lease_key("s-mark"), "wake")
+    assert mark in (None, b""), "the hand-over cleared the mark"
+    run_chain(rt, started[-1])
+    assert [c.dispatch_id for c in started] == [second.dispatch_id, third.dispatch_id]
+    assert run_chain(rt, started[-1]).settled == "completed"
+    assert wakes.calls == [], "no claim for a mark the hand-over made moot"
+    assert coordinator.read_lease("s-mark") is None
+    statuses = {d.dispatch_id: d.status for d in mailbox.store.list_dispatches("s-mark")}
+    assert set(statuses.values()) == {DispatchStatus.Acked}
