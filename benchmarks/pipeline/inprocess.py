@@ -136,7 +136,7 @@ class Meter:
 SECTION_ORDER = ["submit (dispatch.delay's SQL + run_queued event)",
                  "wake task: claim won", "wake task: claim refused (busy thread)", "verify",
                  "reconstruct", "resolve", "execute", "settle",
-                 "settle: inline claim (next dispatch, or empty thread)"]
+                 "inline claim of a phase's wake (settle claims in its ack)"]
 
 
 def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
@@ -298,7 +298,7 @@ def inline_runtime(box: Any, consumer_id: str) -> tuple[Any, deque[dict[str, Any
 
 def drain_threads(rt: Any, threads: list[str], pending: deque[dict[str, Any]]) -> int:
     """Claim each thread's first dispatch and run every chain in this process; settle's
-    inline claim appends the thread's next one. Returns the number of chains run."""
+    ack claims the thread's next one and appends it. Returns the number of chains run."""
     from mailbox import phases
 
     for thread in threads:

@@ -274,8 +274,9 @@ METHOD = """\
 - CPU cores busy (ours) = items/s x CPU ms/item: how much of the machine the benchmark's
   processes got; on a shared machine it shows when more concurrency had no core to run on.
 - Per-dispatch counts (in-process, no Celery): `Mailbox.submit`, the claim of each wake-up
-  task (won, or refused on a busy thread), the five phase functions, and the settle's inline
-  claim,
+  task (won, or refused on a busy thread), the five phase functions (a worker's settle acks
+  and claims the thread's next dispatch in one transaction, so its claim counts in "settle"),
+  and any other inline claim a phase's wake makes,
   with SQLAlchemy `before_cursor_execute` / `begin` / pool `checkout` events and every Redis
   command (the client's `execute_command` wrapped; `Coordinator.round_trips` alongside: it
   does not count the event-stream Lua calls nor the heartbeat's cancel-signal GETs). SQL
