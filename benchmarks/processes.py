@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks.common import ROOT
 
 CELERY = str(Path(sys.executable).parent / "celery")
-WORKER_FLAGS = ("-P", "prefork", "-l", "WARNING", "--without-gossip", "--without-mingle",
+WORKER_FLAGS = ("-P", "prefork", "--without-gossip", "--without-mingle",
                 "--without-heartbeat")
 
 # What `stack_env` sets; by default every other variable of the caller passes through.
@@ -64,10 +64,11 @@ class ProcessGroup:
         return proc
 
     def start_worker(self, label: str, app: str, queue: str, concurrency: int,
-                     name: str) -> subprocess.Popen[bytes]:
-        """A prefork worker consuming only `queue`, named `name` (`%h` allowed)."""
+                     name: str, *, log_level: str = "WARNING") -> subprocess.Popen[bytes]:
+        """A prefork worker consuming only `queue`, named `name` (`%h` allowed); at INFO it
+        logs every task's end with its result."""
         return self.spawn(label, app, ["worker", "-c", str(concurrency), "-n", name,
-                                       *WORKER_FLAGS, "-Q", queue])
+                                       *WORKER_FLAGS, "-l", log_level, "-Q", queue])
 
     def dead(self) -> list[str]:
         return [f"{label} (exit {proc.returncode})" for label, proc, _ in self.started

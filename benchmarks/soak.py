@@ -130,10 +130,15 @@ class Processes(ProcessGroup):
         names = []
         for n in range(1, workers + 1):
             names.append(f"soak{n}-{queue}@")
-            self.start_worker(f"worker{n}", "tasks", queue, concurrency, f"soak{n}-{queue}@%h")
+            # At INFO: each task's end is logged with its result, how `wake_counts` counts.
+            self.start_worker(f"worker{n}", "tasks", queue, concurrency, f"soak{n}-{queue}@%h",
+                              log_level="INFO")
         self.spawn("beat", "tasks",
                    ["beat", "-l", "WARNING", "-s", str(self.workdir / "beat-schedule")])
         return names
+
+    def worker_logs(self) -> list[Path]:
+        return [log for label, _, log in self.started if label.startswith("worker")]
 
     def wait_ready(self, names: Sequence[str], timeout_s: float = 90) -> None:
         """Until every worker answers a ping (remote control works without gossip and
@@ -277,12 +282,37 @@ def run_soak(options: SoakOptions, database_url: str, redis_url: str, namespace:
         raise
     finally:
         procs.stop()
+        report["wake_ups"] = wake_counts(procs.worker_logs(), report.get("dispatches"))
         report["wall_s"] = round(time.monotonic() - wall, 2)
         report["machine"]["load_average_at_end"] = load_average()
     report["ok"] = bool(report["audit"]["ok"]) and not report["dead_processes"]
     if not report["ok"]:
         report["log_tails"] = procs.log_tails()
     return report
+
+
+WAKE_DONE = " succeeded in "
+WAKE_TASK_LINE = "Task mailbox.dispatch["
+
+
+def wake_counts(logs: Sequence[Path], dispatches: int | None) -> dict[str, Any]:
+    """The wake-up tasks (`mailbox.dispatch`) the workers ran, from their logs (Celery logs
+    every task's end with its return value: the claimed dispatch id, or None when the wake-up
+    found its thread busy or nothing due, a no-op; docs/behaviour.md#wake-gate), per
+    dispatch. Every submit, retry, sweep and lost-message repair wakes through such a task;
+    a settle's own claim does not."""
+    ran = no_op = 0
+    for log in logs:
+        if not log.exists():
+            continue
+        with open(log, errors="replace") as lines:
+            for line in lines:
+                if WAKE_TASK_LINE in line and WAKE_DONE in line:
+                    ran += 1
+                    no_op += line.rstrip().endswith(": None")
+    per = (lambda n: round(n / dispatches, 3)) if dispatches else (lambda n: None)
+    return {"ran": ran, "no_op": no_op, "per_dispatch": per(ran),
+            "no_op_per_dispatch": per(no_op)}
 
 
 def submit(options: SoakOptions, box: Any, audit: Any, procs: Processes,
@@ -397,6 +427,7 @@ def print_summary(report: dict[str, Any]) -> None:
     for status, n in sorted(report.get("by_status", {}).items()):
         table.add_row(f"dispatches {status}", str(n))
     lat = report.get("latency_ms", {})
+    wakes = report.get("wake_ups", {})
     rows = [
         ("dispatches", report.get("dispatches")),
         ("threads", report["options"]["threads"]),
@@ -409,6 +440,8 @@ def print_summary(report: dict[str, Any]) -> None:
         ("retries (failed attempts of Acked)", report.get("retries")),
         ("dispatches retried at least once", report.get("retried_dispatches")),
         ("dead letters", report.get("dead_letters")),
+        ("wake-up tasks per dispatch (no-op: found nothing to claim)",
+         f"{wakes.get('per_dispatch')} ({wakes.get('no_op_per_dispatch')})"),
         ("audit samples (max Claimed at once)",
          f"{audit.get('samples')} ({audit.get('max_claimed')})"),
         ("audit violations", len(audit.get("violations", []))),

@@ -47,6 +47,8 @@ def check(report: dict[str, Any]) -> None:
     assert report["dead_letters"] > 0, "the fail agent's dead letters did not happen"
     assert audit["samples"] > 0 and audit["max_claimed"] > 1, \
         "the sampler never saw work running on two threads at once"
+    wakes = report["wake_ups"]
+    assert 0 < wakes["ran"] and 0 <= wakes["no_op"] <= wakes["ran"], wakes
 
 
 def test_small_load_is_audited(database_url: str, redis_url: str, namespace: str,
@@ -56,6 +58,7 @@ def test_small_load_is_audited(database_url: str, redis_url: str, namespace: str
     report = run(options, database_url, redis_url, namespace, tmp_path / "soak")
     check(report)
     assert report["dispatches"] == 200
+    print("wake-ups:", report["wake_ups"])
 
 
 @pytest.mark.load
