@@ -160,17 +160,20 @@ class EventStreams:
 
     def emit(self, run_id: str, dispatch_id: str | None, type_: str, data: Any = None,
              ts: int | None = None, *, thread_id: str | None = None,
-             new_run: bool = False) -> str | None:
+             new_run: bool = False, final: bool = False) -> str | None:
         """Append an event; returns its id, or None when Redis refused (logged, counted).
         `thread_id`: the run's thread (on a Redis Cluster it names the stream; without it
         the thread is looked up). `new_run`: the run was just created, so its stream cannot
-        exist yet (the append script skips looking)."""
+        exist yet (the append script skips looking). `final`: the report that ends
+        `dispatch_id` (its last run_finish), appended once per dispatch whoever else reports
+        the same end (the stream's last id is returned then)."""
         payload = self._payload(run_id, dispatch_id, type_, data, ts)
         self._check_run(run_id)
         try:
             raw = self.append_script(keys=list(self._keys(run_id, thread_id)),
                                      args=[payload, self.max_len, self.retention_ms,
-                                           self.max_bytes, _now_ms(), _flag(new_run)])
+                                           self.max_bytes, _now_ms(), _flag(new_run),
+                                           (dispatch_id or "") if final else ""])
         except (redis.RedisError, UnknownRunThreadError) as exc:
             metrics.count_operation("event_emit", "error")
             log.warning("event %s for run %s not recorded: %s", type_, run_id, exc)
@@ -206,7 +209,7 @@ class EventStreams:
         try:
             calls = [(list(self._keys(run_id, thread_id or (threads or {}).get(run_id))),
                       [payloads[0], self.max_len, self.retention_ms, self.max_bytes,
-                       _now_ms(), _flag(run_id in new_runs), *payloads[1:]])
+                       _now_ms(), _flag(run_id in new_runs), "", *payloads[1:]])
                      for run_id, payloads in by_run.items()]
             if len(calls) == 1:  # one run (emit_many): one call, reloaded by redis-py
                 self.append_script(keys=calls[0][0], args=calls[0][1])

@@ -7,7 +7,9 @@ facade (cancel and interrupt of queued work). Each ends with the `run_finish` th
 retry's `run_rescheduled` after it (a retried attempt's `run_finish` is not the run's last).
 
 Events are advisory (SQL is the truth), so these never raise: a failed emit is logged and
-counted by `EventStreams.emit`.
+counted by `EventStreams.emit`. The `run_finish` that ends a dispatch is appended once per
+dispatch (`final`): a settle and the sweep repairing the same dispatch's run meanwhile both
+report its end, and followers hear it once.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def acked(events: EventStreams, dispatch_id: str, run: RunRecord, ts: int) -> No
                     thread_id=run.thread_id)
     events.emit(run.run_id, dispatch_id, "run_finish", {
         "termination": termination.to_json(), "response": run.response, "status": "acked"},
-        ts=ts, thread_id=run.thread_id)
+        ts=ts, thread_id=run.thread_id, final=True)
 
 
 def retrying(events: EventStreams, dispatch: RunDispatch, error: str, ts: int, *,
@@ -50,7 +52,7 @@ def dead_letter(events: EventStreams, run_id: str, dispatch_id: str, error: str,
     """The dispatch is dead-lettered: the run ends with the error."""
     events.emit(run_id, dispatch_id, "run_finish", {
         "termination": Termination.error(error).to_json(), "error": error,
-        "status": "dead_letter"}, ts=ts, thread_id=thread_id)
+        "status": "dead_letter"}, ts=ts, thread_id=thread_id, final=True)
 
 
 def cancelled(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:
@@ -63,7 +65,7 @@ def cancelled(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:
                 thread_id=dispatch.thread_id)
     events.emit(dispatch.run_id, dispatch.dispatch_id, "run_finish", {
         "termination": Termination.cancelled().to_json(), "status": dispatch.status.label},
-        ts=ts, thread_id=dispatch.thread_id)
+        ts=ts, thread_id=dispatch.thread_id, final=True)
 
 
 def ended_after_outcome(events: EventStreams, dispatch: RunDispatch, run: RunRecord,
@@ -74,7 +76,7 @@ def ended_after_outcome(events: EventStreams, dispatch: RunDispatch, run: RunRec
     termination = run.termination or Termination.natural_end()
     events.emit(run.run_id, dispatch.dispatch_id, "run_finish", {
         "termination": termination.to_json(), "response": run.response,
-        "status": dispatch.status.label}, ts=ts, thread_id=dispatch.thread_id)
+        "status": dispatch.status.label}, ts=ts, thread_id=dispatch.thread_id, final=True)
 
 
 def ended(events: EventStreams, dispatch: RunDispatch, ts: int) -> None:

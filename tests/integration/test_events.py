@@ -162,3 +162,17 @@ def test_a_stream_whose_meta_lacks_its_count_is_counted_once_and_still_trimmed(
     client.delete(meta)
     small.emit("run-old", "d1", "output", {"i": 4})
     assert [e.data["i"] for e in small.read("run-old")] == [2, 3, 4]
+
+
+def test_the_report_that_ends_a_dispatch_is_appended_once(mailbox: Mailbox) -> None:
+    """Two parties may report the same end (a settle, and the sweep repairing its run
+    meanwhile): the final run_finish of a dispatch is appended once; another dispatch of the
+    same run, or a non-final event, still is."""
+    events = mailbox.events
+    first = events.emit("run-once", "d1", "run_finish", {"status": "dead_letter"}, final=True)
+    again = events.emit("run-once", "d1", "run_finish", {"status": "dead_letter"}, final=True)
+    assert first is not None and again == first
+    events.emit("run-once", "d1", "output", {"late": True})
+    events.emit("run-once", "d2", "run_finish", {"status": "acked"}, final=True)
+    assert [(e.type, e.dispatch_id) for e in events.read("run-once")] == [
+        ("run_finish", "d1"), ("output", "d1"), ("run_finish", "d2")]

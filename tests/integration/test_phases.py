@@ -1038,6 +1038,31 @@ def test_settle_permanent_error_dead_letters_after_one_run(mailbox: Mailbox) -> 
     assert claim_next(rt, "t-fail") is None
 
 
+def test_a_sweep_that_repairs_the_run_between_the_dead_letter_and_its_report_is_heard_once(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by `make load`: settle dead-letters, and before it reports and reconciles, a
+    sweep finds the DeadLetter dispatch with its run not yet done, reconciles the run and
+    reports its end; then settle reports too. Followers must hear one run_finish."""
+    clock = Clock()
+    rt = make_runtime(mailbox, Wakes(), clock=clock)
+    receipt = mailbox.submit("t-fail-race", "fail", "x")
+    ctx = phases(rt, claim(rt, "t-fail-race"), verify, reconstruct, resolve, execute)
+    real = mailbox.store.dead_letter
+    swept: list[Any] = []
+
+    def dead_letter_then_sweep(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        swept.append(sweep(rt, clock()))  # another worker's beat-driven sweep, right here
+
+    monkeypatch.setattr(mailbox.store, "dead_letter", dead_letter_then_sweep)
+    assert settle(rt, ctx).settled == "permanent_error"
+    assert swept and swept[0].reconciled == [receipt.dispatch_id], "the race happened"
+    finishes = [e.data["status"] for e in mailbox.events_of(receipt.run_id)
+                if e.type == "run_finish"]
+    assert finishes == ["dead_letter"]
+    assert run_of(mailbox, receipt.run_id).status == RunStatus.done
+
+
 def test_settle_custom_permanent_error(mailbox: Mailbox) -> None:
     def forbidden(ctx: AgentContext) -> str:
         raise PermanentError("403 unauthorized")
