@@ -72,6 +72,7 @@ from benchmarks.common import (
     start_redis,
 )
 from benchmarks.processes import ProcessGroup, stack_env
+from mailbox.maintenance import SWEEP_WAKE_PREFIX
 
 DEFAULT_MIX = "echo=84,flaky=8,exhaust=1,sleep=5,fail=2"
 AGENTS = ("echo", "flaky", "exhaust", "sleep", "fail")
@@ -299,20 +300,39 @@ def wake_counts(logs: Sequence[Path], dispatches: int | None) -> dict[str, Any]:
     """The wake-up tasks (`mailbox.dispatch`) the workers ran, from their logs (Celery logs
     every task's end with its return value: the claimed dispatch id, or None when the wake-up
     found its thread busy or nothing due, a no-op; docs/behaviour.md#wake-gate), per
-    dispatch. Every submit, retry, sweep and lost-message repair wakes through such a task;
-    a settle's own claim does not."""
-    ran = no_op = 0
+    dispatch, and by who sent them, told by the task id: a submit's wake-up carries its
+    dispatch id (a UUIDv7), the sweep's `sweep-wake-…`, the rest (a retry's or a deferral's
+    delayed wake-up, a phase's crash) a random one. A settle's own claim is no wake-up."""
+    counts: dict[str, list[int]] = {}
     for log in logs:
         if not log.exists():
             continue
         with open(log, errors="replace") as lines:
             for line in lines:
-                if WAKE_TASK_LINE in line and WAKE_DONE in line:
-                    ran += 1
-                    no_op += line.rstrip().endswith(": None")
+                at = line.find(WAKE_TASK_LINE)
+                if at < 0 or WAKE_DONE not in line:
+                    continue
+                task_id = line[at + len(WAKE_TASK_LINE):].split("]", 1)[0]
+                ran_no_op = counts.setdefault(_wake_source(task_id), [0, 0])
+                ran_no_op[0] += 1
+                ran_no_op[1] += line.rstrip().endswith(": None")
+    ran = sum(c[0] for c in counts.values())
+    no_op = sum(c[1] for c in counts.values())
     per = (lambda n: round(n / dispatches, 3)) if dispatches else (lambda n: None)
     return {"ran": ran, "no_op": no_op, "per_dispatch": per(ran),
-            "no_op_per_dispatch": per(no_op)}
+            "no_op_per_dispatch": per(no_op),
+            "by_source": {source: {"ran": c[0], "no_op": c[1]}
+                          for source, c in sorted(counts.items())}}
+
+
+def _wake_source(task_id: str) -> str:
+    if task_id.startswith(SWEEP_WAKE_PREFIX):
+        return "sweep"
+    try:
+        version = uuid.UUID(task_id).version
+    except ValueError:
+        return "other"
+    return "submit" if version == 7 else "delayed or other"
 
 
 def submit(options: SoakOptions, box: Any, audit: Any, procs: Processes,
