@@ -48,7 +48,7 @@ def check(report: dict[str, Any]) -> None:
     assert audit["samples"] > 0 and audit["max_claimed"] > 1, \
         "the sampler never saw work running on two threads at once"
     wakes = report["wake_ups"]
-    assert 0 < wakes["ran"] and 0 <= wakes["no_op"] <= wakes["ran"], wakes
+    assert wakes["ran"] > 0 and 0 <= wakes["no_op"] <= wakes["ran"], wakes
 
 
 def test_small_load_is_audited(database_url: str, redis_url: str, namespace: str,
