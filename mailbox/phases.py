@@ -383,8 +383,9 @@ def _end_abandoned(rt: Runtime, ctx: PhaseContext, outcome: AgentOutcome) -> Non
 
 # ================================================================================== settle
 def settle(rt: Runtime, ctx: PhaseContext) -> PhaseContext:
-    """Record the result, classify, ack / nack / dead-letter, reconcile the run, and wake
-    the thread so its next dispatch starts right away."""
+    """Record the result, classify, ack / nack / dead-letter, reconcile the run, and start
+    the thread's next dispatch right away: a worker's ack claims it itself
+    (`Runtime.start`); otherwise the thread is woken, unless the ack saw nothing due."""
     wake = True
     try:
         if not ctx.done:
@@ -487,7 +488,11 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
     if following is not None and rt.start is not None:
         nxt = PhaseContext.from_claim(following[0])
         _check_run(nxt, following[1])
-        rt.start(nxt)
+        try:
+            rt.start(nxt)
+        except Exception:  # the broker refused: this ack stands; the new claim runs out
+            log.exception("the chain of %s was not published; its lease runs out and the "
+                          "sweep reclaims it", nxt.describe())
     return next_due
 
 

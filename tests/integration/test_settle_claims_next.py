@@ -159,3 +159,24 @@ def test_a_handed_over_lease_drops_the_submits_mark_and_the_next_ack_still_claim
     assert coordinator.read_lease("s-mark") is None
     statuses = {d.dispatch_id: d.status for d in mailbox.store.list_dispatches("s-mark")}
     assert set(statuses.values()) == {DispatchStatus.Acked}
+
+
+def test_a_broker_that_refuses_the_next_chain_leaves_the_ack_standing(
+        mailbox: Mailbox) -> None:
+    """The ack claimed the next dispatch, and publishing its chain fails: the ack and its
+    report stand (the settle completes), and the new claim is left to run out its lease and
+    be reclaimed by the sweep, as when a wake-up's publish fails after its claim."""
+    rt, _ = worker_runtime(mailbox, Wakes())
+
+    def broker_down(ctx: PhaseContext) -> None:
+        raise ConnectionError("broker unreachable")
+
+    rt = replace(rt, start=broker_down)
+    first = mailbox.submit("s-down", "echo", "one")
+    second = mailbox.submit("s-down", "echo", "two")
+    assert run_chain(rt, claim(rt, "s-down")).settled == "completed"
+    assert load(mailbox, first.dispatch_id).status == DispatchStatus.Acked
+    assert load(mailbox, second.dispatch_id).status == DispatchStatus.Claimed
+    finishes = [e.data["status"] for e in mailbox.events_of(first.run_id)
+                if e.type == "run_finish"]
+    assert finishes == ["acked"]
