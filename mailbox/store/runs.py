@@ -40,7 +40,7 @@ from mailbox.model import (
     Termination,
 )
 from mailbox.store import statements as q
-from mailbox.store.dispatches import MAX_LIST_LIMIT, MailboxStore, ReclaimPage
+from mailbox.store.dispatches import MAX_LIST_LIMIT, ClaimedReader, MailboxStore, ReclaimPage
 from mailbox.store.operations import operation
 
 MAX_INPUT_BYTES = 256 * 1024
@@ -160,6 +160,12 @@ class Acked:
 
     run: RunRecord | None
     next_due: bool
+
+
+def _wake_requested(released: int | None) -> bool:
+    """After a release: did a submit count on the lease (it marked it), or could Redis not
+    tell (unreachable)? Then the thread needs a claim."""
+    return released not in (RELEASED, LEASE_NOT_OURS)
 
 
 class RunStore:
@@ -400,6 +406,15 @@ class RunStore:
             return AttemptFacts(None, False)
         return AttemptFacts(q.run_from_row(row), bool(row._mapping[q.HAS_INPUT]))
 
+    def _facts_reader(self) -> tuple[list[AttemptFacts], ClaimedReader]:
+        """A claim's `inside` reader of the claimed dispatch's run, and where it puts it."""
+        facts: list[AttemptFacts] = []
+
+        def read(conn: sa.Connection, claimed: RunDispatch) -> None:
+            facts.append(self._attempt_facts(conn, claimed.run_id))
+
+        return facts, read
+
     def claim_for_attempt(self, thread_id: str, consumer_id: str, lease_ms: int, now: int,
                           *, wake_id: str | None = None, clock: Callable[[], int] | None = None,
                           expect_due: bool = False) -> tuple[RunDispatch, AttemptFacts] | None:
@@ -407,11 +422,7 @@ class RunStore:
         checks (the run, whether its input is stored): the attempt's chain then needs no
         read of its own before its start. Nothing it reads can change before the start
         but through this claim, whose every later write is fenced."""
-        facts: list[AttemptFacts] = []
-
-        def read(conn: sa.Connection, claimed: RunDispatch) -> None:
-            facts.append(self._attempt_facts(conn, claimed.run_id))
-
+        facts, read = self._facts_reader()
         claimed = self.store.claim(thread_id, consumer_id, lease_ms, now, wake_id=wake_id,
                                    clock=clock, expect_due=expect_due, inside=read)
         return (claimed[0], facts[-1]) if claimed else None
@@ -581,7 +592,7 @@ class RunStore:
         # A submit that committed after that read found our lease standing and left its
         # wake-up to us: the release says so (WAKE_REQUESTED), or could not tell (None).
         return Acked(None if row is None else q.run_from_row(row),
-                     next_due=due or fenced.released not in (RELEASED, LEASE_NOT_OURS))
+                     next_due=due or _wake_requested(fenced.released))
 
     @operation("ack")
     def ack_and_claim_next(self, dispatch_id: str, claim_token: str, run_id: str, now: int, *,
@@ -595,11 +606,7 @@ class RunStore:
         commit is lost, ack recovery finds the ack landed and the new claim is left to run
         out its lease and be reclaimed by the sweep (attempt + 1), like a worker lost right
         after a claim."""
-        facts: list[AttemptFacts] = []
-
-        def read(conn: sa.Connection, claimed: RunDispatch) -> None:
-            facts.append(self._attempt_facts(conn, claimed.run_id))
-
+        facts, read = self._facts_reader()
         # A failure inside rolls the ack back too: the claim is still ours, lease and all.
         with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_ACK,
                                      lambda d: d.acked(now), thread_id=thread_id,
@@ -609,8 +616,7 @@ class RunStore:
         released = self.store.hand_over(fenced, claimed, lease_ms)
         run = None if row is None else q.run_from_row(row)
         if claimed is None:
-            return AckedNext(run, None, wake_requested=released not in (RELEASED,
-                                                                        LEASE_NOT_OURS))
+            return AckedNext(run, None, wake_requested=_wake_requested(released))
         return AckedNext(run, (claimed, facts[-1]), wake_requested=False)
 
     @operation("record_run_result")  # T5 and the run, together
