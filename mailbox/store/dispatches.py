@@ -522,6 +522,7 @@ class MailboxStore:
             inside(conn, claimed)
         return claimed, None
 
+    @operation("claim", empty_result=True)  # counted like every claim
     def claim_in(self, fenced: FencedWrite, consumer_id: str, lease_ms: int, now: int, *,
                  inside: ClaimedReader | None = None) -> RunDispatch | None:
         """Claim the thread's next eligible dispatch (T2) in a `fenced_write` that ended its

@@ -17,7 +17,7 @@ from mailbox.coordination import WAKE_HELD
 from mailbox.errors import StoreUnavailableError
 from mailbox.phases import PHASES, run_chain, settle
 from mailbox.runtime import Runtime, now_ms
-from tests.support.phase_kit import Wakes, claim, load, make_runtime, register
+from tests.support.phase_kit import Wakes, claim, load, make_runtime, ops, register
 
 
 def worker_runtime(box: Mailbox, wakes: Wakes) -> tuple[Runtime, list[PhaseContext]]:
@@ -67,12 +67,14 @@ def test_the_ack_and_the_next_claim_are_one_transaction(mailbox: Mailbox) -> Non
     def on_begin(_conn: object) -> None:
         begins.append(1)
 
+    claims = ops("claim")
     sa.event.listen(mailbox.store.engine, "begin", on_begin)
     try:
         settle(rt, ctx)
     finally:
         sa.event.remove(mailbox.store.engine, "begin", on_begin)
     assert len(started) == 1 and len(begins) == 1
+    assert ops("claim") == claims + 1, "the claim in the ack is counted like any claim"
 
 
 def test_nothing_due_releases_the_lease_and_claims_nothing(mailbox: Mailbox) -> None:
