@@ -31,6 +31,9 @@ def contexts(draw: st.DrawFn) -> PhaseContext:
     ctx.reason = draw(st.none() | st.text(max_size=80))
     ctx.instance_id = draw(st.none() | ids)
     ctx.started_at = draw(st.none() | times)
+    ctx.run_checked = draw(st.booleans())
+    ctx.run_error = draw(st.none() | st.text(max_size=80))
+    ctx.run_done = draw(st.booleans())
     ctx.resolution_id = draw(st.none() | ids)
     ctx.resumed = draw(st.booleans())
     ctx.agent = draw(st.none() | st.lists(ids, min_size=2, max_size=2))
@@ -89,6 +92,9 @@ GOOD: dict[str, Any] = PhaseContext("d", "t", "r", "tok", 0, 0, 1, 2, 3).to_mess
     ({"outcome": {"kind": "completed", "recorded": "yes"}}, "outcome.recorded"),
     ({"outcome": {"kind": "completed", "error": 5}}, "outcome.error"),
     ({"reason": "r" * 70_000}, "reason"),
+    ({"run_checked": "yes"}, "run_checked"),
+    ({"run_done": 1}, "run_done"),
+    ({"run_error": ["missing"]}, "run_error"),
 ])
 def test_a_field_that_cannot_be_ours_is_named(change: dict[str, Any], names: str) -> None:
     with pytest.raises(MalformedContextError) as caught:
