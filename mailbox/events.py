@@ -155,7 +155,7 @@ class EventStreams:
         if type_ not in EVENT_TYPES:
             raise MailboxError(f"unknown event type {type_!r}")
         return json.dumps({"type": type_, "run_id": run_id, "dispatch_id": dispatch_id,
-                           "ts": ts if ts is not None else int(time.time() * 1000),
+                           "ts": ts if ts is not None else _now_ms(),
                            "data": _bounded(data)})
 
     def emit(self, run_id: str, dispatch_id: str | None, type_: str, data: Any = None,
