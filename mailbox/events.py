@@ -6,11 +6,15 @@ is bounded three ways: at most `max_len` events per run, at most `max_bytes` byt
 per run (an agent that emits big outputs would otherwise keep up to `max_len` times 64 KiB in
 Redis for every run), and the whole stream expires `retention` (at most 1.1 x) after its last
 event (events_append.lua sets the TTL again only once less than `retention` remains); garbage
-collection deletes the streams of the runs it deletes (`forget`). A reader whose cursor points
-before what retention dropped gets `CursorExpiredError` — never a silent gap. Events are
-advisory: the SQL records are the truth, and a failed emit never fails a run.
+collection deletes the streams of the runs it deletes (`forget`). A stream keeps its own books
+(entries and bytes retained, expiry, what retention dropped, the last dispatch reported final)
+in its newest entry, beside the payload: an append is one read and one write of one key. A
+reader whose cursor points before what retention dropped gets `CursorExpiredError` — never a
+silent gap. Events are advisory: the SQL records are the truth, and a failed emit never fails
+a run.
 
-Keys come from `coordination.KeyScheme`: on one Redis `<ns>:events:<run>` (and `:meta`); on a
+Keys come from `coordination.KeyScheme`: on one Redis `<ns>:events:<run>` (and `:meta`, where
+streams written before the books moved into their entries kept them: read, never written); on a
 Redis Cluster `<ns>:{<thread>}:events:<run>`, in the run's thread's slot
 (docs/redis-cluster.md#events). There the stream's name needs the run's thread: writers pass
 `thread_id` (they all know it), and a reader that gives only the run id has its thread looked
@@ -224,11 +228,13 @@ class EventStreams:
 
     def forget(self, run_ids: Sequence[str], threads: Mapping[str, str] | None = None
                ) -> int:
-        """Delete these runs' streams (garbage collection deleted the runs); how many keys
+        """Delete these runs' streams (garbage collection deleted the runs); how many streams
         went. A follower of one of them gets CursorExpiredError, as after expiry. On a
         Redis Cluster each run's thread comes from `threads` (the runs are gone from SQL);
-        a stream whose thread is not known is left to expire."""
-        keys: list[str] = []
+        a stream whose thread is not known is left to expire. The meta hash of a stream from
+        before the books moved into its entries goes with it (not counted)."""
+        streams: list[str] = []
+        metas: list[str] = []
         for run_id in run_ids:
             self._check_run(run_id)
             if self.keys.cluster:
@@ -237,12 +243,15 @@ class EventStreams:
                     thread = thread or self._threads.pop(run_id, None)
                 if thread is None:
                     continue
-                keys += self.keys.events(thread, run_id)
+                stream, meta = self.keys.events(thread, run_id)
             else:
-                keys += self._keys(run_id)
+                stream, meta = self._keys(run_id)
+            streams.append(stream)
+            metas.append(meta)
         deleted = 0
-        for start in range(0, len(keys), FORGET_BATCH):
-            deleted += int(self.client.delete(*keys[start:start + FORGET_BATCH]))
+        for start in range(0, len(streams), FORGET_BATCH):
+            deleted += int(self.client.delete(*streams[start:start + FORGET_BATCH]))
+            self.client.delete(*metas[start:start + FORGET_BATCH])
         return deleted
 
     def __call__(self, run_id: str, after: str | None = None, follow: bool = False,
@@ -315,16 +324,29 @@ class EventStreams:
             raise MailboxError(f"invalid event cursor {after!r:.60} (an event id looks like "
                                f"1712345678901-0)")
         cursor = _id_tuple(after)
-        dropped, last = (None, None) if located is None else self.client.hmget(
-            located[1], ["dropped_upto", "last_id"])
-        if dropped is not None and cursor < _id_tuple(dropped.decode()):
+        dropped, last = (None, None) if located is None else self._books(*located)
+        if dropped is not None and cursor < _id_tuple(dropped):
             raise CursorExpiredError(
                 f"events of run {run_id} after {after} were dropped by retention (kept from "
-                f"{dropped.decode()} on); re-read from the start")
+                f"{dropped} on); re-read from the start")
         if last is None and after != "0-0":
             raise CursorExpiredError(
                 f"the event stream of run {run_id} expired or never existed; cursor {after} "
                 f"cannot be resumed")
+
+    def _books(self, stream: str, meta: str) -> tuple[str | None, str | None]:
+        """(the newest id retention dropped, the stream's last id): from the newest entry's
+        books (events_append.lua), or, for a stream written before entries carried them,
+        from its old meta hash."""
+        newest = self.client.xrevrange(stream, count=1)
+        if not newest:
+            return None, None
+        entry_id, fields = newest[0]
+        if b"n" in fields or "n" in fields:
+            dropped = fields.get(b"d") or fields.get("d")
+        else:
+            dropped = self.client.hget(meta, "dropped_upto")
+        return (None if dropped is None else _text(dropped)), _text(entry_id)
 
     @staticmethod
     def _decode(run_id: str, entry_id: Any, fields: Any) -> Event:
@@ -333,6 +355,10 @@ class EventStreams:
         body = json.loads(raw)
         return Event(eid, body["type"], run_id, body.get("dispatch_id"), body["ts"],
                      body.get("data"))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _flag(value: bool) -> str:

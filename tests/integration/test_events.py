@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from mailbox import Mailbox
+from mailbox import events as events_module
 from mailbox.errors import MailboxError
 from mailbox.events import CursorExpiredError, EventStreams
 from tests.support.racers import racing
@@ -120,45 +125,93 @@ def test_cancel_and_interrupt_of_queued_work_end_each_stream_with_run_finish(
 
 
 def test_a_stream_lives_its_retention_after_its_last_event_with_few_expiry_writes(
-        mailbox: Mailbox) -> None:
-    """events_append.lua sets the TTL of the stream and its meta again only once less than
-    the retention remains, to 1.1 x the retention: a stream still lives at least its
-    retention after its last event, and a run's later appends write no expiry."""
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """events_append.lua sets the stream's TTL again only once less than the retention
+    remains, to 1.1 x the retention: a stream still lives at least its retention after its
+    last event, and a run's later appends write no expiry. The stream is the only key."""
     streams = EventStreams(mailbox.store.coordinator.client, mailbox.settings.namespace,
                            retention_s=100)
     client = mailbox.store.coordinator.client
     stream, meta = streams._keys("run-ttl")
+    start = events_module._now_ms()
+    monkeypatch.setattr(events_module, "_now_ms", lambda: start)
     streams.emit("run-ttl", "d1", "run_queued", {})
     first = client.pttl(stream)
-    assert 100_000 < first <= 110_000 and 100_000 < client.pttl(meta) <= 110_000
+    assert 100_000 < first <= 110_000 and client.exists(meta) == 0
     client.pexpire(stream, 105_000)  # as if 5 s went by: more than the retention remains
-    client.pexpire(meta, 105_000)
+    monkeypatch.setattr(events_module, "_now_ms", lambda: start + 5_000)
     streams.emit("run-ttl", "d1", "run_started", {})
     assert 100_000 < client.pttl(stream) <= 105_000, "no expiry written: enough remains"
     # 15 s went by: less than the retention remains, so the append sets it again
-    client.hincrby(meta, "expires", -15_000)
     client.pexpire(stream, 95_000)
-    client.pexpire(meta, 95_000)
+    monkeypatch.setattr(events_module, "_now_ms", lambda: start + 15_000)
     streams.emit("run-ttl", "d1", "run_finish", {"status": "acked"})
-    assert client.pttl(stream) > 100_000 and client.pttl(meta) > 100_000
+    assert client.pttl(stream) > 100_000
     assert [e.type for e in streams.read("run-ttl")] == ["run_queued", "run_started",
                                                         "run_finish"]
+    assert client.exists(meta) == 0
 
 
-def test_a_stream_whose_meta_lacks_its_count_is_counted_once_and_still_trimmed(
-        mailbox: Mailbox) -> None:
-    """A stream written before the meta hash kept its entry count (or whose meta was lost):
-    the next append counts the stream once, and the length budget holds."""
-    small = EventStreams(mailbox.store.coordinator.client, mailbox.settings.namespace,
-                         retention_s=60, max_len=3)
+def _books(client: Any, stream: str) -> dict[str, str]:
+    """The books the newest entry of a stream carries (events_append.lua)."""
+    [(_, fields)] = client.xrevrange(stream, count=1)
+    return {k.decode(): v.decode() for k, v in fields.items() if k != b"e"}
+
+
+def test_each_append_is_one_read_and_one_write_of_the_stream(mailbox: Mailbox) -> None:
+    """The books ride in the newest entry: a new run's first event is one XADD (and its
+    TTL), a later one an XREVRANGE and an XADD: no meta hash to read, write or expire."""
     client = mailbox.store.coordinator.client
-    _, meta = small._keys("run-old")
-    for i in range(3):
-        small.emit("run-old", "d1", "output", {"i": i})
-    client.hdel(meta, "len", "expires")
+    streams = mailbox.events
+    stream, _ = streams._keys("run-books")
+
+    def commands(action: Callable[[], object]) -> dict[str, int]:
+        return _commands_touching(client, stream, action)
+
+    first = commands(lambda: streams.emit("run-books", "d1", "run_queued", {}, new_run=True))
+    later = commands(lambda: streams.emit("run-books", "d1", "run_started", {}))
+    assert first == {"evalsha": 1, "xadd": 1, "pexpire": 1}, first
+    assert later == {"evalsha": 1, "xrevrange": 1, "xadd": 1}, later
+    assert _books(client, stream)["n"] == "2"
+
+
+def _commands_touching(client: Any, key: str, action: Callable[[], object]) -> dict[str, int]:
+    """The Redis commands that `action` sent naming `key`, those its scripts ran included
+    (MONITOR shows both; the calls of other tests sharing the server name other keys)."""
+    sentinel = f"done-{uuid.uuid4().hex}"
+    seen: dict[str, int] = {}
+    with client.monitor() as monitor:
+        action()
+        client.echo(sentinel)
+        while True:
+            command = monitor.next_command()["command"]
+            if sentinel in command:
+                return seen
+            words = command.split(" ")
+            if key in words[1:]:
+                name = words[0].lower()
+                seen[name] = seen.get(name, 0) + 1
+
+
+def test_a_stream_from_before_the_books_is_counted_once_and_still_trimmed(
+        mailbox: Mailbox) -> None:
+    """A stream written before entries carried the books (its meta hash lacking a count,
+    or lost): the next append counts the stream once, keeps the old hash's final dispatch
+    and dropped id, and the length budget holds."""
+    client = mailbox.store.coordinator.client
+    small = EventStreams(client, mailbox.settings.namespace, retention_s=60, max_len=3)
+    stream, meta = small._keys("run-old")
+    for i in range(3):  # what the previous append script left: bare entries and a meta hash
+        entry = client.xadd(stream, {"e": json.dumps({
+            "type": "output", "run_id": "run-old", "dispatch_id": "d1", "ts": 1,
+            "data": {"i": i}})})
+    client.hset(meta, mapping={"last_id": entry, "final": "d0", "dropped_upto": "1-0"})
     small.emit("run-old", "d1", "output", {"i": 3})
     assert [e.data["i"] for e in small.read("run-old")] == [1, 2, 3]
-    assert int(client.hget(meta, "len")) == 3
+    books = _books(client, stream)
+    assert books["n"] == "3" and books["f"] == "d0", books
+    assert small.emit("run-old", "d0", "run_finish", {}, final=True) == \
+        small.read("run-old")[-1].id, "d0 was reported final before the books moved"
     client.delete(meta)
     small.emit("run-old", "d1", "output", {"i": 4})
     assert [e.data["i"] for e in small.read("run-old")] == [2, 3, 4]

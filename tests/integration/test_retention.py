@@ -70,6 +70,8 @@ def has_epoch_row(box: Mailbox, thread_id: str) -> bool:
 
 
 def stream_keys(box: Mailbox, run_id: str) -> int:
+    """How many keys the run's events have in Redis: its stream, and the meta hash of a
+    stream written before the stream kept its own books (never written now)."""
     base = f"{box.settings.namespace}:events:{run_id}"
     return int(box.store.coordinator.client.exists(base, base + ":meta"))
 
@@ -156,13 +158,13 @@ def test_a_run_a_kept_dispatch_references_stays_with_its_input(mailbox: Mailbox)
 def test_event_streams_of_deleted_runs_go(mailbox: Mailbox) -> None:
     gone = done(mailbox, "t-events")
     kept = done(mailbox, "t-events-kept", "fail")
-    assert stream_keys(mailbox, gone.run_id) == 2 and stream_keys(mailbox, kept.run_id) == 2
+    assert stream_keys(mailbox, gone.run_id) == 1 and stream_keys(mailbox, kept.run_id) == 1
     last = [e.id for e in mailbox.events_of(gone.run_id)][-1]
 
     report = gc(mailbox, now_ms() + 31 * DAY_MS, dead_letter_retention_s=60 * 24 * 3600)
-    assert report.runs == 1 and report.event_streams == 2
+    assert report.runs == 1 and report.event_streams == 1  # streams, not keys
     assert stream_keys(mailbox, gone.run_id) == 0
-    assert stream_keys(mailbox, kept.run_id) == 2
+    assert stream_keys(mailbox, kept.run_id) == 1
     with pytest.raises(CursorExpiredError):
         mailbox.events.read(gone.run_id, after=last)
 
@@ -304,7 +306,7 @@ def test_an_epoch_row_stays_when_redis_cannot_forget_its_cached_epoch(
 # ================================================================================== purge
 def test_purge_removes_run_input_and_event_stream(mailbox: Mailbox) -> None:
     dead = done(mailbox, "t-purge", "fail")
-    assert stream_keys(mailbox, dead.run_id) == 2
+    assert stream_keys(mailbox, dead.run_id) == 1
     assert mailbox.purge_dead_letters([dead.dispatch_id]) == 1
     assert mailbox.get_dispatch(dead.dispatch_id) is None
     assert mailbox.get_run(dead.run_id) is None
@@ -433,11 +435,13 @@ def test_unknown_ids_are_no_work(mailbox: Mailbox) -> None:
 
 # ====================================================================== event byte budget
 def _payload_bytes(box: Mailbox, stream: EventStreams, run_id: str) -> tuple[int, int]:
-    """(bytes of the retained events' payloads, the meta hash's running count)."""
+    """(bytes of the retained events' payloads, the running count in the newest entry's
+    books)."""
     client = box.store.coordinator.client
     key = f"{stream.namespace}:events:{run_id}"
     total = sum(len(fields[b"e"]) for _, fields in client.xrange(key))
-    return total, int(client.hget(key + ":meta", "bytes") or -1)
+    newest = client.xrevrange(key, count=1)
+    return total, int(newest[0][1].get(b"b", -1)) if newest else -1
 
 
 def test_event_streams_are_bounded_in_bytes(mailbox: Mailbox) -> None:
