@@ -6,7 +6,10 @@ SQL is the durable truth; these are fast copies that let a claim on a busy threa
 without touching SQL and let `verify` read the epoch without a SQL round trip. Everything
 here may vanish (restart without persistence, failover, FLUSHALL): callers rebuild from SQL
 and the SQL fences hold regardless. Key expiry is garbage collection only; a lease's validity
-is its `lease_until`, which carries the caller's clock like every store time.
+is its `lease_until`, which carries the caller's clock like every store time. A lease hash
+also records when its key's TTL ends (`expires`, same clock), so that renewing the lease costs
+no PEXPIRE while that TTL still outlives the new `lease_until` by a third of a TTL
+(lease_put.lua has the rule).
 
 Each multi-step change is one Lua script (kept as a file under `lua/`, registered once per
 client; redis-py reloads it by itself after a Redis restart forgets scripts).
@@ -57,7 +60,10 @@ class Lease:
 
 
 def _lease_ttl(lease_ms: int) -> int:
-    # Long enough that a live, renewed lease never expires between heartbeats.
+    # Long enough that a live, renewed lease never expires between heartbeats. At least three
+    # leases: the scripts set the TTL again only when the one set before would outlive the
+    # new lease_until (now + lease) by less than ttl/3, and a TTL set now outlives it by
+    # ttl - lease >= ttl * 2/3 (lease_put.lua).
     return min(MAX_LEASE_TTL_MS, max(MIN_LEASE_TTL_MS, 3 * lease_ms))
 
 
@@ -122,7 +128,9 @@ class KeyScheme:
         return f"{self.namespace}:cancel:{token}"
 
     def events(self, thread_id: str, run_id: str) -> tuple[str, str]:
-        """A run's event stream and its meta hash; on a cluster in its thread's slot."""
+        """A run's event stream and its meta hash (where streams written before the books
+        moved into their entries kept them: events_append.lua); on a cluster in its
+        thread's slot."""
         base = (f"{self._of_thread(thread_id, 'events')}:{run_id}" if self.cluster
                 else f"{self.namespace}:events:{run_id}")
         return base, base + ":meta"
@@ -154,38 +162,57 @@ def is_cluster_client(client: object) -> bool:
     return isinstance(client, RedisCluster)
 
 
+@dataclass(frozen=True)
+class ScriptCall:
+    """One call of a registered Lua script, not yet sent: so that calls of different scripts
+    (a submit's event and its wake gate) can share one round trip (`run_calls`)."""
+
+    script: Any
+    keys: list[str]
+    args: list[Any]
+
+
 def run_scripts(client: redis.Redis[bytes], script: Any,
                 calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
     """Run `script` once per (keys, args), pipelined in one round trip; the replies in order.
-
-    A cluster pipeline does not load scripts, and a master that restarted has forgotten
-    them: calls refused with NOSCRIPT are run again once the script is loaded (on every
-    master). Only those: so the calls of one batch must be independent — no two of them
-    touching the same keys — or a retried one could land after a later one that went
-    through. The first other error is raised once every call was tried."""
-    if not calls:
-        return []
-    replies = _pipelined(client, script, calls)
-    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-    if missing:
-        client.script_load(script.script)  # type: ignore[no-untyped-call]
-        for i, reply in zip(missing, _pipelined(client, script, [calls[i] for i in missing]),
-                            strict=True):
-            replies[i] = reply
+    The first error is raised once every call was tried (see `run_calls`)."""
+    replies = run_calls(client, [ScriptCall(script, list(keys), list(args))
+                                 for keys, args in calls])
     for reply in replies:
         if isinstance(reply, Exception):
-            raise as_outage(reply)
+            raise reply
     return replies
 
 
-def _pipelined(client: redis.Redis[bytes], script: Any,
-               calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+def run_calls(client: redis.Redis[bytes], calls: Sequence[ScriptCall]) -> list[Any]:
+    """Run script calls pipelined in one round trip; the replies in order, a call's error
+    (a cluster outage as `redis.ConnectionError`, see `as_outage`) in its place.
+
+    A cluster pipeline does not load scripts, and a master that restarted has forgotten
+    them: calls refused with NOSCRIPT are run again once their script is loaded (on every
+    master). Only those: so the calls of one batch must be independent — no two of them
+    touching the same keys — or a retried one could land after a later one that went
+    through."""
+    if not calls:
+        return []
+    replies = _pipelined(client, calls)
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        for script in {id(calls[i].script): calls[i].script for i in missing}.values():
+            client.script_load(script.script)  # type: ignore[no-untyped-call]
+        for i, reply in zip(missing, _pipelined(client, [calls[i] for i in missing]),
+                            strict=True):
+            replies[i] = reply
+    return [as_outage(r) if isinstance(r, Exception) else r for r in replies]
+
+
+def _pipelined(client: redis.Redis[bytes], calls: Sequence[ScriptCall]) -> list[Any]:
     pipe = client.pipeline(transaction=False)
-    for keys, args in calls:
+    for call in calls:
         # EVALSHA straight into the pipeline: no SCRIPT EXISTS round trip before it (the
         # NOSCRIPT replies are handled by the caller, the same way on one server and on a
         # cluster).
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
     return execute(pipe, raise_on_error=False)
 
 
@@ -271,11 +298,16 @@ class Coordinator:
         return Lease(_text(reply[1]), _text(reply[2]), int(reply[3]), _text(reply[4]))
 
     def put(self, thread_id: str, lease: Lease, *, expected_token: str, allow_missing: bool,
-            lease_ms: int) -> bool:
-        return bool(self._run(
-            "lease_put", self.lease_key(thread_id), expected_token, "1" if allow_missing else "0",
-            lease.token, lease.dispatch_id, lease.lease_until, lease.holder, _lease_ttl(lease_ms),
-        ))
+            lease_ms: int, now: int | None = None) -> bool:
+        """Compare-and-set the lease (lease_put.lua). `now` (the caller's clock, as for
+        `lease.lease_until`) lets the script skip the key's PEXPIRE while the TTL set before
+        still covers the lease; without it the TTL is set every time."""
+        args: list[Any] = [expected_token, "1" if allow_missing else "0", lease.token,
+                           lease.dispatch_id, lease.lease_until, lease.holder,
+                           _lease_ttl(lease_ms)]
+        if now is not None:
+            args.append(now)
+        return bool(self._run("lease_put", self.lease_key(thread_id), *args))
 
     def release(self, thread_id: str, token: str) -> int:
         """Delete our lease: 0 when it is not ours, 1 when deleted, WAKE_REQUESTED when a
@@ -287,19 +319,30 @@ class Coordinator:
         `wake_id` (the pending mark now names it), WAKE_HELD when a claim is in flight (the
         lease is marked: its holder claims again on release), WAKE_PENDING when a wake-up is
         already on its way. One round trip (wake_gate.lua)."""
-        return int(self._run_keys("wake_gate", [self.lease_key(thread_id),
-                                                self.wake_pending_key(thread_id)],
-                                  now, pending_ttl_ms, wake_id))
+        call = self.gate_call(thread_id, wake_id, now, pending_ttl_ms)
+        self.round_trips += 1
+        return int(call.script(keys=call.keys, args=call.args))
+
+    def gate_call(self, thread_id: str, wake_id: str, now: int, pending_ttl_ms: int
+                  ) -> ScriptCall:
+        """`gate_wake`'s call, not yet sent (a submit sends it with its event: `run_calls`)."""
+        return ScriptCall(self.scripts["wake_gate"],
+                          [self.lease_key(thread_id), self.wake_pending_key(thread_id)],
+                          [now, pending_ttl_ms, wake_id])
 
     def take_executor(self, thread_id: str, token: str, executor: str, dispatch_id: str,
-                      lease_until: int, lease_ms: int, *, create: bool = False) -> str:
+                      lease_until: int, lease_ms: int, *, create: bool = False,
+                      now: int | None = None) -> str:
         """'ok' when this process may execute the attempt (the lease now runs to at least
         `lease_until`), 'held:<id>' when another process already does, 'lost' when the
         thread's lease belongs to another claim, 'missing' when Redis has no lease and
-        `create` is false (pass `create` only once SQL has recorded the start)."""
-        return _text(self._run("lease_take_executor", self.lease_key(thread_id), token,
-                               executor, dispatch_id, lease_until, _lease_ttl(lease_ms),
-                               "1" if create else "0"))
+        `create` is false (pass `create` only once SQL has recorded the start). `now` as
+        for `put`: without it the key's TTL is set every time."""
+        args: list[Any] = [token, executor, dispatch_id, lease_until, _lease_ttl(lease_ms),
+                           "1" if create else "0"]
+        if now is not None:
+            args.append(now)
+        return _text(self._run("lease_take_executor", self.lease_key(thread_id), *args))
 
     def read_lease(self, thread_id: str) -> Lease | None:
         self.round_trips += 1

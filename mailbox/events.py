@@ -37,7 +37,13 @@ from typing import Any
 import redis
 
 from mailbox import metrics
-from mailbox.coordination import LUA_DIR, KeyScheme, is_cluster_client, run_scripts
+from mailbox.coordination import (
+    LUA_DIR,
+    KeyScheme,
+    ScriptCall,
+    is_cluster_client,
+    run_scripts,
+)
 from mailbox.errors import MailboxError
 
 log = logging.getLogger(__name__)
@@ -171,18 +177,37 @@ class EventStreams:
         exist yet (the append script skips looking). `final`: the report that ends
         `dispatch_id` (its last run_finish), appended once per dispatch whoever else reports
         the same end (the stream's last id is returned then)."""
+        try:
+            call = self.append_call(run_id, dispatch_id, type_, data, ts, thread_id=thread_id,
+                                    new_run=new_run, final=final)
+            raw = self.append_script(keys=call.keys, args=call.args)
+        except (redis.RedisError, UnknownRunThreadError) as exc:
+            return self.failed(run_id, type_, exc)
+        return self.appended(raw)
+
+    def append_call(self, run_id: str, dispatch_id: str | None, type_: str, data: Any = None,
+                    ts: int | None = None, *, thread_id: str | None = None,
+                    new_run: bool = False, final: bool = False) -> ScriptCall:
+        """`emit`'s call of the append script, not yet sent: for a caller that sends it in
+        one round trip with its own (a submit, with its wake gate). Its reply goes through
+        `appended`, its failure through `failed`. UnknownRunThreadError as `emit`'s."""
         payload = self._payload(run_id, dispatch_id, type_, data, ts)
         self._check_run(run_id)
-        try:
-            raw = self.append_script(keys=list(self._keys(run_id, thread_id)),
-                                     args=[payload, self.max_len, self.retention_ms,
-                                           self.max_bytes, _now_ms(), _flag(new_run),
-                                           (dispatch_id or "") if final else ""])
-        except (redis.RedisError, UnknownRunThreadError) as exc:
-            metrics.count_operation("event_emit", "error")
-            log.warning("event %s for run %s not recorded: %s", type_, run_id, exc)
-            return None
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+        return ScriptCall(self.append_script, list(self._keys(run_id, thread_id)),
+                          [payload, self.max_len, self.retention_ms, self.max_bytes, _now_ms(),
+                           _flag(new_run), (dispatch_id or "") if final else ""])
+
+    @staticmethod
+    def appended(reply: Any) -> str:
+        """The event id an append call answered."""
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    @staticmethod
+    def failed(run_id: str, type_: str, exc: BaseException) -> None:
+        """An append Redis refused: logged and counted, never raised (events are advisory)."""
+        metrics.count_operation("event_emit", "error")
+        log.warning("event %s for run %s not recorded: %s", type_, run_id, exc)
+        return None
 
     def emit_many(self, run_id: str, dispatch_id: str | None,
                   items: Sequence[tuple[str, Any, int | None]], *,

@@ -23,7 +23,7 @@ import uuid6
 
 from mailbox import agents, maintenance, metrics, reports, tracing
 from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
-from mailbox.coordination import Coordinator, connect_redis
+from mailbox.coordination import WAKE_PUBLISH, Coordinator, connect_redis, run_calls
 from mailbox.database import create_engine
 from mailbox.errors import (
     AlreadyExistsError,
@@ -32,7 +32,7 @@ from mailbox.errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from mailbox.events import Event, EventStreams
+from mailbox.events import Event, EventStreams, UnknownRunThreadError
 from mailbox.maintenance import SweepReport
 from mailbox.model import (
     MAX_MS,
@@ -231,6 +231,30 @@ class Mailbox:
         resumes that run with the input as the decision. `wake=False` leaves publishing the
         wake-up to the caller (dispatch.delay publishes its own, under the dispatch id).
         """
+        receipt, _ = self._submit(thread_id, agent, input, priority=priority,
+                                  dedupe_key=dedupe_key, delay_ms=delay_ms,
+                                  max_attempts=max_attempts, interrupt=interrupt, gate=False)
+        if wake:
+            self._wake(thread_id, delay_ms)
+        return receipt
+
+    def submit_gated(self, thread_id: str, agent: str, input: Any, *, priority: int = 128,
+                     dedupe_key: str | None = None, delay_ms: int = 0,
+                     max_attempts: int | None = None, interrupt: bool = False
+                     ) -> tuple[Receipt, int]:
+        """`submit(wake=False)` for a caller that publishes the wake-up itself, named by the
+        dispatch id (`dispatch.delay`): the wake gate (docs/behaviour.md#wake-gate) is asked
+        in the same Redis round trip as the run_queued event. Returns the receipt and the
+        gate's answer: WAKE_PUBLISH (publish; also when Redis could not answer, or for a
+        delayed dispatch, which the gate does not hold back), WAKE_HELD or WAKE_PENDING
+        (publish nothing)."""
+        return self._submit(thread_id, agent, input, priority=priority, dedupe_key=dedupe_key,
+                            delay_ms=delay_ms, max_attempts=max_attempts, interrupt=interrupt,
+                            gate=True)
+
+    def _submit(self, thread_id: str, agent: str, input: Any, *, priority: int,
+                dedupe_key: str | None, delay_ms: int, max_attempts: int | None,
+                interrupt: bool, gate: bool) -> tuple[Receipt, int]:
         spec, attempts = self._check_submit(thread_id, agent, input, priority, dedupe_key,
                                             delay_ms, max_attempts)
         if not isinstance(interrupt, bool):
@@ -261,11 +285,34 @@ class Mailbox:
                                              "mailbox.resumed": stored.resumed})
         data: dict[str, Any] = {"agent": stored.run.resolution_id}
         data.update({"resume": True} if stored.resumed else {"priority": priority})
-        self.events.emit(stored.run.run_id, dispatch_id, "run_queued", data, ts=now,
-                         thread_id=thread_id, new_run=not stored.resumed)
-        if wake:
-            self._wake(thread_id, delay_ms)
-        return Receipt(dispatch_id, stored.run.run_id, thread_id, resumed=stored.resumed)
+        receipt = Receipt(dispatch_id, stored.run.run_id, thread_id, resumed=stored.resumed)
+        if not gate or delay_ms:
+            self.events.emit(stored.run.run_id, dispatch_id, "run_queued", data, ts=now,
+                             thread_id=thread_id, new_run=not stored.resumed)
+            return receipt, WAKE_PUBLISH
+        return receipt, self._report_and_gate(receipt, data, now)
+
+    def _report_and_gate(self, receipt: Receipt, data: dict[str, Any], now: int) -> int:
+        """The run_queued event and the wake gate in one round trip. The event is advisory
+        (a failure is logged and counted); a gate that did not answer says publish."""
+        calls = [self.store.coordinator.gate_call(receipt.thread_id, receipt.dispatch_id, now,
+                                                  maintenance.wake_pending_ttl_ms(
+                                                      self.settings))]
+        try:
+            calls.insert(0, self.events.append_call(
+                receipt.run_id, receipt.dispatch_id, "run_queued", data, ts=now,
+                thread_id=receipt.thread_id, new_run=not receipt.resumed))
+        except UnknownRunThreadError as exc:  # not on a submit, which names the thread
+            self.events.failed(receipt.run_id, "run_queued", exc)
+        try:
+            replies = run_calls(self.store.coordinator.client, calls)
+        except redis.RedisError as exc:
+            replies = [exc] * len(calls)
+        self.store.coordinator.round_trips += 1
+        if len(replies) == 2 and isinstance(replies[0], Exception):
+            self.events.failed(receipt.run_id, "run_queued", replies[0])
+        answer = replies[-1]
+        return WAKE_PUBLISH if isinstance(answer, Exception) else int(answer)
 
     def _check_submit(self, thread_id: Any, agent: Any, input: Any, priority: Any,
                       dedupe_key: Any, delay_ms: Any, max_attempts: Any

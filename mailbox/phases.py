@@ -311,7 +311,7 @@ def _start(rt: Runtime, ctx: PhaseContext) -> list[Message] | None:
     executor = f"{rt.consumer_id}/{uuid6.uuid7().hex[-12:]}"
     try:
         held = rt.store.take_executor(ctx.thread_id, ctx.token, executor, ctx.dispatch_id,
-                                      now + lease_ms, lease_ms)
+                                      now + lease_ms, lease_ms, now=now)
         if held not in ("ok", "missing"):
             ctx.duplicate = True
             ctx.finish(f"execute refused: {held}")
@@ -334,7 +334,7 @@ def _start(rt: Runtime, ctx: PhaseContext) -> list[Message] | None:
         # token is one SQL issued: put the lease back, with us as its executor.
         try:
             rt.store.take_executor(ctx.thread_id, ctx.token, executor, ctx.dispatch_id,
-                                   now + lease_ms, lease_ms, create=True)
+                                   now + lease_ms, lease_ms, create=True, now=now)
         except StoreUnavailableError as exc:  # the heartbeat's renewals recreate it
             log.warning("lease of %s not rebuilt in Redis: %s", ctx.describe(), exc)
     return inputs

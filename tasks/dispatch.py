@@ -24,9 +24,9 @@ from tasks.app import app
 from tasks.publishing import (
     WAKE_GROUP,
     WAKE_MANY_TASK,
+    publish_gated,
     publish_wakes,
     start_next,
-    wake_thread,
 )
 from tasks.runtime import mailbox, runtime
 
@@ -90,12 +90,14 @@ class DispatchTask(Task):
               dedupe_key: str | None = None, delay_ms: int = 0, max_attempts: int | None = None,
               interrupt: bool = False) -> AsyncResult:
         box = mailbox()
-        receipt = box.submit(thread_id, agent, input, priority=priority,
-                             dedupe_key=dedupe_key, delay_ms=delay_ms,
-                             max_attempts=max_attempts, interrupt=interrupt, wake=False)
+        # The wake gate is asked with the run_queued event, in one round trip; the pending
+        # mark names the dispatch id, which is the wake-up's task id.
+        receipt, gate = box.submit_gated(thread_id, agent, input, priority=priority,
+                                         dedupe_key=dedupe_key, delay_ms=delay_ms,
+                                         max_attempts=max_attempts, interrupt=interrupt)
         try:
-            wake_thread(box.store.coordinator, box.settings, thread_id, delay_ms,
-                        wake_id=receipt.dispatch_id, dispatch_id=receipt.dispatch_id)
+            publish_gated(box.store.coordinator, box.settings, thread_id, gate, delay_ms,
+                          wake_id=receipt.dispatch_id, dispatch_id=receipt.dispatch_id)
         except Exception as exc:  # kombu raises several types for an unreachable broker
             raise WakeNotPublishedError(receipt.dispatch_id, exc) from exc
         return self.AsyncResult(receipt.dispatch_id)

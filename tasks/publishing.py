@@ -95,6 +95,7 @@ def wake_thread(coordinator: Coordinator, settings: Settings, thread_id: str,
     while a wake-up is already on its way (its claim will see this write). Without the gate
     nearly every submit to a busy thread published a wake-up that found the thread busy.
     Redis unreachable for the gate: publish, as without it. True when published."""
+    gate = WAKE_PUBLISH
     if delay_ms == 0:
         wake_id = wake_id or uuid.uuid4().hex  # the pending mark names the message's task id
         try:
@@ -102,10 +103,19 @@ def wake_thread(coordinator: Coordinator, settings: Settings, thread_id: str,
                                          wake_pending_ttl_ms(settings))
         except redis.RedisError:
             gate = WAKE_PUBLISH
-        if gate != WAKE_PUBLISH:
-            metrics.count_operation("wake_publish",
-                                    "skipped_held" if gate == WAKE_HELD else "skipped_pending")
-            return False
+    return publish_gated(coordinator, settings, thread_id, gate, delay_ms, wake_id=wake_id,
+                         dispatch_id=dispatch_id)
+
+
+def publish_gated(coordinator: Coordinator, settings: Settings, thread_id: str, gate: int,
+                  delay_ms: int = 0, *, wake_id: str | None = None,
+                  dispatch_id: str | None = None) -> bool:
+    """Publish the wake-up the gate asked for (`gate`: its answer, asked under `wake_id`),
+    or count the one it held back. True when published."""
+    if gate != WAKE_PUBLISH:
+        metrics.count_operation("wake_publish",
+                                "skipped_held" if gate == WAKE_HELD else "skipped_pending")
+        return False
     try:
         publish_wake(settings.namespace, thread_id, delay_ms, wake_id=wake_id,
                      dispatch_id=dispatch_id)

@@ -6,6 +6,9 @@
 -- or not: anything submitted before this point is claimed by this claim or by the holder's
 -- next one, so later submits must publish (or flag the lease) again.
 -- Returns {1} when taken, or {0, token, dispatch_id, lease_until, holder} of the live lease.
+-- A new lease always gets the key's TTL (garbage collection only: validity is lease_until),
+-- and `expires` records when that TTL ends in the caller's clock (now + ttl_ms): lease_put
+-- and lease_take_executor skip their PEXPIRE while it still covers the lease (see there).
 if KEYS[2] and ARGV[6] and redis.call('GET', KEYS[2]) == ARGV[6] then
   redis.call('DEL', KEYS[2])
 end
@@ -15,6 +18,6 @@ if cur[1] and tonumber(cur[3]) and tonumber(cur[3]) >= tonumber(ARGV[4]) then
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'token', ARGV[1], 'dispatch_id', '', 'lease_until', ARGV[2],
-           'holder', ARGV[3])
+           'holder', ARGV[3], 'expires', string.format('%.0f', ARGV[4] + ARGV[5]))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {1}

@@ -5,16 +5,29 @@
 -- the caller passes after SQL recorded the start under this token: a lease is never created
 -- for a token SQL has not issued (a forged execute message must not stall the thread).
 -- KEYS[1] lease key
--- ARGV: token, executor, dispatch_id, lease_until, ttl_ms, create ('1'/'0')
+-- ARGV: token, executor, dispatch_id, lease_until, ttl_ms, create ('1'/'0'),
+--       now (optional: the caller's clock, like lease_until)
 -- Returns 'ok', 'missing' (no lease, not created), 'held:<other executor>', or 'lost'
 -- (another token holds the thread).
-local cur = redis.call('HMGET', KEYS[1], 'token', 'executor', 'lease_until')
+-- The key's TTL (garbage collection only) follows lease_put.lua's rule: a recreated lease
+-- gets it (and `expires` = now + ttl_ms); an existing one gets it again unless
+--   lease_until + ttl_ms/3 <= expires <= now + ttl_ms + ttl_ms/3
+-- (lease_until: the lease's end after this call; a missing or unparseable `expires` sets
+-- it). Without `now` (an older caller) the TTL is set every time, as it always was, and a
+-- stored `expires` is blanked.
+local cur = redis.call('HMGET', KEYS[1], 'token', 'executor', 'lease_until', 'expires')
+local ttl, now = tonumber(ARGV[5]), tonumber(ARGV[7])
 if not cur[1] then
   if ARGV[6] ~= '1' then
     return 'missing'
   end
-  redis.call('HSET', KEYS[1], 'token', ARGV[1], 'dispatch_id', ARGV[3], 'lease_until', ARGV[4],
-             'holder', ARGV[2], 'executor', ARGV[2])
+  local fields = {'token', ARGV[1], 'dispatch_id', ARGV[3], 'lease_until', ARGV[4],
+                  'holder', ARGV[2], 'executor', ARGV[2]}
+  if now and ttl then
+    table.insert(fields, 'expires')
+    table.insert(fields, string.format('%.0f', now + ttl))
+  end
+  redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   return 'ok'
 end
@@ -24,10 +37,30 @@ end
 if cur[2] and cur[2] ~= '' and cur[2] ~= ARGV[2] then
   return 'held:' .. cur[2]
 end
-if not tonumber(cur[3]) or tonumber(ARGV[4]) > tonumber(cur[3]) then
-  redis.call('HSET', KEYS[1], 'executor', ARGV[2], 'lease_until', ARGV[4])
-else
-  redis.call('HSET', KEYS[1], 'executor', ARGV[2])
+local fields = {'executor', ARGV[2]}
+local lease_until = tonumber(cur[3])
+if not lease_until or tonumber(ARGV[4]) > lease_until then
+  table.insert(fields, 'lease_until')
+  table.insert(fields, ARGV[4])
+  lease_until = tonumber(ARGV[4])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local expires = tonumber(cur[4])
+local refresh = true
+if now and ttl then
+  local margin = ttl / 3
+  if expires and lease_until and expires >= lease_until + margin
+      and expires <= now + ttl + margin then
+    refresh = false
+  else
+    table.insert(fields, 'expires')
+    table.insert(fields, string.format('%.0f', now + ttl))
+  end
+elseif cur[4] and cur[4] ~= '' then
+  table.insert(fields, 'expires')
+  table.insert(fields, '')
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+if refresh then
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
 return 'ok'

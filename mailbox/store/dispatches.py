@@ -439,20 +439,20 @@ class MailboxStore:
         if claimed is not None:
             self._after_commit("bind", lambda: self.coordinator.put(
                 thread_id, Lease(token, claimed.dispatch_id, now + lease_ms, consumer_id),
-                expected_token=token, allow_missing=True, lease_ms=lease_ms))
+                expected_token=token, allow_missing=True, lease_ms=lease_ms, now=now))
         elif holder is not None:
             # Redis had forgotten a claim SQL still holds: rebuild the lease from the row.
             assert holder.claim_token and holder.claimed_by and holder.lease_until is not None
             requested: list[bool] = []
             self._after_commit("rebuild", lambda: requested.append(self._rebuild_lease(
-                thread_id, holder, token, lease_ms)))
+                thread_id, holder, token, lease_ms, now)))
             return None, bool(requested) and requested[0]
         else:
             return None, self._release_pending(thread_id, token)
         return claimed, False
 
     def _rebuild_lease(self, thread_id: str, holder: RunDispatch, pending_token: str,
-                       lease_ms: int) -> bool:
+                       lease_ms: int, now: int) -> bool:
         """Put the holder's lease back in place of our pending one, then look at the row
         again. The holder may have acked after our read and released before our put (its
         release then found our pending token and did nothing): the rebuilt lease would stand
@@ -464,7 +464,7 @@ class MailboxStore:
                                                      holder.lease_until or 0,
                                                      holder.claimed_by or ""),
                                     expected_token=pending_token, allow_missing=False,
-                                    lease_ms=lease_ms):
+                                    lease_ms=lease_ms, now=now):
             return False
         with self.read() as conn:
             row = conn.execute(q.SELECT_DISPATCH,
@@ -534,12 +534,13 @@ class MailboxStore:
                                         None, new_token(), consumer_id, lease_ms, now, inside)
         return claimed
 
-    def hand_over(self, fenced: FencedWrite, claimed: RunDispatch | None, lease_ms: int
-                  ) -> int | None:
+    def hand_over(self, fenced: FencedWrite, claimed: RunDispatch | None, lease_ms: int,
+                  now: int) -> int | None:
         """After a `fenced_write` with `keep_lease` committed: the lease goes to `claimed`
         (compare-and-set on the old token; put back if Redis lost it), or, with nothing
-        claimed, is released. The release's answer (None: Redis unreachable, or a hand-over);
-        WAKE_REQUESTED means a submit counted on the lease: claim again."""
+        claimed, is released. `now`: the time the claim was made with. The release's answer
+        (None: Redis unreachable, or a hand-over); WAKE_REQUESTED means a submit counted on
+        the lease: claim again."""
         thread_id, old_token = fenced.dispatch.thread_id, fenced.token
         if claimed is None:
             return self._release(fenced.dispatch, old_token)
@@ -547,7 +548,8 @@ class MailboxStore:
         lease = Lease(claimed.claim_token, claimed.dispatch_id, claimed.lease_until,
                       claimed.claimed_by)
         self._after_commit("hand over", lambda: self.coordinator.put(
-            thread_id, lease, expected_token=old_token, allow_missing=True, lease_ms=lease_ms))
+            thread_id, lease, expected_token=old_token, allow_missing=True, lease_ms=lease_ms,
+            now=now))
         return None
 
     # ------------------------------------------------------------------ fenced claimed ops
@@ -608,12 +610,14 @@ class MailboxStore:
 
     @operation("take_executor")
     def take_executor(self, thread_id: str, claim_token: str, executor: str, dispatch_id: str,
-                      lease_until: int, lease_ms: int, *, create: bool = False) -> str:
+                      lease_until: int, lease_ms: int, *, create: bool = False,
+                      now: int | None = None) -> str:
         """Redis: make `executor` the one process running this claim's attempt and extend the
         lease to `lease_until` (`Coordinator.take_executor`); StoreUnavailableError when
-        Redis cannot be reached, like every store operation."""
+        Redis cannot be reached, like every store operation. `now` (the clock `lease_until`
+        was computed with) spares the lease key's PEXPIRE while its TTL still covers it."""
         return self.coordinator.take_executor(thread_id, claim_token, executor, dispatch_id,
-                                              lease_until, lease_ms, create=create)
+                                              lease_until, lease_ms, create=create, now=now)
 
     @operation("record_dispatch_start")
     def record_dispatch_start(self, dispatch_id: str, claim_token: str,
@@ -675,7 +679,7 @@ class MailboxStore:
         lease = Lease(after.claim_token, after.dispatch_id, after.lease_until, after.claimed_by)
         self._after_commit("extend", lambda: self.coordinator.put(
             after.thread_id, lease, expected_token=claim_token, allow_missing=True,
-            lease_ms=extension_ms))
+            lease_ms=extension_ms, now=now))
         return True
 
     @operation("supersede_claimed")

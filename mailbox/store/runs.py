@@ -206,14 +206,14 @@ class RunStore:
             with self.store.write() as conn:
                 epoch = self.store.lock_thread(conn, dispatch.thread_id, create=True)
                 assert epoch is not None
-                row = conn.execute(q.SELECT_LATEST_WAITING,
-                                   {"thread_id": run.thread_id}).one_or_none()
-                if row is None:
+                last_seq, waiting, turn = q.submit_state_from_row(conn.execute(
+                    q.SELECT_SUBMIT_STATE, {"thread_id": run.thread_id}).one())
+                if waiting is None:
                     stored = self._write_submission(conn, run, dispatch, resolution,
-                                                    message_id, content, now, epoch=epoch)
+                                                    message_id, content, now, epoch=epoch,
+                                                    seq_and_turn=(last_seq, last_seq + 1))
                     submission = Submission(stored, run, resumed=False)
                 else:
-                    waiting = q.run_from_row(row)
                     if waiting.resolution_id is None:
                         raise ValidationError(f"run {waiting.run_id} has no pinned agent")
                     dispatch = replace(dispatch, run_id=waiting.run_id)
@@ -221,7 +221,8 @@ class RunStore:
                                       updated_at=now)
                     stored = self._write_submission(conn, resumed, dispatch, None, message_id,
                                                     content, now, new_run=False,
-                                                    role="decision", epoch=epoch)
+                                                    role="decision", epoch=epoch,
+                                                    seq_and_turn=(last_seq, turn))
                     submission = Submission(stored, resumed, resumed=True)
         except sa_exc.IntegrityError:
             raise self._submit_conflict(run, dispatch) from None
@@ -336,7 +337,8 @@ class RunStore:
     def _write_submission(self, conn: sa.Connection, run: RunRecord, dispatch: RunDispatch,
                           resolution: Resolution | None, message_id: str, content: Any,
                           now: int, *, new_run: bool = True, role: str = "user",
-                          epoch: int | None = None) -> RunDispatch:
+                          epoch: int | None = None,
+                          seq_and_turn: tuple[int, int | None] | None = None) -> RunDispatch:
         if epoch is None:
             epoch = self.store.lock_thread(conn, dispatch.thread_id, create=True)
             assert epoch is not None
@@ -350,21 +352,26 @@ class RunStore:
             if result.rowcount != 1:
                 raise NotFoundError(f"run {run.run_id}")
         self.append_messages(conn, run.thread_id, run.run_id, [(role, content)], now,
-                             message_ids=[message_id], new_run=new_run)
+                             message_ids=[message_id], new_run=new_run, known=seq_and_turn)
         return stored
 
     def append_messages(self, conn: sa.Connection, thread_id: str, run_id: str,
                         entries: Sequence[tuple[str, Any]], now: int, *,
-                        message_ids: Sequence[str] | None = None, new_run: bool = False
-                        ) -> None:
+                        message_ids: Sequence[str] | None = None, new_run: bool = False,
+                        known: tuple[int, int | None] | None = None) -> None:
         """Append (role, content) entries to the thread's log, in the caller's transaction,
         which holds the thread lock (so the seqs it takes are the next ones). They join their
-        run's turn: the seq of the run's first message, or, for a new run, of this one."""
+        run's turn: the seq of the run's first message, or, for a new run, of this one.
+        `known`: (the thread's last seq, the run's turn) as the caller read them under the
+        same lock (a submit's one read: `SELECT_SUBMIT_STATE`)."""
         if not entries:
             return
-        seq = int(conn.execute(q.SELECT_LAST_SEQ, {"thread_id": thread_id}).scalar_one())
-        turn = None if new_run else conn.execute(q.SELECT_RUN_TURN,
-                                                 {"run_id": run_id}).scalar_one_or_none()
+        if known is not None:
+            seq, turn = known
+        else:
+            seq = int(conn.execute(q.SELECT_LAST_SEQ, {"thread_id": thread_id}).scalar_one())
+            turn = None if new_run else conn.execute(q.SELECT_RUN_TURN,
+                                                     {"run_id": run_id}).scalar_one_or_none()
         turn = seq + 1 if turn is None else int(turn)
         ids = list(message_ids) if message_ids is not None else \
             [str(uuid6.uuid7()) for _ in entries]
@@ -613,7 +620,7 @@ class RunStore:
                                      keep_lease=True) as fenced:
             row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
             claimed = self.store.claim_in(fenced, consumer_id, lease_ms, now, inside=read)
-        released = self.store.hand_over(fenced, claimed, lease_ms)
+        released = self.store.hand_over(fenced, claimed, lease_ms, now)
         run = None if row is None else q.run_from_row(row)
         if claimed is None:
             return AckedNext(run, None, wake_requested=_wake_requested(released))

@@ -216,6 +216,8 @@ def dead_letters_query(*, thread_id: str | None, agent: str | None,
 
 # ===================================================================================== runs
 HAS_INPUT = "has_input"
+LAST_SEQ = "last_seq"
+WAITING_TURN = "waiting_turn"
 
 
 def run_row(run: RunRecord) -> dict[str, Any]:
@@ -247,6 +249,34 @@ SELECT_LATEST_WAITING = (sa.select(runs)
                          .where(_R.thread_id == sa.bindparam("thread_id"),
                                 _R.status == RunStatus.waiting.value)
                          .order_by(_R.updated_at.desc()).limit(1))
+# What a submit reads once it holds the thread lock, in one statement: the thread's last
+# message seq (the new input's is the next), and its latest run waiting for a decision (the
+# input resumes it), with that run's turn (the seq of its first message). One row always;
+# the run's columns are NULL when none waits.
+_WAITING = SELECT_LATEST_WAITING.subquery("waiting")
+SELECT_SUBMIT_STATE = (
+    sa.select(
+        sa.select(sa.func.coalesce(sa.func.max(_M.seq), 0))
+        .where(_M.thread_id == sa.bindparam("thread_id")).scalar_subquery().label(LAST_SEQ),
+        sa.select(sa.func.min(_M.seq)).where(_M.run_id == _WAITING.c.run_id)
+        .scalar_subquery().label(WAITING_TURN),
+        *_WAITING.c)
+    .select_from(sa.select(sa.literal(1).label("one")).subquery("one")
+                 .outerjoin(_WAITING, sa.true())))
+
+
+def submit_state_from_row(row: sa.Row[Any]) -> tuple[int, RunRecord | None, int | None]:
+    """(last seq of the thread, its latest waiting run or None, that run's turn)."""
+    values = dict(row._mapping)
+    last_seq, turn = int(values.pop(LAST_SEQ)), values.pop(WAITING_TURN)
+    values.pop("one", None)
+    if values.get("run_id") is None:
+        return last_seq, None, None
+    if values.get("termination") is not None:
+        values["termination"] = Termination.from_json(values["termination"])
+    return last_seq, RunRecord(**values), None if turn is None else int(turn)
+
+
 SELECT_WAITING_OF_THREADS = (sa.select(runs)
                              .where(_R.thread_id.in_(sa.bindparam("thread_ids",
                                                                   expanding=True)),

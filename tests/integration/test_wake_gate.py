@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import redis
 
 from mailbox import DispatchStatus, Mailbox
 from mailbox.coordination import WAKE_HELD, WAKE_PENDING, WAKE_PUBLISH, WAKE_REQUESTED
@@ -32,11 +33,55 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str | None]]:
 
 
 def submit(box: Mailbox, thread: str, text: str) -> tuple[str, bool]:
-    """A submit as `dispatch.delay()` does it: the durable write, then the gated wake-up."""
-    receipt = box.submit(thread, "echo", text, wake=False)
-    sent = publishing.wake_thread(box.store.coordinator, box.settings, thread, 0,
-                                  wake_id=receipt.dispatch_id, dispatch_id=receipt.dispatch_id)
+    """A submit as `dispatch.delay()` does it: the durable write, the gate asked with the
+    run_queued event, then the wake-up the gate asked for."""
+    receipt, gate = box.submit_gated(thread, "echo", text)
+    sent = publishing.publish_gated(box.store.coordinator, box.settings, thread, gate,
+                                    wake_id=receipt.dispatch_id,
+                                    dispatch_id=receipt.dispatch_id)
     return receipt.dispatch_id, sent
+
+
+def test_a_submit_asks_the_gate_in_the_round_trip_of_its_event(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`submit_gated` (dispatch.delay's submit) sends its run_queued event and the wake gate
+    in one pipeline, and answers as `gate_wake` would."""
+    client = mailbox.store.coordinator.client
+    pipelines: list[int] = []
+    direct: list[Any] = []
+    make_pipeline, execute_command = client.pipeline, client.execute_command
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(1)
+        return make_pipeline(*args, **kwargs)
+
+    def counting_command(*args: Any, **kwargs: Any) -> Any:
+        direct.append(args[0])
+        return execute_command(*args, **kwargs)
+
+    monkeypatch.setattr(client, "pipeline", counting_pipeline)
+    monkeypatch.setattr(client, "execute_command", counting_command)
+    first, gate = mailbox.submit_gated("g-one-trip", "echo", "one")
+    assert (len(pipelines), direct, gate) == (1, [], WAKE_PUBLISH)
+    assert [e.type for e in mailbox.events(first.run_id)] == ["run_queued"]
+    assert mailbox.submit_gated("g-one-trip", "echo", "two")[1] == WAKE_PENDING
+    delayed, gate = mailbox.submit_gated("g-one-trip", "echo", "later", delay_ms=60_000)
+    assert gate == WAKE_PUBLISH, "a delayed dispatch is never held back by the gate"
+    assert [e.type for e in mailbox.events(delayed.run_id)] == ["run_queued"]
+
+
+def test_a_gate_redis_did_not_answer_says_publish_and_the_submit_stands(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailbox import facade
+
+    def refused(*args: Any) -> list[Any]:
+        raise redis.ConnectionError("connection refused")
+
+    monkeypatch.setattr(facade, "run_calls", refused)
+    receipt, gate = mailbox.submit_gated("g-no-redis", "echo", "one")
+    assert gate == WAKE_PUBLISH
+    stored = mailbox.get_dispatch(receipt.dispatch_id)
+    assert stored is not None and stored.status == DispatchStatus.Queued
 
 
 def test_only_the_first_submit_to_an_idle_thread_publishes_until_a_claim_consumes_it(
