@@ -157,6 +157,10 @@ def test_cancel_interrupt_and_resume(api: httpx.Client) -> None:
     early = api.post(f"/v1/runs/{ask['run_id']}/resume", json={"decision": "too soon"})
     if early.status_code == 409:  # not suspended yet: refused, nothing queued
         assert "not waiting" in early.json()["error"]
+    else:  # the workers were quicker: it was waiting already, and "too soon" decided it
+        assert early.status_code == 200, early.text
+        assert _run_status(api, ask["run_id"], "done")["response"] == "too soon"
+        ask = _submit(api, "chat-ask", "ask", "ship it now?")
     _run_status(api, ask["run_id"], "waiting")
     assert api.post(f"/v1/runs/{ask['run_id']}/resume", json={}).status_code == 400
     resumed = api.post(f"/v1/runs/{ask['run_id']}/resume", json={"decision": "approved"})
