@@ -302,12 +302,20 @@ class Coordinator:
         """Compare-and-set the lease (lease_put.lua). `now` (the caller's clock, as for
         `lease.lease_until`) lets the script skip the key's PEXPIRE while the TTL set before
         still covers the lease; without it the TTL is set every time."""
+        call = self.put_call(thread_id, lease, expected_token=expected_token,
+                             allow_missing=allow_missing, lease_ms=lease_ms, now=now)
+        self.round_trips += 1
+        return bool(call.script(keys=call.keys, args=call.args))
+
+    def put_call(self, thread_id: str, lease: Lease, *, expected_token: str,
+                 allow_missing: bool, lease_ms: int, now: int | None = None) -> ScriptCall:
+        """`put`'s call, not yet sent (a settle sends its hand-over with its report)."""
         args: list[Any] = [expected_token, "1" if allow_missing else "0", lease.token,
                            lease.dispatch_id, lease.lease_until, lease.holder,
                            _lease_ttl(lease_ms)]
         if now is not None:
             args.append(now)
-        return bool(self._run("lease_put", self.lease_key(thread_id), *args))
+        return ScriptCall(self.scripts["lease_put"], [self.lease_key(thread_id)], args)
 
     def release(self, thread_id: str, token: str) -> int:
         """Delete our lease: 0 when it is not ours, 1 when deleted, WAKE_REQUESTED when a

@@ -42,6 +42,7 @@ from mailbox.coordination import (
     KeyScheme,
     ScriptCall,
     is_cluster_client,
+    run_calls,
     run_scripts,
 )
 from mailbox.errors import MailboxError
@@ -184,6 +185,29 @@ class EventStreams:
         except (redis.RedisError, UnknownRunThreadError) as exc:
             return self.failed(run_id, type_, exc)
         return self.appended(raw)
+
+    def emit_along(self, along: ScriptCall, run_id: str, dispatch_id: str | None, type_: str,
+                   data: Any = None, ts: int | None = None, *, thread_id: str | None = None,
+                   final: bool = False) -> Any:
+        """`emit`, with another script call `along` (not touching this stream: a settle's
+        lease hand-over) in the same round trip. Returns `along`'s reply, an exception in
+        its place when Redis refused it; the event's own failure is logged and counted as
+        `emit`'s."""
+        try:
+            call = self.append_call(run_id, dispatch_id, type_, data, ts, thread_id=thread_id,
+                                    final=final)
+        except UnknownRunThreadError as exc:
+            self.failed(run_id, type_, exc)
+            calls = [along]
+        else:
+            calls = [call, along]
+        try:
+            replies = run_calls(self.client, calls)
+        except redis.RedisError as exc:
+            replies = [exc] * len(calls)
+        if len(calls) == 2 and isinstance(replies[0], Exception):
+            self.failed(run_id, type_, replies[0])
+        return replies[-1]
 
     def append_call(self, run_id: str, dispatch_id: str | None, type_: str, data: Any = None,
                     ts: int | None = None, *, thread_id: str | None = None,

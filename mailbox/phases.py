@@ -450,14 +450,14 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         status, _ = termination.to_run_status()
         rt.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
             ctx.run_id, ctx.instance_id, status, termination, run.response, run.error), now)
-    next_due, following = True, None
+    next_due, following, hand_over = True, None, None
     try:
         if rt.start is not None:
             acked_next = rt.runs.ack_and_claim_next(
                 ctx.dispatch_id, ctx.token, ctx.run_id, now, thread_id=ctx.thread_id,
                 consumer_id=rt.consumer_id, lease_ms=rt.settings.lease_ms)
             run, following = acked_next.run or run, acked_next.next
-            next_due = acked_next.wake_requested
+            next_due, hand_over = acked_next.wake_requested, acked_next.hand_over
         else:
             acked = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
                                 thread_id=ctx.thread_id)
@@ -480,11 +480,19 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         if recovered is None:
             return True  # ctx says why: reported by another, or left for the sweep
         run = recovered.run or run
-    if run is None:
-        run = rt.runs.load_run(ctx.run_id)
+    try:
         if run is None:
-            raise NotFoundError(f"run {ctx.run_id}")
-    reports.acked(rt.events, ctx.dispatch_id, run, rt.clock())
+            run = rt.runs.load_run(ctx.run_id)
+            if run is None:
+                raise NotFoundError(f"run {ctx.run_id}")
+        # The lease goes to the new claim in the round trip of the report.
+        handed = reports.acked(rt.events, ctx.dispatch_id, run, rt.clock(), along=hand_over)
+        if hand_over is not None:
+            rt.store.handed_over(handed)
+            hand_over = None
+    finally:  # whatever happened, the lease is handed over before the new chain starts
+        if hand_over is not None:
+            rt.store.send_hand_over(hand_over)
     if following is not None and rt.start is not None:
         nxt = PhaseContext.from_claim(following[0])
         _check_run(nxt, following[1])

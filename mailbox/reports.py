@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mailbox.coordination import ScriptCall
 from mailbox.events import EventStreams
 from mailbox.model import DispatchStatus, RunDispatch, RunRecord, Termination
 
@@ -23,16 +24,24 @@ RETRY_BACKOFF = "retry_backoff"
 EXPIRED_LEASE_RECLAIMED = "expired_lease_reclaimed"
 
 
-def acked(events: EventStreams, dispatch_id: str, run: RunRecord, ts: int) -> None:
+def acked(events: EventStreams, dispatch_id: str, run: RunRecord, ts: int, *,
+          along: ScriptCall | None = None) -> Any:
     """The attempt's outcome is acked (by its settle, or by the sweep when the settle never
-    came): the run is done, or waiting for a decision (then `suspended` carries the ticket)."""
+    came): the run is done, or waiting for a decision (then `suspended` carries the ticket).
+    `along`: a script call sent in the round trip of the run_finish (a settle's lease
+    hand-over); its reply is returned (None without one)."""
     termination = run.termination or Termination.natural_end()
     if run.waiting is not None:
         events.emit(run.run_id, dispatch_id, "suspended", run.waiting, ts=ts,
                     thread_id=run.thread_id)
-    events.emit(run.run_id, dispatch_id, "run_finish", {
-        "termination": termination.to_json(), "response": run.response, "status": "acked"},
-        ts=ts, thread_id=run.thread_id, final=True)
+    finish = {"termination": termination.to_json(), "response": run.response,
+              "status": "acked"}
+    if along is not None:
+        return events.emit_along(along, run.run_id, dispatch_id, "run_finish", finish, ts=ts,
+                                 thread_id=run.thread_id, final=True)
+    events.emit(run.run_id, dispatch_id, "run_finish", finish, ts=ts,
+                thread_id=run.thread_id, final=True)
+    return None
 
 
 def retrying(events: EventStreams, dispatch: RunDispatch, error: str, ts: int, *,

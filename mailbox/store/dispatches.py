@@ -43,7 +43,7 @@ import uuid6
 from sqlalchemy import exc as sa_exc
 
 from mailbox import metrics
-from mailbox.coordination import WAKE_REQUESTED, Coordinator, Lease
+from mailbox.coordination import WAKE_REQUESTED, Coordinator, Lease, ScriptCall, run_calls
 from mailbox.database import READ_ONLY, WriteGateTimeoutError, is_postgres, write_gate
 from mailbox.errors import (
     AlreadyExistsError,
@@ -541,16 +541,39 @@ class MailboxStore:
         claimed, is released. `now`: the time the claim was made with. The release's answer
         (None: Redis unreachable, or a hand-over); WAKE_REQUESTED means a submit counted on
         the lease: claim again."""
-        thread_id, old_token = fenced.dispatch.thread_id, fenced.token
         if claimed is None:
-            return self._release(fenced.dispatch, old_token)
+            return self._release(fenced.dispatch, fenced.token)
+        self.send_hand_over(self.hand_over_call(fenced, claimed, lease_ms, now))
+        return None
+
+    def hand_over_call(self, fenced: FencedWrite, claimed: RunDispatch, lease_ms: int,
+                       now: int) -> ScriptCall:
+        """`hand_over`'s lease put to `claimed`, not yet sent: a settle sends it in the round
+        trip of its report (`handed_over` takes the reply), and always before the new claim's
+        chain starts — until then the lease still names the old token."""
         assert claimed.claim_token and claimed.claimed_by and claimed.lease_until is not None
         lease = Lease(claimed.claim_token, claimed.dispatch_id, claimed.lease_until,
                       claimed.claimed_by)
-        self._after_commit("hand over", lambda: self.coordinator.put(
-            thread_id, lease, expected_token=old_token, allow_missing=True, lease_ms=lease_ms,
-            now=now))
-        return None
+        return self.coordinator.put_call(fenced.dispatch.thread_id, lease,
+                                         expected_token=fenced.token, allow_missing=True,
+                                         lease_ms=lease_ms, now=now)
+
+    def send_hand_over(self, call: ScriptCall) -> None:
+        """Send a `hand_over_call` on its own (when no report went with it); never raises."""
+        self.coordinator.round_trips += 1
+        try:
+            reply = run_calls(self.coordinator.client, [call])[0]
+        except redis.RedisError as exc:
+            reply = exc
+        self.handed_over(reply)
+
+    def handed_over(self, reply: Any) -> None:
+        """The reply to a hand-over: a failure is logged and counted like every Redis update
+        after a commit (the commit is the truth; the new claim's execute rebuilds a lease
+        Redis lost, and the sweep reclaims one it could not hand over)."""
+        if isinstance(reply, Exception):
+            metrics.count_operation("redis_after_commit", "error")
+            log.warning("redis update after commit failed (hand over): %s", reply)
 
     # ------------------------------------------------------------------ fenced claimed ops
     @contextmanager

@@ -20,7 +20,7 @@ import uuid6
 from sqlalchemy import exc as sa_exc
 
 from mailbox import metrics
-from mailbox.coordination import LEASE_NOT_OURS, RELEASED
+from mailbox.coordination import LEASE_NOT_OURS, RELEASED, ScriptCall
 from mailbox.errors import (
     AlreadyExistsError,
     AlreadyStartedError,
@@ -150,6 +150,10 @@ class AckedNext:
     run: RunRecord | None
     next: tuple[RunDispatch, AttemptFacts] | None
     wake_requested: bool
+    hand_over: ScriptCall | None = None
+    """With `next`: the lease's put from the acked claim to the new one, NOT yet sent. The
+    caller sends it (with its report: `MailboxStore.handed_over` takes the reply; alone:
+    `MailboxStore.send_hand_over`) before it starts the new claim's chain."""
 
 
 @dataclass(frozen=True)
@@ -606,8 +610,9 @@ class RunStore:
                            thread_id: str, consumer_id: str, lease_ms: int) -> AckedNext:
         """Ack (T6), read the run, and claim the thread's next due dispatch (T2) with what
         reconstruct checks of its run, all in ONE transaction under the thread lock the ack
-        holds; then the lease goes from the acked claim to the new one in one Redis call
-        (`MailboxStore.hand_over`), or is released when nothing was due. A settle that
+        holds; then the lease goes from the acked claim to the new one in one Redis call,
+        which the caller sends (`AckedNext.hand_over`: with its report, in one round trip),
+        or is released here when nothing was due. A settle that
         publishes the next chain itself (a worker's) saves the separate claim: its
         transaction, and the release, acquire and bind of the lease. If the answer to the
         commit is lost, ack recovery finds the ack landed and the new claim is left to run
@@ -620,11 +625,12 @@ class RunStore:
                                      keep_lease=True) as fenced:
             row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
             claimed = self.store.claim_in(fenced, consumer_id, lease_ms, now, inside=read)
-        released = self.store.hand_over(fenced, claimed, lease_ms, now)
         run = None if row is None else q.run_from_row(row)
         if claimed is None:
+            released = self.store.hand_over(fenced, None, lease_ms, now)
             return AckedNext(run, None, wake_requested=_wake_requested(released))
-        return AckedNext(run, (claimed, facts[-1]), wake_requested=False)
+        return AckedNext(run, (claimed, facts[-1]), wake_requested=False,
+                         hand_over=self.store.hand_over_call(fenced, claimed, lease_ms, now))
 
     @operation("record_run_result")  # T5 and the run, together
     def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from mailbox import DispatchStatus, Mailbox
 from mailbox.context import PhaseContext
-from mailbox.coordination import WAKE_HELD
+from mailbox.coordination import WAKE_HELD, ScriptCall
 from mailbox.errors import StoreUnavailableError
 from mailbox.phases import PHASES, run_chain, settle
 from mailbox.runtime import Runtime, now_ms
@@ -75,6 +75,71 @@ def test_the_ack_and_the_next_claim_are_one_transaction(mailbox: Mailbox) -> Non
         sa.event.remove(mailbox.store.engine, "begin", on_begin)
     assert len(started) == 1 and len(begins) == 1
     assert ops("claim") == claims + 1, "the claim in the ack is counted like any claim"
+
+
+def test_the_hand_over_goes_in_the_round_trip_of_the_run_finish(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settle's report and its lease hand-over share one pipeline, and the lease is the
+    new claim's before the new chain is started."""
+    from mailbox import events as events_module
+
+    rt, started = worker_runtime(mailbox, Wakes())
+    mailbox.submit("s-trip", "echo", "one")
+    second = mailbox.submit("s-trip", "echo", "two")
+    ctx = claim(rt, "s-trip")
+    for phase in PHASES[:-1]:
+        ctx = phase(rt, ctx)
+    batches: list[list[str]] = []
+    send = events_module.run_calls
+
+    def recording(client: object, calls: list[ScriptCall]) -> list[object]:
+        batches.append([name_of(mailbox, c) for c in calls])
+        return send(client, calls)  # type: ignore[arg-type]
+
+    leases_at_start: list[object] = []
+    monkeypatch.setattr(events_module, "run_calls", recording)
+    rt = replace(rt, start=lambda nxt: (leases_at_start.append(
+        mailbox.store.coordinator.read_lease("s-trip")), started.append(nxt)))
+    settle(rt, ctx)
+    assert batches == [["events_append", "lease_put"]]
+    [nxt] = started
+    [lease] = leases_at_start
+    assert lease is not None and (lease.token, lease.dispatch_id) == (nxt.token,
+                                                                      second.dispatch_id)
+    types = [e.type for e in mailbox.events(ctx.run_id)]
+    assert types[-1] == "run_finish" and types.count("run_finish") == 1
+
+
+def test_a_hand_over_whose_report_failed_early_is_still_sent(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If anything between the ack and its report raises, the lease still goes to the new
+    claim (the finally in the settle): its chain would otherwise be refused as not holding
+    the lease."""
+    from mailbox import reports
+
+    rt, started = worker_runtime(mailbox, Wakes())
+    mailbox.submit("s-trip-fail", "echo", "one")
+    second = mailbox.submit("s-trip-fail", "echo", "two")
+    ctx = claim(rt, "s-trip-fail")
+    for phase in PHASES[:-1]:
+        ctx = phase(rt, ctx)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(reports, "acked", broken)
+    with pytest.raises(RuntimeError):
+        settle(rt, ctx)
+    lease = mailbox.store.coordinator.read_lease("s-trip-fail")
+    assert lease is not None and lease.dispatch_id == second.dispatch_id
+    assert load(mailbox, second.dispatch_id).claim_token == lease.token
+
+
+def name_of(box: Mailbox, call: ScriptCall) -> str:
+    if call.script is box.events.append_script:
+        return "events_append"
+    return next(name for name, script in box.store.coordinator.scripts.items()
+                if script is call.script)
 
 
 def test_nothing_due_releases_the_lease_and_claims_nothing(mailbox: Mailbox) -> None:
