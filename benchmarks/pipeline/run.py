@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with fresh_database(backend, services.postgres_url, workdir, f"par-{backend}",
                                     SCHEMA_PREFIX) as url:
                     report["parallel"][backend] = parallel_chains(
-                        backend, url, services.redis_url, max(20, opts.inprocess // 2))
+                        backend, url, services.redis_url, max(20, opts.inprocess))
             except Exception as exc:
                 report["parallel"][backend] = {"backend": backend,
                                                "error": f"{type(exc).__name__}: {exc}"}
