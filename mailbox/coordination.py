@@ -44,6 +44,7 @@ from redis.exceptions import (  # type: ignore[attr-defined]
 from redis.retry import Retry
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
+_INCLUDE = re.compile(r"^-- #include (\w+)$", re.MULTILINE)
 EPOCH_TTL_MS = 7 * 24 * 3600 * 1000
 MIN_LEASE_TTL_MS = 60_000
 MAX_LEASE_TTL_MS = 30 * 24 * 3600 * 1000
@@ -57,6 +58,14 @@ class Lease:
     dispatch_id: str
     lease_until: int
     holder: str
+
+
+def lua_source(name: str) -> str:
+    """The text of `lua/<name>.lua`, each `-- #include <lib>` line replaced by
+    `lua/lib/<lib>.lua`: a piece two scripts share is written once, and each script is
+    still one call, sent whole."""
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    return _INCLUDE.sub(lambda m: (LUA_DIR / "lib" / f"{m[1]}.lua").read_text(), text)
 
 
 def _lease_ttl(lease_ms: int) -> int:
@@ -257,7 +266,7 @@ class Coordinator:
         self.keys = KeyScheme(namespace, cluster=is_cluster_client(client))
         self.round_trips = 0
         self.scripts = {  # name -> registered script (benchmarks name EVALSHA calls by it)
-            name: client.register_script((LUA_DIR / f"{name}.lua").read_text())
+            name: client.register_script(lua_source(name))
             for name in ("lease_acquire", "lease_put", "lease_release", "lease_take_executor",
                          "epoch_generation", "epoch_fill", "epoch_forget", "wake_consume",
                          "wake_gate")

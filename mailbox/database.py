@@ -43,13 +43,49 @@ def create_engine(url: str, **kwargs: Any) -> sa.Engine:
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url, **kwargs)
     if parsed.get_backend_name() == "postgresql":
-        kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 5)
         kwargs.setdefault("max_overflow", 10)
         connect_args = kwargs.pop("connect_args", {})
         connect_args.setdefault("connect_timeout", 5)
-        return sa.create_engine(url, connect_args=connect_args, **kwargs)
+        engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+        if not kwargs.get("pool_pre_ping"):
+            _ping_when_idle(engine.pool)
+        return engine
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
+
+
+PING_AFTER_IDLE_S = 1.0
+"""A pooled PostgreSQL connection unused this long is pinged before it is handed out."""
+
+
+def _ping_when_idle(pool: sa.Pool) -> None:
+    """Pessimistic disconnect handling, for connections that sat idle only.
+
+    `pool_pre_ping` pings every checkout: one more round trip per transaction (four per
+    dispatch). A connection checked in moments ago was just used successfully; one that sat
+    idle may have been cut since (a database restart, a failover, an idle timeout on the way)
+    and is pinged first: a dead one is replaced before anyone uses it (SQLAlchemy's
+    documented checkout-event recipe: DisconnectionError makes the pool try a fresh
+    connection, up to three times). A server that dies while connections are warm fails
+    the statements that meet it, as it would mid-transaction with pre-ping too; those
+    connections are invalidated and the store reports StoreUnavailableError."""
+
+    @event.listens_for(pool, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(pool, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("checked_in_at")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            dbapi_connection.rollback()  # leave no transaction open behind the ping
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"idle connection found dead: {exc}") from exc
 
 
 def _sqlite_engine(url: str, **kwargs: Any) -> sa.Engine:

@@ -38,10 +38,10 @@ import redis
 
 from mailbox import metrics
 from mailbox.coordination import (
-    LUA_DIR,
     KeyScheme,
     ScriptCall,
     is_cluster_client,
+    lua_source,
     run_calls,
     run_scripts,
 )
@@ -114,7 +114,7 @@ class EventStreams:
         self.thread_of = thread_of
         self._threads: OrderedDict[str, str] = OrderedDict()
         self._threads_lock = threading.Lock()
-        self.append_script = client.register_script((LUA_DIR / "events_append.lua").read_text())
+        self.append_script = client.register_script(lua_source("events_append"))
 
     @staticmethod
     def _check_run(run_id: str) -> None:

@@ -9,12 +9,8 @@
 --       now (optional: the caller's clock, like lease_until)
 -- Returns 'ok', 'missing' (no lease, not created), 'held:<other executor>', or 'lost'
 -- (another token holds the thread).
--- The key's TTL (garbage collection only) follows lease_put.lua's rule: a recreated lease
--- gets it (and `expires` = now + ttl_ms); an existing one gets it again unless
---   lease_until + ttl_ms/3 <= expires <= now + ttl_ms + ttl_ms/3
--- (lease_until: the lease's end after this call; a missing or unparseable `expires` sets
--- it). Without `now` (an older caller) the TTL is set every time, as it always was, and a
--- stored `expires` is blanked.
+-- The key's TTL: lib/lease_expiry.lua (a recreated lease always gets it).
+-- #include lease_expiry
 local cur = redis.call('HMGET', KEYS[1], 'token', 'executor', 'lease_until', 'expires')
 local ttl, now = tonumber(ARGV[5]), tonumber(ARGV[7])
 if not cur[1] then
@@ -44,21 +40,7 @@ if not lease_until or tonumber(ARGV[4]) > lease_until then
   table.insert(fields, ARGV[4])
   lease_until = tonumber(ARGV[4])
 end
-local expires = tonumber(cur[4])
-local refresh = true
-if now and ttl then
-  local margin = ttl / 3
-  if expires and lease_until and expires >= lease_until + margin
-      and expires <= now + ttl + margin then
-    refresh = false
-  else
-    table.insert(fields, 'expires')
-    table.insert(fields, string.format('%.0f', now + ttl))
-  end
-elseif cur[4] and cur[4] ~= '' then
-  table.insert(fields, 'expires')
-  table.insert(fields, '')
-end
+local refresh = lease_expiry(fields, cur[4], lease_until, ttl, now)
 redis.call('HSET', KEYS[1], unpack(fields))
 if refresh then
   redis.call('PEXPIRE', KEYS[1], ARGV[5])

@@ -388,6 +388,36 @@ def test_postgres_connection_cut_mid_operation(
         case.check(truth, ctx, result)
 
 
+@only("postgres")
+def test_postgres_connections_are_pinged_only_after_sitting_idle(
+        database_url: str, pg_proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ping for a connection used moments ago (the round trip pre-ping would add to every
+    transaction); one that sat idle past PING_AFTER_IDLE_S is pinged, so a server that
+    dropped it meanwhile costs nobody an error."""
+    from mailbox import database
+
+    engine = create_engine(proxied_url(database_url, pg_proxy.port))
+    try:
+        def select_one() -> object:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("SELECT 1")).scalar()
+
+        monkeypatch.setattr(database, "PING_AFTER_IDLE_S", 3600.0)
+        assert select_one() == 1
+        pg_proxy.cut()
+        pg_proxy.restore()
+        with pytest.raises(sa.exc.OperationalError):  # warm: used as it is, not pinged
+            select_one()
+        assert select_one() == 1, "the dead connection was replaced after the error"
+
+        monkeypatch.setattr(database, "PING_AFTER_IDLE_S", 0.0)
+        pg_proxy.cut()
+        pg_proxy.restore()
+        assert select_one() == 1, "idle: pinged, found dead and replaced before use"
+    finally:
+        engine.dispose()
+
+
 READS: list[tuple[str, Callable[[MailboxStore], object]]] = [
     ("load_dispatch", lambda s: s.load_dispatch("d1")),
     ("list_dispatches", lambda s: s.list_dispatches(T)),

@@ -55,13 +55,21 @@ def test_the_ack_claims_the_next_dispatch_and_hands_it_the_lease(mailbox: Mailbo
     assert len(started) == 1 and mailbox.store.coordinator.read_lease("s-next") is None
 
 
-def test_the_ack_and_the_next_claim_are_one_transaction(mailbox: Mailbox) -> None:
-    rt, started = worker_runtime(mailbox, Wakes())
-    mailbox.submit("s-one-tx", "echo", "one")
-    mailbox.submit("s-one-tx", "echo", "two")
-    ctx = claim(rt, "s-one-tx")
+def ready_to_settle(box: Mailbox, thread: str
+                    ) -> tuple[Runtime, list[PhaseContext], PhaseContext, str]:
+    """Two dispatches on `thread`, the first run up to its settle: (the worker runtime,
+    what it started, the first's context, the second's dispatch id)."""
+    rt, started = worker_runtime(box, Wakes())
+    box.submit(thread, "echo", "one")
+    second = box.submit(thread, "echo", "two")
+    ctx = claim(rt, thread)
     for phase in PHASES[:-1]:
         ctx = phase(rt, ctx)
+    return rt, started, ctx, second.dispatch_id
+
+
+def test_the_ack_and_the_next_claim_are_one_transaction(mailbox: Mailbox) -> None:
+    rt, started, ctx, _ = ready_to_settle(mailbox, "s-one-tx")
     begins: list[int] = []
 
     def on_begin(_conn: object) -> None:
@@ -83,12 +91,7 @@ def test_the_hand_over_goes_in_the_round_trip_of_the_run_finish(
     new claim's before the new chain is started."""
     from mailbox import events as events_module
 
-    rt, started = worker_runtime(mailbox, Wakes())
-    mailbox.submit("s-trip", "echo", "one")
-    second = mailbox.submit("s-trip", "echo", "two")
-    ctx = claim(rt, "s-trip")
-    for phase in PHASES[:-1]:
-        ctx = phase(rt, ctx)
+    rt, started, ctx, second = ready_to_settle(mailbox, "s-trip")
     batches: list[list[str]] = []
     send = events_module.run_calls
 
@@ -104,8 +107,7 @@ def test_the_hand_over_goes_in_the_round_trip_of_the_run_finish(
     assert batches == [["events_append", "lease_put"]]
     [nxt] = started
     [lease] = leases_at_start
-    assert lease is not None and (lease.token, lease.dispatch_id) == (nxt.token,
-                                                                      second.dispatch_id)
+    assert lease is not None and (lease.token, lease.dispatch_id) == (nxt.token, second)
     types = [e.type for e in mailbox.events(ctx.run_id)]
     assert types[-1] == "run_finish" and types.count("run_finish") == 1
 
@@ -117,12 +119,7 @@ def test_a_hand_over_whose_report_failed_early_is_still_sent(
     the lease."""
     from mailbox import reports
 
-    rt, started = worker_runtime(mailbox, Wakes())
-    mailbox.submit("s-trip-fail", "echo", "one")
-    second = mailbox.submit("s-trip-fail", "echo", "two")
-    ctx = claim(rt, "s-trip-fail")
-    for phase in PHASES[:-1]:
-        ctx = phase(rt, ctx)
+    rt, _, ctx, second = ready_to_settle(mailbox, "s-trip-fail")
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("report failed")
@@ -131,8 +128,8 @@ def test_a_hand_over_whose_report_failed_early_is_still_sent(
     with pytest.raises(RuntimeError):
         settle(rt, ctx)
     lease = mailbox.store.coordinator.read_lease("s-trip-fail")
-    assert lease is not None and lease.dispatch_id == second.dispatch_id
-    assert load(mailbox, second.dispatch_id).claim_token == lease.token
+    assert lease is not None and lease.dispatch_id == second
+    assert load(mailbox, second).claim_token == lease.token
 
 
 def name_of(box: Mailbox, call: ScriptCall) -> str:

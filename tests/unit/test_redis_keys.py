@@ -33,6 +33,7 @@ from mailbox.coordination import (
     cluster_nodes,
     hash_tag,
     is_cluster_url,
+    lua_source,
     thread_of_tag,
 )
 from mailbox.events import EventStreams
@@ -134,7 +135,7 @@ class RecordedScript:
 
     def __init__(self, client: RecordingClient, text: str) -> None:
         self.client, self.script = client, text
-        self.name = next(p.stem for p in LUA_DIR.glob("*.lua") if p.read_text() == text)
+        self.name = next(p.stem for p in LUA_DIR.glob("*.lua") if lua_source(p.stem) == text)
         self.sha = f"sha-{self.name}"
         client.by_sha[self.sha] = self
 
@@ -216,7 +217,7 @@ def test_every_script_call_names_keys_of_one_slot() -> None:
     events.emit_batch([(f"run-{t}", "d1", "run_queued", {}, 1) for t in THREADS],
                       threads={f"run-{t}": t for t in THREADS})
 
-    scripts = {p.stem: p.read_text() for p in LUA_DIR.glob("*.lua")}
+    scripts = {p.stem: lua_source(p.stem) for p in LUA_DIR.glob("*.lua")}
     called = {name for name, _ in client.calls}
     assert called == set(scripts), f"scripts never called here: {set(scripts) - called}"
     for name, keys in client.calls:
