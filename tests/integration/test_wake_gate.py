@@ -47,6 +47,9 @@ def test_a_submit_asks_the_gate_in_the_round_trip_of_its_event(
     """`submit_gated` (dispatch.delay's submit) sends its run_queued event and the wake gate
     in one pipeline, and answers as `gate_wake` would."""
     client = mailbox.store.coordinator.client
+    # Load the scripts first: a Redis that never saw them answers NOSCRIPT, and run_calls
+    # loads them and sends the refused calls again (a second pipeline, once).
+    mailbox.submit_gated("g-one-trip-warm", "echo", "warm")
     pipelines: list[int] = []
     direct: list[Any] = []
     make_pipeline, execute_command = client.pipeline, client.execute_command
@@ -68,6 +71,17 @@ def test_a_submit_asks_the_gate_in_the_round_trip_of_its_event(
     delayed, gate = mailbox.submit_gated("g-one-trip", "echo", "later", delay_ms=60_000)
     assert gate == WAKE_PUBLISH, "a delayed dispatch is never held back by the gate"
     assert [e.type for e in mailbox.events(delayed.run_id)] == ["run_queued"]
+
+
+def test_a_redis_that_forgot_the_scripts_still_answers_the_gate_and_records_the_event(
+        mailbox: Mailbox) -> None:
+    """A restarted Redis has no scripts: both pipelined calls come back NOSCRIPT, each
+    script is loaded and both calls are sent again (coordination.run_calls)."""
+    mailbox.submit_gated("g-noscript", "echo", "first")  # the mark: a wake-up is pending
+    mailbox.store.coordinator.client.script_flush()
+    receipt, gate = mailbox.submit_gated("g-noscript", "echo", "second")
+    assert gate == WAKE_PENDING
+    assert [e.type for e in mailbox.events(receipt.run_id)] == ["run_queued"]
 
 
 def test_a_gate_redis_did_not_answer_says_publish_and_the_submit_stands(
