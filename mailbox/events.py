@@ -188,14 +188,14 @@ class EventStreams:
 
     def emit_along(self, along: ScriptCall, run_id: str, dispatch_id: str | None, type_: str,
                    data: Any = None, ts: int | None = None, *, thread_id: str | None = None,
-                   final: bool = False) -> Any:
-        """`emit`, with another script call `along` (not touching this stream: a settle's
-        lease hand-over) in the same round trip. Returns `along`'s reply, an exception in
-        its place when Redis refused it; the event's own failure is logged and counted as
-        `emit`'s."""
+                   new_run: bool = False, final: bool = False) -> Any:
+        """`emit`, with another script call `along` (not touching this stream: a submit's
+        wake gate, a settle's lease hand-over) in the same round trip. Returns `along`'s
+        reply, an exception in its place when Redis refused it; the event's own failure is
+        logged and counted as `emit`'s."""
         try:
             call = self.append_call(run_id, dispatch_id, type_, data, ts, thread_id=thread_id,
-                                    final=final)
+                                    new_run=new_run, final=final)
         except UnknownRunThreadError as exc:
             self.failed(run_id, type_, exc)
             calls = [along]

@@ -23,7 +23,7 @@ import uuid6
 
 from mailbox import agents, maintenance, metrics, reports, tracing
 from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
-from mailbox.coordination import WAKE_PUBLISH, Coordinator, connect_redis, run_calls
+from mailbox.coordination import WAKE_PUBLISH, Coordinator, connect_redis
 from mailbox.database import create_engine
 from mailbox.errors import (
     AlreadyExistsError,
@@ -32,7 +32,7 @@ from mailbox.errors import (
     StoreUnavailableError,
     ValidationError,
 )
-from mailbox.events import Event, EventStreams, UnknownRunThreadError
+from mailbox.events import Event, EventStreams
 from mailbox.maintenance import SweepReport
 from mailbox.model import (
     MAX_MS,
@@ -295,23 +295,12 @@ class Mailbox:
     def _report_and_gate(self, receipt: Receipt, data: dict[str, Any], now: int) -> int:
         """The run_queued event and the wake gate in one round trip. The event is advisory
         (a failure is logged and counted); a gate that did not answer says publish."""
-        calls = [self.store.coordinator.gate_call(receipt.thread_id, receipt.dispatch_id, now,
-                                                  maintenance.wake_pending_ttl_ms(
-                                                      self.settings))]
-        try:
-            calls.insert(0, self.events.append_call(
-                receipt.run_id, receipt.dispatch_id, "run_queued", data, ts=now,
-                thread_id=receipt.thread_id, new_run=not receipt.resumed))
-        except UnknownRunThreadError as exc:  # not on a submit, which names the thread
-            self.events.failed(receipt.run_id, "run_queued", exc)
-        try:
-            replies = run_calls(self.store.coordinator.client, calls)
-        except redis.RedisError as exc:
-            replies = [exc] * len(calls)
+        gate = self.store.coordinator.gate_call(receipt.thread_id, receipt.dispatch_id, now,
+                                                maintenance.wake_pending_ttl_ms(self.settings))
         self.store.coordinator.round_trips += 1
-        if len(replies) == 2 and isinstance(replies[0], Exception):
-            self.events.failed(receipt.run_id, "run_queued", replies[0])
-        answer = replies[-1]
+        answer = self.events.emit_along(gate, receipt.run_id, receipt.dispatch_id, "run_queued",
+                                        data, ts=now, thread_id=receipt.thread_id,
+                                        new_run=not receipt.resumed)
         return WAKE_PUBLISH if isinstance(answer, Exception) else int(answer)
 
     def _check_submit(self, thread_id: Any, agent: Any, input: Any, priority: Any,

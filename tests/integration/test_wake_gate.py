@@ -86,12 +86,12 @@ def test_a_redis_that_forgot_the_scripts_still_answers_the_gate_and_records_the_
 
 def test_a_gate_redis_did_not_answer_says_publish_and_the_submit_stands(
         mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mailbox import facade
+    from mailbox import events
 
     def refused(*args: Any) -> list[Any]:
         raise redis.ConnectionError("connection refused")
 
-    monkeypatch.setattr(facade, "run_calls", refused)
+    monkeypatch.setattr(events, "run_calls", refused)
     receipt, gate = mailbox.submit_gated("g-no-redis", "echo", "one")
     assert gate == WAKE_PUBLISH
     stored = mailbox.get_dispatch(receipt.dispatch_id)
