@@ -528,29 +528,25 @@ class MailboxStore:
         """Claim the thread's next eligible dispatch (T2) in a `fenced_write` that ended its
         claim and kept the lease (`keep_lease`): a settle's ack claims the next dispatch in
         its own transaction, under the thread lock it already holds, and the lease it still
-        holds keeps other claims away meanwhile. Give the lease on with `hand_over` once the
-        block is done. None when nothing is due."""
+        holds keeps other claims away meanwhile. Give the lease on with `hand_over_call` (or
+        back with `release_kept`) once the block is done. None when nothing is due."""
         claimed, _ = self._claim_locked(fenced.conn, fenced.dispatch.thread_id, fenced.epoch,
                                         None, new_token(), consumer_id, lease_ms, now, inside)
         return claimed
 
-    def hand_over(self, fenced: FencedWrite, claimed: RunDispatch | None, lease_ms: int,
-                  now: int) -> int | None:
-        """After a `fenced_write` with `keep_lease` committed: the lease goes to `claimed`
-        (compare-and-set on the old token; put back if Redis lost it), or, with nothing
-        claimed, is released. `now`: the time the claim was made with. The release's answer
-        (None: Redis unreachable, or a hand-over); WAKE_REQUESTED means a submit counted on
-        the lease: claim again."""
-        if claimed is None:
-            return self._release(fenced.dispatch, fenced.token)
-        self.send_hand_over(self.hand_over_call(fenced, claimed, lease_ms, now))
-        return None
+    def release_kept(self, fenced: FencedWrite) -> int | None:
+        """After a `fenced_write` with `keep_lease` committed and nothing claimed in it: give
+        the lease back. The release's answer (None: Redis unreachable); WAKE_REQUESTED means a
+        submit counted on the lease: claim again."""
+        return self._release(fenced.dispatch, fenced.token)
 
     def hand_over_call(self, fenced: FencedWrite, claimed: RunDispatch, lease_ms: int,
                        now: int) -> ScriptCall:
-        """`hand_over`'s lease put to `claimed`, not yet sent: a settle sends it in the round
-        trip of its report (`handed_over` takes the reply), and always before the new claim's
-        chain starts — until then the lease still names the old token."""
+        """After a `fenced_write` with `keep_lease` committed with `claimed` in it: the lease
+        put from the old token to `claimed` (compare-and-set; put back if Redis lost it), not
+        yet sent. A settle sends it in the round trip of its report (`handed_over` takes the
+        reply), and always before the new claim's chain starts: until then the lease still
+        names the old token."""
         assert claimed.claim_token and claimed.claimed_by and claimed.lease_until is not None
         lease = Lease(claimed.claim_token, claimed.dispatch_id, claimed.lease_until,
                       claimed.claimed_by)
@@ -592,7 +588,7 @@ class MailboxStore:
         VersionConflictError(dispatch epoch, thread epoch). `thread_id`, when the caller
         knows it, saves looking the dispatch's thread up. A write that ends the claim gives
         the lease back after its commit, unless `keep_lease`: then the caller passes it on
-        (`claim_in`, `hand_over`).
+        (`claim_in`, `hand_over_call`, `release_kept`).
         """
         require_id("dispatch_id", dispatch_id)
         require_ms("now", now)

@@ -627,7 +627,7 @@ class RunStore:
             claimed = self.store.claim_in(fenced, consumer_id, lease_ms, now, inside=read)
         run = None if row is None else q.run_from_row(row)
         if claimed is None:
-            released = self.store.hand_over(fenced, None, lease_ms, now)
+            released = self.store.release_kept(fenced)
             return AckedNext(run, None, wake_requested=_wake_requested(released))
         return AckedNext(run, (claimed, facts[-1]), wake_requested=False,
                          hand_over=self.store.hand_over_call(fenced, claimed, lease_ms, now))
