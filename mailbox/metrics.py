@@ -6,7 +6,9 @@ prefork workers) is wired by the worker and the CLI, not here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -24,14 +26,23 @@ OPERATION_SECONDS = Histogram(
 )
 
 
+@functools.lru_cache(maxsize=1024)
+def _child(metric: Any, *values: str) -> Any:
+    """`metric.labels(*values)`, looked up once: a dispatch records about twenty metrics, and
+    `labels()` takes a lock and checks its values every time. The label values are a small
+    fixed set (operations, results, outcomes). A child is safe to keep across a fork: in
+    multiprocess mode its value moves to the new process's file on first use."""
+    return metric.labels(*values)
+
+
 def record_operation(operation: str, result: str, seconds: float) -> None:
-    OPERATIONS.labels(operation, result).inc()
-    OPERATION_SECONDS.labels(operation, result).observe(seconds)
+    _child(OPERATIONS, operation, result).inc()
+    _child(OPERATION_SECONDS, operation, result).observe(seconds)
 
 
 def count_operation(operation: str, result: str, n: int = 1) -> None:
     if n:
-        OPERATIONS.labels(operation, result).inc(n)
+        _child(OPERATIONS, operation, result).inc(n)
 
 START_SECONDS = {
     name: Histogram(f"mailbox_dispatch_{name}_seconds", f"Dispatch {name.replace('_', ' ')}.",
@@ -62,18 +73,18 @@ def observe_start(name: str, seconds: float) -> None:
 
 
 def observe_completion(outcome: str, *, runtime_s: float, enqueue_to_complete_s: float) -> None:
-    RUNTIME_SECONDS.labels(outcome).observe(runtime_s)
-    ENQUEUE_TO_COMPLETE_SECONDS.labels(outcome).observe(enqueue_to_complete_s)
-    RUNS.labels(outcome).inc()
+    _child(RUNTIME_SECONDS, outcome).observe(runtime_s)
+    _child(ENQUEUE_TO_COMPLETE_SECONDS, outcome).observe(enqueue_to_complete_s)
+    _child(RUNS, outcome).inc()
 
 
 def observe_run_end(termination: str, seconds: float) -> None:
-    RUN_DURATION_SECONDS.labels(termination).observe(seconds)
+    _child(RUN_DURATION_SECONDS, termination).observe(seconds)
 
 
 def count_terminal(status: str, n: int = 1) -> None:
     if n:
-        TERMINAL.labels(status).inc(n)
+        _child(TERMINAL, status).inc(n)
 
 
 def observe_ack_recovery(outcome: str, seconds: float) -> None:

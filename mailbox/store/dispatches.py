@@ -268,23 +268,43 @@ class MailboxStore:
     def _save(self, conn: sa.Connection, pairs: Iterable[tuple[RunDispatch, RunDispatch]]
               ) -> None:
         """Write transitions back: one UPDATE per distinct set of changed columns, guarded by
-        the status each row had when read (a mismatch means a writer skipped the lock)."""
+        the status each row had when read (a mismatch means a writer skipped the lock). One
+        transition (every fenced write) is one UPDATE of that row: no grouping, no IN list,
+        which cost a third of the statement's time."""
         groups: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
-        for before, after in pairs:
+        single: tuple[RunDispatch, dict[str, Any]] | None = None
+        for count, (before, after) in enumerate(pairs):
             if after.is_terminal and not before.is_terminal:
                 self.on_commit(conn, functools.partial(metrics.count_terminal,
                                                        after.status.label))
             change = q.dispatch_changes(before, after)
             if not change:
                 continue
-            key = (before.status.value, json.dumps(change, sort_keys=True, default=str))
-            groups.setdefault(key, (change, []))[1].append(before.dispatch_id)
+            if count == 0:
+                single = (before, change)
+                continue
+            if single is not None:
+                self._group(groups, *single)
+                single = None
+            self._group(groups, before, change)
+        if single is not None:
+            before, change = single
+            result = conn.execute(q.UPDATE_DISPATCH, {
+                **change, "guard_id": before.dispatch_id, "guard_status": before.status.value})
+            if result.rowcount != 1:
+                raise MailboxError(f"concurrent modification of dispatch {before.dispatch_id}")
         for (old_status, _), (change, ids) in groups.items():
             for chunk in _chunks(ids, 500):
                 result = conn.execute(q.UPDATE_DISPATCHES, {
                     **change, "guard_ids": chunk, "guard_status": old_status})
                 if result.rowcount != len(chunk):
                     raise MailboxError(f"concurrent modification of dispatches {chunk}")
+
+    @staticmethod
+    def _group(groups: dict[tuple[str, str], tuple[dict[str, Any], list[str]]],
+               before: RunDispatch, change: dict[str, Any]) -> None:
+        key = (before.status.value, json.dumps(change, sort_keys=True, default=str))
+        groups.setdefault(key, (change, []))[1].append(before.dispatch_id)
 
     # ------------------------------------------------------------------- redis, best effort
     def _after_commit(self, what: str, action: Callable[[], object]) -> None:

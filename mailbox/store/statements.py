@@ -124,6 +124,9 @@ INSERT_DISPATCH = dispatches.insert()
 UPDATE_DISPATCHES = dispatches.update().where(
     _D.dispatch_id.in_(sa.bindparam("guard_ids", expanding=True)),
     _D.status == sa.bindparam("guard_status"))
+# One dispatch (every transition of a claimed one): no IN list to render per execution.
+UPDATE_DISPATCH = dispatches.update().where(
+    _D.dispatch_id == sa.bindparam("guard_id"), _D.status == sa.bindparam("guard_status"))
 SELECT_BLOCKERS = sa.select(dispatches).where(
     _D.thread_id == sa.bindparam("thread_id"), _D.status.in_([_CLAIMED, _QUEUED]),
     sa.or_(_D.status == _CLAIMED, _D.dispatch_epoch < sa.bindparam("epoch")))
