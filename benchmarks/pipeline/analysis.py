@@ -155,10 +155,11 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
                         **verdict(float(total["transactions"]), TARGET_SQL_TRANSACTIONS,
                                   False)})
         if backend in TARGET_CPU_MS:
+            cpu, how = mailbox_cpu_ms(report, backend, inproc)
             targets.append({"target": f"mailbox CPU per dispatch (claim + five phases) ≤ "
-                                      f"{TARGET_CPU_MS[backend]:g} ms ({backend}, no Celery)",
-                            **verdict(float(inproc["chain_cpu_ms_per_dispatch"]),
-                                      TARGET_CPU_MS[backend], False)})
+                                      f"{TARGET_CPU_MS[backend]:g} ms ({backend}, no Celery, "
+                                      f"{how})",
+                            **verdict(cpu, TARGET_CPU_MS[backend], False)})
     for backend, bulk in summary["bulk"].items():
         targets.append({"target": f"dispatch.delay_many() per item ≥ {TARGET_BULK_OVER_DELAY:g}x "
                                   f"dispatch.delay() ({backend})",
@@ -168,6 +169,18 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
                         **verdict(bulk["over_bare"], TARGET_BULK_OVER_BARE, True)})
     summary["targets"] = targets
     return summary
+
+
+def mailbox_cpu_ms(report: dict[str, Any], backend: str, inproc: dict[str, Any]
+                   ) -> tuple[float, str]:
+    """The mailbox's own CPU per dispatch and how it was measured: the median of the
+    one-process rounds of the 1-vs-2-process comparison (the work alone, three rounds); the
+    breakdown's single pass (which runs with its counting hooks) when those are missing."""
+    parallel = (report.get("parallel") or {}).get(backend) or {}
+    if parallel.get("one_process_cpu_ms") is not None:
+        rounds = len(parallel.get("one_process_cpu_ms_rounds") or []) or 1
+        return float(parallel["one_process_cpu_ms"]), f"median of {rounds} rounds"
+    return float(inproc["chain_cpu_ms_per_dispatch"]), "one pass with counting hooks"
 
 
 def _r(value: float) -> float | None:

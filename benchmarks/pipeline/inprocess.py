@@ -24,7 +24,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from benchmarks.common import create_schema, delete_keys, latency_summary, percentile, say
+from benchmarks.common import (
+    create_schema,
+    delete_keys,
+    latency_summary,
+    median,
+    percentile,
+    say,
+)
 from benchmarks.pipeline.config import AGENT, PER_THREAD
 
 
@@ -511,6 +518,10 @@ def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dic
             ranked = sorted(runs, key=lambda r: r["per_s"])
             out["runs"][str(procs)] = {**ranked[len(ranked) // 2],
                                        "rounds_per_s": [r["per_s"] for r in runs]}
+        # The mailbox's own CPU per dispatch (the target): the median of the
+        # one-process rounds, which run the work without the breakdown's counting hooks.
+        out["one_process_cpu_ms"] = median([r["cpu_ms_per_dispatch"] for r in measured[1]])
+        out["one_process_cpu_ms_rounds"] = [r["cpu_ms_per_dispatch"] for r in measured[1]]
         one, two = out["runs"]["1"]["per_s"], out["runs"]["2"]["per_s"]
         out["scaling"] = round(two / one, 3) if one else None
     finally:

@@ -180,7 +180,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                          "BEGIN p99 ms"], par_rows),
                   "Each process count is measured three times, in the order 1, 2, 2, 1, 1, 2 "
                   "(a machine whose speed drifts favours neither); the median round is shown "
-                  "with all rounds.",
+                  "with all rounds. The mailbox CPU target is the median CPU per dispatch of "
+                  "the one-process rounds: "
+                  + "; ".join(f"{b} {fmt(p.get('one_process_cpu_ms'), 2)} ms (rounds "
+                              + " / ".join(fmt(r, 2) for r in p.get("one_process_cpu_ms_rounds",
+                                                                    []))
+                              + ")" for b, p in report.get("parallel", {}).items()
+                              if p.get("one_process_cpu_ms") is not None) + ".",
                   "On SQLite every write transaction starts with BEGIN IMMEDIATE, the one "
                   "database-wide write lock; a process that finds it held waits in SQLite's "
                   "busy handler, which sleeps in steps (1, 2, 5, 10 … ms) rather than waking "
@@ -216,9 +222,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{fmt(inproc.get('submit_ms_per_dispatch'), 2)} / "
                   f"{fmt(inproc.get('submit_cpu_ms_per_dispatch'), 2)}, claims + phases "
                   f"{fmt(inproc.get('chain_ms_per_dispatch'), 2)} / "
-                  f"{fmt(inproc.get('chain_cpu_ms_per_dispatch'), 2)} (the rest of the wall "
-                  "time is waiting: for the CPU on a loaded machine, for Redis, for the "
-                  "database server).",
+                  f"{fmt(inproc.get('chain_cpu_ms_per_dispatch'), 2)}, counting hooks "
+                  "included (the rest of the wall time is waiting: for the CPU on a loaded "
+                  "machine, for Redis, for the database server).",
                   f"SQL statements by verb per dispatch: {json.dumps(top['verbs'])}.",
                   f"Redis commands by name per dispatch: "
                   f"{json.dumps(top['redis_by_command'])}.",
