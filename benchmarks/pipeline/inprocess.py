@@ -33,6 +33,7 @@ from benchmarks.common import (
     say,
 )
 from benchmarks.pipeline.config import AGENT, PER_THREAD
+from mailbox.context import PhaseContext
 
 
 # ===================================================================== in-process counting
@@ -181,7 +182,7 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
     box = Mailbox.connect(database_url, redis_url, namespace=namespace)
     box.create_schema()
     meter = Meter(box)
-    pending: deque[dict[str, Any]] = deque()
+    pending: deque[PhaseContext] = deque()
 
     def wake(thread_id: str, delay_ms: int) -> None:
         with meter.section(SECTION_ORDER[-1]):  # as tasks.publishing.worker_wake claims
@@ -216,13 +217,13 @@ def inprocess_breakdown(kind: str, database_url: str, redis_url: str, n: int,
                 pending.append(ctx)
         done = 0
         while pending:
-            ctx = pending.popleft()
+            chain = pending.popleft()
             for name, func in chain_phases:
                 with meter.section(name):
-                    ctx = func(rt, ctx)
-            if not ctx.settled:
-                raise RuntimeError(f"dispatch {ctx.dispatch_id} did not settle: "
-                                   f"{ctx.reason}")
+                    chain = func(rt, chain)
+            if not chain.settled:
+                raise RuntimeError(f"dispatch {chain.dispatch_id} did not settle: "
+                                   f"{chain.reason}")
             done += 1
         if done != count:
             raise RuntimeError(f"{done} of {count} dispatches ran")
@@ -304,13 +305,13 @@ DB_DRIVER_FUNCTIONS = {"do_execute", "do_executemany", "do_commit", "do_rollback
                        "do_begin", "do_ping", "_do_commit", "_do_rollback"}
 
 
-def inline_runtime(box: Any, consumer_id: str) -> tuple[Any, deque[dict[str, Any]]]:
+def inline_runtime(box: Any, consumer_id: str) -> tuple[Any, deque[PhaseContext]]:
     """A runtime of `box` that runs as a worker's does, without the messages: a settle's ack
     claims the thread's next dispatch and starts it (`Runtime.start`), a wake-up claims
     inline (tasks.publishing.worker_wake); what either claimed lands in `pending`."""
     from mailbox import phases
 
-    pending: deque[dict[str, Any]] = deque()
+    pending: deque[PhaseContext] = deque()
 
     def wake(thread_id: str, delay_ms: int) -> None:
         ctx = phases.claim_next(rt, thread_id, expect_due=True)
@@ -322,7 +323,7 @@ def inline_runtime(box: Any, consumer_id: str) -> tuple[Any, deque[dict[str, Any
     return rt, pending
 
 
-def drain_threads(rt: Any, threads: list[str], pending: deque[dict[str, Any]]) -> int:
+def drain_threads(rt: Any, threads: list[str], pending: deque[PhaseContext]) -> int:
     """Claim each thread's first dispatch and run every chain in this process; settle's
     ack claims the thread's next one and appends it. Returns the number of chains run."""
     from mailbox import phases
