@@ -38,9 +38,9 @@ the heartbeat's decisions are ordered by one lock, so exactly one of them came f
 The thread starts at the heartbeat's first tick, not with the attempt (`_Launcher`): until
 then it would only have waited, and most attempts of a busy mailbox (an echo, a cached
 answer, a refusal) are over before it. One launcher thread per process starts the heartbeat
-threads of the attempts still running at their first tick; a heartbeat stopped before it
-never had a thread. Starting and joining a thread per attempt cost about a tenth of a
-millisecond of CPU per dispatch, and more of wall time on a busy machine, for nothing.
+threads of the attempts still running at their first tick; an attempt that ends first takes
+its heartbeat off the launcher's queue, and never had a thread. Starting and joining a
+thread per attempt cost about 0.2 ms of CPU per dispatch, for nothing.
 """
 
 from __future__ import annotations
@@ -141,26 +141,43 @@ class Heartbeat:
         return min(self.interval_s, CANCEL_CHECK_INTERVAL_S) if fast else self.interval_s
 
     def start(self) -> Heartbeat:
-        """Start the clock; the thread follows at the first tick (`_Launcher`)."""
+        """Start the clock; the thread follows at the first tick (`_Launcher`). Without a
+        launcher thread (none could be started) the heartbeat's own starts now, and if that
+        fails too, this raises: the agent does not run."""
         self._started_at = time.monotonic()
         if not _launcher.schedule(self, self._started_at + self.first_tick_s):
-            self.launch()  # no launcher thread could be had: the heartbeat's own, now
+            with self._launch_lock:
+                self._thread.start()
+                self._launched = True
         return self
 
     def launch(self) -> None:
-        """Start the heartbeat's thread, unless it was stopped first. A thread that cannot
-        be started stops the agent (`unsafe`): without renewals its lease would run out
-        under it, and another worker would run the same attempt beside it."""
+        """On the launcher's thread, at the first tick: start the heartbeat's thread, unless
+        the heartbeat was stopped first. A thread that cannot be started ("can't start new
+        thread": the process is out of threads) stops the agent (`unsafe`), since without
+        renewals its lease would run out under it and the sweep would give the attempt to
+        another worker; the launcher tries again every tick, and once the grace after the
+        stop has passed without a thread it abandons the attempt, as the heartbeat's own loop
+        would have."""
         with self._launch_lock:
             if self._stop.is_set() or self._launched:
                 return
             try:
                 self._thread.start()
-            except RuntimeError as exc:  # "can't start new thread"
-                log.error("heartbeat of %s could not start: %s", self.dispatch_id, exc)
-                self._decide(f"heartbeat could not start: {exc}", StopKind.unsafe)
+            except RuntimeError as exc:
+                failure = exc
+            else:
+                self._launched = True
                 return
-            self._launched = True
+        # Callbacks run outside the launch lock (a stop() waiting on it must not wait on them).
+        if self.stop_kind is None:  # the first failure; the retries are not new decisions
+            log.error("heartbeat of %s could not start its thread: %s", self.dispatch_id,
+                      failure)
+            self._decide(f"heartbeat could not start: {failure}", StopKind.unsafe)
+        if self._abandon_due(time.monotonic()):
+            self._abandon()
+        elif not self._stop.is_set() and not self.abandoned:
+            _launcher.schedule(self, time.monotonic() + self.first_tick_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -315,7 +332,7 @@ class _Launcher:
     a fork)."""
 
     def __init__(self) -> None:
-        self._pid = -1
+        self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._due: list[tuple[float, int, Heartbeat]] = []
         self._order = itertools.count()  # ties on the time: first scheduled, first started
@@ -324,15 +341,18 @@ class _Launcher:
         """Start `heartbeat` at monotonic time `at`; False when no launcher thread could be
         started (the caller starts the heartbeat's own thread at once)."""
         with self._cond:
-            if self._pid != os.getpid():
+            # None yet; or gone: in a forked child (the parent's thread did not come along),
+            # or ended by something nobody caught.
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._run, name="heartbeat-launcher",
+                                          daemon=True)
                 try:
-                    threading.Thread(target=self._run, name="heartbeat-launcher",
-                                     daemon=True).start()
+                    thread.start()
                 except RuntimeError as exc:
-                    log.warning("heartbeat launcher could not start (%s): each heartbeat "
+                    log.warning("heartbeat launcher could not start (%s): this heartbeat "
                                 "starts its own thread", exc)
                     return False
-                self._pid = os.getpid()
+                self._thread = thread
             heapq.heappush(self._due, (at, next(self._order), heartbeat))
             if self._due[0][2] is heartbeat:
                 self._cond.notify()
@@ -355,7 +375,7 @@ class _Launcher:
         its queue is the parent's."""
         self._cond = threading.Condition()
         self._due = []
-        self._pid = -1
+        self._thread = None
 
     def _run(self) -> None:
         while True:
@@ -366,7 +386,7 @@ class _Launcher:
                 heartbeat = heapq.heappop(self._due)[2]
             try:
                 heartbeat.launch()
-            except Exception:  # never let one heartbeat stop the others from starting
+            except BaseException:  # one heartbeat's failure must never stop the others
                 log.exception("starting the heartbeat of %s failed", heartbeat.dispatch_id)
 
 

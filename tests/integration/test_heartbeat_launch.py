@@ -20,7 +20,7 @@ from mailbox import DispatchStatus, Mailbox
 from mailbox.agents import AgentContext
 from mailbox.heartbeat import CANCEL_CHECK_INTERVAL_S, Heartbeat, StopKind
 from mailbox.phases import run_chain
-from tests.support.phase_kit import Wakes, claim, load, make_runtime, register
+from tests.support.phase_kit import Wakes, claim, load, make_runtime, ops, register
 
 
 @pytest.fixture
@@ -77,20 +77,27 @@ def test_an_attempt_past_its_first_tick_renews_its_lease_and_hears_its_cancel(
     assert time.monotonic() - seen["started"] < 0.7 + 1.0
 
 
-def test_a_heartbeat_thread_that_cannot_start_stops_its_agent(
-        mailbox: Mailbox, heartbeats: list[Heartbeat],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(self: threading.Thread) -> None:
-        raise RuntimeError("can't start new thread")
-
+@pytest.fixture
+def no_threads(monkeypatch: pytest.MonkeyPatch) -> list[Heartbeat]:
+    """Every heartbeat thread fails to start, as in a process out of threads; lists the
+    heartbeats whose start was attempted (each retry too)."""
+    tried: list[Heartbeat] = []
     real_launch = Heartbeat.launch
 
+    def refuse(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
     def launch(self: Heartbeat) -> None:
+        tried.append(self)
         monkeypatch.setattr(self._thread, "start", refuse.__get__(self._thread))
         real_launch(self)
 
     monkeypatch.setattr(Heartbeat, "launch", launch)
+    return tried
 
+
+def test_a_heartbeat_thread_that_cannot_start_stops_its_agent(
+        mailbox: Mailbox, heartbeats: list[Heartbeat], no_threads: list[Heartbeat]) -> None:
     def patient(ctx: AgentContext) -> str:
         deadline = time.monotonic() + 10
         while not ctx.cancelled() and time.monotonic() < deadline:
@@ -109,10 +116,95 @@ def test_a_heartbeat_thread_that_cannot_start_stops_its_agent(
     dispatch = load(mailbox, receipt.dispatch_id)
     assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
     assert "heartbeat could not start" in (dispatch.last_error or "")
+    assert ops("heartbeat_stop", "unsafe") >= 1
+
+
+def test_an_agent_that_ignores_that_stop_is_abandoned_after_the_grace(
+        mailbox: Mailbox, heartbeats: list[Heartbeat], no_threads: list[Heartbeat]) -> None:
+    """Without a heartbeat thread nothing renews the lease: an agent that ignores the stop
+    must not run on as if it still held the attempt. The launcher tries again every tick
+    and, a grace after the stop, ends the attempt for it, as the heartbeat would."""
+    name, _ = register(lambda ctx: time.sleep(2.5) or "late")
+    rt = make_runtime(mailbox, Wakes(), lease_ms=3000, agent_timeout_grace_s=1)
+    receipt = mailbox.submit("t-no-thread-stubborn", name, "go")
+    ctx = claim(rt, receipt.thread_id)
+    ended_at: dict[str, float] = {}
+    started = time.monotonic()
+
+    def watch() -> None:
+        while time.monotonic() - started < 5:
+            if load(mailbox, receipt.dispatch_id).status == DispatchStatus.Queued:
+                ended_at["t"] = time.monotonic() - started
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    out = run_chain(rt, ctx)
+    watcher.join()
+    [hb] = heartbeats
+    assert hb.abandoned and not hb.launched
+    assert len(no_threads) >= 5, "the launcher retried every tick"
+    assert 1.0 <= ended_at["t"] < 2.0, "ended a grace after the stop, before the agent"
+    assert out.done and "abandoned" in (out.reason or ""), out
+    dispatch = load(mailbox, receipt.dispatch_id)
+    assert dispatch.status == DispatchStatus.Queued and dispatch.attempt_count == 1
+    assert "heartbeat could not start" in (dispatch.last_error or "")
+    assert "abandoned" in (dispatch.last_error or "")
+
+
+def test_an_attempt_over_early_takes_only_its_own_heartbeat_off_the_queue() -> None:
+    """Two attempts' heartbeats waiting for their first tick; the later one ends first: the
+    earlier one must still start."""
+    first, second = (Heartbeat(None, dispatch_id=f"d-{k}", token="t",  # type: ignore[arg-type]
+                               lease_ms=60_000, clock=lambda: 0,
+                               on_stop=lambda reason, kind: None, cancel_check=lambda: None)
+                     for k in ("first", "second"))
+    first.start()
+    second.start()
+    second.stop()
+    time.sleep(3 * CANCEL_CHECK_INTERVAL_S)
+    try:
+        assert first.launched and first.alive
+        assert not second.launched
+    finally:
+        first.stop()
+    assert not first.alive
+
+
+def test_a_heartbeat_whose_start_raises_anything_does_not_stop_the_launcher(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_launch = Heartbeat.launch
+
+    def launch(self: Heartbeat) -> None:
+        if self.dispatch_id == "d-bad":
+            raise SystemExit("a callback that should not have")
+        real_launch(self)
+
+    monkeypatch.setattr(Heartbeat, "launch", launch)
+    bad, good = (Heartbeat(None, dispatch_id=f"d-{k}", token="t",  # type: ignore[arg-type]
+                           lease_ms=60_000, clock=lambda: 0,
+                           on_stop=lambda reason, kind: None, cancel_check=lambda: None)
+                 for k in ("bad", "good"))
+    bad.start()
+    time.sleep(2 * CANCEL_CHECK_INTERVAL_S)
+    good.start()
+    time.sleep(3 * CANCEL_CHECK_INTERVAL_S)
+    try:
+        assert good.launched and good.alive
+    finally:
+        good.stop()
+        bad.stop()
 
 
 def _child_heartbeat(result: Any) -> None:
+    from mailbox import heartbeat as module
+
     stops: list[str] = []
+    inherited = len(module._launcher._due)  # the parent's pending launches: none here
+    acquired = module._launcher._cond.acquire(timeout=1)
+    if acquired:
+        module._launcher._cond.release()
     hb = Heartbeat(None, dispatch_id="d-child", token="t", lease_ms=60_000,  # type: ignore[arg-type]
                    clock=lambda: 0, on_stop=lambda reason, kind: stops.append(reason),
                    cancel_check=lambda: "cancelled in the child")
@@ -121,23 +213,32 @@ def _child_heartbeat(result: Any) -> None:
     while not stops and time.monotonic() < deadline:
         time.sleep(0.01)
     hb.stop()
-    result.put((hb.launched, stops))
+    result.put((inherited, acquired, hb.launched, stops))
 
 
-def test_a_forked_process_starts_its_own_launcher() -> None:
-    """A prefork pool child is forked from a process whose launcher thread (if it had one)
-    did not come along: its heartbeats still start."""
-    parent = Heartbeat(None, dispatch_id="d-parent", token="t",  # type: ignore[arg-type]
-                       lease_ms=60_000, clock=lambda: 0, on_stop=lambda reason, kind: None,
-                       cancel_check=lambda: None)
-    parent.start()
+def test_a_forked_process_starts_its_own_launcher_and_none_of_the_parents_heartbeats() -> None:
+    """A prefork pool child is forked from a process whose launcher thread did not come
+    along, and whose queue may hold heartbeats of its own attempts: the child must start
+    its own heartbeats, and never one of the parent's (it would renew, cancel-check and
+    abandon the parent's attempt from the wrong process)."""
+    running = Heartbeat(None, dispatch_id="d-parent", token="t",  # type: ignore[arg-type]
+                        lease_ms=60_000, clock=lambda: 0, on_stop=lambda reason, kind: None,
+                        cancel_check=lambda: None)
+    running.start()
     time.sleep(2 * CANCEL_CHECK_INTERVAL_S)
-    parent.stop()
-    assert parent.launched, "the parent's launcher runs"
-    context = multiprocessing.get_context("fork")
-    result = context.Queue()
-    child = context.Process(target=_child_heartbeat, args=(result,))
-    child.start()
-    launched, stops = result.get(timeout=10)
-    child.join(timeout=10)
+    assert running.launched, "the parent's launcher runs"
+    pending = Heartbeat(None, dispatch_id="d-parent-pending", token="t",  # type: ignore[arg-type]
+                        lease_ms=60_000, clock=lambda: 0, on_stop=lambda reason, kind: None)
+    pending.start()  # no cancel check: its first tick is 20 s away, still queued at the fork
+    try:
+        context = multiprocessing.get_context("fork")
+        result = context.Queue()
+        child = context.Process(target=_child_heartbeat, args=(result,))
+        child.start()
+        inherited, acquired, launched, stops = result.get(timeout=10)
+        child.join(timeout=10)
+    finally:
+        running.stop()
+        pending.stop()
+    assert inherited == 0 and acquired
     assert launched and stops == ["cancelled in the child"]
