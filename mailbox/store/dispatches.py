@@ -271,40 +271,31 @@ class MailboxStore:
         the status each row had when read (a mismatch means a writer skipped the lock). One
         transition (every fenced write) is one UPDATE of that row: no grouping, no IN list,
         which cost a third of the statement's time."""
-        groups: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
-        single: tuple[RunDispatch, dict[str, Any]] | None = None
-        for count, (before, after) in enumerate(pairs):
+        changes: list[tuple[RunDispatch, dict[str, Any]]] = []
+        for before, after in pairs:
             if after.is_terminal and not before.is_terminal:
                 self.on_commit(conn, functools.partial(metrics.count_terminal,
                                                        after.status.label))
             change = q.dispatch_changes(before, after)
-            if not change:
-                continue
-            if count == 0:
-                single = (before, change)
-                continue
-            if single is not None:
-                self._group(groups, *single)
-                single = None
-            self._group(groups, before, change)
-        if single is not None:
-            before, change = single
+            if change:
+                changes.append((before, change))
+        if len(changes) == 1:
+            before, change = changes[0]
             result = conn.execute(q.UPDATE_DISPATCH, {
                 **change, "guard_id": before.dispatch_id, "guard_status": before.status.value})
             if result.rowcount != 1:
                 raise MailboxError(f"concurrent modification of dispatch {before.dispatch_id}")
+            return
+        groups: dict[tuple[str, str], tuple[dict[str, Any], list[str]]] = {}
+        for before, change in changes:
+            key = (before.status.value, json.dumps(change, sort_keys=True, default=str))
+            groups.setdefault(key, (change, []))[1].append(before.dispatch_id)
         for (old_status, _), (change, ids) in groups.items():
             for chunk in _chunks(ids, 500):
                 result = conn.execute(q.UPDATE_DISPATCHES, {
                     **change, "guard_ids": chunk, "guard_status": old_status})
                 if result.rowcount != len(chunk):
                     raise MailboxError(f"concurrent modification of dispatches {chunk}")
-
-    @staticmethod
-    def _group(groups: dict[tuple[str, str], tuple[dict[str, Any], list[str]]],
-               before: RunDispatch, change: dict[str, Any]) -> None:
-        key = (before.status.value, json.dumps(change, sort_keys=True, default=str))
-        groups.setdefault(key, (change, []))[1].append(before.dispatch_id)
 
     # ------------------------------------------------------------------- redis, best effort
     def _after_commit(self, what: str, action: Callable[[], object]) -> None:

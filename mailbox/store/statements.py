@@ -42,13 +42,14 @@ LIVE_VALUES = [s.value for s in LIVE_STATUSES]
 RECONCILED_VALUES = [s.value for s in RECONCILED_STATUSES]
 OPEN_RUN_VALUES = [RunStatus.created.value, RunStatus.running.value, RunStatus.waiting.value]
 LIVE_RUN_VALUES = [RunStatus.created.value, RunStatus.running.value]
-# Status values rendered into the SQL text: with bound parameters, a prepared statement's
-# generic plan cannot use the status indexes and scans the thread's whole history.
-# Rendered once, at compile time (a literal_execute parameter is re-rendered into the SQL text
-# at every execution, which cost a quarter of a hot statement's time).
 
 
 def _status_literal(value: str) -> sa.ColumnElement[Any]:
+    """A status value rendered into the SQL text: with a bound parameter, a prepared
+    statement's generic plan cannot use the status indexes and scans the thread's whole
+    history (and SQLite uses a partial index only when the query repeats its own status
+    terms). Rendered once, when the statement is compiled: a `literal_execute` parameter was
+    rendered into the text again at every execution, a quarter of a hot statement's time."""
     if not value.isalnum():  # a status name: never anything that needs quoting
         raise ValueError(f"not a status name: {value!r}")
     return sa.literal_column(f"'{value}'", sa.String())
