@@ -450,7 +450,7 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         status, _ = termination.to_run_status()
         rt.store.record_run_result(ctx.dispatch_id, ctx.token, RunDispatchResult(
             ctx.run_id, ctx.instance_id, status, termination, run.response, run.error), now)
-    next_due, following, hand_over = True, None, None
+    next_due, following, hand_over, wake_at = True, None, None, None
     try:
         if rt.start is not None:
             acked_next = rt.runs.ack_and_claim_next(
@@ -458,6 +458,7 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
                 consumer_id=rt.consumer_id, lease_ms=rt.settings.lease_ms)
             run, following = acked_next.run or run, acked_next.next
             next_due, hand_over = acked_next.wake_requested, acked_next.hand_over
+            wake_at = acked_next.wake_at
         else:
             acked = rt.runs.ack(ctx.dispatch_id, ctx.token, ctx.run_id, now,
                                 thread_id=ctx.thread_id)
@@ -501,7 +502,25 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         except Exception:  # the broker refused: this ack stands; the new claim runs out
             log.exception("the chain of %s was not published; its lease runs out and the "
                           "sweep reclaims it", nxt.describe())
+    elif not next_due and wake_at is not None:
+        # The thread is left idle with work for later (docs/behaviour.md#future-wakes).
+        delay = wake_at - rt.clock()
+        if delay > 0:
+            rt.wake(ctx.thread_id, delay)
+        else:
+            next_due = True  # due by now: settle wakes it at once
     return next_due
+
+
+def _wake_later(rt: Runtime, thread_id: str, delay_ms: int) -> None:
+    """The wake-up of a dispatch put back for later (a retry in backoff, a deferral). A
+    worker's runtime sends none from here (docs/behaviour.md#future-wakes): its settle wakes
+    the thread now, which claims the next due dispatch if there is one — and the settle of
+    that one inherits the retry — or, when nothing is due, sends a wake-up for the moment the
+    earliest Queued dispatch becomes due (`tasks.publishing.worker_wake`). A retry's own
+    wake-up used to fire while the thread was busy with its next dispatch, for nothing."""
+    if rt.start is None:
+        rt.wake(thread_id, delay_ms)
 
 
 @dataclass
@@ -582,7 +601,7 @@ def _settle_transient(rt: Runtime, ctx: PhaseContext, error: str, now: int) -> N
     after = rt.store.load_dispatch(ctx.dispatch_id)
     if after is not None and after.status == DispatchStatus.Queued:
         reports.retrying(rt.events, after, error, rt.clock())
-        rt.wake(ctx.thread_id, delay)
+        _wake_later(rt, ctx.thread_id, delay)
         return
     if after is not None and after.status == DispatchStatus.DeadLetter:
         reports.dead_letter(rt.events, ctx.run_id, ctx.dispatch_id, error, rt.clock(),
@@ -618,7 +637,7 @@ def _settle_deferred(rt: Runtime, ctx: PhaseContext, reason: str, now: int) -> s
         "reason": "agent_version_missing", "error": reason,
         "attempt_count": requeued.attempt_count, "available_at": requeued.available_at},
         ts=rt.clock(), thread_id=ctx.thread_id)
-    rt.wake(ctx.thread_id, delay)
+    _wake_later(rt, ctx.thread_id, delay)
     return DEFERRED
 
 

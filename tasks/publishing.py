@@ -159,11 +159,16 @@ def worker_wake(rt: Runtime, thread_id: str, delay_ms: int = 0) -> None:
     published (one message hop less than a wake-up for another worker to claim); a later
     one gets a delayed wake-up. A phase wakes its thread now when something may be due (a
     settle whose ack saw nothing due does not wake it: `phases.settle`), so the claim skips
-    its read-ahead."""
+    its read-ahead. When it claims nothing, a thread left idle with work for later (a retry
+    in backoff, a deferral) gets one delayed wake-up for its earliest Queued dispatch
+    (docs/behaviour.md#future-wakes); a busy one is left to its claim's holder."""
     if delay_ms > 0:
         publish_wake(rt.settings.namespace, thread_id, delay_ms)
-    else:
-        start_next(rt, thread_id, expect_due=True)
+    elif start_next(rt, thread_id, expect_due=True) is None:
+        wake_at = rt.store.next_wake_at(thread_id)
+        delay = None if wake_at is None else wake_at - rt.clock()
+        if delay is not None and delay > 0:
+            publish_wake(rt.settings.namespace, thread_id, delay)
 
 
 @functools.cache

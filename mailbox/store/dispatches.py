@@ -970,6 +970,22 @@ class MailboxStore:
             return [q.dispatch_from_row(r)
                     for r in conn.execute(q.unreconciled_terminal_page(limit, after))]
 
+    @staticmethod
+    def next_wake_in(conn: sa.Connection, thread_id: str) -> int | None:
+        """When the thread next needs a wake-up (docs/behaviour.md#future-wakes): the
+        earliest `available_at` of its Queued dispatches; None when it has none, or while one
+        of its dispatches is Claimed (that claim's holder looks again when it lets go)."""
+        row = conn.execute(q.SELECT_THREAD_WAKE_STATE, {"thread_id": thread_id}).one()
+        if row.claimed_now or row.next_queued_at is None:
+            return None
+        return int(row.next_queued_at)
+
+    @operation("next_wake_at")
+    def next_wake_at(self, thread_id: str) -> int | None:
+        """`next_wake_in`, read on its own."""
+        with self.read() as conn:
+            return self.next_wake_in(conn, thread_id)
+
     @operation("due_thread_ids")
     def due_thread_ids(self, now: int, limit: int = 1000, after: str | None = None
                        ) -> list[str]:

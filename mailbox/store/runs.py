@@ -154,6 +154,10 @@ class AckedNext:
     """With `next`: the lease's put from the acked claim to the new one, NOT yet sent. The
     caller sends it (with its report: `MailboxStore.handed_over` takes the reply; alone:
     `MailboxStore.send_hand_over`) before it starts the new claim's chain."""
+    wake_at: int | None = None
+    """Without `next`: when the thread's earliest Queued dispatch becomes due (a retry in
+    backoff, a delayed submit), read in the ack's transaction; the caller wakes the thread
+    then (docs/behaviour.md#future-wakes)."""
 
 
 @dataclass(frozen=True)
@@ -625,10 +629,13 @@ class RunStore:
                                      keep_lease=True) as fenced:
             row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
             claimed = self.store.claim_in(fenced, consumer_id, lease_ms, now, inside=read)
+            wake_at = None if claimed is not None else \
+                self.store.next_wake_in(fenced.conn, thread_id)
         run = None if row is None else q.run_from_row(row)
         if claimed is None:
             released = self.store.release_kept(fenced)
-            return AckedNext(run, None, wake_requested=_wake_requested(released))
+            return AckedNext(run, None, wake_requested=_wake_requested(released),
+                             wake_at=wake_at)
         return AckedNext(run, (claimed, facts[-1]), wake_requested=False,
                          hand_over=self.store.hand_over_call(fenced, claimed, lease_ms, now))
 

@@ -151,6 +151,14 @@ SELECT_ANY_DUE = (sa.select(_D.dispatch_id)
                   .where(_D.thread_id == sa.bindparam("thread_id"), _D.status == _QUEUED,
                          _D.available_at <= sa.bindparam("now"))
                   .limit(1))
+# When the thread next needs a wake-up (docs/behaviour.md#future-wakes): the earliest
+# `available_at` of its Queued dispatches, and whether one of its dispatches is Claimed (then
+# the claim's holder wakes it when it lets the thread go).
+NEXT_QUEUED_AT, CLAIMED_NOW = "next_queued_at", "claimed_now"
+SELECT_THREAD_WAKE_STATE = sa.select(
+    sa.func.min(sa.case((_D.status == _QUEUED, _D.available_at))).label(NEXT_QUEUED_AT),
+    sa.func.count(sa.case((_D.status == _CLAIMED, sa.literal_column("1")))).label(CLAIMED_NOW),
+).where(_D.thread_id == sa.bindparam("thread_id"), _D.status.in_([_CLAIMED, _QUEUED]))
 SELECT_QUEUED_BY_ID = sa.select(dispatches).where(
     _D.dispatch_id == sa.bindparam("dispatch_id"), _D.status == _QUEUED)
 SELECT_LIVE_OF_THREAD = (sa.select(dispatches)
