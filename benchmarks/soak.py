@@ -72,7 +72,8 @@ from benchmarks.common import (
     start_redis,
 )
 from benchmarks.processes import ProcessGroup, stack_env
-from mailbox.maintenance import SWEEP_WAKE_PREFIX
+from mailbox.runtime import uuid7_ms
+from mailbox.wake_marks import SWEEP_WAKE_PREFIX
 
 DEFAULT_MIX = "echo=84,flaky=8,exhaust=1,sleep=5,fail=2"
 AGENTS = ("echo", "flaky", "exhaust", "sleep", "fail")
@@ -326,13 +327,14 @@ def wake_counts(logs: Sequence[Path], dispatches: int | None) -> dict[str, Any]:
 
 
 def _wake_source(task_id: str) -> str:
+    """Who sent a wake-up, from its task id: the sweep (prefixed), a submit (its dispatch id,
+    a dashed UUIDv7), a gated wake of cancel, resume or replay (an undashed UUIDv7), or a
+    delayed wake-up (Celery's own id)."""
     if task_id.startswith(SWEEP_WAKE_PREFIX):
         return "sweep"
-    try:
-        version = uuid.UUID(task_id).version
-    except ValueError:
-        return "other"
-    return "submit" if version == 7 else "delayed or other"
+    if uuid7_ms(task_id) is None:
+        return "delayed or other"
+    return "submit" if "-" in task_id else "gated (cancel, resume, replay)"
 
 
 def submit(options: SoakOptions, box: Any, audit: Any, procs: Processes,

@@ -1,6 +1,6 @@
 """Hot coordination state in Redis: per-thread leases and per-thread epochs
 (docs/architecture.md#redis-and-sql),
-and the sweep's per-thread "wake-up pending" marks.
+and the per-thread "wake-up pending" marks with the wake-up frontier (mailbox/wake_marks.py).
 
 SQL is the durable truth; these are fast copies that let a claim on a busy thread be refused
 without touching SQL and let `verify` read the epoch without a SQL round trip. Everything
@@ -144,6 +144,11 @@ class KeyScheme:
                 else f"{self.namespace}:events:{run_id}")
         return base, base + ":meta"
 
+    def wake_frontier(self) -> str:
+        """The newest publish time of a consumed wake-up (mailbox/wake_marks.py): one key per
+        namespace, not a thread's (its script touches it alone: any slot will do)."""
+        return f"{self.namespace}:wake-frontier"
+
     def gc_cursor(self) -> str:
         """Where garbage collection stopped (one key, not a thread's: any slot will do)."""
         return f"{self.namespace}:gc:thread-cursor"
@@ -269,7 +274,7 @@ class Coordinator:
             name: client.register_script(lua_source(name))
             for name in ("lease_acquire", "lease_put", "lease_release", "lease_take_executor",
                          "epoch_generation", "epoch_fill", "epoch_forget", "wake_consume",
-                         "wake_gate")
+                         "wake_gate", "wake_renew", "wake_frontier")
         }
 
     @property
@@ -438,19 +443,46 @@ class Coordinator:
 
     # ----------------------------------------------------------------- sweep wake-ups
     def mark_wakes_pending(self, wakes: Sequence[tuple[str, str]], ttl_ms: int, *,
-                           overwrite: bool = False) -> list[bool]:
+                           overwrite: bool = False) -> list[str | None]:
         """For each (thread_id, wake_id), SET NX PX the thread's pending-wake mark to the wake
-        id; all in one round trip. True where the mark was newly set (publish that wake-up),
-        False where an earlier wake-up is still pending. `overwrite`: SET without NX, every
-        mark now names its new wake-up (a worker's start-up sweep: the wake-ups the old marks
-        stand for may have been lost with the broker)."""
+        id, and read the mark back; all in one round trip. None where the mark was newly set
+        (publish that wake-up), else the id of the earlier wake-up still pending (the sweep
+        may renew its mark: `renew_wakes_pending`). `overwrite`: SET without NX, every mark
+        now names its new wake-up (a worker's start-up sweep: the wake-ups the old marks stand
+        for may have been lost with the broker)."""
         if not wakes:
             return []
         self.round_trips += 1
         pipe = self.client.pipeline(transaction=False)
         for thread_id, wake_id in wakes:
-            pipe.set(self.wake_pending_key(thread_id), wake_id, nx=not overwrite, px=ttl_ms)
-        return [bool(reply) for reply in execute(pipe)]
+            key = self.wake_pending_key(thread_id)
+            pipe.set(key, wake_id, nx=not overwrite, px=ttl_ms)
+            pipe.get(key)
+        replies = execute(pipe)
+        return [None if was_set else _text(current) or None
+                for was_set, current in zip(replies[::2], replies[1::2], strict=True)]
+
+    def renew_wakes_pending(self, marks: Sequence[tuple[str, str]], ttl_ms: int) -> list[bool]:
+        """For each (thread_id, wake_id), give the thread's mark a whole `ttl_ms` again if it
+        still names that wake-up (wake_renew.lua); one round trip. True where renewed."""
+        if not marks:
+            return []
+        self.round_trips += 1
+        return [bool(reply) for reply in run_scripts(
+            self.client, self.scripts["wake_renew"],
+            [([self.wake_pending_key(thread_id)], [wake_id, ttl_ms])
+             for thread_id, wake_id in dict(marks).items()])]
+
+    def advance_wake_frontier(self, published_at: int, ttl_ms: int) -> int:
+        """Move the wake-up frontier forward to `published_at` (never back); the frontier as
+        it is now (wake_frontier.lua)."""
+        return int(self._run("wake_frontier", self.keys.wake_frontier(), published_at, ttl_ms))
+
+    def wake_frontier(self) -> int | None:
+        """The newest publish time of a consumed wake-up; None when none is recorded."""
+        self.round_trips += 1
+        value = self.client.get(self.keys.wake_frontier())
+        return None if value is None else int(value)
 
     def consume_wake(self, thread_id: str, wake_id: str) -> bool:
         """Clear the thread's mark if it still names this wake-up: one round trip."""

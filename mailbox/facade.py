@@ -21,7 +21,7 @@ from typing import Any
 import redis
 import uuid6
 
-from mailbox import agents, maintenance, metrics, reports, tracing
+from mailbox import agents, maintenance, metrics, reports, tracing, wake_marks
 from mailbox import builtin_agents as _builtin_agents  # noqa: F401  (registers them)
 from mailbox.coordination import WAKE_PUBLISH, Coordinator, connect_redis
 from mailbox.database import create_engine
@@ -296,7 +296,7 @@ class Mailbox:
         """The run_queued event and the wake gate in one round trip. The event is advisory
         (a failure is logged and counted); a gate that did not answer says publish."""
         gate = self.store.coordinator.gate_call(receipt.thread_id, receipt.dispatch_id, now,
-                                                maintenance.wake_pending_ttl_ms(self.settings))
+                                                wake_marks.wake_pending_ttl_ms(self.settings))
         self.store.coordinator.round_trips += 1
         answer = self.events.emit_along(gate, receipt.run_id, receipt.dispatch_id, "run_queued",
                                         data, ts=now, thread_id=receipt.thread_id,

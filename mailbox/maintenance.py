@@ -10,18 +10,21 @@ that has a due Queued dispatch and nothing Claimed — which delivers retries in
 delayed availability and publishes that were lost.
 
 When the wake-ups are broker messages (the beat task passes `publish`), a thread whose
-previous sweep wake-up is still waiting in the queue is not woken again: the sweep marks each
+previous wake-up is still waiting in the queue is not woken again: the sweep marks each
 thread it wakes in Redis (`<namespace>:wake-pending:<thread>`, SET NX PX, one pipeline for all
 due threads) with the wake-up's id, which is also the message's task id, and the worker that
 consumes that very message clears the mark as its claim begins, before it looks for work
-(in the lease script, `lease_acquire.lua`). Submits set and honour the same mark
+(in the lease script, `lua/lease_acquire.lua`). Submits set and honour the same mark
 (docs/behaviour.md#wake-gate): a thread with any wake-up pending is not woken again. During
-a backlog the queue then holds at most one sweep wake-up per thread instead of one more per
-thread at every sweep. Never lost: the mark only suppresses the sweep's own duplicate, so
+a backlog the queue then holds at most one wake-up per thread instead of one more per
+thread at every sweep, and a mark whose wake-up may still be queued is renewed rather than
+left to lapse (`mailbox.wake_marks`, docs/behaviour.md#wake-marks). Never lost: the mark
+only suppresses the sweep's own duplicate, so
 - a mark set before the consumer clears it was set after the sweep's SQL read, and the
   consumer's claim, which follows the clear, sees at least what that sweep saw due;
 - a wake-up that never arrives (dropped, purged, lost with a broker) leaves a mark that
-  expires after `wake_pending_ttl_ms`; the next sweep wakes the thread again;
+  lapses after `wake_pending_ttl_ms`, or once later wake-ups have come out of the queue, or
+  at the latest after `wake_pending_max_ms`; the next sweep wakes the thread again;
 - Redis unreachable for the marks: every due thread is woken, as without marks;
 - a publish that fails clears the marks of the wake-ups it did not send.
 """
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,9 +43,16 @@ from mailbox.context import COMPLETED
 from mailbox.coordination import Coordinator
 from mailbox.events import EventStreams
 from mailbox.model import MAX_MS, DispatchStatus, RunDispatch, RunStatus
-from mailbox.runtime import Runtime
+from mailbox.runtime import Runtime, uuid7_ms
 from mailbox.settings import Settings
 from mailbox.store.retention import GC_BATCH, Cutoffs, Retention, check_batch
+from mailbox.wake_marks import (
+    new_sweep_wake_id,
+    still_queued,
+    wake_pending_max_ms,
+    wake_pending_ttl_ms,
+    wake_time_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +64,6 @@ run of the beat task, whatever the number of threads)."""
 GC_CURSOR_TTL_MS = 7 * 24 * 3600 * 1000
 LEASE_EXPIRED = "lease expired: the attempt's worker stopped renewing it"
 DUE_THREADS_PAGE = 1000
-# Sweep wake-ups carry task ids with this prefix: the consumer of any other wake-up (submit,
-# settle, retry) knows without a Redis call that no mark stands for it, and Flower shows which
-# wake-ups came from the sweep.
-SWEEP_WAKE_PREFIX = "sweep-wake-"
-WAKE_PENDING_SWEEPS = 4
-
 SweepWakePublisher = Callable[[str, str], None]
 """`publish(thread_id, wake_id)`: send a wake-up for the thread whose consumer claims with
 `wake_id` (the claim clears the thread's pending mark if it still names it, lease_acquire.lua)."""
@@ -80,34 +83,22 @@ class SweepReport:
     woken: list[str] = field(default_factory=list)
     already_pending: list[str] = field(default_factory=list)
     """Due threads not woken because this sweep found their previous wake-up still pending."""
-
-
-def wake_pending_ttl_ms(settings: Settings) -> int:
-    """How long a sweep's wake-up counts as pending when nobody consumes it.
-
-    This is how late a dropped wake-up is re-sent (plus up to one sweep interval), and how
-    often a thread whose wake-up waits behind a backlog gets a duplicate anyway. So: as long
-    as we can afford. The lease is the recovery delay the deployment already accepts for a
-    crashed attempt (lease + one sweep), so a lost message waits no longer than a lost worker;
-    and never less than `WAKE_PENDING_SWEEPS` sweep intervals, or the mark would lapse before
-    the sweeps it is meant to quiet (with the defaults, 30 s lease and 30 s sweeps: 120 s,
-    a quarter of the duplicates of one wake-up per sweep even when the queue is that slow).
-    """
-    return max(settings.lease_ms, WAKE_PENDING_SWEEPS * settings.sweep_interval_s * 1000)
-
-
-def new_sweep_wake_id() -> str:
-    return f"{SWEEP_WAKE_PREFIX}{uuid.uuid4().hex}"
+    renewed: list[str] = field(default_factory=list)
+    """Of those, the threads whose mark this sweep renewed: their wake-up may still be queued
+    behind a backlog (docs/behaviour.md#wake-marks)."""
 
 
 def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
-          pending_ttl_ms: int | None = None, wake_all: bool = False) -> SweepReport:
+          pending_ttl_ms: int | None = None, wake_all: bool = False,
+          queued: int | None = None) -> SweepReport:
     """One sweep at `now`. Without `publish`, due threads are woken with `rt.wake` every time
     (an in-process waker claims right away: nothing stays pending). With `publish`, a thread
     whose previous wake-up is still pending is skipped (see the module docstring) unless
     `wake_all` (a worker's start-up sweep: a broker that restarted lost the wake-ups the marks
     stand for, and waiting for them to lapse would hold that work back for minutes);
-    `pending_ttl_ms` overrides `wake_pending_ttl_ms(rt.settings)`."""
+    `pending_ttl_ms` overrides `wake_pending_ttl_ms(rt.settings)`. `queued`: the messages
+    waiting in the broker's queue as the sweep began (None: unknown); while there are some,
+    the marks of wake-ups that may still be among them are renewed (`mailbox.wake_marks`)."""
     report = SweepReport()
     while True:
         page, finished = rt.runs.reclaim_expired(now, RECLAIM_BATCH)
@@ -146,13 +137,14 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
             break
     _reconcile_terminal(rt, now, report)
     ttl = wake_pending_ttl_ms(rt.settings) if pending_ttl_ms is None else pending_ttl_ms
+    marks = _MarkPolicy(now, ttl, wake_pending_max_ms(rt.settings), queued)
     for due in _due_threads(rt, now):
         if publish is None:
             for thread_id in due:
                 rt.wake(thread_id, 0)
                 report.woken.append(thread_id)
         else:
-            _publish_wakes(rt.store.coordinator, due, publish, ttl, report, wake_all)
+            _publish_wakes(rt.store.coordinator, due, publish, marks, report, wake_all)
     return report
 
 
@@ -162,19 +154,10 @@ def _count_completion(claim: RunDispatch, now: int) -> None:
     instance id (a UUIDv7 minted in reconstruct, just before the start, which the sweep does
     not know; 0 if it is not one) to its outcome write, and submit to now."""
     ended = now if claim.completed_at is None else claim.completed_at
-    started = _minted_at(claim.dispatch_instance_id)
+    started = uuid7_ms(claim.dispatch_instance_id)
     metrics.observe_completion(
         COMPLETED, runtime_s=max(0, ended - (ended if started is None else started)) / 1000,
         enqueue_to_complete_s=max(0, now - claim.created_at) / 1000)
-
-
-def _minted_at(instance_id: str | None) -> int | None:
-    """The Unix milliseconds of a UUIDv7, or None."""
-    try:
-        value = uuid.UUID(instance_id or "")
-    except ValueError:
-        return None
-    return value.int >> 80 if value.version == 7 else None
 
 
 def _reconcile_terminal(rt: Runtime, now: int, report: SweepReport) -> None:
@@ -207,17 +190,42 @@ def _due_threads(rt: Runtime, now: int) -> Iterator[list[str]]:
         after = page[-1]
 
 
+@dataclass
+class _MarkPolicy:
+    """What one sweep needs to judge the marks it finds standing (`wake_marks.still_queued`);
+    the frontier is read once, when the first one is found."""
+
+    now: int
+    ttl_ms: int
+    max_ms: int
+    queued: int | None
+    frontier: int | None = None
+    frontier_read: bool = False
+
+    def still_queued(self, coordinator: Coordinator, wake_id: str) -> bool:
+        published_at = wake_time_ms(wake_id)
+        if published_at is None or not self.queued:
+            return False
+        if not self.frontier_read:
+            self.frontier = coordinator.wake_frontier()
+            self.frontier_read = True
+        return still_queued(published_at, self.now, queued=self.queued,
+                            frontier=self.frontier, ttl_ms=self.ttl_ms, max_ms=self.max_ms)
+
+
 def _publish_wakes(coordinator: Coordinator, due: list[str], publish: SweepWakePublisher,
-                   ttl_ms: int, report: SweepReport, wake_all: bool = False) -> None:
+                   marks: _MarkPolicy, report: SweepReport, wake_all: bool = False) -> None:
     wakes = [(thread_id, new_sweep_wake_id()) for thread_id in due]
     try:
-        fresh = coordinator.mark_wakes_pending(wakes, ttl_ms, overwrite=wake_all)
+        standing = coordinator.mark_wakes_pending(wakes, marks.ttl_ms, overwrite=wake_all)
     except redis.RedisError as exc:
         # Never skip a wake-up because of Redis: without marks, wake every due thread.
         metrics.count_operation("sweep_wake_mark", "error")
         log.warning("could not mark pending sweep wake-ups (%s); waking all %d due threads",
                     exc, len(wakes))
-        fresh = [True] * len(wakes)
+        standing = [None] * len(wakes)
+    fresh = [mark is None for mark in standing]
+    _renew_queued(coordinator, due, standing, marks, report)
     to_send = [wake for wake, new in zip(wakes, fresh, strict=True) if new]
     report.already_pending.extend(t for (t, _), new in zip(wakes, fresh, strict=True) if not new)
     sent = 0
@@ -231,6 +239,22 @@ def _publish_wakes(coordinator: Coordinator, due: list[str], publish: SweepWakeP
         with contextlib.suppress(redis.RedisError):
             coordinator.clear_wakes_pending(to_send[sent:])
         raise
+
+
+def _renew_queued(coordinator: Coordinator, due: list[str], standing: list[str | None],
+                  marks: _MarkPolicy, report: SweepReport) -> None:
+    """Renew the standing marks whose wake-up may still be queued (`_MarkPolicy`): left to
+    lapse, each would make a later sweep queue a duplicate behind the same backlog. A Redis
+    error renews nothing: the marks lapse as they would have without renewal."""
+    try:
+        keep = [(thread_id, mark) for thread_id, mark in zip(due, standing, strict=True)
+                if mark is not None and marks.still_queued(coordinator, mark)]
+        renewed = coordinator.renew_wakes_pending(keep, marks.ttl_ms)
+    except redis.RedisError as exc:
+        log.warning("could not renew pending wake-up marks (%s); they lapse", exc)
+        return
+    report.renewed.extend(t for (t, _), done in zip(keep, renewed, strict=True) if done)
+    metrics.count_operation("sweep_wake_mark", "renewed", sum(renewed))
 
 
 # ======================================================================= garbage collection
@@ -378,7 +402,5 @@ def collect_garbage(rt: Runtime, now: int) -> int:
     return report.dispatches + report.dead_letters
 
 
-__all__ = ["SWEEP_WAKE_PREFIX", "GcReport", "SweepReport", "SweepWakePublisher",
-           "collect_garbage", "forget_event_streams",
-           "garbage_collection", "new_sweep_wake_id", "retention_cutoffs",
-           "sweep", "wake_pending_ttl_ms"]
+__all__ = ["GcReport", "SweepReport", "SweepWakePublisher", "collect_garbage",
+           "forget_event_streams", "garbage_collection", "retention_cutoffs", "sweep"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +21,16 @@ from mailbox.store import MailboxStore, RunStore
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def uuid7_ms(text: str | None) -> int | None:
+    """When a UUIDv7 was minted, in Unix milliseconds (ids minted by `uuid6.uuid7()` carry
+    it: instance ids, dispatch ids, wake-up ids); None for any other text."""
+    try:
+        value = uuid.UUID(text or "")
+    except (ValueError, TypeError):
+        return None
+    return value.int >> 80 if value.version == 7 else None
 
 
 @dataclass

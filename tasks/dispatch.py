@@ -27,6 +27,7 @@ from tasks.publishing import (
     publish_gated,
     publish_wakes,
     start_next,
+    wake_consumed,
 )
 from tasks.runtime import mailbox, runtime
 
@@ -129,9 +130,11 @@ def dispatch(self: DispatchTask, thread_id: str, dispatch_id: str | None = None)
     # a submit's), in the same round trip as the lease, before it looks for work: anything
     # due before then is claimed here or by the holder's next claim; later writes wake again.
     # A submit's wake-up names its dispatch: something is due, the claim skips its read-ahead.
-    started = start_next(runtime(), thread_id, wake_id=self.request.id,
+    rt = runtime()
+    started = start_next(rt, thread_id, wake_id=self.request.id,
                          expect_due=dispatch_id is not None)
     metrics.count_operation("wake_task", "claimed" if started else "nothing_to_claim")
+    wake_consumed(rt.store.coordinator, rt.settings, self.request.id)
     return started
 
 

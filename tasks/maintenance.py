@@ -13,7 +13,7 @@ from celery.signals import worker_ready
 from mailbox import maintenance
 from mailbox.runtime import now_ms
 from tasks.app import app
-from tasks.publishing import publish_wake
+from tasks.publishing import publish_wake, queued_messages
 from tasks.runtime import queue, runtime
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,17 @@ def sweep(wake_all: bool = False) -> dict[str, int]:
     # within a lease, and their leases ran out while they queued behind each other. A thread
     # whose previous wake-up is still queued is not woken again ("already_pending"), except
     # by a worker's start-up sweep (`wake_all`): a restarted broker lost what was queued.
+    # The queue is counted before this sweep adds to it: a wake-up marked pending can only be
+    # among the messages already there (docs/behaviour.md#wake-marks).
     rt = runtime()
+    waiting = queued_messages(queue())
     wake = functools.partial(publish_wake, rt.settings.namespace)
     report = maintenance.sweep(dataclasses.replace(rt, wake=wake), now_ms(),
-                               publish=publish_sweep_wake, wake_all=wake_all is True)
+                               publish=publish_sweep_wake, wake_all=wake_all is True,
+                               queued=waiting)
     return {name: len(getattr(report, name)) for name in (
-        "acked", "reclaimed", "dead_lettered", "reconciled", "woken", "already_pending")}
+        "acked", "reclaimed", "dead_lettered", "reconciled", "woken", "already_pending",
+        "renewed")}
 
 
 @app.task(name="mailbox.gc")

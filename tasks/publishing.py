@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +23,20 @@ from celery import Signature
 from mailbox import metrics, tracing
 from mailbox.context import PhaseContext
 from mailbox.coordination import WAKE_HELD, WAKE_PUBLISH, Coordinator
-from mailbox.maintenance import wake_pending_ttl_ms
 from mailbox.phases import claim_next
 from mailbox.runtime import Runtime, now_ms
 from mailbox.settings import Settings
+from mailbox.wake_marks import (
+    FRONTIER_STEP_MS,
+    new_wake_id,
+    wake_pending_max_ms,
+    wake_pending_ttl_ms,
+    wake_time_ms,
+)
 from tasks.app import app
 from tasks.priorities import MAX_COUNTDOWN_MS, wake_priority
+
+log = logging.getLogger(__name__)
 
 WAKE_TASK = "mailbox.dispatch"
 WAKE_MANY_TASK = "mailbox.dispatch_many"
@@ -97,7 +106,7 @@ def wake_thread(coordinator: Coordinator, settings: Settings, thread_id: str,
     Redis unreachable for the gate: publish, as without it. True when published."""
     gate = WAKE_PUBLISH
     if delay_ms == 0:
-        wake_id = wake_id or uuid.uuid4().hex  # the pending mark names the message's task id
+        wake_id = wake_id or new_wake_id()  # the pending mark names the message's task id
         try:
             gate = coordinator.gate_wake(thread_id, wake_id, now_ms(),
                                          wake_pending_ttl_ms(settings))
@@ -169,6 +178,44 @@ def worker_wake(rt: Runtime, thread_id: str, delay_ms: int = 0) -> None:
         delay = None if wake_at is None else wake_at - rt.clock()
         if delay is not None and delay > 0:
             publish_wake(rt.settings.namespace, thread_id, delay)
+
+
+def queued_messages(queue: str) -> int | None:
+    """The messages waiting in the broker's queue (not those a worker has taken); None when
+    the broker does not answer. The sweep asks it once (`mailbox.wake_marks`): with none
+    waiting, no wake-up can be among them. A queue the broker does not know holds nothing
+    (the Redis transport deletes an emptied queue's lists; a passive declare of it is
+    refused)."""
+    try:
+        with app.pool.acquire(block=True, timeout=5) as conn, conn.channel() as channel:
+            try:
+                declared = channel.queue_declare(queue=queue, passive=True)
+            except conn.channel_errors:
+                return 0
+            return int(declared.message_count)
+    except Exception as exc:  # kombu raises several types for an unreachable broker
+        log.warning("could not count the messages in queue %s: %s", queue, exc)
+        return None
+
+
+_frontier_written: dict[int, int] = {}
+"""Per process (pid: a forked child starts afresh), the frontier it last wrote."""
+
+
+def wake_consumed(coordinator: Coordinator, settings: Settings, wake_id: str | None) -> None:
+    """A worker took the wake-up named `wake_id` off the queue: move the wake-up frontier to
+    its publish time (`mailbox.wake_marks`), at most once per FRONTIER_STEP_MS of publish
+    time per process. Best effort: a frontier that lags only makes the sweep renew marks a
+    little longer, and nothing is lost when Redis refuses it."""
+    published_at = None if wake_id is None else wake_time_ms(wake_id)
+    pid = os.getpid()
+    if published_at is None or published_at < _frontier_written.get(pid, 0) + FRONTIER_STEP_MS:
+        return
+    try:
+        _frontier_written[pid] = coordinator.advance_wake_frontier(
+            published_at, wake_pending_max_ms(settings))
+    except redis.RedisError as exc:
+        log.debug("wake-up frontier not moved: %s", exc)
 
 
 @functools.cache

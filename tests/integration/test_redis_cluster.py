@@ -146,7 +146,8 @@ def test_every_operation_runs_on_the_cluster_and_keeps_a_thread_in_its_slot(
 
 
 def test_sweep_wake_marks_and_garbage_collection_on_the_cluster(box: Mailbox) -> None:
-    from mailbox.maintenance import SWEEP_WAKE_PREFIX, garbage_collection, sweep
+    from mailbox.maintenance import garbage_collection, sweep
+    from mailbox.wake_marks import SWEEP_WAKE_PREFIX
 
     published: list[tuple[str, str]] = []
     for thread in THREADS:

@@ -9,46 +9,24 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 
 import pytest
 
 from mailbox import DispatchStatus, Mailbox
 from mailbox.dev.embedded_redis import EmbeddedRedis
-from mailbox.maintenance import SWEEP_WAKE_PREFIX, sweep, wake_pending_ttl_ms
+from mailbox.maintenance import sweep
 from mailbox.phases import claim_next
 from mailbox.runtime import Runtime, now_ms
 from mailbox.settings import Settings
-from tasks.publishing import worker_wake
+from mailbox.wake_marks import SWEEP_WAKE_PREFIX, wake_pending_ttl_ms
+from tests.support import sweep_kit
+from tests.support.sweep_kit import Published, no_inline_wake, task_runtime_of
 
 THREADS = ["wd-a", "wd-b", "wd-c"]
 
 
-class Published:
-    """A broker stand-in: records each sweep wake-up (thread, wake id); nothing consumes."""
-
-    def __init__(self) -> None:
-        self.wakes: list[tuple[str, str]] = []
-
-    def __call__(self, thread_id: str, wake_id: str) -> None:
-        self.wakes.append((thread_id, wake_id))
-
-    def threads(self) -> list[str]:
-        return [t for t, _ in self.wakes]
-
-    def last(self, thread_id: str) -> str:
-        return [w for t, w in self.wakes if t == thread_id][-1]
-
-
 def backlog(box: Mailbox, threads: list[str] = THREADS, per_thread: int = 2) -> None:
-    """Stored without wake-ups, as after lost publishes: only the sweep can start them."""
-    for thread_id in threads:
-        for i in range(per_thread):
-            box.submit(thread_id, "echo", f"{thread_id}-{i}", wake=False)
-
-
-def no_inline_wake(thread_id: str, delay_ms: int) -> None:
-    raise AssertionError(f"a publishing sweep woke {thread_id} with rt.wake")
+    sweep_kit.backlog(box, threads, per_thread)
 
 
 @pytest.fixture
@@ -242,20 +220,9 @@ def test_ttl_follows_the_settings() -> None:
 
 # ========================================================== through the Celery task bodies
 @pytest.fixture
-def tasks_runtime(mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mailbox]:
-    """`tasks.runtime` of this process bound to the test's mailbox (as in a worker)."""
-    import tasks.runtime as task_runtime
-
-    rt = mailbox.runtime()
-    rt = replace(rt, wake=lambda thread_id, delay_ms: worker_wake(rt, thread_id, delay_ms))
-    previous = task_runtime.install(mailbox, rt)
-    try:
-        yield mailbox
-    finally:
-        if previous is not None:
-            task_runtime.install(*previous)
-        else:
-            task_runtime.reset(close=False)
+def tasks_runtime(mailbox: Mailbox) -> Iterator[Mailbox]:
+    with task_runtime_of(mailbox) as box:
+        yield box
 
 
 def test_dispatch_task_clears_the_mark_before_it_claims(tasks_runtime: Mailbox,

@@ -162,7 +162,8 @@ class RecordingPipeline:
 class RecordingClient:
     REPLIES = {"lease_acquire": [1], "lease_take_executor": b"ok", "epoch_generation": b"g",
                "epoch_fill": 1, "epoch_forget": 1, "lease_put": 1, "lease_release": 1,
-               "wake_consume": 1, "events_append": b"1-0", "wake_gate": 1}
+               "wake_consume": 1, "events_append": b"1-0", "wake_gate": 1, "wake_renew": 1,
+               "wake_frontier": 5}
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
@@ -179,6 +180,9 @@ class RecordingClient:
         return RecordingPipeline(self)
 
 
+NAMESPACE_KEY_SCRIPTS = {"wake_frontier"}
+"""Scripts that touch one key of the namespace, not of a thread (the wake-up frontier): one
+key is always one slot, tag or not."""
 OPTIONAL_KEYS = {("lease_acquire", 1)}
 """(script, key count) of calls that leave out a key the script reads only when given
 (lease_acquire's pending-wake mark, passed by a wake-up's claim)."""
@@ -214,6 +218,8 @@ def test_every_script_call_names_keys_of_one_slot() -> None:
                          thread_id=thread)
     coordinator.forget_epochs(THREADS)
     coordinator.clear_wakes_pending([(t, "sweep-wake-2") for t in THREADS])
+    coordinator.renew_wakes_pending([(t, "sweep-wake-3") for t in THREADS], 30_000)
+    coordinator.advance_wake_frontier(5, 60_000)
     events.emit_batch([(f"run-{t}", "d1", "run_queued", {}, 1) for t in THREADS],
                       threads={f"run-{t}": t for t in THREADS})
 
@@ -224,6 +230,9 @@ def test_every_script_call_names_keys_of_one_slot() -> None:
         wanted = keys_read(scripts[name])
         optional = (name, len(keys)) in OPTIONAL_KEYS
         assert wanted is None or len(keys) == wanted or optional, (name, keys)
+        if name in NAMESPACE_KEY_SCRIPTS:
+            assert keys == [coordinator.keys.wake_frontier()], (name, keys)
+            continue
         assert len({slot(k) for k in keys}) == 1, f"{name} spans slots: {keys}"
         tags = {k[k.index("{"):k.index("}") + 1] for k in keys}
         assert len(tags) == 1, f"{name} keys do not share one hash tag: {keys}"
