@@ -462,16 +462,17 @@ class Coordinator:
         return [None if was_set else _text(current) or None
                 for was_set, current in zip(replies[::2], replies[1::2], strict=True)]
 
-    def renew_wakes_pending(self, marks: Sequence[tuple[str, str]], ttl_ms: int) -> list[bool]:
-        """For each (thread_id, wake_id), give the thread's mark a whole `ttl_ms` again if it
-        still names that wake-up (wake_renew.lua); one round trip. True where renewed."""
+    def renew_wakes_pending(self, marks: Sequence[tuple[str, str, int]]) -> list[bool]:
+        """For each (thread_id, wake_id, ttl_ms), let the thread's mark stand `ttl_ms` more if
+        it still names that wake-up (wake_renew.lua); one round trip, one call per thread.
+        True where renewed."""
         if not marks:
             return []
         self.round_trips += 1
         return [bool(reply) for reply in run_scripts(
             self.client, self.scripts["wake_renew"],
             [([self.wake_pending_key(thread_id)], [wake_id, ttl_ms])
-             for thread_id, wake_id in dict(marks).items()])]
+             for thread_id, wake_id, ttl_ms in marks])]
 
     def advance_wake_frontier(self, published_at: int, ttl_ms: int) -> int:
         """Move the wake-up frontier forward to `published_at` (never back); the frontier as

@@ -47,9 +47,10 @@ from mailbox.runtime import Runtime, uuid7_ms
 from mailbox.settings import Settings
 from mailbox.store.retention import GC_BATCH, Cutoffs, Retention, check_batch
 from mailbox.wake_marks import (
+    WAKE_PENDING_MAX_FACTOR,
     new_sweep_wake_id,
+    renewal_ms,
     still_queued,
-    wake_pending_max_ms,
     wake_pending_ttl_ms,
     wake_time_ms,
 )
@@ -96,9 +97,10 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
     whose previous wake-up is still pending is skipped (see the module docstring) unless
     `wake_all` (a worker's start-up sweep: a broker that restarted lost the wake-ups the marks
     stand for, and waiting for them to lapse would hold that work back for minutes);
-    `pending_ttl_ms` overrides `wake_pending_ttl_ms(rt.settings)`. `queued`: the messages
-    waiting in the broker's queue as the sweep began (None: unknown); while there are some,
-    the marks of wake-ups that may still be among them are renewed (`mailbox.wake_marks`)."""
+    `pending_ttl_ms` overrides `wake_pending_ttl_ms(rt.settings)` (and with it the bound of
+    renewals, ten of them). `queued`: the messages waiting in the broker's queue as the
+    sweep began (None: unknown); while there are some, the marks of wake-ups that may still
+    be among them are renewed (`mailbox.wake_marks`)."""
     report = SweepReport()
     while True:
         page, finished = rt.runs.reclaim_expired(now, RECLAIM_BATCH)
@@ -137,7 +139,7 @@ def sweep(rt: Runtime, now: int, *, publish: SweepWakePublisher | None = None,
             break
     _reconcile_terminal(rt, now, report)
     ttl = wake_pending_ttl_ms(rt.settings) if pending_ttl_ms is None else pending_ttl_ms
-    marks = _MarkPolicy(now, ttl, wake_pending_max_ms(rt.settings), queued)
+    marks = _MarkPolicy(now, ttl, WAKE_PENDING_MAX_FACTOR * ttl, queued)
     for due in _due_threads(rt, now):
         if publish is None:
             for thread_id in due:
@@ -202,15 +204,19 @@ class _MarkPolicy:
     frontier: int | None = None
     frontier_read: bool = False
 
-    def still_queued(self, coordinator: Coordinator, wake_id: str) -> bool:
+    def renewal(self, coordinator: Coordinator, wake_id: str) -> int | None:
+        """How long to renew the mark naming `wake_id` (its wake-up may still be queued);
+        None to let it lapse."""
         published_at = wake_time_ms(wake_id)
         if published_at is None or not self.queued:
-            return False
+            return None
         if not self.frontier_read:
-            self.frontier = coordinator.wake_frontier()
             self.frontier_read = True
-        return still_queued(published_at, self.now, queued=self.queued,
-                            frontier=self.frontier, ttl_ms=self.ttl_ms, max_ms=self.max_ms)
+            self.frontier = coordinator.wake_frontier()
+        if not still_queued(published_at, self.now, queued=self.queued,
+                            frontier=self.frontier, ttl_ms=self.ttl_ms, max_ms=self.max_ms):
+            return None
+        return renewal_ms(published_at, self.now, self.ttl_ms, self.max_ms)
 
 
 def _publish_wakes(coordinator: Coordinator, due: list[str], publish: SweepWakePublisher,
@@ -224,10 +230,10 @@ def _publish_wakes(coordinator: Coordinator, due: list[str], publish: SweepWakeP
         log.warning("could not mark pending sweep wake-ups (%s); waking all %d due threads",
                     exc, len(wakes))
         standing = [None] * len(wakes)
-    fresh = [mark is None for mark in standing]
-    _renew_queued(coordinator, due, standing, marks, report)
-    to_send = [wake for wake, new in zip(wakes, fresh, strict=True) if new]
-    report.already_pending.extend(t for (t, _), new in zip(wakes, fresh, strict=True) if not new)
+    to_send = [wake for wake, mark in zip(wakes, standing, strict=True) if mark is None]
+    pending = [(thread_id, mark) for thread_id, mark in zip(due, standing, strict=True)
+               if mark is not None]
+    report.already_pending.extend(thread_id for thread_id, _ in pending)
     sent = 0
     try:
         for thread_id, wake_id in to_send:
@@ -239,21 +245,24 @@ def _publish_wakes(coordinator: Coordinator, due: list[str], publish: SweepWakeP
         with contextlib.suppress(redis.RedisError):
             coordinator.clear_wakes_pending(to_send[sent:])
         raise
+    _renew_queued(coordinator, pending, marks, report)
 
 
-def _renew_queued(coordinator: Coordinator, due: list[str], standing: list[str | None],
+def _renew_queued(coordinator: Coordinator, pending: list[tuple[str, str]],
                   marks: _MarkPolicy, report: SweepReport) -> None:
     """Renew the standing marks whose wake-up may still be queued (`_MarkPolicy`): left to
-    lapse, each would make a later sweep queue a duplicate behind the same backlog. A Redis
-    error renews nothing: the marks lapse as they would have without renewal."""
+    lapse, each would make a later sweep queue a duplicate behind the same backlog. After
+    the page's wake-ups are out, and nothing it raises stops the sweep: a mark not renewed
+    lapses as it would have without renewal."""
     try:
-        keep = [(thread_id, mark) for thread_id, mark in zip(due, standing, strict=True)
-                if mark is not None and marks.still_queued(coordinator, mark)]
-        renewed = coordinator.renew_wakes_pending(keep, marks.ttl_ms)
-    except redis.RedisError as exc:
+        renew = [(thread_id, wake_id, ms) for thread_id, wake_id in pending
+                 if (ms := marks.renewal(coordinator, wake_id)) is not None]
+        renewed = coordinator.renew_wakes_pending(renew)
+    except Exception as exc:
+        metrics.count_operation("sweep_wake_mark", "error")
         log.warning("could not renew pending wake-up marks (%s); they lapse", exc)
         return
-    report.renewed.extend(t for (t, _), done in zip(keep, renewed, strict=True) if done)
+    report.renewed.extend(t for (t, _, _), done in zip(renew, renewed, strict=True) if done)
     metrics.count_operation("sweep_wake_mark", "renewed", sum(renewed))
 
 

@@ -21,18 +21,21 @@ queued, which it judges from three facts, none of which a lost wake-up can fake 
   (`<ns>:wake-frontier`, `Coordinator.advance_wake_frontier`);
 - the mark is younger than `wake_pending_max_ms` (ten times the TTL), a bound on how long any
   wake-up is trusted, so even one lost while the queue never empties and no other wake-up
-  comes out is repaired.
+  comes out is repaired (a renewal never carries a mark past it).
 
 A wake-up's publish time is read from its id, a UUIDv7: a submit's wake-up carries its
-dispatch id, the sweep's and the gate's own ids are minted here. An id of another shape (one
-minted before these ids were) has no time: its mark is never renewed, as before.
+dispatch id, the sweep's and the gate's own ids are minted here, stamped with the clock. An
+id of another shape (one minted before these ids were) has no time: its mark is never
+renewed, as before; nor is one stamped more than FUTURE_SLACK_MS ahead of the sweep's clock.
 """
 
 from __future__ import annotations
 
+import secrets
+
 import uuid6
 
-from mailbox.runtime import uuid7_ms
+from mailbox.runtime import now_ms, uuid7_ms
 from mailbox.settings import Settings
 
 SWEEP_WAKE_PREFIX = "sweep-wake-"
@@ -40,6 +43,12 @@ SWEEP_WAKE_PREFIX = "sweep-wake-"
 sweep, and `make load` counts them apart."""
 WAKE_PENDING_SWEEPS = 4
 WAKE_PENDING_MAX_FACTOR = 10
+FUTURE_SLACK_MS = 10_000
+"""How far ahead of the reader's clock a wake-up's publish time may be and still be trusted:
+clocks of different hosts differ a little, and a process that mints many UUIDv7 ids within
+one millisecond (a bulk submission) stamps them ahead of its clock (uuid6 keeps them ordered
+by adding a millisecond each). A mark further ahead is never renewed (it lapses as without
+renewal), and a consumer moves the frontier no further than its own clock."""
 FRONTIER_STEP_MS = 1000
 """A process moves the frontier only when it has seen a publish time this much past the last
 one it wrote: a few writes per second under load instead of one per wake-up, and a frontier
@@ -62,18 +71,26 @@ def wake_pending_ttl_ms(settings: Settings) -> int:
 def wake_pending_max_ms(settings: Settings) -> int:
     """The longest a mark is renewed while its wake-up may still be queued (20 minutes with
     the defaults): the bound on how late a wake-up lost during a backlog that never lets any
-    other wake-up through is re-sent."""
+    other wake-up through is re-sent (plus one sweep interval)."""
     return WAKE_PENDING_MAX_FACTOR * wake_pending_ttl_ms(settings)
+
+
+def _uuid7_at(ms: int) -> str:
+    """A UUIDv7 (hex) stamped with exactly `ms`: `uuid6.uuid7()` stamps ids minted within one
+    millisecond a millisecond apart, ahead of the clock, and a sweep mints one per due
+    thread, so a page of them would run seconds ahead."""
+    value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | secrets.randbits(76)
+    return uuid6.UUID(int=value, version=7).hex
 
 
 def new_wake_id() -> str:
     """The task id of a gated wake-up (cancel, resume, replay): a UUIDv7, so that its mark
     tells when it was published."""
-    return uuid6.uuid7().hex
+    return _uuid7_at(now_ms())
 
 
 def new_sweep_wake_id() -> str:
-    return f"{SWEEP_WAKE_PREFIX}{uuid6.uuid7().hex}"
+    return f"{SWEEP_WAKE_PREFIX}{_uuid7_at(now_ms())}"
 
 
 def wake_time_ms(wake_id: str) -> int | None:
@@ -89,14 +106,23 @@ def still_queued(published_at: int | None, now: int, *, queued: int | None,
     """May the wake-up published at `published_at` still be waiting in the broker's queue?
     Then the sweep renews its mark rather than let it lapse (module docstring). `queued`:
     messages in the queue (None: unknown); `frontier`: the newest publish time of a consumed
-    wake-up (None: none recorded)."""
+    wake-up (None: none recorded). A publish time more than FUTURE_SLACK_MS ahead of `now`
+    is not trusted."""
     if published_at is None or not queued or queued <= 0:
         return False
-    if now - published_at >= max_ms:
+    if published_at > now + FUTURE_SLACK_MS or now - published_at >= max_ms:
         return False
     return frontier is None or published_at >= frontier - ttl_ms
 
 
-__all__ = ["FRONTIER_STEP_MS", "SWEEP_WAKE_PREFIX", "WAKE_PENDING_MAX_FACTOR",
-           "WAKE_PENDING_SWEEPS", "new_sweep_wake_id", "new_wake_id", "still_queued",
-           "wake_pending_max_ms", "wake_pending_ttl_ms", "wake_time_ms"]
+def renewal_ms(published_at: int, now: int, ttl_ms: int, max_ms: int) -> int:
+    """How long a renewed mark stands: a whole TTL, but never past the bound, so that a mark
+    renewed just before it lapses at `max_ms` after its publish time, and the next sweep
+    wakes the thread."""
+    return max(1, min(ttl_ms, published_at + max_ms - now))
+
+
+__all__ = ["FRONTIER_STEP_MS", "FUTURE_SLACK_MS", "SWEEP_WAKE_PREFIX",
+           "WAKE_PENDING_MAX_FACTOR", "WAKE_PENDING_SWEEPS", "new_sweep_wake_id", "new_wake_id",
+           "renewal_ms", "still_queued", "wake_pending_max_ms", "wake_pending_ttl_ms",
+           "wake_time_ms"]

@@ -208,6 +208,10 @@ def wake_consumed(coordinator: Coordinator, settings: Settings, wake_id: str | N
     time per process. Best effort: a frontier that lags only makes the sweep renew marks a
     little longer, and nothing is lost when Redis refuses it."""
     published_at = None if wake_id is None else wake_time_ms(wake_id)
+    if published_at is not None:
+        # Published no later than now: an id stamped ahead of this clock (another host's, a
+        # process that minted many ids at once, a forged message) moves it no further.
+        published_at = min(published_at, now_ms())
     pid = os.getpid()
     if published_at is None or published_at < _frontier_written.get(pid, 0) + FRONTIER_STEP_MS:
         return

@@ -19,8 +19,8 @@ from mailbox.maintenance import sweep
 from mailbox.runtime import Runtime, now_ms
 from mailbox.wake_marks import (
     FRONTIER_STEP_MS,
+    WAKE_PENDING_MAX_FACTOR,
     new_wake_id,
-    wake_pending_max_ms,
     wake_time_ms,
 )
 from tests.support.sweep_kit import Published, backlog, no_inline_wake, task_runtime_of
@@ -92,15 +92,56 @@ def test_a_later_wake_up_out_of_the_queue_means_this_one_was_lost(mailbox: Mailb
 
 
 def test_no_mark_is_renewed_past_the_bound(mailbox: Mailbox, rt: Runtime) -> None:
+    """Ten TTLs after its wake-up was published a mark is not renewed, and a renewal just
+    before gives it only what is left of them."""
     published = marked(mailbox, rt)
-    # A UUIDv7's time runs up to a millisecond per id minted within one millisecond ahead of
-    # the clock (uuid6 keeps them ordered): a second more than the bound is past it.
-    later = now_ms() + wake_pending_max_ms(mailbox.settings) + 1000
-    report = sweep(rt, later, publish=published, pending_ttl_ms=TTL_MS, queued=7)
-    assert (report.already_pending, report.renewed) == (THREADS, [])
-    just_before = later - 6_000
-    assert sweep(rt, just_before, publish=published, pending_ttl_ms=TTL_MS,
-                 queued=7).renewed == THREADS
+    sent_at = max(wake_time_ms(w) or 0 for _, w in published.wakes)
+    bound = WAKE_PENDING_MAX_FACTOR * TTL_MS
+    late = sweep(rt, sent_at + bound, publish=published, pending_ttl_ms=TTL_MS, queued=7)
+    assert (late.already_pending, late.renewed) == (THREADS, [])
+    first_sent = min(wake_time_ms(w) or 0 for _, w in published.wakes)
+    near = sweep(rt, first_sent + bound - 400, publish=published, pending_ttl_ms=TTL_MS,
+                 queued=7)
+    assert near.renewed == THREADS
+    assert max(pttls(mailbox)) <= 400 + (sent_at - first_sent), "renewed past the bound"
+    wait_for_marks_to_lapse(mailbox)
+
+
+def test_a_start_up_sweep_renews_nothing_and_wakes_every_due_thread(mailbox: Mailbox,
+                                                                    rt: Runtime) -> None:
+    """A worker's start-up sweep (`wake_all`) trusts no mark, queue busy or not."""
+    published = marked(mailbox, rt)
+    start_up = sweep(rt, now_ms(), publish=published, pending_ttl_ms=TTL_MS, queued=7,
+                     wake_all=True)
+    assert (start_up.woken, start_up.already_pending, start_up.renewed) == (THREADS, [], [])
+    assert published.threads() == THREADS * 2
+
+
+def test_a_renewal_that_fails_still_wakes_the_page(mailbox: Mailbox, rt: Runtime,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Renewal comes after the page's wake-ups are published, and whatever it raises the
+    sweep goes on: a mark not renewed lapses as before renewal."""
+    published = marked(mailbox, rt)
+    backlog(mailbox, ["wr-new"], per_thread=1)
+    coordinator = mailbox.store.coordinator
+
+    def broken(*_: object) -> list[bool]:
+        raise ValueError("a frontier that is not a number")
+
+    monkeypatch.setattr(coordinator, "renew_wakes_pending", broken)
+    report = sweep(rt, now_ms(), publish=published, pending_ttl_ms=TTL_MS, queued=7)
+    assert (report.woken, report.already_pending, report.renewed) == (["wr-new"], THREADS, [])
+    assert published.threads() == [*THREADS, "wr-new"]
+
+
+def test_a_mark_stamped_far_ahead_of_the_clock_is_not_renewed(mailbox: Mailbox,
+                                                              rt: Runtime) -> None:
+    backlog(mailbox, ["wr-ahead"])
+    coordinator = mailbox.store.coordinator
+    ahead = _minted_after(new_wake_id(), 3600_000)
+    coordinator.client.set(coordinator.wake_pending_key("wr-ahead"), ahead, px=TTL_MS)
+    report = sweep(rt, now_ms(), publish=Published(), pending_ttl_ms=TTL_MS, queued=7)
+    assert (report.already_pending, report.renewed) == (["wr-ahead"], [])
 
 
 def test_a_mark_whose_id_tells_no_time_is_never_renewed(mailbox: Mailbox, rt: Runtime) -> None:
@@ -123,7 +164,7 @@ def test_renewal_touches_only_the_mark_it_read(mailbox: Mailbox, rt: Runtime) ->
     coordinator.client.set(coordinator.wake_pending_key("wr-a"), newer, px=300)
     coordinator.client.delete(coordinator.wake_pending_key("wr-b"))
     renewed = coordinator.renew_wakes_pending(
-        [(t, published.last(t)) for t in THREADS], 60_000)
+        [(t, published.last(t), 60_000) for t in THREADS])
     assert renewed == [False, False, True]
     assert 0 < pttls(mailbox, ["wr-a"])[0] <= 300
     assert coordinator.client.exists(coordinator.wake_pending_key("wr-b")) == 0
@@ -163,21 +204,28 @@ def test_a_consumed_wake_up_moves_the_frontier_at_most_once_a_step(
     dispatch_module = sys.modules["tasks.dispatch"]
     monkeypatch.setattr(publishing, "_frontier_written", {})
     coordinator = tasks_runtime.store.coordinator
-    first, close = new_wake_id(), new_wake_id()
+    first = _minted_after(new_wake_id(), -3 * FRONTIER_STEP_MS)  # wake-ups that waited
+    close = _minted_after(first, 10)
     for wake_id in (first, close):  # nothing due on the thread: the claim finds nothing
         assert dispatch_module.dispatch.apply(args=("wr-idle",), task_id=wake_id).successful()
     assert coordinator.wake_frontier() == wake_time_ms(first)  # `close`: within one step
     late_id = _minted_after(first, FRONTIER_STEP_MS)
     assert dispatch_module.dispatch.apply(args=("wr-idle",), task_id=late_id).successful()
     assert coordinator.wake_frontier() == wake_time_ms(late_id)
+    # An id stamped ahead of the consumer's clock moves the frontier no further than now.
+    before = now_ms()
+    ahead = _minted_after(new_wake_id(), 3600_000)
+    assert dispatch_module.dispatch.apply(args=("wr-idle",), task_id=ahead).successful()
+    assert before <= (coordinator.wake_frontier() or 0) <= now_ms()
+    frontier = coordinator.wake_frontier()
     # An id without a time (Celery's own, a delayed wake-up's) moves nothing.
     assert dispatch_module.dispatch.apply(args=("wr-idle",),
                                           task_id="not-a-uuid7").successful()
-    assert coordinator.wake_frontier() == wake_time_ms(late_id)
+    assert coordinator.wake_frontier() == frontier
 
 
 def _minted_after(wake_id: str, ms: int) -> str:
-    """A UUIDv7 hex like `wake_id`, minted `ms` later."""
+    """A UUIDv7 hex like `wake_id`, minted `ms` later (earlier when negative)."""
     value = int(wake_id, 16) + (ms << 80)
     return f"{value:032x}"
 

@@ -218,7 +218,7 @@ def test_every_script_call_names_keys_of_one_slot() -> None:
                          thread_id=thread)
     coordinator.forget_epochs(THREADS)
     coordinator.clear_wakes_pending([(t, "sweep-wake-2") for t in THREADS])
-    coordinator.renew_wakes_pending([(t, "sweep-wake-3") for t in THREADS], 30_000)
+    coordinator.renew_wakes_pending([(t, "sweep-wake-3", 30_000) for t in THREADS])
     coordinator.advance_wake_frontier(5, 60_000)
     events.emit_batch([(f"run-{t}", "d1", "run_queued", {}, 1) for t in THREADS],
                       threads={f"run-{t}": t for t in THREADS})

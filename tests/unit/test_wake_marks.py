@@ -11,9 +11,11 @@ import uuid6
 from mailbox.runtime import now_ms
 from mailbox.settings import Settings
 from mailbox.wake_marks import (
+    FUTURE_SLACK_MS,
     SWEEP_WAKE_PREFIX,
     new_sweep_wake_id,
     new_wake_id,
+    renewal_ms,
     still_queued,
     wake_pending_max_ms,
     wake_time_ms,
@@ -45,6 +47,22 @@ def test_no_wake_up_is_trusted_past_the_bound() -> None:
     assert not queued(NOW - 10 * MAX)
 
 
+def test_a_publish_time_far_ahead_of_the_clock_is_not_trusted() -> None:
+    """Ids stamped ahead (another host's clock, a process that minted many at once) are
+    trusted up to FUTURE_SLACK_MS; further ahead, the mark lapses as without renewal, or
+    the bound would not hold."""
+    assert queued(NOW + FUTURE_SLACK_MS)
+    assert not queued(NOW + FUTURE_SLACK_MS + 1)
+    assert not queued(NOW + 3600_000)
+
+
+def test_a_renewal_never_outlives_the_bound() -> None:
+    assert renewal_ms(NOW - 60_000, NOW, TTL, MAX) == TTL
+    assert renewal_ms(NOW - MAX + 10_000, NOW, TTL, MAX) == 10_000
+    assert renewal_ms(NOW - MAX + 1, NOW, TTL, MAX) == 1
+    assert renewal_ms(NOW + 5_000, NOW, TTL, MAX) == TTL
+
+
 def test_a_wake_up_published_a_ttl_before_one_that_came_out_was_lost() -> None:
     published = NOW - 100_000
     assert queued(published, frontier=None)
@@ -61,8 +79,20 @@ def test_wake_ids_carry_their_publish_time() -> None:
     assert new_sweep_wake_id().startswith(SWEEP_WAKE_PREFIX)
 
 
-@pytest.mark.parametrize("wake_id", [uuid.uuid4().hex, str(uuid.uuid4()), "", "not-an-id",
-                                     SWEEP_WAKE_PREFIX + uuid.uuid4().hex,
+def test_many_wake_ids_minted_at_once_do_not_run_ahead_of_the_clock() -> None:
+    """A sweep mints one id per due thread: stamped with the clock, not a millisecond apart
+    each (uuid6.uuid7's ordering), which would put a page of 10,000 ten seconds ahead."""
+    ids = [new_sweep_wake_id() for _ in range(10_000)]
+    assert max(wake_time_ms(i) or 0 for i in ids) <= now_ms()
+    assert len(set(ids)) == len(ids)
+    assert all(uuid.UUID(i[len(SWEEP_WAKE_PREFIX):]).version == 7 for i in ids[:10])
+
+
+UUID4 = uuid.UUID("5f0c3c1e-9a7d-4c2e-8b1f-0a2b3c4d5e6f")
+
+
+@pytest.mark.parametrize("wake_id", [UUID4.hex, str(UUID4), "", "not-an-id",
+                                     SWEEP_WAKE_PREFIX + UUID4.hex,
                                      SWEEP_WAKE_PREFIX + "x" * 100, "x" * 10_000])
 def test_other_ids_tell_no_time(wake_id: str) -> None:
     assert wake_time_ms(wake_id) is None
