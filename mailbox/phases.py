@@ -481,6 +481,9 @@ def _settle_completed(rt: Runtime, ctx: PhaseContext, outcome: Outcome, now: int
         if recovered is None:
             return True  # ctx says why: reported by another, or left for the sweep
         run = recovered.run or run
+        if recovered.landed:
+            following = _after_lost_ack(rt, ctx, now)
+            next_due = following is None
     try:
         if run is None:
             run = rt.runs.load_run(ctx.run_id)
@@ -528,6 +531,34 @@ class RecoveredAck:
     """The ack is ours (it had landed, or recovery acked again); `run` when it was read."""
 
     run: RunRecord | None
+    landed: bool = False
+    """The first ack had committed: with it, whatever its transaction claimed."""
+
+
+def _after_lost_ack(rt: Runtime, ctx: PhaseContext, now: int
+                    ) -> tuple[RunDispatch, AttemptFacts] | None:
+    """What the ack's commit did after it, when its answer was lost but it landed
+    (docs/behaviour.md#ack-recovery): a worker's ack (`ack_and_claim_next`) may have claimed
+    the thread's next dispatch in its transaction — that claim is handed the lease and
+    returned, to be started like any other (left alone, it would wait out its lease and be
+    reclaimed with an attempt spent). Otherwise the lease the ack never gave back is given
+    back now, so that the wake-up settle sends finds the thread free rather than waiting
+    for the lease to run out. A claim that cannot be looked for is left to the sweep."""
+    lease_ms = rt.settings.lease_ms
+    following = None
+    if rt.start is not None:
+        try:
+            following = rt.runs.claim_of_lost_ack(ctx.thread_id, rt.consumer_id, lease_ms, now)
+        except MailboxError as exc:
+            log.warning("the claim made by the lost ack of %s was not looked for (%s); its "
+                        "lease runs out and the sweep reclaims it", ctx.describe(), exc)
+            return None
+    if following is None:
+        rt.store.release_lost(ctx.thread_id, ctx.token)
+        return None
+    rt.store.hand_over_lost(ctx.thread_id, ctx.token, following[0], lease_ms, now)
+    metrics.count_operation("ack_recovery", "claim_resumed")
+    return following
 
 
 def _recover_ack(rt: Runtime, ctx: PhaseContext, now: int) -> RecoveredAck | None:
@@ -559,7 +590,7 @@ def _recover_ack(rt: Runtime, ctx: PhaseContext, now: int) -> RecoveredAck | Non
     if current.status == DispatchStatus.Acked:
         if current.completed_at == now:
             outcome("landed")
-            return RecoveredAck(None)
+            return RecoveredAck(None, landed=True)
         outcome("acked_elsewhere")
         ctx.duplicate = True
         ctx.finish("settled by another delivery of this attempt or by the sweep")

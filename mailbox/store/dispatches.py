@@ -565,6 +565,27 @@ class MailboxStore:
                                          expected_token=fenced.token, allow_missing=True,
                                          lease_ms=lease_ms, now=now)
 
+    def release_lost(self, thread_id: str, token: str) -> int | None:
+        """Give back the lease of a claim that a transaction whose answer was lost ended
+        (ack recovery `landed`: the ack committed, its release never ran); what Redis
+        answered, None when unreachable. Never raises."""
+        answer: list[int] = []
+        self._after_commit("release", lambda: answer.append(
+            self.coordinator.release(thread_id, token)))
+        return answer[0] if answer else None
+
+    def hand_over_lost(self, thread_id: str, old_token: str, claimed: RunDispatch,
+                       lease_ms: int, now: int) -> None:
+        """`hand_over_call` and `send_hand_over` for a claim whose transaction's answer was
+        lost (`RunStore.claim_of_lost_ack`): the lease goes from `old_token` to `claimed`;
+        never raises."""
+        assert claimed.claim_token and claimed.claimed_by and claimed.lease_until is not None
+        lease = Lease(claimed.claim_token, claimed.dispatch_id, claimed.lease_until,
+                      claimed.claimed_by)
+        self.send_hand_over(self.coordinator.put_call(
+            thread_id, lease, expected_token=old_token, allow_missing=True, lease_ms=lease_ms,
+            now=now))
+
     def send_hand_over(self, call: ScriptCall) -> None:
         """Send a `hand_over_call` on its own (when no report went with it); never raises."""
         self.coordinator.round_trips += 1

@@ -619,9 +619,8 @@ class RunStore:
         or is released here when nothing was due. A settle that
         publishes the next chain itself (a worker's) saves the separate claim: its
         transaction, and the release, acquire and bind of the lease. If the answer to the
-        commit is lost, ack recovery finds the ack landed and the new claim is left to run
-        out its lease and be reclaimed by the sweep (attempt + 1), like a worker lost right
-        after a claim."""
+        commit is lost, ack recovery finds the ack landed and the new claim with
+        `claim_of_lost_ack`, hands it the lease and starts it."""
         facts, read = self._facts_reader()
         # A failure inside rolls the ack back too: the claim is still ours, lease and all.
         with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_ACK,
@@ -638,6 +637,24 @@ class RunStore:
                              wake_at=wake_at)
         return AckedNext(run, (claimed, facts[-1]), wake_requested=False,
                          hand_over=self.store.hand_over_call(fenced, claimed, lease_ms, now))
+
+    @operation("claim_of_lost_ack")
+    def claim_of_lost_ack(self, thread_id: str, consumer_id: str, lease_ms: int, now: int
+                          ) -> tuple[RunDispatch, AttemptFacts] | None:
+        """After `ack_and_claim_next` lost its answer but landed (ack recovery `landed`):
+        the dispatch its transaction claimed, with what reconstruct checks of its run; None
+        when it claimed nothing. That claim is the thread's Claimed dispatch made by this
+        consumer at the ack's time and not started: nobody else can have claimed the thread
+        since, for the acked claim's lease still names the acked claim's token."""
+        query = q.list_dispatches_query(thread_id, [DispatchStatus.Claimed.value], 1, 0)
+        with self.store.read() as conn:
+            row = conn.execute(query).one_or_none()
+            claimed = None if row is None else q.dispatch_from_row(row)
+            if claimed is None or claimed.claimed_by != consumer_id \
+                    or claimed.updated_at != now or claimed.lease_until != now + lease_ms \
+                    or claimed.dispatch_instance_id is not None:
+                return None
+            return claimed, self._attempt_facts(conn, claimed.run_id)
 
     @operation("record_run_result")  # T5 and the run, together
     def record_outcome(self, dispatch_id: str, claim_token: str, result: RunDispatchResult,

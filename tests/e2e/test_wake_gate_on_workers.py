@@ -6,7 +6,6 @@ when it settles — in order, nothing stranded."""
 from __future__ import annotations
 
 from mailbox import DispatchStatus, Mailbox
-from mailbox.runtime import uuid7_ms
 from tasks import dispatch
 from tests.support.e2e_helpers import broker_client, queued_messages, wait_until
 from tests.support.workers import Stack
@@ -40,25 +39,3 @@ def test_submits_during_a_running_attempt_publish_nothing_and_run_after_it(
     done = [f.completed_at or 0 for f in finals]
     assert done == sorted(done)
 
-
-def test_wake_ups_still_queued_keep_their_marks_and_workers_move_the_frontier(
-        celery_stack: Stack, publisher: Mailbox) -> None:
-    """Docs/behaviour.md#wake-marks through the real broker: a sweep that finds the submits'
-    wake-ups still queued renews their marks and queues no duplicate; the workers that take
-    them move the wake-up frontier to their publish time."""
-    import tasks.maintenance as maintenance_task
-
-    broker = broker_client(celery_stack)
-    coordinator = publisher.store.coordinator
-    results = [dispatch.delay(f"gate-renew-{i}", "echo", f"m{i}") for i in range(3)]
-    assert queued_messages(broker, celery_stack.namespace) == 3
-    swept = maintenance_task.sweep()
-    assert (swept["woken"], swept["already_pending"], swept["renewed"]) == (0, 3, 3)
-    assert queued_messages(broker, celery_stack.namespace) == 3, "a duplicate was queued"
-    assert coordinator.wake_frontier() is None
-    celery_stack.start_worker(concurrency=2)
-    finals = [publisher.wait(r.id, timeout_s=60) for r in results]
-    assert [f.status for f in finals] == [DispatchStatus.Acked] * 3
-    frontier = coordinator.wake_frontier()
-    first = min(uuid7_ms(r.id) or 0 for r in results)
-    assert frontier is not None and frontier >= first

@@ -17,7 +17,7 @@ from mailbox.coordination import WAKE_HELD, ScriptCall
 from mailbox.errors import StoreUnavailableError
 from mailbox.phases import PHASES, run_chain, settle
 from mailbox.runtime import Runtime, now_ms
-from tests.support.phase_kit import Wakes, claim, load, make_runtime, ops, register
+from tests.support.phase_kit import FailOnce, Wakes, claim, load, make_runtime, ops, register
 
 
 def worker_runtime(box: Mailbox, wakes: Wakes) -> tuple[Runtime, list[PhaseContext]]:
@@ -244,3 +244,62 @@ def test_a_broker_that_refuses_the_next_chain_leaves_the_ack_standing(
     finishes = [e.data["status"] for e in mailbox.events_of(first.run_id)
                 if e.type == "run_finish"]
     assert finishes == ["acked"]
+
+
+# ============================================================ the ack's answer lost, landed
+def test_an_ack_whose_answer_was_lost_still_starts_the_claim_it_made(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ack and the next claim committed together; the answer never came back (a
+    connection dropped after COMMIT). Ack recovery finds its own ack, and the claim the same
+    transaction made is handed the lease and started, its attempt unspent — not left to run
+    out its lease and be reclaimed as a failed attempt."""
+    wakes = Wakes()
+    rt, started = worker_runtime(mailbox, wakes)
+    first = mailbox.submit("s-lost", "echo", "one")
+    second = mailbox.submit("s-lost", "echo", "two")
+    ctx = claim(rt, "s-lost")
+    fault = FailOnce(mailbox.runs.ack_and_claim_next,
+                     StoreUnavailableError("server closed the connection"), after_real=True)
+    monkeypatch.setattr(mailbox.runs, "ack_and_claim_next", fault)
+    landed, resumed = ops("ack_recovery", "landed"), ops("ack_recovery", "claim_resumed")
+
+    assert run_chain(rt, ctx).settled == "completed" and fault.calls == 1
+    assert (ops("ack_recovery", "landed"), ops("ack_recovery", "claim_resumed")) == (
+        landed + 1, resumed + 1)
+    assert [c.dispatch_id for c in started] == [second.dispatch_id]
+    assert wakes.calls == [], "the claim was started: nothing to wake"
+    nxt = started[0]
+    assert nxt.run_checked and nxt.run_error is None
+    claimed = load(mailbox, second.dispatch_id)
+    assert claimed.status == DispatchStatus.Claimed and claimed.claim_token == nxt.token
+    assert claimed.attempt_count == 0
+    lease = mailbox.store.coordinator.read_lease("s-lost")
+    assert lease is not None and (lease.token, lease.dispatch_id) == (nxt.token,
+                                                                      second.dispatch_id)
+    finishes = [e.data["status"] for e in mailbox.events_of(first.run_id)
+                if e.type == "run_finish"]
+    assert finishes == ["acked"], "the landed ack is reported once"
+    assert run_chain(rt, nxt).settled == "completed"
+    assert load(mailbox, second.dispatch_id).status == DispatchStatus.Acked
+
+
+def test_an_ack_whose_answer_was_lost_gives_its_lease_back_when_it_claimed_nothing(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing was due: the committed ack never gave the lease back (its answer was lost
+    before the release). Recovery gives it back, so that settle's wake-up — and a submit
+    that comes now — find the thread free, not busy until the lease runs out."""
+    wakes = Wakes()
+    rt, started = worker_runtime(mailbox, wakes)
+    mailbox.submit("s-lost-idle", "echo", "only")
+    ctx = claim(rt, "s-lost-idle")
+    monkeypatch.setattr(mailbox.store, "release_kept", lambda fenced: None)  # never ran
+    monkeypatch.setattr(mailbox.runs, "ack_and_claim_next", FailOnce(
+        mailbox.runs.ack_and_claim_next, StoreUnavailableError("server closed the connection"),
+        after_real=True))
+    assert mailbox.store.coordinator.read_lease("s-lost-idle") is not None
+
+    assert run_chain(rt, ctx).settled == "completed"
+    assert started == [] and wakes.calls == [("s-lost-idle", 0)]
+    assert mailbox.store.coordinator.read_lease("s-lost-idle") is None
+    later = mailbox.submit("s-lost-idle", "echo", "later", wake=False)
+    assert claim(rt, "s-lost-idle").dispatch_id == later.dispatch_id
