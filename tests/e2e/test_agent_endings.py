@@ -18,7 +18,7 @@ import pytest
 from mailbox import DispatchStatus, Mailbox, RunStatus, Termination
 from tasks import dispatch
 from tests.e2e.conftest import celery_stack, publisher  # noqa: F401  (fixtures)
-from tests.support.e2e_helpers import events_of, wait_until
+from tests.support.e2e_helpers import events_of, wait_for_events, wait_until
 from tests.support.workers import Stack
 
 AGENTS = "tests.support.custom_agents"
@@ -39,7 +39,8 @@ def test_cancel_then_raise_ends_the_run_cancelled_not_retried(
     run = publisher.get_run(final.run_id)
     assert run is not None and run.termination == Termination.cancelled()
     assert len(events_of(publisher, final.run_id, "run_started")) == 1, "retried"
-    finish = events_of(publisher, final.run_id, "run_finish")
+    # run_finish follows the ack: the dispatch can be seen Acked a moment before it exists.
+    finish = wait_for_events(publisher, final.run_id, "run_finish", 1, celery_stack)
     assert len(finish) == 1 and finish[0].data["termination"] == {"type": "cancelled"}
 
 
