@@ -176,6 +176,13 @@ class LossyRedis:
     def __init__(self, server: EmbeddedRedis, cluster: LocalRedisCluster | None) -> None:
         self.server = server
         self.cluster = cluster
+        self.restarted_empty = False
+        """A killed master came back as a new process (another run id): its data is gone."""
+
+    def _run_id(self, index: int) -> str:
+        assert self.cluster is not None
+        with self.cluster.nodes[index].client() as client:
+            return str(client.info("server")["run_id"])
 
     @property
     def url(self) -> str:
@@ -196,9 +203,11 @@ class LossyRedis:
     def crash_restart(self, down_s: float) -> None:
         """A crash: no persistence, it comes back empty."""
         if self.cluster:
+            before = self._run_id(0)
             self.cluster.kill(0)
             time.sleep(down_s)
             self.cluster.start_node(0)
+            self.restarted_empty = self._run_id(0) != before
         else:
             self.server.kill()
             time.sleep(down_s)
@@ -267,7 +276,11 @@ def test_redis_flushed_then_restarted_during_1000_dispatches(
     report = audited(audit, s)
     assert set(report.by_status) <= {"Acked", "Superseded"}, report.by_status
     assert report.by_status["Acked"] >= len(work) - 10 * scaled(10) // 3, report.by_status
-    assert report.sample_errors > 0, "Redis was never seen down: the restart did not bite"
+    # On one Redis the audit's samples see it down. A cluster client retries with backoff and
+    # may ride out the outage unseen: there, the master coming back as a new, empty process
+    # is the proof.
+    assert report.sample_errors > 0 or lossy_redis.restarted_empty, \
+        "Redis was never seen down: the restart did not bite"
     assert min(epochs(box, [f"ri-{t}" for t in range(10)]).values()) >= scaled(10) // 3
     # The flush and the restart each wiped the streams of the work before them; the streams
     # of the last third are whole and were checked event by event.
