@@ -28,6 +28,11 @@ publish   HASH task name -> JSON list of rules {"copies": n, "attempt": a, "thre
           while the task named t runs (e.g. the sweep's own wake-ups); `priority` publishes
           it with that broker priority.
           Counters: `dropped`, `duplicated` (HASH task name -> n).
+lost-acks SET of thread ids. The next settle's ack on that thread (`RunStore.ack_and_claim_next`,
+          a worker's) commits, then raises StoreUnavailableError as if the connection dropped
+          after COMMIT: its answer is lost, and whatever it would have done after the commit
+          (hand the lease to the claim it made) is not done. SREM decides, so one ack takes
+          it; it pushes {pid, thread_id, fault: "lost_ack", claimed} on `hits`.
 
 A hook that cannot reach Redis (the test restarts it) injects nothing: faults are opt-in.
 """
@@ -73,6 +78,10 @@ class Keys:
     @property
     def duplicated(self) -> str:
         return f"{self.namespace}:fault:duplicated"
+
+    @property
+    def lost_acks(self) -> str:
+        return f"{self.namespace}:fault:lost-acks"
 
 
 class _Config:
@@ -226,10 +235,37 @@ def _wrap_send(real: Callable[..., Any]) -> Callable[..., Any]:
     return send
 
 
+# ------------------------------------------------------------------------ lost ack answers
+def _wrap_ack(real: Callable[..., Any]) -> Callable[..., Any]:
+    def ack_and_claim_next(store: Any, *args: Any, thread_id: str, **kwargs: Any) -> Any:
+        out = real(store, *args, thread_id=thread_id, **kwargs)
+        keys, client = CONFIG.keys, CONFIG.client()
+        if keys is None or client is None:
+            return out
+        try:
+            lost = client.srem(keys.lost_acks, thread_id)
+            if lost:
+                client.rpush(keys.hits, json.dumps({
+                    "pid": os.getpid(), "thread_id": thread_id, "fault": "lost_ack",
+                    "claimed": out.next is not None, "at": time.time()}))
+        except redis.RedisError:
+            return out
+        if lost:
+            from mailbox.errors import StoreUnavailableError
+
+            raise StoreUnavailableError("injected: the connection dropped after COMMIT")
+        return out
+
+    ack_and_claim_next.__wrapped__ = real  # type: ignore[attr-defined]
+    return ack_and_claim_next
+
+
 # ----------------------------------------------------------------------------- install
 def install(redis_url: str, namespace: str) -> None:
-    """Wrap the phase functions and the app's publish path of this process (idempotent)."""
+    """Wrap the phase functions, the settle's ack and the app's publish path of this
+    process (idempotent)."""
     from mailbox import phases
+    from mailbox.store.runs import RunStore
     from tasks.app import app
 
     CONFIG.configure(redis_url, namespace)
@@ -242,6 +278,9 @@ def install(redis_url: str, namespace: str) -> None:
     real_send = app.amqp.send_task_message
     _originals["send_task_message"] = real_send
     app.amqp.send_task_message = _wrap_send(real_send)
+    _originals["ack_and_claim_next"] = RunStore.ack_and_claim_next
+    RunStore.ack_and_claim_next = _wrap_ack(  # type: ignore[method-assign]
+        RunStore.ack_and_claim_next)
 
 
 def uninstall() -> None:
@@ -253,6 +292,11 @@ def uninstall() -> None:
             setattr(phases, phase, _originals.pop(phase))
     if "send_task_message" in _originals:
         app.amqp.send_task_message = _originals.pop("send_task_message")
+    if "ack_and_claim_next" in _originals:
+        from mailbox.store.runs import RunStore
+
+        RunStore.ack_and_claim_next = _originals.pop(  # type: ignore[method-assign]
+            "ack_and_claim_next")
     CONFIG.redis_url = CONFIG.keys = None
 
 
@@ -310,6 +354,10 @@ class Faults:
         raw = self.client.hget(self.keys.publish, task_name)
         rules = [*(json.loads(raw) if raw else []), rule]
         self.client.hset(self.keys.publish, task_name, json.dumps(rules))
+
+    def lose_ack_answer(self, thread_id: str) -> None:
+        """The next worker's ack on this thread commits and loses its answer (`lost-acks`)."""
+        self.client.sadd(self.keys.lost_acks, thread_id)
 
     def clear_publish_rules(self) -> None:
         self.client.delete(self.keys.publish)
