@@ -160,6 +160,9 @@ def test_log_in_and_walk_every_page(browser: Any, server: ApiServer, api: httpx.
                      {"tokens": ["Your ", "parcel ", "left ", "the ", "depot ", "at ", "9:40 ",
                                  "and ", "arrives ", "tomorrow."], "delay_ms": 30})
     _run_status(api, answer["run_id"], "done")
+    # The run is done when execute records the outcome; its dispatch is live (the page offers
+    # a cancel) until settle acks it a moment later.
+    wait_json(api, f"/v1/dispatches/{answer['dispatch_id']}", lambda d: d["status"] == "Acked")
     browser.get(server.url + f"/ui/runs/{answer['run_id']}")
     wait_for(lambda: _by_id(browser, "stream-state").text == "finished", what="the replay")
     assert not _css(browser, "#cancel")  # rendered done: nothing to cancel
