@@ -310,10 +310,13 @@ class MailboxStore:
     def _release(self, d: RunDispatch, token: str | None) -> int | None:
         """Give the lease back after the claim ended; what Redis answered (None: not asked,
         or unreachable)."""
+        return self._release_thread(d.thread_id, token)
+
+    def _release_thread(self, thread_id: str, token: str | None) -> int | None:
         answer: list[int] = []
         if token:
             self._after_commit("release", lambda: answer.append(
-                self.coordinator.release(d.thread_id, token)))
+                self.coordinator.release(thread_id, token)))
         return answer[0] if answer else None
 
     def _cache_epoch(self, thread_id: str, epoch: int, generation: str | None) -> None:
@@ -558,33 +561,29 @@ class MailboxStore:
         yet sent. A settle sends it in the round trip of its report (`handed_over` takes the
         reply), and always before the new claim's chain starts: until then the lease still
         names the old token."""
+        return self._put_call(fenced.dispatch.thread_id, fenced.token, claimed, lease_ms, now)
+
+    def _put_call(self, thread_id: str, old_token: str, claimed: RunDispatch, lease_ms: int,
+                  now: int) -> ScriptCall:
+        """The lease put from `old_token` to `claimed` (put back if Redis lost it)."""
         assert claimed.claim_token and claimed.claimed_by and claimed.lease_until is not None
         lease = Lease(claimed.claim_token, claimed.dispatch_id, claimed.lease_until,
                       claimed.claimed_by)
-        return self.coordinator.put_call(fenced.dispatch.thread_id, lease,
-                                         expected_token=fenced.token, allow_missing=True,
-                                         lease_ms=lease_ms, now=now)
+        return self.coordinator.put_call(thread_id, lease, expected_token=old_token,
+                                         allow_missing=True, lease_ms=lease_ms, now=now)
 
     def release_lost(self, thread_id: str, token: str) -> int | None:
         """Give back the lease of a claim that a transaction whose answer was lost ended
         (ack recovery `landed`: the ack committed, its release never ran); what Redis
         answered, None when unreachable. Never raises."""
-        answer: list[int] = []
-        self._after_commit("release", lambda: answer.append(
-            self.coordinator.release(thread_id, token)))
-        return answer[0] if answer else None
+        return self._release_thread(thread_id, token)
 
     def hand_over_lost(self, thread_id: str, old_token: str, claimed: RunDispatch,
                        lease_ms: int, now: int) -> None:
         """`hand_over_call` and `send_hand_over` for a claim whose transaction's answer was
         lost (`RunStore.claim_of_lost_ack`): the lease goes from `old_token` to `claimed`;
         never raises."""
-        assert claimed.claim_token and claimed.claimed_by and claimed.lease_until is not None
-        lease = Lease(claimed.claim_token, claimed.dispatch_id, claimed.lease_until,
-                      claimed.claimed_by)
-        self.send_hand_over(self.coordinator.put_call(
-            thread_id, lease, expected_token=old_token, allow_missing=True, lease_ms=lease_ms,
-            now=now))
+        self.send_hand_over(self._put_call(thread_id, old_token, claimed, lease_ms, now))
 
     def send_hand_over(self, call: ScriptCall) -> None:
         """Send a `hand_over_call` on its own (when no report went with it); never raises."""
