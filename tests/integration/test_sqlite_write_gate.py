@@ -104,6 +104,66 @@ def test_threads_of_one_process_take_turns(tmp_path: Path) -> None:
     assert most == 1
 
 
+def _turn_taken(path: str) -> bool:
+    """Whether some writer holds the gate's lock: another open file cannot take it."""
+    probe = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(probe)  # closing the probe's file gives back what it took
+    return False
+
+
+def test_a_waiting_writer_is_let_in_the_moment_the_holder_leaves(tmp_path: Path) -> None:
+    """The wait is in the kernel, not a poll: the writer enters as soon as the turn is free,
+    in order, and nothing is shared while it waits."""
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=10)
+    with gate.held():
+        pass
+    holder = os.open(gate.path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process's writer
+    entered = threading.Event()
+
+    def writer() -> None:
+        with gate.held():
+            entered.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert not entered.wait(0.3), "the writer entered while another held the turn"
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    assert entered.wait(5), "the writer was not let in after the holder left"
+    thread.join(5)
+    assert not _turn_taken(gate.path), "the writer kept the turn after its block"
+
+
+def test_a_wait_given_up_never_gives_away_a_later_writers_turn(tmp_path: Path) -> None:
+    """A writer that times out leaves its wait behind; the lock it gets later is the same
+    open file's as the process's next writer, so that wait must not end by unlocking a turn
+    the next writer holds. The next writer queues behind it instead."""
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=0.3)
+    with gate.held():
+        pass
+    holder = os.open(gate.path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    with pytest.raises(WriteGateTimeoutError), gate.held():
+        pytest.fail("entered while another writer held the turn")
+    fcntl.flock(holder, fcntl.LOCK_UN)  # the abandoned wait gets the lock and gives it back
+    os.close(holder)
+    gate.timeout_s = 5
+    with gate.held():
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # long after the abandoned wait has finished
+            assert _turn_taken(gate.path), "the writer's turn was given away while inside"
+            time.sleep(0.01)
+    assert not _turn_taken(gate.path)
+
+
 def test_a_writer_that_cannot_get_its_turn_fails_cleanly(mailbox: Mailbox) -> None:
     gate = mailbox.store._gate
     assert gate is not None, "a file-backed SQLite store must have a write gate"
