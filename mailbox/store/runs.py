@@ -376,10 +376,13 @@ class RunStore:
             return
         if known is not None:
             seq, turn = known
-        else:
+        elif new_run:
             seq = int(conn.execute(q.SELECT_LAST_SEQ, {"thread_id": thread_id}).scalar_one())
-            turn = None if new_run else conn.execute(q.SELECT_RUN_TURN,
-                                                     {"run_id": run_id}).scalar_one_or_none()
+            turn = None
+        else:
+            last, turn = conn.execute(q.SELECT_LAST_SEQ_AND_TURN,
+                                      {"thread_id": thread_id, "run_id": run_id}).one()
+            seq = int(last)
         turn = seq + 1 if turn is None else int(turn)
         ids = list(message_ids) if message_ids is not None else \
             [str(uuid6.uuid7()) for _ in entries]

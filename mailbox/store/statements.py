@@ -324,6 +324,11 @@ SELECT_RUN_MESSAGES = (sa.select(messages).where(_M.run_id == sa.bindparam("run_
 SELECT_THREAD_TAIL = (sa.select(messages).where(_M.thread_id == sa.bindparam("thread_id"))
                       .order_by(_M.seq.desc()).limit(sa.bindparam("limit")))
 SELECT_RUN_TURN = sa.select(sa.func.min(_M.seq)).where(_M.run_id == sa.bindparam("run_id"))
+# What an append to a run's turn reads under the thread lock, in one statement: the thread's
+# last seq (the entries take the next ones) and the run's turn (None: the run has no message).
+SELECT_LAST_SEQ_AND_TURN = sa.select(
+    SELECT_LAST_SEQ.scalar_subquery().label(LAST_SEQ),
+    SELECT_RUN_TURN.scalar_subquery().label(WAITING_TURN))
 SELECT_TURN_AT = sa.select(_M.turn).where(_M.thread_id == sa.bindparam("thread_id"),
                                           _M.seq == sa.bindparam("seq"))
 
