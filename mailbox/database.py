@@ -154,7 +154,9 @@ class SqliteWriteGate:
         inherited = self._fd
         self._threads = threading.Lock()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._waiter = None  # the parent's waiting thread did not come along
+        if self._waiter is not None:  # its thread did not come along; its files did
+            self._waiter.close_inherited()
+        self._waiter = None
         # Closing our copy never releases the parent's lock: it still holds its own.
         os.close(inherited)
 
@@ -228,22 +230,34 @@ class _TurnWaiter:
         self._requests: queue.SimpleQueue[_TurnRequest] = queue.SimpleQueue()
         self._guard = threading.Lock()
         self._running = False
-        self._outstanding = 0  # requests put and not yet served to the end
+        self._outstanding: set[int] = set()  # descriptors of requests not served to the end
 
     def busy(self) -> bool:
         """True while a request (an abandoned one, when its writer has moved on) is still
         waiting for, or giving back, the lock."""
         with self._guard:
-            return self._outstanding > 0
+            return bool(self._outstanding)
+
+    def close_inherited(self) -> None:
+        """In a forked child: close the descriptors of the parent's waits, which would keep
+        the parent's open file, and with it a lock the parent holds, alive in this process.
+        Without the guard: the thread that held it at the fork does not exist here."""
+        for fd in list(self._outstanding):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def wait_for_turn(self, fd: int, timeout_s: float) -> bool:
         """True once this process holds the lock on `fd`; False after `timeout_s`."""
         request = _TurnRequest(fd)
         with self._guard:
             self._requests.put(request)
-            self._outstanding += 1
+            self._outstanding.add(request.fd)
             if not self._running:
-                threading.Thread(target=self._serve, name=self._name, daemon=True).start()
+                try:
+                    threading.Thread(target=self._serve, name=self._name, daemon=True).start()
+                except RuntimeError:  # no new thread (interpreter shutting down)
+                    request.abandoned = True  # a later thread serves it: gives the lock back
+                    raise
                 self._running = True
         request.done.wait(timeout_s)
         with request.decided:
@@ -267,9 +281,9 @@ class _TurnWaiter:
             try:
                 self._serve_one(request)
             finally:
-                os.close(request.fd)
                 with self._guard:
-                    self._outstanding -= 1
+                    self._outstanding.discard(request.fd)
+                os.close(request.fd)
 
     @staticmethod
     def _serve_one(request: _TurnRequest) -> None:

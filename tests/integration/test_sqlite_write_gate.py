@@ -8,6 +8,7 @@ threads of one process taking turns.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import multiprocessing
 import os
@@ -162,6 +163,56 @@ def test_a_wait_given_up_never_gives_away_a_later_writers_turn(tmp_path: Path) -
             assert _turn_taken(gate.path), "the writer's turn was given away while inside"
             time.sleep(0.01)
     assert not _turn_taken(gate.path)
+
+
+def _open_files_of(path: str) -> int:
+    """How many descriptors of this process are open on `path`."""
+    real = os.path.realpath(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == real
+    return count
+
+
+def test_a_child_forked_during_a_wait_keeps_none_of_its_parents_lock_files(
+        tmp_path: Path) -> None:
+    """A prefork pool may fork while a writer of the parent waits for its turn. The child
+    must not keep the parent's open lock file (the wait's own descriptor included): a lock
+    the parent takes would live on in the child after the parent died."""
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=10)
+    with gate.held():
+        pass
+    holder = os.open(gate.path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    def writer() -> None:
+        with gate.held():
+            pass
+
+    waiting = threading.Thread(target=writer)
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while _open_files_of(gate.path) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the gate's file, the holder's, and the wait's own
+    assert _open_files_of(gate.path) == 3
+    counted_r, counted_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(counted_w, bytes([_open_files_of(gate.path)]))
+        finally:
+            os._exit(0)
+    try:
+        # The child's own gate file and the holder's inherited one: nothing of the wait.
+        assert os.read(counted_r, 1) == bytes([2])
+    finally:
+        os.waitpid(pid, 0)
+        os.close(counted_r)
+        os.close(counted_w)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+        waiting.join(5)
 
 
 def test_a_writer_that_cannot_get_its_turn_fails_cleanly(mailbox: Mailbox) -> None:
