@@ -119,7 +119,11 @@ def _sqlite_engine(url: str, **kwargs: Any) -> sa.Engine:
     return engine
 
 
-class WriteGateTimeoutError(Exception):
+class WriteGateError(Exception):
+    """A writer could not take its turn on the writers' gate."""
+
+
+class WriteGateTimeoutError(WriteGateError):
     """Another writer held the gate longer than the busy timeout."""
 
 
@@ -146,6 +150,7 @@ class SqliteWriteGate:
         self.timeout_s = timeout_s
         self._threads = threading.Lock()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._reopen_error: OSError | None = None
         self._waiter: _TurnWaiter | None = None
         _GATES.add(self)
 
@@ -153,12 +158,16 @@ class SqliteWriteGate:
         """In a forked child: take a lock file of its own (see the class docstring)."""
         inherited = self._fd
         self._threads = threading.Lock()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if self._waiter is not None:  # its thread did not come along; its files did
+        if self._waiter is not None:  # its thread did not come along; its file did
             self._waiter.close_inherited()
         self._waiter = None
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # no file of its own: this process cannot write
+            self._fd, self._reopen_error = -1, exc
         # Closing our copy never releases the parent's lock: it still holds its own.
-        os.close(inherited)
+        if inherited >= 0:
+            os.close(inherited)
 
     def __del__(self) -> None:
         # Not contextlib.suppress: at interpreter exit that module may be gone already.
@@ -170,6 +179,8 @@ class SqliteWriteGate:
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         fd, threads = self._fd, self._threads
+        if fd < 0:
+            raise WriteGateError(f"no lock file of this process: {self._reopen_error}")
         if not threads.acquire(timeout=self.timeout_s):
             raise WriteGateTimeoutError(f"no turn to write within {self.timeout_s}s")
         try:
@@ -182,35 +193,41 @@ class SqliteWriteGate:
             threads.release()
 
     def _lock(self, fd: int) -> None:
+        """Take the turn (the caller holds `_threads`: one writer of this process)."""
         waiter = self._waiter
-        # Not while an abandoned wait is still blocked on this open file: the lock it gets
-        # would be this one too, and it gives its lock back (`_TurnWaiter`).
+        # Not while a wait given up is still blocked on this open file: the lock it gets
+        # would be this one too, and it would give it back (`_TurnWaiter`).
         if waiter is None or not waiter.busy():
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 pass
-        if waiter is None:  # this process's first wait (held() holds _threads)
+            except OSError as exc:
+                raise WriteGateError(f"cannot lock {self.path}: {exc}") from exc
+        if waiter is None:
             waiter = self._waiter = _TurnWaiter(self.path)
         if not waiter.wait_for_turn(fd, self.timeout_s):
             raise WriteGateTimeoutError(
                 f"another process held {self.path} for {self.timeout_s}s")
 
 
-class _TurnRequest:
-    """One writer's wait for the lock, shared with the waiting thread. The thread locks a
-    duplicate of the gate's descriptor (same open file, so the same lock), which stays valid
-    whatever happens to the gate's own while the thread is still blocked."""
+WAITING, GRANTED, GIVEN_BACK, FAILED = "waiting", "granted", "given back", "failed"
 
-    __slots__ = ("abandoned", "decided", "done", "error", "fd", "granted")
+
+class _TurnRequest:
+    """A blocking wait for the lock, made by the waiting thread for its process's writers.
+    It locks a duplicate of the gate's descriptor (the same open file, so the same lock),
+    which stays valid whatever happens to the gate's own while the thread is blocked."""
+
+    __slots__ = ("decided", "done", "error", "fd", "owned", "state")
 
     def __init__(self, fd: int) -> None:
         self.fd = os.dup(fd)
         self.done = threading.Event()
-        self.decided = threading.Lock()  # granted / abandoned: whichever comes first wins
-        self.granted = False
-        self.abandoned = False
+        self.decided = threading.Lock()  # guards state and owned
+        self.state = WAITING
+        self.owned = True  # a writer waits for it; False: given up, the lock goes back
         self.error: OSError | None = None
 
 
@@ -218,10 +235,13 @@ class _TurnWaiter:
     """A thread that waits in a blocking flock for the writers of its process.
 
     flock has no timeout, so the blocking call runs here while the writer waits on an event
-    that has one. A writer that gives up marks its request abandoned; if the lock comes
-    afterwards, this thread gives it straight back. Requests are served in order, one at a
-    time, as the writers of the process take turns anyway (`SqliteWriteGate._threads`). The
-    thread ends after IDLE_S without a request and starts again with the next one."""
+    that has one. At most one wait is out at a time: a writer that gives up (its timeout, or
+    an exception such as Celery's soft time limit arriving meanwhile) leaves the wait
+    unowned, and the lock it gets goes straight back; the process's next writer takes the
+    wait over instead of starting another or taking the lock itself (the lock that wait
+    gets is the same open file's, and giving it back would give the next writer's turn
+    away). So a peer stuck in its turn costs one descriptor, not one per timed-out write.
+    The thread ends after IDLE_S without a wait and starts again with the next one."""
 
     IDLE_S = 30.0
 
@@ -230,87 +250,134 @@ class _TurnWaiter:
         self._requests: queue.SimpleQueue[_TurnRequest] = queue.SimpleQueue()
         self._guard = threading.Lock()
         self._running = False
-        self._outstanding: set[int] = set()  # descriptors of requests not served to the end
+        self._pending: _TurnRequest | None = None  # the wait out now, if any
+        _WAITERS.add(self)
 
     def busy(self) -> bool:
-        """True while a request (an abandoned one, when its writer has moved on) is still
-        waiting for, or giving back, the lock."""
+        """True while a wait is still blocked on (or giving back) the lock."""
         with self._guard:
-            return bool(self._outstanding)
+            return self._pending is not None and not self._pending.done.is_set()
 
     def close_inherited(self) -> None:
-        """In a forked child: close the descriptors of the parent's waits, which would keep
+        """In a forked child: close the descriptor of the parent's wait, which would keep
         the parent's open file, and with it a lock the parent holds, alive in this process.
-        Without the guard: the thread that held it at the fork does not exist here."""
-        for fd in list(self._outstanding):
+        The parent's `_guard` is held across the fork (`_hold_guards_for_fork`)."""
+        pending = self._pending
+        if pending is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                os.close(pending.fd)
 
     def wait_for_turn(self, fd: int, timeout_s: float) -> bool:
         """True once this process holds the lock on `fd`; False after `timeout_s`."""
-        request = _TurnRequest(fd)
+        request = self._request(fd)
+        try:
+            request.done.wait(timeout_s)
+            with request.decided:
+                if request.state == GRANTED:
+                    return True
+                request.owned = False
+                if request.state == FAILED:
+                    assert request.error is not None
+                    raise WriteGateError(f"cannot lock: {request.error}") from request.error
+                return False
+        except BaseException:
+            with request.decided:  # whatever interrupted the wait: nobody of ours goes in
+                request.owned = False
+                if request.state == GRANTED:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    request.state = GIVEN_BACK
+            raise
+
+    def _request(self, fd: int) -> _TurnRequest:
+        """The wait out now, taken over (still blocked), or a new one."""
         with self._guard:
+            pending = self._pending
+            if pending is not None:
+                with pending.decided:
+                    if pending.state == WAITING:
+                        pending.owned = True
+                        return pending
+            request = _TurnRequest(fd)
+            self._pending = request
             self._requests.put(request)
-            self._outstanding.add(request.fd)
             if not self._running:
+                self._running = True
                 try:
                     threading.Thread(target=self._serve, name=self._name, daemon=True).start()
-                except RuntimeError:  # no new thread (interpreter shutting down)
-                    request.abandoned = True  # a later thread serves it: gives the lock back
+                except BaseException:  # no new thread (interpreter shutting down): the
+                    self._running = False  # next writer's starts one, which serves this
+                    request.owned = False  # wait and gives its lock back
                     raise
-                self._running = True
-        request.done.wait(timeout_s)
-        with request.decided:
-            if request.error is not None:
-                raise request.error
-            if request.granted:
-                return True
-            request.abandoned = True
-            return False
+            return request
 
     def _serve(self) -> None:
-        while True:
-            try:
-                request = self._requests.get(timeout=self.IDLE_S)
-            except queue.Empty:
-                with self._guard:
-                    if self._requests.empty():
-                        self._running = False
-                        return
-                continue
-            try:
+        try:
+            while True:
+                try:
+                    request = self._requests.get(timeout=self.IDLE_S)
+                except queue.Empty:
+                    with self._guard:
+                        if self._requests.empty():
+                            return
+                    continue
                 self._serve_one(request)
-            finally:
-                with self._guard:
-                    self._outstanding.discard(request.fd)
-                os.close(request.fd)
+        finally:
+            with self._guard:
+                self._running = False
 
-    @staticmethod
-    def _serve_one(request: _TurnRequest) -> None:
+    def _serve_one(self, request: _TurnRequest) -> None:
         try:
             fcntl.flock(request.fd, fcntl.LOCK_EX)
-        except OSError as exc:  # the writer raises it
+        except OSError as exc:
             with request.decided:
-                request.error = exc
-            request.done.set()
-            return
-        with request.decided:
-            if request.abandoned:
-                fcntl.flock(request.fd, fcntl.LOCK_UN)
-            else:
-                request.granted = True
+                request.state, request.error = FAILED, exc
+        else:
+            with request.decided:
+                if request.owned:
+                    request.state = GRANTED
+                else:
+                    fcntl.flock(request.fd, fcntl.LOCK_UN)
+                    request.state = GIVEN_BACK
         request.done.set()
+        with self._guard:
+            if self._pending is request:
+                self._pending = None
+            os.close(request.fd)
+
+
+_WAITERS: weakref.WeakSet[_TurnWaiter] = weakref.WeakSet()
+
+
+_held_across_fork: list[_TurnWaiter] = []
+
+
+def _hold_guards_for_fork() -> None:
+    """Before a fork: no waiter between duplicating a descriptor and recording it, or
+    between forgetting one and closing it, so a child knows every descriptor of its
+    parent's waits."""
+    _held_across_fork[:] = list(_WAITERS)
+    for waiter in _held_across_fork:
+        waiter._guard.acquire()  # noqa: SLF001  (this module's own class)
+
+
+def _release_guards_after_fork() -> None:
+    """After the fork, in the parent and in the child (whose gates then drop the waiters)."""
+    for waiter in _held_across_fork:
+        waiter._guard.release()  # noqa: SLF001
+    _held_across_fork.clear()
 
 
 _GATES: weakref.WeakSet[SqliteWriteGate] = weakref.WeakSet()
 
 
 def _reopen_gates_in_child() -> None:
+    _release_guards_after_fork()
     for gate in list(_GATES):
         gate.reopen_after_fork()
 
 
-os.register_at_fork(after_in_child=_reopen_gates_in_child)
+os.register_at_fork(before=_hold_guards_for_fork, after_in_parent=_release_guards_after_fork,
+                    after_in_child=_reopen_gates_in_child)
 
 
 def write_gate(engine: sa.Engine) -> SqliteWriteGate | None:

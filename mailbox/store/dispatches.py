@@ -44,7 +44,7 @@ from sqlalchemy import exc as sa_exc
 
 from mailbox import metrics
 from mailbox.coordination import WAKE_REQUESTED, Coordinator, Lease, ScriptCall, run_calls
-from mailbox.database import READ_ONLY, WriteGateTimeoutError, is_postgres, write_gate
+from mailbox.database import READ_ONLY, WriteGateError, is_postgres, write_gate
 from mailbox.errors import (
     AlreadyExistsError,
     MailboxError,
@@ -156,7 +156,7 @@ class MailboxStore:
                     # goes with the DBAPI connection, and the original error must surface)
                     with contextlib.suppress(sa.exc.SQLAlchemyError):
                         conn.info.pop(_ON_COMMIT, None)
-        except WriteGateTimeoutError as exc:
+        except WriteGateError as exc:
             raise StoreUnavailableError(f"database is locked: {exc}") from exc
         for action in committed:
             action()

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -117,9 +118,9 @@ def _turn_taken(path: str) -> bool:
     return False
 
 
-def test_a_waiting_writer_is_let_in_the_moment_the_holder_leaves(tmp_path: Path) -> None:
-    """The wait is in the kernel, not a poll: the writer enters as soon as the turn is free,
-    in order, and nothing is shared while it waits."""
+def test_a_waiting_writer_is_let_in_once_the_holder_leaves(tmp_path: Path) -> None:
+    """A writer that finds the turn taken stays out while another holds it, is let in once
+    it is free, and leaves nothing locked behind."""
     gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=10)
     with gate.held():
         pass
@@ -143,25 +144,119 @@ def test_a_waiting_writer_is_let_in_the_moment_the_holder_leaves(tmp_path: Path)
     assert not _turn_taken(gate.path), "the writer kept the turn after its block"
 
 
-def test_a_wait_given_up_never_gives_away_a_later_writers_turn(tmp_path: Path) -> None:
-    """A writer that times out leaves its wait behind; the lock it gets later is the same
-    open file's as the process's next writer, so that wait must not end by unlocking a turn
-    the next writer holds. The next writer queues behind it instead."""
+class _PausedAfterBlockingLock:
+    """`fcntl` for mailbox.database whose blocking LOCK_EX, once the kernel grants it, waits
+    for `proceed` before returning: the waiting thread holds the lock and has not decided
+    yet what to do with it."""
+
+    def __init__(self) -> None:
+        self.granted = threading.Event()
+        self.proceed = threading.Event()
+
+    def flock(self, fd: int, operation: int) -> None:
+        fcntl.flock(fd, operation)
+        if operation == fcntl.LOCK_EX:
+            self.granted.set()
+            self.proceed.wait(10)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(fcntl, name)
+
+
+def test_a_wait_given_up_never_gives_away_a_later_writers_turn(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that times out leaves its wait behind; the lock that wait gets is the same
+    open file's as the process's next writer, so the next writer must take that wait over,
+    never take the lock itself while the wait could still give it back."""
+    import mailbox.database
+
+    paused = _PausedAfterBlockingLock()
+    monkeypatch.setattr(mailbox.database, "fcntl", paused)
     gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=0.3)
-    with gate.held():
-        pass
     holder = os.open(gate.path, os.O_RDWR)
     fcntl.flock(holder, fcntl.LOCK_EX)
     with pytest.raises(WriteGateTimeoutError), gate.held():
         pytest.fail("entered while another writer held the turn")
-    fcntl.flock(holder, fcntl.LOCK_UN)  # the abandoned wait gets the lock and gives it back
+    fcntl.flock(holder, fcntl.LOCK_UN)  # the wait left behind gets the lock, and pauses
     os.close(holder)
+    assert paused.granted.wait(5)
+    gate.timeout_s = 5
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def next_writer() -> None:
+        with gate.held():
+            inside.set()
+            leave.wait(10)
+
+    writer = threading.Thread(target=next_writer)
+    writer.start()
+    try:
+        time.sleep(0.2)  # the next writer has taken the wait over (or, wrongly, the lock)
+        paused.proceed.set()  # the wait decides what to do with the lock
+        assert inside.wait(5), "the next writer never got its turn"
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            assert _turn_taken(gate.path), "the next writer's turn was given away"
+            time.sleep(0.01)
+    finally:
+        paused.proceed.set()
+        leave.set()
+        writer.join(5)
+    assert not writer.is_alive()
+    assert not _turn_taken(gate.path)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_wait_interrupted_by_an_exception_leaves_the_turn_to_others(
+        tmp_path: Path) -> None:
+    """An exception that arrives while a writer waits (Celery's soft time limit is raised
+    from a signal handler) must not leave this process holding the lock with nobody inside
+    once the holder lets go."""
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=10)
+    holder = os.open(gate.path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Interrupted), gate.held():
+            pytest.fail("entered while another writer held the turn")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    os.close(holder)
+    deadline = time.monotonic() + 5
+    while gate._waiter is not None and gate._waiter.busy() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the wait left behind gets the lock, and gives it back
+    assert not _turn_taken(gate.path), "the interrupted wait kept the lock"
+    with gate.held():  # and the process still writes
+        assert _turn_taken(gate.path)
+
+
+def test_a_stuck_holder_costs_one_wait_not_one_per_timed_out_writer(tmp_path: Path) -> None:
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=0.05)
+    holder = os.open(gate.path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        for _ in range(10):
+            with pytest.raises(WriteGateTimeoutError), gate.held():
+                pytest.fail("entered while another writer held the turn")
+        # The gate's own file, the holder's, and the one wait left behind.
+        assert _open_files_of(gate.path) == 3
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
     gate.timeout_s = 5
     with gate.held():
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:  # long after the abandoned wait has finished
-            assert _turn_taken(gate.path), "the writer's turn was given away while inside"
-            time.sleep(0.01)
+        assert _turn_taken(gate.path)
     assert not _turn_taken(gate.path)
 
 
@@ -193,9 +288,10 @@ def test_a_child_forked_during_a_wait_keeps_none_of_its_parents_lock_files(
     waiting = threading.Thread(target=writer)
     waiting.start()
     deadline = time.monotonic() + 5
-    while _open_files_of(gate.path) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)  # the gate's file, the holder's, and the wait's own
-    assert _open_files_of(gate.path) == 3
+    while not (gate._waiter is not None and gate._waiter.busy()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _open_files_of(gate.path) == 3  # the gate's file, the holder's, the wait's own
     counted_r, counted_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -213,6 +309,7 @@ def test_a_child_forked_during_a_wait_keeps_none_of_its_parents_lock_files(
         fcntl.flock(holder, fcntl.LOCK_UN)
         os.close(holder)
         waiting.join(5)
+    assert not waiting.is_alive()
 
 
 def test_a_writer_that_cannot_get_its_turn_fails_cleanly(mailbox: Mailbox) -> None:
