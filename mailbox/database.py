@@ -148,7 +148,7 @@ class SqliteWriteGate:
     def __init__(self, database_path: str, timeout_s: float) -> None:
         self.path = f"{database_path}-writers.lock"
         self.timeout_s = timeout_s
-        self._threads = threading.Lock()
+        self._threads = threading.RLock()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         self._reopen_error: OSError | None = None
         self._waiter: _TurnWaiter | None = None
@@ -157,7 +157,7 @@ class SqliteWriteGate:
     def reopen_after_fork(self) -> None:
         """In a forked child: take a lock file of its own (see the class docstring)."""
         inherited = self._fd
-        self._threads = threading.Lock()
+        self._threads = threading.RLock()
         if self._waiter is not None:  # its thread did not come along; its file did
             self._waiter.close_inherited()
         self._waiter = None
@@ -181,18 +181,25 @@ class SqliteWriteGate:
         fd, threads = self._fd, self._threads
         if fd < 0:
             raise WriteGateError(f"no lock file of this process: {self._reopen_error}")
-        if not threads.acquire(timeout=self.timeout_s):
-            raise WriteGateTimeoutError(f"no turn to write within {self.timeout_s}s")
+        # A nested turn would unlock the outer one's on leaving (RLock: no public owner test).
+        if threads._is_owned():  # type: ignore[attr-defined]  # noqa: SLF001
+            raise RuntimeError("SqliteWriteGate.held() does not nest")
+        deadline = time.monotonic() + self.timeout_s
         try:
-            self._lock(fd)
+            if not threads.acquire(timeout=self.timeout_s):
+                raise WriteGateTimeoutError(f"no turn to write within {self.timeout_s}s")
             try:
+                self._lock(fd, deadline)
                 yield
-            finally:
+            finally:  # also when _lock failed or was interrupted: a no-op when this file
+                # holds nothing (a wait still blocked on it is not touched)
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            threads.release()
+            # Not `if threads._is_owned()`: an exception could land between the two.
+            with contextlib.suppress(RuntimeError):  # not ours: acquire failed or never ran
+                threads.release()
 
-    def _lock(self, fd: int) -> None:
+    def _lock(self, fd: int, deadline: float) -> None:
         """Take the turn (the caller holds `_threads`: one writer of this process)."""
         waiter = self._waiter
         # Not while a wait given up is still blocked on this open file: the lock it gets
@@ -207,7 +214,7 @@ class SqliteWriteGate:
                 raise WriteGateError(f"cannot lock {self.path}: {exc}") from exc
         if waiter is None:
             waiter = self._waiter = _TurnWaiter(self.path)
-        if not waiter.wait_for_turn(fd, self.timeout_s):
+        if not waiter.wait_for_turn(fd, max(0.0, deadline - time.monotonic())):
             raise WriteGateTimeoutError(
                 f"another process held {self.path} for {self.timeout_s}s")
 
@@ -251,6 +258,7 @@ class _TurnWaiter:
         self._guard = threading.Lock()
         self._running = False
         self._pending: _TurnRequest | None = None  # the wait out now, if any
+        self._open_fds: set[int] = set()
         _WAITERS.add(self)
 
     def busy(self) -> bool:
@@ -262,15 +270,14 @@ class _TurnWaiter:
         """In a forked child: close the descriptor of the parent's wait, which would keep
         the parent's open file, and with it a lock the parent holds, alive in this process.
         The parent's `_guard` is held across the fork (`_hold_guards_for_fork`)."""
-        pending = self._pending
-        if pending is not None:
+        for fd in self._open_fds:
             with contextlib.suppress(OSError):
-                os.close(pending.fd)
+                os.close(fd)
 
     def wait_for_turn(self, fd: int, timeout_s: float) -> bool:
         """True once this process holds the lock on `fd`; False after `timeout_s`."""
-        request = self._request(fd)
         try:
+            request = self._request(fd)
             request.done.wait(timeout_s)
             with request.decided:
                 if request.state == GRANTED:
@@ -280,34 +287,38 @@ class _TurnWaiter:
                     assert request.error is not None
                     raise WriteGateError(f"cannot lock: {request.error}") from request.error
                 return False
-        except BaseException:
-            with request.decided:  # whatever interrupted the wait: nobody of ours goes in
-                request.owned = False
-                if request.state == GRANTED:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    request.state = GIVEN_BACK
+        except BaseException:  # whatever interrupted the wait: nobody of ours goes in
+            with self._guard:
+                pending = self._pending  # ours, if any (the caller holds _threads)
+            if pending is not None:
+                with pending.decided:
+                    pending.owned = False
+                    if pending.state == GRANTED:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                        pending.state = GIVEN_BACK
             raise
 
     def _request(self, fd: int) -> _TurnRequest:
-        """The wait out now, taken over (still blocked), or a new one."""
         with self._guard:
             pending = self._pending
+            request = None
             if pending is not None:
                 with pending.decided:
                     if pending.state == WAITING:
                         pending.owned = True
-                        return pending
-            request = _TurnRequest(fd)
-            self._pending = request
-            self._requests.put(request)
-            if not self._running:
-                self._running = True
+                        request = pending
+            if request is None:
+                request = _TurnRequest(fd)
+                self._open_fds.add(request.fd)
+                self._pending = request
+                self._requests.put(request)
+            if not self._running:  # adopted or new: something must serve it
                 try:
                     threading.Thread(target=self._serve, name=self._name, daemon=True).start()
-                except BaseException:  # no new thread (interpreter shutting down): the
-                    self._running = False  # next writer's starts one, which serves this
-                    request.owned = False  # wait and gives its lock back
-                    raise
+                except RuntimeError as exc:
+                    request.owned = False
+                    raise WriteGateError(f"no thread to wait in: {exc}") from exc
+                self._running = True
             return request
 
     def _serve(self) -> None:
@@ -318,12 +329,14 @@ class _TurnWaiter:
                 except queue.Empty:
                     with self._guard:
                         if self._requests.empty():
+                            self._running = False
                             return
                     continue
                 self._serve_one(request)
-        finally:
+        except BaseException:
             with self._guard:
                 self._running = False
+            raise
 
     def _serve_one(self, request: _TurnRequest) -> None:
         try:
@@ -343,6 +356,7 @@ class _TurnWaiter:
             if self._pending is request:
                 self._pending = None
             os.close(request.fd)
+            self._open_fds.discard(request.fd)
 
 
 _WAITERS: weakref.WeakSet[_TurnWaiter] = weakref.WeakSet()

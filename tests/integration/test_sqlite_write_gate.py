@@ -20,7 +20,12 @@ from pathlib import Path
 import pytest
 
 from mailbox import Mailbox, StoreUnavailableError
-from mailbox.database import SqliteWriteGate, WriteGateTimeoutError, write_gate
+from mailbox.database import (
+    SqliteWriteGate,
+    WriteGateError,
+    WriteGateTimeoutError,
+    write_gate,
+)
 from tests.support.racers import race
 
 pytestmark = pytest.mark.usefixtures("sqlite_only")
@@ -192,7 +197,12 @@ def test_a_wait_given_up_never_gives_away_a_later_writers_turn(
     writer = threading.Thread(target=next_writer)
     writer.start()
     try:
-        time.sleep(0.2)  # the next writer has taken the wait over (or, wrongly, the lock)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not inside.is_set():
+            pending = gate._waiter._pending if gate._waiter is not None else None
+            if pending is not None and pending.owned:
+                break  # the next writer has taken the wait over
+            time.sleep(0.01)
         paused.proceed.set()  # the wait decides what to do with the lock
         assert inside.wait(5), "the next writer never got its turn"
         deadline = time.monotonic() + 0.3
@@ -260,6 +270,64 @@ def test_a_stuck_holder_costs_one_wait_not_one_per_timed_out_writer(tmp_path: Pa
     assert not _turn_taken(gate.path)
 
 
+class _NoNewThreads:
+    """`threading` for mailbox.database in which no thread starts (an interpreter that is
+    shutting down, a process at its thread limit)."""
+
+    class Thread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(threading, name)
+
+
+def test_a_wait_with_no_thread_to_wait_in_fails_cleanly_and_the_next_write_goes_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next writer takes the wait over and must start a thread for it: a wait that
+    nothing serves would fail every later write of the process."""
+    import mailbox.database
+
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=5)
+    holder = os.open(gate.path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    monkeypatch.setattr(mailbox.database, "threading", _NoNewThreads())
+    with pytest.raises(WriteGateError, match="no thread to wait in"), gate.held():
+        pytest.fail("entered while another writer held the turn")
+    monkeypatch.undo()
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    os.close(holder)
+    with gate.held():
+        assert _turn_taken(gate.path)
+    assert not _turn_taken(gate.path)
+
+
+@pytest.mark.serial
+def test_a_writer_waits_no_longer_than_its_timeout_in_all(tmp_path: Path) -> None:
+    """Queued behind another thread of its process and then behind another process, a
+    writer still gives up after one timeout, not one for each."""
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=0.6)
+    holder = os.open(gate.path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    def first_writer() -> None:
+        with pytest.raises(WriteGateTimeoutError), gate.held():
+            pytest.fail("entered while another writer held the turn")
+
+    first = threading.Thread(target=first_writer)
+    try:
+        first.start()
+        time.sleep(0.1)  # the first writer holds the process's turn and waits
+        started = time.monotonic()
+        with pytest.raises(WriteGateTimeoutError), gate.held():
+            pytest.fail("entered while another writer held the turn")
+        assert time.monotonic() - started < 0.6 + 0.3
+    finally:
+        first.join(5)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+
+
 def _open_files_of(path: str) -> int:
     """How many descriptors of this process are open on `path`."""
     real = os.path.realpath(path)
@@ -299,13 +367,13 @@ def test_a_child_forked_during_a_wait_keeps_none_of_its_parents_lock_files(
             os.write(counted_w, bytes([_open_files_of(gate.path)]))
         finally:
             os._exit(0)
+    os.close(counted_w)  # a child that dies first makes the read return, not hang
     try:
         # The child's own gate file and the holder's inherited one: nothing of the wait.
         assert os.read(counted_r, 1) == bytes([2])
     finally:
         os.waitpid(pid, 0)
         os.close(counted_r)
-        os.close(counted_w)
         fcntl.flock(holder, fcntl.LOCK_UN)
         os.close(holder)
         waiting.join(5)
