@@ -267,7 +267,7 @@ class _TurnWaiter:
             return self._pending is not None and not self._pending.done.is_set()
 
     def close_inherited(self) -> None:
-        """In a forked child: close the descriptor of the parent's wait, which would keep
+        """In a forked child: close the descriptors of the parent's waits, which would keep
         the parent's open file, and with it a lock the parent holds, alive in this process.
         The parent's `_guard` is held across the fork (`_hold_guards_for_fork`)."""
         for fd in self._open_fds:
@@ -299,6 +299,8 @@ class _TurnWaiter:
             raise
 
     def _request(self, fd: int) -> _TurnRequest:
+        """The wait out now, taken over (still blocked), or a new one; either way with a
+        thread to serve it."""
         with self._guard:
             pending = self._pending
             request = None
