@@ -259,7 +259,8 @@ class _TurnWaiter:
         self._running = False
         self._pending: _TurnRequest | None = None  # the wait out now, if any
         self._open_fds: set[int] = set()
-        _WAITERS.add(self)
+        with _WAITERS_CHANGING:
+            _WAITERS.add(self)
 
     def busy(self) -> bool:
         """True while a wait is still blocked on (or giving back) the lock."""
@@ -362,6 +363,7 @@ class _TurnWaiter:
 
 
 _WAITERS: weakref.WeakSet[_TurnWaiter] = weakref.WeakSet()
+_WAITERS_CHANGING = threading.Lock()  # a fork's list of waiters never meets an addition
 
 
 _held_across_fork: list[_TurnWaiter] = []
@@ -371,6 +373,7 @@ def _hold_guards_for_fork() -> None:
     """Before a fork: no waiter between duplicating a descriptor and recording it, or
     between forgetting one and closing it, so a child knows every descriptor of its
     parent's waits."""
+    _WAITERS_CHANGING.acquire()  # held across the fork: a child's copy is never left held
     _held_across_fork[:] = list(_WAITERS)
     for waiter in _held_across_fork:
         waiter._guard.acquire()  # noqa: SLF001  (this module's own class)
@@ -381,6 +384,7 @@ def _release_guards_after_fork() -> None:
     for waiter in _held_across_fork:
         waiter._guard.release()  # noqa: SLF001
     _held_across_fork.clear()
+    _WAITERS_CHANGING.release()
 
 
 _GATES: weakref.WeakSet[SqliteWriteGate] = weakref.WeakSet()

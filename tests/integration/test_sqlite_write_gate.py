@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import multiprocessing
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,8 +39,9 @@ def sqlite_only(mailbox: Mailbox) -> None:
         pytest.skip("the write gate exists for SQLite only")
 
 
-def _hold_and_log(lock_base: str, log_path: str, rounds: int) -> None:
+def _hold_and_log(lock_base: str, log_path: str, rounds: int, start: Any) -> None:
     gate = SqliteWriteGate(lock_base, timeout_s=30)
+    start.wait(60)  # all together, so that their turns really compete
     for _ in range(rounds):
         with gate.held():
             fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
@@ -51,7 +54,9 @@ def _hold_and_log(lock_base: str, log_path: str, rounds: int) -> None:
 def test_one_writer_at_a_time_across_processes(tmp_path: Path) -> None:
     log = tmp_path / "turns.log"
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_hold_and_log, args=(str(tmp_path / "db.sqlite"), str(log), 40))
+    start = ctx.Barrier(3)
+    procs = [ctx.Process(target=_hold_and_log,
+                         args=(str(tmp_path / "db.sqlite"), str(log), 40, start))
              for _ in range(3)]
     for p in procs:
         p.start()
@@ -63,6 +68,9 @@ def test_one_writer_at_a_time_across_processes(tmp_path: Path) -> None:
     for enter, leave in zip(lines[::2], lines[1::2], strict=True):
         # Every turn is entered and left by the same process before anyone else enters.
         assert enter.startswith("enter ") and leave == f"exit {enter.split()[1]}", (enter, leave)
+    entered_by = [line.split()[1] for line in lines[::2]]
+    handovers = sum(a != b for a, b in itertools.pairwise(entered_by))
+    assert handovers > 2, "the processes never competed for the turn: nothing was proven"
 
 
 def test_a_forked_child_does_not_share_its_parents_turn(tmp_path: Path) -> None:
