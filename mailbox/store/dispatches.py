@@ -44,7 +44,7 @@ from sqlalchemy import exc as sa_exc
 
 from mailbox import metrics
 from mailbox.coordination import WAKE_REQUESTED, Coordinator, Lease, ScriptCall, run_calls
-from mailbox.database import READ_ONLY, WriteGateError, is_postgres, write_gate
+from mailbox.database import READ_ONLY, is_postgres
 from mailbox.errors import (
     AlreadyExistsError,
     MailboxError,
@@ -72,6 +72,7 @@ from mailbox.model import (
 )
 from mailbox.store import statements as q
 from mailbox.store.operations import operation
+from mailbox.write_gate import WriteGateError, write_gate
 
 log = logging.getLogger(__name__)
 CLAIM_RETRIES = 5

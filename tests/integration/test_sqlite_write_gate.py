@@ -1,4 +1,4 @@
-"""The SQLite writers' gate (mailbox.database.SqliteWriteGate): real processes, real files.
+"""The SQLite writers' gate (mailbox.write_gate.SqliteWriteGate): real processes, real files.
 
 SQLite writers queue on a flock beside the database instead of sleeping in the busy handler.
 These tests prove what that must never break: one writer at a time across processes and
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from mailbox import Mailbox, StoreUnavailableError
-from mailbox.database import (
+from mailbox.write_gate import (
     SqliteWriteGate,
     WriteGateError,
     WriteGateTimeoutError,
@@ -158,7 +158,7 @@ def test_a_waiting_writer_is_let_in_once_the_holder_leaves(tmp_path: Path) -> No
 
 
 class _PausedAfterBlockingLock:
-    """`fcntl` for mailbox.database whose blocking LOCK_EX, once the kernel grants it, waits
+    """`fcntl` for mailbox.write_gate whose blocking LOCK_EX, once the kernel grants it, waits
     for `proceed` before returning: the waiting thread holds the lock and has not decided
     yet what to do with it."""
 
@@ -181,10 +181,10 @@ def test_a_wait_given_up_never_gives_away_a_later_writers_turn(
     """A writer that times out leaves its wait behind; the lock that wait gets is the same
     open file's as the process's next writer, so the next writer must take that wait over,
     never take the lock itself while the wait could still give it back."""
-    import mailbox.database
+    import mailbox.write_gate
 
     paused = _PausedAfterBlockingLock()
-    monkeypatch.setattr(mailbox.database, "fcntl", paused)
+    monkeypatch.setattr(mailbox.write_gate, "fcntl", paused)
     gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=0.3)
     holder = os.open(gate.path, os.O_RDWR)
     fcntl.flock(holder, fcntl.LOCK_EX)
@@ -279,7 +279,7 @@ def test_a_stuck_holder_costs_one_wait_not_one_per_timed_out_writer(tmp_path: Pa
 
 
 class _NoNewThreads:
-    """`threading` for mailbox.database in which no thread starts (an interpreter that is
+    """`threading` for mailbox.write_gate in which no thread starts (an interpreter that is
     shutting down, a process at its thread limit)."""
 
     class Thread(threading.Thread):
@@ -294,12 +294,12 @@ def test_a_wait_with_no_thread_to_wait_in_fails_cleanly_and_the_next_write_goes_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The next writer takes the wait over and must start a thread for it: a wait that
     nothing serves would fail every later write of the process."""
-    import mailbox.database
+    import mailbox.write_gate
 
     gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=5)
     holder = os.open(gate.path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(holder, fcntl.LOCK_EX)
-    monkeypatch.setattr(mailbox.database, "threading", _NoNewThreads())
+    monkeypatch.setattr(mailbox.write_gate, "threading", _NoNewThreads())
     with pytest.raises(WriteGateError, match="no thread to wait in"), gate.held():
         pytest.fail("entered while another writer held the turn")
     monkeypatch.undo()
