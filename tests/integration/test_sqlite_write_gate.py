@@ -388,6 +388,37 @@ def test_a_child_forked_during_a_wait_keeps_none_of_its_parents_lock_files(
     assert not waiting.is_alive()
 
 
+def test_a_turn_taken_inside_a_turn_is_refused_at_once(tmp_path: Path) -> None:
+    """A write inside a write of the same thread would share the open file's lock and
+    unlock the outer turn on leaving: it is a bug, refused at once rather than let in."""
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=5)
+    started = time.monotonic()
+    with gate.held():
+        with pytest.raises(RuntimeError, match="does not nest"), gate.held():
+            pytest.fail("a nested turn was let in")
+        assert _turn_taken(gate.path), "the refused nested turn unlocked the outer one"
+    assert time.monotonic() - started < 2
+    assert not _turn_taken(gate.path)
+
+
+def test_a_child_without_a_lock_file_of_its_own_refuses_to_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked child that cannot open its own lock file (no descriptors left) must not
+    write through its parent's open file, which would share the parent's turn."""
+    import mailbox.write_gate
+
+    gate = SqliteWriteGate(str(tmp_path / "db.sqlite"), timeout_s=5)
+
+    def no_descriptors(*_: object) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(mailbox.write_gate.os, "open", no_descriptors)
+    gate.reopen_after_fork()  # what the fork hook runs in a child
+    monkeypatch.undo()
+    with pytest.raises(WriteGateError, match="no lock file of this process"), gate.held():
+        pytest.fail("wrote without a lock file of its own")
+
+
 def test_a_writer_that_cannot_get_its_turn_fails_cleanly(mailbox: Mailbox) -> None:
     gate = mailbox.store._gate
     assert gate is not None, "a file-backed SQLite store must have a write gate"
