@@ -41,6 +41,29 @@ def throughput(config: dict[str, Any] | None, kind: str) -> float:
     return median(rates(config, kind)) if config else math.nan
 
 
+def round_rates(config: dict[str, Any] | None, kind: str) -> dict[int, float]:
+    """Items/s of each throughput round of `kind`, by round number."""
+    steps = (config or {}).get("steps", {})
+    out: dict[int, float] = {}
+    for key, value in steps.items():
+        prefix = f"throughput_{kind}_"
+        if key.startswith(prefix) and "per_s" in value and key[len(prefix):].isdigit():
+            out[int(key[len(prefix):])] = float(value["per_s"])
+    return out
+
+
+def paired_ratios(config: dict[str, Any] | None, top: str, bottom: str) -> list[float]:
+    """`top`/`bottom` of each round that ran both kinds, in round order."""
+    tops, bottoms = round_rates(config, top), round_rates(config, bottom)
+    return [tops[r] / bottoms[r] for r in sorted(tops.keys() & bottoms.keys()) if bottoms[r]]
+
+
+def paired_ratio(config: dict[str, Any] | None, top: str, bottom: str) -> float:
+    """The median of the rounds' own `top`/`bottom` ratios (config.REF_ROUNDS says why):
+    NaN when no round ran both."""
+    return median(paired_ratios(config, top, bottom))
+
+
 def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
@@ -66,10 +89,14 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
     ref, c1, pg, amqp = (cfgs.get(k) for k in ("ref", "c1", "pg", "amqp"))
     pgc1 = cfgs.get("pgc1")
     a, b, c = (throughput(ref, k) for k in "abc")
+    c_over_a = paired_ratio(ref, "c", "a")
     summary: dict[str, Any] = {
         "reference": {"a_per_s": _r(a), "b_per_s": _r(b), "c_per_s": _r(c),
-                      "c_over_a": _r(ratio(c, a)), "c_over_b": _r(ratio(c, b)),
-                      "b_over_a": _r(ratio(b, a)),
+                      "c_over_a": _r(c_over_a),
+                      "c_over_a_rounds": [_r(x) for x in paired_ratios(ref, "c", "a")],
+                      "c_over_a_of_medians": _r(ratio(c, a)),
+                      "c_over_b": _r(paired_ratio(ref, "c", "b")),
+                      "b_over_a": _r(paired_ratio(ref, "b", "a")),
                       "cpu_ms_a": _r(cpu_ms(ref, "a", "total_ms")),
                       "cpu_ms_b": _r(cpu_ms(ref, "b", "total_ms")),
                       "cpu_ms_c": _r(cpu_ms(ref, "c", "total_ms")),
@@ -97,7 +124,7 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
         "b_pg_over_b_sqlite": _r(ratio(throughput(pg, "b"), b))}
     summary["rabbitmq"] = None if not amqp else {
         "a_per_s": _r(throughput(amqp, "a")), "c_per_s": _r(throughput(amqp, "c")),
-        "c_over_a": _r(ratio(throughput(amqp, "c"), throughput(amqp, "a"))),
+        "c_over_a": _r(paired_ratio(amqp, "c", "a")),
         "c_amqp_over_c_redis": _r(ratio(throughput(amqp, "c"), c)),
         "a_amqp_over_a_redis": _r(ratio(throughput(amqp, "a"), a))}
     summary["idle"] = {"c": idle_c.get("latency"), "a": idle_a.get("latency"),
@@ -112,7 +139,7 @@ def analyse(report: dict[str, Any]) -> dict[str, Any]:
                     if res.get("status") == "ok"}
     targets = [
         {"target": f"throughput (c)/(a) ≥ {TARGET_THROUGHPUT}",
-         **verdict(ratio(c, a), TARGET_THROUGHPUT, True)},
+         **verdict(c_over_a, TARGET_THROUGHPUT, True)},
         {"target": f"idle submit→settled p50 ≤ {TARGET_IDLE_P50_MS:g} ms",
          **verdict(float(p50), TARGET_IDLE_P50_MS, False)},
         {"target": f"idle submit→settled p99 ≤ {TARGET_IDLE_P99_MS:g} ms",

@@ -14,6 +14,11 @@ from pathlib import Path
 from benchmarks.common import RESULTS, Services
 
 PER_THREAD = 10  # dispatches per mailbox thread in throughput rounds
+REF_ROUNDS = 3
+"""Throughput rounds per pass in the reference configuration (quick: 1). Its (c)/(a) is the
+median of the rounds' own c/a ratios (`analysis.paired_ratio`): the two kinds of one round run
+back to back, so a change in the machine's speed between rounds (seen here up to 1.3x)
+cancels out of each ratio, where a ratio of two medians of rounds run apart keeps it."""
 IDLE_THREADS = 20
 AGENT = "echo"
 
@@ -126,7 +131,7 @@ def configurations(opts: Options, services: Services) -> list[Configuration]:
     c = opts.concurrency
     configs = [
         Configuration("ref", f"Redis broker, SQLite, -c {c}", "redis", "sqlite", c,
-                      ("a", "b", "c"), 1, idle=True),
+                      ("a", "b", "c"), 1 if opts.quick else REF_ROUNDS, idle=True),
         Configuration("c1", "Redis broker, SQLite, -c 1", "redis", "sqlite", 1, ("a", "c"), 1),
     ]
     if services.postgres_url:

@@ -188,7 +188,9 @@ def build_plan(cfg: Configuration, opts: Options, services: Services, namespace:
                           "timeout_s": 90})
         for r in range(cfg.rounds):
             round_no = (pass_no - 1) * cfg.rounds + r + 1
-            for kind in cfg.kinds:
+            # Every other round in reverse (a b c, then c b a): neither kind always runs
+            # first, when the workers have just warmed up or the machine is about to slow.
+            for kind in cfg.kinds if round_no % 2 else cfg.kinds[::-1]:
                 timeout = 60 + (n // 3 if kind == "c" else n // 15)
                 steps.append({"id": f"throughput_{kind}_{round_no}", "kind": "throughput",
                               "item": kind, "round": round_no, "n": n, "timeout_s": timeout})
