@@ -182,13 +182,20 @@ class MailboxStore:
     def lock_thread(self, conn: sa.Connection, thread_id: str, *, create: bool) -> int | None:
         """Lock the thread's epoch row (serializing the thread's writers); return its epoch.
 
-        With `create`, a missing row is created at epoch 0 first.
+        With `create`, a missing row is created at epoch 0 first. A row this transaction
+        inserted is already locked by it (PostgreSQL holds an inserted row until commit: a
+        concurrent insert of the same thread waits for it; SQLite's writer holds the whole
+        database), so its epoch is 0 with no read back: a thread's first submit runs one
+        statement less. A row another transaction inserted since the first read (the insert
+        did nothing) is locked and read as any other.
         """
         params = {"thread_id": thread_id}
         epoch = conn.execute(q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one_or_none()
         if epoch is None and create:
-            conn.execute(self._insert_epoch_if_missing, {"thread_id": thread_id,
-                                                         "current_epoch": 0})
+            inserted = conn.execute(self._insert_epoch_if_missing, {
+                "thread_id": thread_id, "current_epoch": 0}).rowcount
+            if inserted == 1:
+                return 0
             epoch = conn.execute(q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one()
         return None if epoch is None else int(epoch)
 

@@ -115,7 +115,11 @@ SELECT_EPOCHS_FOR_UPDATE = (sa.select(_E.thread_id, _E.current_epoch)
 
 
 def insert_epoch_if_missing(postgres: bool) -> sa.Executable:
-    return insert_ignoring_conflict(thread_epochs, postgres)
+    """Its rowcount says whether it created the row (`MailboxStore.lock_thread`):
+    SQLAlchemy keeps an INSERT's rowcount only when asked (psycopg's is gone with the cursor
+    otherwise, and reads -1)."""
+    return insert_ignoring_conflict(thread_epochs, postgres).execution_options(
+        preserve_rowcount=True)
 
 
 # =============================================================================== dispatches

@@ -1016,3 +1016,52 @@ def test_loading_an_invalid_row_is_an_error(store: MailboxStore) -> None:
 
     with pytest.raises(MailboxError, match="d1"):
         store.load_dispatch("d1")
+
+
+def _epoch_statements(statements: list[str]) -> tuple[int, int]:
+    """(SELECTs, INSERTs) of the thread epochs table among `statements`."""
+    on_epochs = [s.lstrip().upper() for s in statements if "thread_dispatch_epochs" in s]
+    return (sum(s.startswith("SELECT") for s in on_epochs),
+            sum(s.startswith("INSERT") for s in on_epochs))
+
+
+def test_a_new_threads_first_enqueue_takes_epoch_0_from_its_own_insert(
+        store: MailboxStore) -> None:
+    with count_sql(store) as first:
+        store.enqueue(mk("d-first", "t-new-epoch", "r1"))
+    assert _epoch_statements(first) == (1, 1)  # looked, created; no read back
+    assert load(store, "d-first").dispatch_epoch == 0
+    with count_sql(store) as second:
+        store.enqueue(mk("d-second", "t-new-epoch", "r2"))
+    assert _epoch_statements(second) == (1, 0)
+    assert load(store, "d-second").dispatch_epoch == 0
+
+
+def test_an_epoch_row_created_between_the_look_and_the_insert_is_read_back(
+        store: MailboxStore) -> None:
+    """Another transaction creates the thread's row after this one found none: the insert
+    does nothing, and the epoch is read (and locked) as the other one left it. Only
+    PostgreSQL can interleave two writers so; SQLite runs one at a time."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite never runs two writers at once")
+    fired: list[bool] = []
+
+    def create_meanwhile(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if fired or "thread_dispatch_epochs" not in statement \
+                or not statement.lstrip().upper().startswith("SELECT"):
+            return
+        fired.append(True)
+        with store.engine.begin() as other:
+            other.execute(sa.text("INSERT INTO thread_dispatch_epochs (thread_id, current_epoch) "
+                                  "VALUES ('t-raced-epoch', 7)"))
+
+    sa.event.listen(store.engine, "after_cursor_execute", create_meanwhile)
+    try:
+        with count_sql(store) as statements:
+            store.enqueue(mk("d-raced", "t-raced-epoch", "r1"))
+    finally:
+        sa.event.remove(store.engine, "after_cursor_execute", create_meanwhile)
+    assert fired
+    assert load(store, "d-raced").dispatch_epoch == 7
+    # This transaction's look, insert (which did nothing) and read back; the other's insert.
+    assert _epoch_statements(statements) == (2, 2)
