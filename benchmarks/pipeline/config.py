@@ -16,10 +16,10 @@ from benchmarks.common import RESULTS, Services
 PER_THREAD = 10  # dispatches per mailbox thread in throughput rounds
 REF_ROUNDS = 3
 """Throughput rounds per pass in the reference configuration (quick: 1). Its (c)/(a) is the
-median of the rounds' own c/a ratios (`analysis.paired_ratio`): the two kinds of one round run
-back to back, so a drift of the machine's speed between rounds (seen here up to 1.3x) cancels
-out of each ratio, where a ratio of two medians of rounds run apart keeps it; the median of
-six damps the swings that come faster than that."""
+median of the rounds' own c/a ratios (`analysis.paired_ratio`): the kinds of one round run one
+after another, seconds apart, so a drift of the machine's speed between rounds (seen here up
+to 1.3x) cancels out of each ratio, where a ratio of two medians of rounds run apart keeps it;
+the median of six damps the swings that come faster than that."""
 IDLE_THREADS = 20
 AGENT = "echo"
 

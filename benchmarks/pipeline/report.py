@@ -99,7 +99,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                for cfg in report["configurations"].values() if cfg.get("error")],
              f"Reference configuration: (c)/(a) = {fmt(ref['c_over_a'], 3)}, the median of "
              f"its rounds' own ratios ({round_ratios}"
-             f"; each round runs (a) and (c) back to back; the ratio of the two medians is "
+             f"; a round runs (a), (b) and (c) one after another; the ratio of the medians is "
              f"{fmt(ref.get('c_over_a_of_medians'), 3)}), (c)/(b) = "
              f"{fmt(ref['c_over_b'], 3)}, (b)/(a) = {fmt(ref['b_over_a'], 3)}. CPU per item "
              f"(workers + client + Redis): (a) {fmt(ref['cpu_ms_a'])} ms, (b) "
