@@ -31,25 +31,22 @@ from benchmarks.pipeline.config import (
 PHASE_MESSAGES = 5  # verify, reconstruct, resolve, execute, settle: one message each
 
 
+def round_rates(config: dict[str, Any] | None, kind: str) -> dict[int, float]:
+    """Items/s of each throughput round of `kind`, by round number, in the order run."""
+    prefix = f"throughput_{kind}_"
+    out: dict[int, float] = {}
+    for key, value in (config or {}).get("steps", {}).items():
+        if key.startswith(prefix) and "per_s" in value and key[len(prefix):].isdigit():
+            out[int(key[len(prefix):])] = float(value["per_s"])
+    return out
+
+
 def rates(config: dict[str, Any], kind: str) -> list[float]:
-    steps = config.get("steps", {})
-    return [float(v["per_s"]) for k, v in steps.items()
-            if k.startswith(f"throughput_{kind}_") and "per_s" in v]
+    return list(round_rates(config, kind).values())
 
 
 def throughput(config: dict[str, Any] | None, kind: str) -> float:
     return median(rates(config, kind)) if config else math.nan
-
-
-def round_rates(config: dict[str, Any] | None, kind: str) -> dict[int, float]:
-    """Items/s of each throughput round of `kind`, by round number."""
-    steps = (config or {}).get("steps", {})
-    out: dict[int, float] = {}
-    for key, value in steps.items():
-        prefix = f"throughput_{kind}_"
-        if key.startswith(prefix) and "per_s" in value and key[len(prefix):].isdigit():
-            out[int(key[len(prefix):])] = float(value["per_s"])
-    return out
 
 
 def paired_ratios(config: dict[str, Any] | None, top: str, bottom: str) -> list[float]:
