@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from mailbox import clock
+from mailbox.clock import ClockOffset
 from mailbox.model import DispatchStatus, RunStatus
 from mailbox.store import Inspection
 
@@ -130,6 +132,14 @@ class MailboxStats:
     threads_with_queued: int
     due_now: int
     runs_by_status: dict[str, int]
+    clock: ClockOffset | None = None
+    """This host's clock against Redis's (None: Redis did not answer)."""
+    clock_limit_ms: float | None = None
+
+    @property
+    def clock_beyond_limit(self) -> bool:
+        return (self.clock is not None and self.clock_limit_ms is not None
+                and self.clock.beyond(self.clock_limit_ms))
 
     @property
     def oldest_queued_age_ms(self) -> int | None:
@@ -151,6 +161,11 @@ class MailboxStats:
             "due_now": self.due_now,
             "runs_by_status": dict(self.runs_by_status),
             "runs_waiting": self.runs_waiting,
+            "clock_offset_ms": None if self.clock is None else round(self.clock.offset_ms, 3),
+            "clock_round_trip_ms": (None if self.clock is None
+                                    else round(self.clock.round_trip_ms, 3)),
+            "clock_limit_ms": self.clock_limit_ms,
+            "clock_beyond_limit": self.clock_beyond_limit,
         }
 
 
@@ -169,7 +184,12 @@ def collect_stats(mailbox: Mailbox, now: int | None = None) -> MailboxStats:
         counts = inspect.status_counts()
         oldest, threads, due = inspect.queue_summary(at)
         by_run = inspect.run_status_counts()
-    return MailboxStats(at, counts, oldest, threads, due, by_run)
+    try:
+        offset: ClockOffset | None = clock.measure(mailbox.store.coordinator.client)
+    except Exception:  # Redis down: the summary still shows what SQL holds
+        offset = None
+    return MailboxStats(at, counts, oldest, threads, due, by_run, offset,
+                        clock.limit_ms(mailbox.settings.lease_ms))
 
 
 # ----------------------------------------------------------------------------------- audit

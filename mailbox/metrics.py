@@ -104,14 +104,30 @@ CANCEL_LATENCY = Histogram(
 class StoreCollector:
     """Gauges computed from the store at scrape time (docs/behaviour.md#d-gauges): dispatch depth by
     status, queue depth, active runs (Claimed dispatches) and the age of the oldest due
-    Queued dispatch. Read from SQL, they are right across every worker and machine."""
+    Queued dispatch. Read from SQL, they are right across every worker and machine. With
+    `clock_offset_s`, also the scraped host's clock offset from Redis's."""
 
     def __init__(self, counts: Callable[[], dict[str, int]],
-                 oldest_due_age_s: Callable[[], float]) -> None:
+                 oldest_due_age_s: Callable[[], float],
+                 clock_offset_s: Callable[[], float | None] | None = None) -> None:
         self._counts = counts
         self._oldest = oldest_due_age_s
+        self._clock_offset = clock_offset_s
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._clock()
+        yield from self._store()
+
+    def _clock(self) -> Iterator[GaugeMetricFamily]:
+        """This host's clock minus Redis's (`mailbox.clock`), measured at the scrape; absent
+        when Redis does not answer. Alert on its spread across the workers' hosts."""
+        offset = self._clock_offset() if self._clock_offset is not None else None
+        if offset is not None:
+            yield GaugeMetricFamily("mailbox_clock_offset_seconds",
+                                    "This host's clock minus Redis's (positive: ahead).",
+                                    value=offset)
+
+    def _store(self) -> Iterator[GaugeMetricFamily]:
         try:
             counts = self._counts()
             oldest = self._oldest()

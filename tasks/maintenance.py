@@ -10,13 +10,14 @@ from typing import Any
 
 from celery.signals import worker_ready
 
-from mailbox import maintenance
+from mailbox import clock, maintenance
 from mailbox.runtime import now_ms
 from tasks.app import app
 from tasks.publishing import publish_wake, queued_messages
-from tasks.runtime import queue, runtime
+from tasks.runtime import mailbox, queue, runtime
 
 log = logging.getLogger(__name__)
+_clock_check = clock.PeriodicCheck()
 
 
 def publish_sweep_wake(thread_id: str, wake_id: str) -> None:
@@ -35,6 +36,7 @@ def sweep(wake_all: bool = False) -> dict[str, int]:
     # The queue is counted before this sweep adds to it: a wake-up marked pending can only be
     # among the messages already there (docs/behaviour.md#wake-marks).
     rt = runtime()
+    _clock_check(rt.store.coordinator.client, rt.settings.lease_ms)
     waiting = queued_messages(queue())
     wake = functools.partial(publish_wake, rt.settings.namespace)
     report = maintenance.sweep(dataclasses.replace(rt, wake=wake), now_ms(),
@@ -54,8 +56,16 @@ def gc() -> int:
 def recover_on_start(**_: Any) -> None:
     """A starting worker sweeps once: expired claims of dead workers, stranded queues, and
     every due thread woken even where a wake-up is marked pending (it may have been lost
-    with a broker that restarted: one duplicate per due thread and worker start at most)."""
+    with a broker that restarted: one duplicate per due thread and worker start at most).
+    It also measures this host's clock against Redis's and warns when it is off by more than
+    leases allow (`mailbox.clock`); the sweep measures again, at most once a minute."""
     try:
         sweep.apply_async(kwargs={"wake_all": True}, queue=queue())
     except Exception as exc:
         log.warning("could not publish the start-up sweep: %s", exc)
+    try:
+        box = mailbox()
+    except Exception as exc:  # the tasks report a store they cannot reach
+        log.debug("no clock check at start: %s", exc)
+        return
+    clock.check(box.store.coordinator.client, box.settings.lease_ms)

@@ -14,7 +14,7 @@ import click
 from rich.table import Table
 from sqlalchemy import exc as sa_exc
 
-from mailbox.audit import AuditReport, Finding, audit, collect_stats, iso_ms
+from mailbox.audit import AuditReport, Finding, MailboxStats, audit, collect_stats, iso_ms
 from mailbox.cli.common import (
     EXIT_USAGE,
     EXIT_VIOLATIONS,
@@ -77,8 +77,19 @@ def stats(ctx: click.Context) -> None:
         "queued and due now": str(result.due_now),
         "runs waiting for a decision": str(result.runs_waiting),
         "runs by status": ", ".join(f"{k} {v}" for k, v in result.runs_by_status.items()),
+        "this host's clock": _clock_line(result),
     }
     console.print(record_table("", summary))
+
+
+def _clock_line(result: MailboxStats) -> str:
+    if result.clock is None:
+        return "- (Redis did not answer)"
+    line = result.clock.describe()
+    if result.clock_beyond_limit and result.clock_limit_ms is not None:
+        return (f"[bold red]{line}: more than the {result.clock_limit_ms / 1000:g} s a host may "
+                f"be off (MAILBOX_LEASE_MS / 6); synchronise the clocks[/]")
+    return line
 
 
 # ================================================================================== audit

@@ -72,7 +72,8 @@ def purge(dispatch_id: str, box: Box) -> dict[str, Any]:
 
 @router.get("/stats")
 def stats(box: Box) -> dict[str, Any]:
-    """Counts by status, oldest queued age, runs waiting, dispatches settled lately."""
+    """Counts by status, oldest queued age, runs waiting, dispatches settled lately, and the
+    API host's clock offset from Redis's (docs/behaviour.md#clocks)."""
     out = collect_stats(box).to_json()
     with Inspection.open(box.store) as inspect:
         settled = inspect.throughput(out["at"])

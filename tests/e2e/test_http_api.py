@@ -280,6 +280,7 @@ def test_healthz_and_stats(celery_stack: Stack, api: httpx.Client) -> None:
     stats = api.get("/v1/stats").json()
     assert stats["counts"]["Queued"] == 1 and stats["threads_with_queued"] == 1
     assert stats["oldest_queued_age_ms"] >= 0 and stats["runs_waiting"] == 0
+    assert abs(stats["clock_offset_ms"]) < 1000 and stats["clock_beyond_limit"] is False
     assert set(stats["settled"]) == {"last_60s", "last_300s", "last_3600s"}
 
 

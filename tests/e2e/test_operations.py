@@ -200,6 +200,9 @@ def test_worker_metrics_endpoint_reports_store_operations(celery_stack: Stack,
     assert 'mailbox_dispatch_depth{status="acked"} 1.0' in text
     assert "mailbox_dispatch_runtime_seconds_bucket" in text
     assert "mailbox_dispatch_enqueue_to_start_seconds_bucket" in text
+    [offset] = [line for line in text.splitlines()
+                if line.startswith("mailbox_clock_offset_seconds ")]
+    assert abs(float(offset.split()[1])) < 1, offset
 
 
 def test_flower_sees_all_five_phases_with_ids_only(celery_stack: Stack,

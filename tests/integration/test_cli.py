@@ -525,9 +525,13 @@ def test_stats(cli: Cli, mailbox: Mailbox) -> None:
     assert out["threads_with_queued"] == 2
     assert out["runs_waiting"] == 1
     assert out["oldest_queued_age_ms"] >= 0 and out["oldest_queued_at_iso"].endswith("Z")
+    assert abs(out["clock_offset_ms"]) < 1000 and out["clock_round_trip_ms"] >= 0
+    assert out["clock_limit_ms"] == mailbox.settings.lease_ms / 6
+    assert out["clock_beyond_limit"] is False
     human = cli("stats")
     assert human.exit_code == 0
     assert "threads with queued work" in human.stdout and "Queued" in human.stdout
+    assert "this host's clock" in human.stdout and "Redis's" in human.stdout
 
 
 def test_audit_exit_codes(cli: Cli, mailbox: Mailbox) -> None:
