@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from mailbox import clock
+from mailbox import clock, redis_policy
 from mailbox.clock import ClockOffset
 from mailbox.model import DispatchStatus, RunStatus
 from mailbox.store import Inspection
@@ -239,7 +239,34 @@ def audit(mailbox: Mailbox, *, now: int | None = None, stuck_after_s: float | No
         _check_stuck(inspect, report, at, stuck_s, sample)
     _check_leases(mailbox, report, sample, page_size)
     _check_redis_epochs(mailbox, report, sample, page_size)
+    _check_deployment(mailbox, report)
     return report
+
+
+def _check_deployment(mailbox: Mailbox, report: AuditReport) -> None:
+    """What the invariants need of the servers: a Redis that does not evict the mailbox's
+    keys (`mailbox.redis_policy`) and clocks that agree (`mailbox.clock`; this host's only:
+    each worker warns about its own at start)."""
+    client = mailbox.store.coordinator.client
+    report.checks.append("redis_evicts")
+    evicting = redis_policy.unsafe(redis_policy.eviction_policies(client))
+    if evicting:
+        report.add(Finding("redis_evicts", "warning",
+                           "the coordination Redis may evict keys when full (maxmemory-policy "
+                           "is not noeviction): event streams and cancel signals it drops are "
+                           "lost", len(evicting),
+                           tuple(f"{server}: {p}" for server, p in sorted(evicting.items()))))
+    report.checks.append("clock_offset")
+    limit = clock.limit_ms(mailbox.settings.lease_ms)
+    try:
+        reading: ClockOffset | None = clock.measure(client)
+    except Exception:  # Redis unreachable: the Redis checks above already failed loudly
+        reading = None
+    if reading is not None and reading.beyond(limit):
+        report.add(Finding("clock_offset", "warning",
+                           f"this host's clock is more than {limit / 1000:g} s off Redis's "
+                           "(MAILBOX_LEASE_MS / 6): a sweep here may reclaim live claims",
+                           1, (reading.describe(),)))
 
 
 def _check_statuses(report: AuditReport) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.signals import worker_ready
 
-from mailbox import clock, maintenance
+from mailbox import clock, maintenance, redis_policy
 from mailbox.runtime import now_ms
 from tasks.app import app
 from tasks.publishing import publish_wake, queued_messages
@@ -57,8 +57,9 @@ def recover_on_start(**_: Any) -> None:
     """A starting worker sweeps once: expired claims of dead workers, stranded queues, and
     every due thread woken even where a wake-up is marked pending (it may have been lost
     with a broker that restarted: one duplicate per due thread and worker start at most).
-    It also measures this host's clock against Redis's and warns when it is off by more than
-    leases allow (`mailbox.clock`); the sweep measures again, at most once a minute."""
+    It also checks what the invariants need of the servers, warning in the log: this host's
+    clock against Redis's (`mailbox.clock`; the sweep measures again, at most once a minute)
+    and a coordination Redis that does not evict keys (`mailbox.redis_policy`)."""
     try:
         sweep.apply_async(kwargs={"wake_all": True}, queue=queue())
     except Exception as exc:
@@ -69,3 +70,4 @@ def recover_on_start(**_: Any) -> None:
         log.debug("no clock check at start: %s", exc)
         return
     clock.check(box.store.coordinator.client, box.settings.lease_ms)
+    redis_policy.check(box.store.coordinator.client)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 import redis
 
 from mailbox import Mailbox, clock
+from mailbox.audit import audit
 from mailbox.coordination import Coordinator
 from mailbox.dev.embedded_redis import free_port
 from mailbox.store import MailboxStore
@@ -64,3 +66,15 @@ def test_the_scrape_reports_the_offset_and_leaves_it_out_without_redis(
     scrape: Any = monitoring.build_registry()
     assert scrape.get_sample_value("mailbox_clock_offset_seconds") is None
     assert scrape.get_sample_value("mailbox_store_up") == 1, "the store gauges stay"
+
+
+def test_the_audit_warns_when_this_host_is_off_and_keeps_exit_0(
+        mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "clock_offset" in audit(mailbox).checks
+    assert not [f for f in audit(mailbox).warnings if f.check == "clock_offset"]
+    # This host a minute ahead, measured against the real Redis.
+    monkeypatch.setattr(clock, "measure", functools.partial(
+        clock.measure, clock=lambda: time.time() + 60))
+    report = audit(mailbox)
+    [finding] = [f for f in report.warnings if f.check == "clock_offset"]
+    assert report.ok and "ahead of Redis's" in finding.sample[0]

@@ -1,0 +1,61 @@
+"""Whether the coordination Redis may evict the mailbox's keys (docs/behaviour.md#eviction).
+
+With `maxmemory` set and any `maxmemory-policy` but `noeviction`, a full Redis drops keys to
+make room — `volatile-*` policies too, since leases, wake marks and event streams all carry
+TTLs. SQL stays the truth of every dispatch and run, but what Redis drops is gone: a run's
+event stream (what `watch`, SSE and the dashboard show), and a cancel signal the running
+attempt has not seen yet (the attempt then runs to its end; an interrupt still stops it at
+its next renewal, which the raised epoch fences); the epoch cache and leases are rebuilt
+from SQL. BullMQ and Sidekiq warn about exactly this at
+start; so does a worker here, and `python -m mailbox audit` reports it. `noeviction` makes a
+full Redis refuse writes instead: a store outage the mailbox reports and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SAFE_POLICY = "noeviction"
+
+
+def eviction_policies(client: Any) -> dict[str, str]:
+    """`maxmemory-policy` by server: {"redis": policy} for one Redis, {"host:port": policy}
+    for each master of a Redis Cluster. Empty when the server refuses CONFIG (managed
+    services often do) or cannot be reached: unknown, not unsafe."""
+    try:
+        primaries = getattr(client, "get_primaries", None)
+        if primaries is None:
+            return {"redis": _policy(client.config_get("maxmemory-policy"))}
+        return {node.name: _policy(client.config_get("maxmemory-policy", target_nodes=node))
+                for node in primaries()}
+    except Exception as exc:
+        log.debug("could not read Redis's maxmemory-policy: %s", exc)
+        return {}
+
+
+def unsafe(policies: dict[str, str]) -> dict[str, str]:
+    """The servers whose policy may evict the mailbox's keys."""
+    return {server: p for server, p in policies.items() if p != SAFE_POLICY}
+
+
+def check(client: Any) -> dict[str, str]:
+    """Log a warning naming every server that may evict; return them."""
+    evicting = unsafe(eviction_policies(client))
+    if evicting:
+        log.warning("the coordination Redis may evict the mailbox's keys when it is full "
+                    "(maxmemory-policy %s): a run's event stream or a cancel signal it drops "
+                    "is lost (the cancelled attempt runs to its end). Set "
+                    "maxmemory-policy noeviction (a full Redis then refuses writes, which the "
+                    "mailbox reports and retries).",
+                    ", ".join(f"{p} on {server}" for server, p in sorted(evicting.items())))
+    return evicting
+
+
+def _policy(reply: Any) -> str:
+    value = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value) if value is not None else SAFE_POLICY
