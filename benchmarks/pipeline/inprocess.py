@@ -464,6 +464,20 @@ PARALLEL_REPEATS = 3
 """How many times `parallel_chains` measures each process count (medians reported)."""
 
 
+def scaling_pairs(runs: Sequence[dict[str, Any]]) -> list[float]:
+    """2 processes / 1 process of each pair of consecutive runs (1 2, 2 1, 1 2: each pair
+    seconds apart), in order. Their median is the reported scaling, as `analysis.paired_ratio`
+    is the throughput's: a drift of the machine's speed between pairs (seen here up to 1.3x
+    within a run) cancels out of each pair's ratio, where the ratio of the two counts'
+    medians, measured minutes apart, keeps it."""
+    pairs = []
+    for first, second in zip(runs[::2], runs[1::2], strict=False):
+        by_count = {first["processes"]: first["per_s"], second["processes"]: second["per_s"]}
+        if set(by_count) == {1, 2} and by_count[1]:
+            pairs.append(by_count[2] / by_count[1])
+    return pairs
+
+
 def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dict[str, Any]:
     """The mailbox's own work in 1 and in 2 processes at once on one database, no Celery:
     how much of '-c 2 vs -c 1' the database allows. On SQLite every write transaction takes
@@ -479,6 +493,7 @@ def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dic
     out: dict[str, Any] = {"backend": kind, "dispatches_per_process": n, "runs": {},
                            "repeats": PARALLEL_REPEATS}
     measured: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    in_order: list[dict[str, Any]] = []
     try:
         # 1, 2, 2, 1, 1, 2: each count measured PARALLEL_REPEATS times, in alternating order,
         # so that a machine whose speed drifts during the run favours neither.
@@ -501,7 +516,7 @@ def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dic
             wall = max(g["seconds"] for g in got)
             waits = [w for g in got for w in g["begin_waits"]]
             ran = sum(g["ran"] for g in got)
-            measured[procs].append({
+            in_order.append({
                 "processes": procs, "dispatches": ran, "seconds": round(wall, 3),
                 "per_s": round(ran / wall, 2),
                 "cpu_ms_per_dispatch": round(1000 * sum(g["cpu_s"] for g in got) / ran, 2),
@@ -511,6 +526,7 @@ def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dic
                 "begin_wait_ms_per_dispatch": round(1000 * sum(waits) / ran, 2)
                 if waits else None,
             })
+            measured[procs].append(in_order[-1])
             wait_text = (f"waiting to BEGIN {1000 * sum(waits) / ran:.2f} ms per dispatch "
                          f"(p99 {percentile([1000 * w for w in waits], 99):.2f} ms per BEGIN)"
                          if waits else "BEGIN not observable (implicit)")
@@ -524,7 +540,10 @@ def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dic
         out["one_process_cpu_ms"] = median([r["cpu_ms_per_dispatch"] for r in measured[1]])
         out["one_process_cpu_ms_rounds"] = [r["cpu_ms_per_dispatch"] for r in measured[1]]
         one, two = out["runs"]["1"]["per_s"], out["runs"]["2"]["per_s"]
-        out["scaling"] = round(two / one, 3) if one else None
+        pairs = scaling_pairs(in_order)
+        out["scaling_pairs"] = [round(r, 3) for r in pairs]
+        out["scaling"] = round(median(pairs), 3) if pairs else None
+        out["scaling_of_medians"] = round(two / one, 3) if one else None
     finally:
         box = Mailbox.connect(database_url, redis_url, namespace=namespace)
         _drop_keys(box, namespace)

@@ -184,7 +184,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                          "BEGIN p99 ms"], par_rows),
                   "Each process count is measured three times, in the order 1, 2, 2, 1, 1, 2 "
                   "(a machine whose speed drifts favours neither); the median round is shown "
-                  "with all rounds. The mailbox CPU target is the median CPU per dispatch of "
+                  "with all rounds. " + _paired_scaling_text(report.get("parallel", {}))
+                  + "The mailbox CPU target is the median CPU per dispatch of "
                   "the one-process rounds: "
                   + "; ".join(f"{b} {fmt(p.get('one_process_cpu_ms'), 2)} ms (rounds "
                               + " / ".join(fmt(r, 2) for r in p.get("one_process_cpu_ms_rounds",
@@ -439,3 +440,15 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
         say(f"(chart not written: {type(exc).__name__}: {exc})")
 
 
+def _paired_scaling_text(parallel: dict[str, Any]) -> str:
+    """The sentence on how the 2 / 1 ratio is paired, with each backend's pairs; empty for a
+    run recorded before the pairing (its `scaling` is the ratio of the medians)."""
+    paired = {b: p for b, p in parallel.items() if p.get("scaling_pairs")}
+    if not paired:
+        return ""
+    return ("The 2 / 1 ratio is the median of the three pairs' own ratios (1 2, 2 1, 1 2; "
+            "each pair seconds apart): "
+            + "; ".join(f"{b} {fmt(p.get('scaling'), 3)} (pairs "
+                        + " / ".join(fmt(r, 3) for r in p["scaling_pairs"])
+                        + f"; ratio of the medians {fmt(p.get('scaling_of_medians'), 3)})"
+                        for b, p in paired.items()) + ". ")

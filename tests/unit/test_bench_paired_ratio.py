@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from benchmarks.pipeline.analysis import paired_ratio, paired_ratios, round_rates, throughput
+from benchmarks.pipeline.inprocess import scaling_pairs
 from benchmarks.pipeline.run import build_plan
 
 
@@ -59,3 +60,20 @@ def test_rounds_alternate_which_kind_runs_first() -> None:
                      "throughput_c_4", "throughput_b_4", "throughput_a_4",
                      "throughput_a_5", "throughput_b_5", "throughput_c_5",
                      "throughput_c_6", "throughput_b_6", "throughput_a_6"]
+
+
+def run(processes: int, per_s: float) -> dict[str, Any]:
+    return {"processes": processes, "per_s": per_s}
+
+
+def test_two_processes_over_one_is_paired_by_consecutive_runs() -> None:
+    # 1 2, 2 1, 1 2 on a machine that runs the middle pair at 70% speed: two processes do
+    # 1.8x one in every pair, and each pair says so, whichever run of the pair came first.
+    runs = [run(1, 100.0), run(2, 180.0), run(2, 126.0), run(1, 70.0),
+            run(1, 101.0), run(2, 181.8)]
+    assert [round(r, 3) for r in scaling_pairs(runs)] == [1.8, 1.8, 1.8]
+
+
+def test_a_pair_without_both_counts_or_with_nothing_done_in_one_process_is_skipped() -> None:
+    assert scaling_pairs([run(1, 100.0), run(1, 90.0), run(2, 150.0), run(1, 0.0)]) == []
+    assert scaling_pairs([run(1, 100.0), run(2, 150.0), run(2, 140.0)]) == [1.5]
