@@ -184,11 +184,8 @@ def collect_stats(mailbox: Mailbox, now: int | None = None) -> MailboxStats:
         counts = inspect.status_counts()
         oldest, threads, due = inspect.queue_summary(at)
         by_run = inspect.run_status_counts()
-    try:
-        offset: ClockOffset | None = clock.measure(mailbox.store.coordinator.client)
-    except Exception:  # Redis down: the summary still shows what SQL holds
-        offset = None
-    return MailboxStats(at, counts, oldest, threads, due, by_run, offset,
+    return MailboxStats(at, counts, oldest, threads, due, by_run,
+                        clock.read(mailbox.store.coordinator.client),
                         clock.limit_ms(mailbox.settings.lease_ms))
 
 
@@ -258,10 +255,7 @@ def _check_deployment(mailbox: Mailbox, report: AuditReport) -> None:
                            tuple(f"{server}: {p}" for server, p in sorted(evicting.items()))))
     report.checks.append("clock_offset")
     limit = clock.limit_ms(mailbox.settings.lease_ms)
-    try:
-        reading: ClockOffset | None = clock.measure(client)
-    except Exception:  # Redis unreachable: the Redis checks above already failed loudly
-        reading = None
+    reading = clock.read(client)
     if reading is not None and reading.beyond(limit):
         report.add(Finding("clock_offset", "warning",
                            f"this host's clock is more than {limit / 1000:g} s off Redis's "

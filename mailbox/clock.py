@@ -69,16 +69,21 @@ def measure(client: Any, clock: Callable[[], float] = time.time) -> ClockOffset:
                        round_trip_ms=(after - before) * 1000)
 
 
-def check(client: Any, lease_ms: int, clock: Callable[[], float] = time.time
-          ) -> ClockOffset | None:
-    """Measure, and log a warning when this host is past `limit_ms(lease_ms)`. None when Redis
-    could not answer (logged at debug: every other Redis call of the worker reports that)."""
+def read(client: Any, clock: Callable[[], float] = time.time) -> ClockOffset | None:
+    """`measure`, or None when Redis could not answer (logged at debug: whatever shows the
+    offset — a scrape, `stats`, the audit — reports a Redis that is down in its own way)."""
     try:
-        reading = measure(client, clock)
+        return measure(client, clock)
     except Exception as exc:
         log.debug("could not read Redis's clock: %s", exc)
         return None
-    if reading.beyond(limit_ms(lease_ms)):
+
+
+def check(client: Any, lease_ms: int, clock: Callable[[], float] = time.time
+          ) -> ClockOffset | None:
+    """`read`, and log a warning when this host is past `limit_ms(lease_ms)`."""
+    reading = read(client, clock)
+    if reading is not None and reading.beyond(limit_ms(lease_ms)):
         log.warning("this host's clock is %s, more than the %s a host may be off "
                     "(MAILBOX_LEASE_MS / 6): a sweep on a host whose clock runs ahead, or "
                     "a worker whose clock runs behind, lets the sweep reclaim a claim that "

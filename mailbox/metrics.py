@@ -121,7 +121,10 @@ class StoreCollector:
     def _clock(self) -> Iterator[GaugeMetricFamily]:
         """This host's clock minus Redis's (`mailbox.clock`), measured at the scrape; absent
         when Redis does not answer. Alert on its spread across the workers' hosts."""
-        offset = self._clock_offset() if self._clock_offset is not None else None
+        try:
+            offset = self._clock_offset() if self._clock_offset is not None else None
+        except Exception:  # a scrape must not crash because Redis is down
+            offset = None
         if offset is not None:
             yield GaugeMetricFamily("mailbox_clock_offset_seconds",
                                     "This host's clock minus Redis's (positive: ahead).",

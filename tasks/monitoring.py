@@ -75,11 +75,9 @@ def build_registry() -> Any:
         since = mailbox().store.oldest_due_queued_at(now)
         return 0.0 if since is None else (now - since) / 1000
 
-    def clock_offset() -> float | None:
-        try:
-            return clock.measure(mailbox().store.coordinator.client).offset_ms / 1000
-        except Exception:  # Redis down: the gauge is left out of this scrape
-            return None
+    def clock_offset() -> float | None:  # None (Redis down): left out of this scrape
+        reading = clock.read(mailbox().store.coordinator.client)
+        return None if reading is None else reading.offset_ms / 1000
 
     registry = CollectorRegistry()
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
