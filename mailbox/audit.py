@@ -243,7 +243,7 @@ def audit(mailbox: Mailbox, *, now: int | None = None, stuck_after_s: float | No
 def _check_deployment(mailbox: Mailbox, report: AuditReport) -> None:
     """What the invariants need of the servers: a Redis that does not evict the mailbox's
     keys (`mailbox.redis_policy`) and clocks that agree (`mailbox.clock`; this host's only:
-    each worker warns about its own at start)."""
+    each worker warns about its own when it runs the sweep)."""
     client = mailbox.store.coordinator.client
     report.checks.append("redis_evicts")
     evicting = redis_policy.unsafe(redis_policy.eviction_policies(client))

@@ -7,8 +7,9 @@ the heartbeat renews every third) make the sweep reclaim a live claim — the at
 renewal is refused and it stops, but until then it runs beside the new claim's attempt, the
 one thing the mailbox promises never to do. Nothing in the protocol can tell a skewed clock
 from a late renewal, so the workers measure their clocks against the one every worker
-reaches, Redis's (`TIME`), warn when one is off by more than `limit_ms`, and export the
-offset (`mailbox_clock_offset_seconds`) for an alert on its spread across hosts.
+reaches, Redis's (`TIME`), when they run the sweep (at most once a minute), warn when one
+is off by more than `limit_ms`, and export the offset (`mailbox_clock_offset_seconds`) for
+an alert on its spread across hosts.
 
 Warn, never refuse: Redis's own clock may be the wrong one, and a sweep that refused to
 reclaim on every host would strand every expired claim.
@@ -25,7 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 60.0
-"""A process that keeps measuring (the sweep) warns again at most this often."""
+"""How often a process that keeps running the checks (the sweep) runs them at most."""
 
 
 @dataclass(frozen=True)
@@ -93,21 +94,21 @@ def check(client: Any, lease_ms: int, clock: Callable[[], float] = time.time
     return reading
 
 
-class PeriodicCheck:
-    """`check` at most once per CHECK_EVERY_S, for a task that runs often (the sweep)."""
+class AtMostEvery:
+    """True at the first call, then at most once per `seconds`: the checks of a task that
+    runs every few seconds (the sweep) measure and warn at most once a minute."""
 
-    def __init__(self, every_s: float = CHECK_EVERY_S,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.every_s = every_s
+    def __init__(self, seconds: float, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
         self._monotonic = monotonic
         self._last: float | None = None
 
-    def __call__(self, client: Any, lease_ms: int) -> ClockOffset | None:
+    def __call__(self) -> bool:
         at = self._monotonic()
-        if self._last is not None and at - self._last < self.every_s:
-            return None
+        if self._last is not None and at - self._last < self.seconds:
+            return False
         self._last = at
-        return check(client, lease_ms)
+        return True
 
 
 def _seconds(ms: float) -> str:

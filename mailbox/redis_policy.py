@@ -6,9 +6,10 @@ TTLs. SQL stays the truth of every dispatch and run, but what Redis drops is gon
 event stream (what `watch`, SSE and the dashboard show), and a cancel signal the running
 attempt has not seen yet (the attempt then runs to its end; an interrupt still stops it at
 its next renewal, which the raised epoch fences); the epoch cache and leases are rebuilt
-from SQL. BullMQ and Sidekiq warn about exactly this at
-start; so does a worker here, and `python -m mailbox audit` reports it. `noeviction` makes a
-full Redis refuse writes instead: a store outage the mailbox reports and retries.
+from SQL. BullMQ and Sidekiq warn about exactly this at start; a worker here warns when it
+runs the sweep (its first is the one it publishes as it starts; then at most once a minute),
+and `python -m mailbox audit` reports it. `noeviction` makes a full Redis refuse writes
+instead: a store outage the mailbox reports and retries.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from mailbox import clock, maintenance, redis_policy
 from mailbox.runtime import now_ms
 from tasks.app import app
 from tasks.publishing import publish_wake, queued_messages
-from tasks.runtime import mailbox, queue, runtime
+from tasks.runtime import queue, runtime
 
 log = logging.getLogger(__name__)
-_clock_check = clock.PeriodicCheck()
+_deployment_check_due = clock.AtMostEvery(clock.CHECK_EVERY_S)
 
 
 def publish_sweep_wake(thread_id: str, wake_id: str) -> None:
@@ -36,7 +36,13 @@ def sweep(wake_all: bool = False) -> dict[str, int]:
     # The queue is counted before this sweep adds to it: a wake-up marked pending can only be
     # among the messages already there (docs/behaviour.md#wake-marks).
     rt = runtime()
-    _clock_check(rt.store.coordinator.client, rt.settings.lease_ms)
+    if _deployment_check_due():
+        # What the invariants need of the servers, warned about in the log: this host's
+        # clock against Redis's (docs/behaviour.md#clocks) and a Redis that does not evict
+        # (#eviction). In the pool process that runs the sweep, not in the worker's main
+        # process: a worker's first sweep is the one it publishes as it starts.
+        clock.check(rt.store.coordinator.client, rt.settings.lease_ms)
+        redis_policy.check(rt.store.coordinator.client)
     waiting = queued_messages(queue())
     wake = functools.partial(publish_wake, rt.settings.namespace)
     report = maintenance.sweep(dataclasses.replace(rt, wake=wake), now_ms(),
@@ -56,18 +62,8 @@ def gc() -> int:
 def recover_on_start(**_: Any) -> None:
     """A starting worker sweeps once: expired claims of dead workers, stranded queues, and
     every due thread woken even where a wake-up is marked pending (it may have been lost
-    with a broker that restarted: one duplicate per due thread and worker start at most).
-    It also checks what the invariants need of the servers, warning in the log: this host's
-    clock against Redis's (`mailbox.clock`; the sweep measures again, at most once a minute)
-    and a coordination Redis that does not evict keys (`mailbox.redis_policy`)."""
+    with a broker that restarted: one duplicate per due thread and worker start at most)."""
     try:
         sweep.apply_async(kwargs={"wake_all": True}, queue=queue())
     except Exception as exc:
         log.warning("could not publish the start-up sweep: %s", exc)
-    try:
-        box = mailbox()
-    except Exception as exc:  # the tasks report a store they cannot reach
-        log.debug("no clock check at start: %s", exc)
-        return
-    clock.check(box.store.coordinator.client, box.settings.lease_ms)
-    redis_policy.check(box.store.coordinator.client)

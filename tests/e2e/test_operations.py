@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +21,10 @@ import redis
 
 from mailbox import DispatchStatus, Mailbox
 from mailbox.database import scratch_postgres_schema
-from mailbox.dev.embedded_redis import free_port
+from mailbox.dev.embedded_redis import EmbeddedRedis, free_port
 from tasks import dispatch
 from tests.conftest import BACKENDS, POSTGRES_URL
+from tests.support.e2e_helpers import wait_until
 from tests.support.local_compose import LocalCompose, http_get
 from tests.support.services import require
 from tests.support.workers import CELERY, ROOT, Stack
@@ -227,3 +229,25 @@ def test_flower_sees_all_five_phases_with_ids_only(celery_stack: Stack,
         assert PAYLOAD not in json.dumps(info), info
         if name in PHASES:
             assert info.get("result") == ids, info
+
+
+def test_a_worker_on_a_redis_that_may_evict_says_so_in_its_log(
+        celery_stack: Stack, tmp_path: Path) -> None:
+    # The coordination Redis of this worker is one of its own, set to evict (the shared test
+    # Redis must not change); the broker stays the stack's.
+    server = EmbeddedRedis(workdir=tmp_path / "evicting-redis")
+    server.start()
+    try:
+        client = redis.Redis(port=server.port)
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.close()
+        celery_stack.start_worker(concurrency=1, MAILBOX_REDIS_URL=server.url)
+
+        def warned() -> bool:  # from the sweep the worker publishes as it starts
+            text = "".join(log.read_text(errors="replace")
+                           for log in celery_stack.workdir.glob("worker*.log"))
+            return "may evict the mailbox's keys" in text and "allkeys-lru on redis" in text
+
+        wait_until(warned, 60, "the eviction warning in the worker's log", celery_stack)
+    finally:
+        server.stop()

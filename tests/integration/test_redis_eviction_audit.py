@@ -1,5 +1,5 @@
 """A coordination Redis that may evict keys, met where an operator meets it: the audit (in
-process and `python -m mailbox audit`) and the check a worker runs at start. Each test starts a
+process and `python -m mailbox audit`) and the check a worker's sweep runs. Each test starts a
 Redis of its own: changing the policy of the shared test Redis would reach other tests."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def test_the_audit_warns_about_an_evicting_redis_and_keeps_exit_0(
     assert out["warnings"][0]["sample"] == ["redis: allkeys-lru"]
 
 
-def test_the_start_up_check_on_an_evicting_redis_logs_why_it_matters(
+def test_the_check_on_an_evicting_redis_logs_why_it_matters(
         evicting: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="mailbox.redis_policy")
     assert redis_policy.check(evicting) == {"redis": "allkeys-lru"}

@@ -9,18 +9,16 @@ import pytest
 import redis
 
 from mailbox import clock
-from mailbox.clock import ClockOffset, PeriodicCheck
+from mailbox.clock import AtMostEvery, ClockOffset
 
 
 class FakeRedis:
-    """Answers TIME with a fixed reply (or raises), and counts the calls."""
+    """Answers TIME with a fixed reply (or raises)."""
 
     def __init__(self, reply: Any) -> None:
         self.reply = reply
-        self.calls = 0
 
     def time(self) -> Any:
-        self.calls += 1
         if isinstance(self.reply, Exception):
             raise self.reply
         return self.reply
@@ -70,13 +68,12 @@ def test_check_without_redis_is_none_and_quiet(caplog: pytest.LogCaptureFixture)
     assert not caplog.records
 
 
-def test_a_periodic_check_measures_at_most_once_per_interval() -> None:
+def test_checks_run_at_the_first_call_then_at_most_once_per_interval() -> None:
     now = [0.0]
-    periodic = PeriodicCheck(every_s=60, monotonic=lambda: now[0])
-    client = FakeRedis((100, 0))
-    assert periodic(client, 30_000) is not None
+    due = AtMostEvery(60, monotonic=lambda: now[0])
+    assert due()
     now[0] = 59.9
-    assert periodic(client, 30_000) is None
+    assert not due()
     now[0] = 60.0
-    assert periodic(client, 30_000) is not None
-    assert client.calls == 2
+    assert due()
+    assert not due()
