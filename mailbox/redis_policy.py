@@ -7,7 +7,7 @@ event stream (what `watch`, SSE and the dashboard show), and a cancel signal the
 attempt has not seen yet (the attempt then runs to its end; an interrupt still stops it at
 its next renewal, which the raised epoch fences); the epoch cache and leases are rebuilt
 from SQL. BullMQ and Sidekiq warn about exactly this at start; a worker here warns when it
-runs the sweep (its first is the one it publishes as it starts; then at most once a minute),
+runs the sweep (every starting worker publishes one; at most once a minute a process),
 and `python -m mailbox audit` reports it. `noeviction` makes a full Redis refuse writes
 instead: a store outage the mailbox reports and retries.
 """

@@ -40,7 +40,7 @@ def sweep(wake_all: bool = False) -> dict[str, int]:
         # What the invariants need of the servers, warned about in the log: this host's
         # clock against Redis's (docs/behaviour.md#clocks) and a Redis that does not evict
         # (#eviction). In the pool process that runs the sweep, not in the worker's main
-        # process: a worker's first sweep is the one it publishes as it starts.
+        # process; every starting worker publishes a sweep, and beat one every few seconds.
         clock.check(rt.store.coordinator.client, rt.settings.lease_ms)
         redis_policy.check(rt.store.coordinator.client)
     waiting = queued_messages(queue())
