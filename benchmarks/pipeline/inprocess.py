@@ -433,12 +433,14 @@ def _parallel_worker(database_url: str, redis_url: str, namespace: str, prefix: 
     begin_waits: list[float] = []
     started_at: dict[int, float] = {}
 
-    def before(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("BEGIN"):
-            started_at[id(conn)] = time.perf_counter()
+    # Timed around the store's own "begin" listener, which sends SQLite's BEGIN (IMMEDIATE)
+    # and so waits for the write lock: not by cursor-execute events, whose listeners would
+    # send every statement through SQLAlchemy's execute (mailbox/store/direct.py).
+    def before(conn: Any) -> None:
+        started_at[id(conn)] = time.perf_counter()
 
-    def after(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("BEGIN") and id(conn) in started_at:
+    def after(conn: Any) -> None:
+        if id(conn) in started_at:
             begin_waits.append(time.perf_counter() - started_at.pop(id(conn)))
 
     rt, pending = inline_runtime(box, f"bench-par-{os.getpid()}")
@@ -446,8 +448,9 @@ def _parallel_worker(database_url: str, redis_url: str, namespace: str, prefix: 
     try:
         for i in range(n):
             box.submit(threads[i % len(threads)], AGENT, f"message {i}")
-        event.listen(box.store.engine, "before_cursor_execute", before)
-        event.listen(box.store.engine, "after_cursor_execute", after)
+        if box.store.engine.dialect.name == "sqlite":
+            event.listen(box.store.engine, "begin", before, insert=True)
+            event.listen(box.store.engine, "begin", after)
         barrier.wait(timeout=120)
         t0 = time.perf_counter()
         c0 = time.process_time()
@@ -520,8 +523,8 @@ def parallel_chains(kind: str, database_url: str, redis_url: str, n: int) -> dic
                 "processes": procs, "dispatches": ran, "seconds": round(wall, 3),
                 "per_s": round(ran / wall, 2),
                 "cpu_ms_per_dispatch": round(1000 * sum(g["cpu_s"] for g in got) / ran, 2),
-                # psycopg sends BEGIN implicitly (no cursor execute): nothing to time there,
-                # and its row locks are per thread, which these processes do not share.
+                # psycopg sends BEGIN with the first statement: nothing to time there, and
+                # its row locks are per thread, which these processes do not share.
                 "begin_wait": latency_summary([1000 * w for w in waits]),
                 "begin_wait_ms_per_dispatch": round(1000 * sum(waits) / ran, 2)
                 if waits else None,

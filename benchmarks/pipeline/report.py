@@ -228,8 +228,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                   f"{fmt(inproc.get('submit_cpu_ms_per_dispatch'), 2)}, claims + phases "
                   f"{fmt(inproc.get('chain_ms_per_dispatch'), 2)} / "
                   f"{fmt(inproc.get('chain_cpu_ms_per_dispatch'), 2)}, counting hooks "
-                  "included (the rest of the wall time is waiting: for the CPU on a loaded "
-                  "machine, for Redis, for the database server).",
+                  "included (they send every statement through SQLAlchemy's execute, not the "
+                  "driver's cursor: mailbox/store/direct.py; the rest of the wall time is "
+                  "waiting: for the CPU on a loaded machine, for Redis, for the database "
+                  "server).",
                   f"SQL statements by verb per dispatch: {json.dumps(top['verbs'])}.",
                   f"Redis commands by name per dispatch: "
                   f"{json.dumps(top['redis_by_command'])}.",

@@ -71,6 +71,7 @@ from mailbox.model import (
     show_value,
 )
 from mailbox.store import statements as q
+from mailbox.store.direct import execute
 from mailbox.store.operations import operation
 from mailbox.write_gate import WriteGateError, write_gate
 
@@ -190,13 +191,13 @@ class MailboxStore:
         did nothing) is locked and read as any other.
         """
         params = {"thread_id": thread_id}
-        epoch = conn.execute(q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one_or_none()
+        epoch = execute(conn, q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one_or_none()
         if epoch is None and create:
-            inserted = conn.execute(self._insert_epoch_if_missing, {
+            inserted = execute(conn, self._insert_epoch_if_missing, {
                 "thread_id": thread_id, "current_epoch": 0}).rowcount
             if inserted == 1:
                 return 0
-            epoch = conn.execute(q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one()
+            epoch = execute(conn, q.SELECT_EPOCH_FOR_UPDATE, params).scalar_one()
         return None if epoch is None else int(epoch)
 
     def lock_threads(self, conn: sa.Connection, thread_ids: Iterable[str]) -> dict[str, int]:
@@ -207,9 +208,9 @@ class MailboxStore:
         ids = sorted(set(thread_ids))
         if not ids:
             return {}
-        conn.execute(self._insert_epoch_if_missing,
-                     [{"thread_id": t, "current_epoch": 0} for t in ids])
-        return {str(t): int(e) for t, e in conn.execute(q.SELECT_EPOCHS_FOR_UPDATE,
+        execute(conn, self._insert_epoch_if_missing,
+                [{"thread_id": t, "current_epoch": 0} for t in ids])
+        return {str(t): int(e) for t, e in execute(conn, q.SELECT_EPOCHS_FOR_UPDATE,
                                                          {"thread_ids": ids})}
 
     def live_dedupe_keys(self, conn: sa.Connection, pairs: Iterable[tuple[str, str]]
@@ -218,7 +219,7 @@ class MailboxStore:
         wanted = set(pairs)
         if not wanted:
             return set()
-        rows = conn.execute(q.SELECT_LIVE_DEDUPE_KEYS, {
+        rows = execute(conn, q.SELECT_LIVE_DEDUPE_KEYS, {
             "thread_ids": sorted({t for t, _ in wanted}),
             "dedupe_keys": sorted({k for _, k in wanted})})
         return {(str(t), str(k)) for t, k in rows} & wanted
@@ -227,7 +228,7 @@ class MailboxStore:
         """T1 for many dispatches already stamped with their threads' epochs (`enqueued`),
         in one statement, inside the caller's transaction holding their threads' locks."""
         if stored:
-            conn.execute(q.INSERT_DISPATCH, [q.dispatch_row(d) for d in stored])
+            execute(conn, q.INSERT_DISPATCH, [q.dispatch_row(d) for d in stored])
 
     def lock_dispatch(self, conn: sa.Connection, dispatch_id: str,
                       thread_id: str | None = None) -> tuple[RunDispatch, int] | None:
@@ -236,8 +237,8 @@ class MailboxStore:
         A caller that knows the thread (a phase's context) saves the lookup; a wrong thread
         finds nothing, and an unknown one is not created."""
         if thread_id is None:
-            thread_id = conn.execute(q.SELECT_THREAD_OF,
-                                     {"dispatch_id": dispatch_id}).scalar_one_or_none()
+            thread_id = execute(conn, q.SELECT_THREAD_OF,
+                                {"dispatch_id": dispatch_id}).scalar_one_or_none()
             if thread_id is None:
                 return None
             epoch = self.lock_thread(conn, thread_id, create=True)
@@ -246,7 +247,7 @@ class MailboxStore:
             if epoch is None:
                 return None
         assert epoch is not None
-        row = conn.execute(q.SELECT_DISPATCH, {"dispatch_id": dispatch_id}).one_or_none()
+        row = execute(conn, q.SELECT_DISPATCH, {"dispatch_id": dispatch_id}).one_or_none()
         if row is None or row.thread_id != thread_id:
             return None
         return q.dispatch_from_row(row), epoch
@@ -257,17 +258,17 @@ class MailboxStore:
         store `dispatch` Queued, stamped with `epoch`; return what was stored. A duplicate
         raises IntegrityError out of the transaction (see `duplicate_error`)."""
         stored = dispatch.enqueued(epoch)
-        conn.execute(q.INSERT_DISPATCH, q.dispatch_row(stored))
+        execute(conn, q.INSERT_DISPATCH, q.dispatch_row(stored))
         return stored
 
     def duplicate_error(self, dispatch: RunDispatch) -> AlreadyExistsError | None:
         """After an insert of `dispatch` failed on a unique key: which one it hit (its id, or
         its thread's live dedupe key); None when neither explains it."""
         with self.read() as conn:
-            if conn.execute(q.SELECT_DISPATCH_ID,
-                            {"dispatch_id": dispatch.dispatch_id}).first() is not None:
+            if execute(conn, q.SELECT_DISPATCH_ID,
+                       {"dispatch_id": dispatch.dispatch_id}).first() is not None:
                 return AlreadyExistsError(dispatch.dispatch_id)
-            if dispatch.dedupe_key is not None and conn.execute(q.SELECT_LIVE_DEDUPE, {
+            if dispatch.dedupe_key is not None and execute(conn, q.SELECT_LIVE_DEDUPE, {
                     "thread_id": dispatch.thread_id,
                     "dedupe_key": dispatch.dedupe_key}).first() is not None:
                 return AlreadyExistsError(f"dedupe_key={dispatch.dedupe_key}")
@@ -289,7 +290,7 @@ class MailboxStore:
                 changes.append((before, change))
         if len(changes) == 1:
             before, change = changes[0]
-            result = conn.execute(q.UPDATE_DISPATCH, {
+            result = execute(conn, q.UPDATE_DISPATCH, {
                 **change, "guard_id": before.dispatch_id, "guard_status": before.status.value})
             if result.rowcount != 1:
                 raise MailboxError(f"concurrent modification of dispatch {before.dispatch_id}")
@@ -300,7 +301,7 @@ class MailboxStore:
             groups.setdefault(key, (change, []))[1].append(before.dispatch_id)
         for (old_status, _), (change, ids) in groups.items():
             for chunk in _chunks(ids, 500):
-                result = conn.execute(q.UPDATE_DISPATCHES, {
+                result = execute(conn, q.UPDATE_DISPATCHES, {
                     **change, "guard_ids": chunk, "guard_status": old_status})
                 if result.rowcount != len(chunk):
                     raise MailboxError(f"concurrent modification of dispatches {chunk}")
@@ -407,8 +408,8 @@ class MailboxStore:
         require_ms("lease_ms", lease_ms)
         require_ms("now", now)
         with self.read() as conn:
-            thread_id = conn.execute(q.SELECT_THREAD_OF,
-                                     {"dispatch_id": dispatch_id}).scalar_one_or_none()
+            thread_id = execute(conn, q.SELECT_THREAD_OF,
+                                {"dispatch_id": dispatch_id}).scalar_one_or_none()
         if thread_id is None:
             return None
         return self._claim_thread(thread_id, dispatch_id, consumer_id, lease_ms, now)
@@ -422,8 +423,8 @@ class MailboxStore:
         after a claim. (A Claimed row that Redis forgot is then not rebuilt into a lease
         here; the next claim that finds work does it.)"""
         with self.read() as conn:
-            return conn.execute(q.SELECT_ANY_DUE, {"thread_id": thread_id, "now": now}
-                                ).first() is not None
+            return execute(conn, q.SELECT_ANY_DUE, {"thread_id": thread_id, "now": now}
+                           ).first() is not None
 
     def _claim_thread(self, thread_id: str, dispatch_id: str | None, consumer_id: str,
                       lease_ms: int, now: int, *, wake_id: str | None = None,
@@ -489,8 +490,8 @@ class MailboxStore:
                                     lease_ms=lease_ms, now=now):
             return False
         with self.read() as conn:
-            row = conn.execute(q.SELECT_DISPATCH,
-                               {"dispatch_id": holder.dispatch_id}).one_or_none()
+            row = execute(conn, q.SELECT_DISPATCH,
+                          {"dispatch_id": holder.dispatch_id}).one_or_none()
         if row is None or row.status != DispatchStatus.Claimed.value or row.claim_token != token:
             return self.coordinator.release(thread_id, token) == WAKE_REQUESTED
         return False
@@ -527,11 +528,11 @@ class MailboxStore:
         if holder is not None:
             return None, holder
         if dispatch_id is None:
-            row = conn.execute(q.SELECT_HEAD, {"thread_id": thread_id, "now": now}
-                               ).one_or_none()
+            row = execute(conn, q.SELECT_HEAD, {"thread_id": thread_id, "now": now}
+                          ).one_or_none()
         else:
-            row = conn.execute(q.SELECT_QUEUED_BY_ID, {"dispatch_id": dispatch_id}
-                               ).one_or_none()
+            row = execute(conn, q.SELECT_QUEUED_BY_ID, {"dispatch_id": dispatch_id}
+                          ).one_or_none()
         if row is None:
             return None, None
         head = q.dispatch_from_row(row)
@@ -789,7 +790,7 @@ class MailboxStore:
             old = self.lock_thread(conn, thread_id, create=True)
             assert old is not None
             new_epoch = old + 1
-            conn.execute(q.UPDATE_EPOCH, {"guard_thread_id": thread_id,
+            execute(conn, q.UPDATE_EPOCH, {"guard_thread_id": thread_id,
                                           "current_epoch": new_epoch})
             live = [q.dispatch_from_row(r) for r in conn.execute(
                 q.SELECT_LIVE_OF_THREAD, {"thread_id": thread_id})]
@@ -848,7 +849,7 @@ class MailboxStore:
     def _sql_epoch(self, thread_id: str) -> int:
         """The authoritative epoch straight from SQL."""
         with self.read() as conn:
-            epoch = conn.execute(q.SELECT_EPOCH, {"thread_id": thread_id}).scalar_one_or_none()
+            epoch = execute(conn, q.SELECT_EPOCH, {"thread_id": thread_id}).scalar_one_or_none()
         return 0 if epoch is None else int(epoch)
 
     # ============================================================================ read path
@@ -856,7 +857,7 @@ class MailboxStore:
     def load_dispatch(self, dispatch_id: str) -> RunDispatch | None:
         require_id("dispatch_id", dispatch_id)
         with self.read() as conn:
-            row = conn.execute(q.SELECT_DISPATCH, {"dispatch_id": dispatch_id}).one_or_none()
+            row = execute(conn, q.SELECT_DISPATCH, {"dispatch_id": dispatch_id}).one_or_none()
         return None if row is None else q.dispatch_from_row(row)
 
     @operation("list_dispatches")
@@ -876,7 +877,7 @@ class MailboxStore:
     def count_dispatches_by_status(self, status: DispatchStatus) -> int:
         value = _status(status).value
         with self.read() as conn:
-            return int(conn.execute(q.COUNT_WITH_STATUS, {"status": value}).scalar_one())
+            return int(execute(conn, q.COUNT_WITH_STATUS, {"status": value}).scalar_one())
 
     @operation("list_terminal_dispatches")
     def list_terminal_dispatches(self, limit: int, offset: int = 0) -> list[RunDispatch]:
@@ -890,7 +891,7 @@ class MailboxStore:
     def queued_thread_ids(self) -> list[str]:
         """Threads with at least one Queued dispatch (due or not), sorted."""
         with self.read() as conn:
-            return [str(t) for t in conn.execute(q.QUEUED_THREAD_IDS).scalars()]
+            return [str(t) for t in execute(conn, q.QUEUED_THREAD_IDS).scalars()]
 
     # ========================================================================= maintenance
     @operation("reclaim")
@@ -918,8 +919,8 @@ class MailboxStore:
         require_ms("now", now)
         _require_page(limit, 0)
         with self.read() as conn:
-            candidates = conn.execute(q.SELECT_EXPIRED_CLAIMS,
-                                      {"now": now, "limit": limit}).scalars().all()
+            candidates = execute(conn, q.SELECT_EXPIRED_CLAIMS,
+                                 {"now": now, "limit": limit}).scalars().all()
         transitioned: list[RunDispatch] = []
         superseded: list[RunDispatch] = []
         for dispatch_id in candidates:
@@ -959,7 +960,7 @@ class MailboxStore:
         """Delete terminal dispatches last changed before `older_than` (T18). Epochs stay."""
         require_ms("older_than", older_than)
         with self.write() as conn:
-            result = conn.execute(q.DELETE_TERMINAL_BEFORE, {"older_than": older_than})
+            result = execute(conn, q.DELETE_TERMINAL_BEFORE, {"older_than": older_than})
             return int(result.rowcount)
 
     # ---------------------------------------------------------------------- introspection
@@ -967,13 +968,13 @@ class MailboxStore:
     def claimed_per_thread(self) -> dict[str, int]:
         """Threads with more than one Claimed dispatch (an invariant breach; for audits)."""
         with self.read() as conn:
-            return {str(t): int(n) for t, n in conn.execute(q.CLAIMED_BY_THREAD) if n > 1}
+            return {str(t): int(n) for t, n in execute(conn, q.CLAIMED_BY_THREAD) if n > 1}
 
     @operation("counts_by_status")
     def counts_by_status(self) -> dict[DispatchStatus, int]:
         counts: dict[DispatchStatus, int] = defaultdict(int)
         with self.read() as conn:
-            for status, n in conn.execute(q.COUNTS_BY_STATUS):
+            for status, n in execute(conn, q.COUNTS_BY_STATUS):
                 counts[DispatchStatus(status)] = int(n)
         return {s: counts[s] for s in DispatchStatus}
 
@@ -982,7 +983,7 @@ class MailboxStore:
     def oldest_due_queued_at(self, now: int) -> int | None:
         """`available_at` of the longest-waiting due Queued dispatch (for the age gauge)."""
         with self.read() as conn:
-            value = conn.execute(q.SELECT_OLDEST_DUE_QUEUED_AT, {"now": now}).scalar_one_or_none()
+            value = execute(conn, q.SELECT_OLDEST_DUE_QUEUED_AT, {"now": now}).scalar_one_or_none()
         return None if value is None else int(value)
 
 
@@ -1003,7 +1004,7 @@ class MailboxStore:
         """When the thread next needs a wake-up (docs/behaviour.md#future-wakes): the
         earliest `available_at` of its Queued dispatches; None when it has none, or while one
         of its dispatches is Claimed (that claim's holder looks again when it lets go)."""
-        row = conn.execute(q.SELECT_THREAD_WAKE_STATE, {"thread_id": thread_id}).one()
+        row = execute(conn, q.SELECT_THREAD_WAKE_STATE, {"thread_id": thread_id}).one()
         if row.claimed_now or row.next_queued_at is None:
             return None
         return int(row.next_queued_at)
@@ -1045,7 +1046,7 @@ class MailboxStore:
         if not dispatch_ids:
             return 0
         with self.write() as conn:
-            result = conn.execute(q.DELETE_DEAD_LETTERS, {"dispatch_ids": list(dispatch_ids)})
+            result = execute(conn, q.DELETE_DEAD_LETTERS, {"dispatch_ids": list(dispatch_ids)})
             return int(result.rowcount)
 
 

@@ -40,6 +40,7 @@ from mailbox.model import (
     Termination,
 )
 from mailbox.store import statements as q
+from mailbox.store.direct import execute
 from mailbox.store.dispatches import MAX_LIST_LIMIT, ClaimedReader, MailboxStore, ReclaimPage
 from mailbox.store.operations import operation
 
@@ -264,9 +265,9 @@ class RunStore:
                     epochs: dict[str, int], threads: list[str], now: int
                     ) -> list[Submission]:
         waiting: dict[str, RunRecord] = {}
-        for row in conn.execute(q.SELECT_WAITING_OF_THREADS, {"thread_ids": threads}):
+        for row in execute(conn, q.SELECT_WAITING_OF_THREADS, {"thread_ids": threads}):
             waiting.setdefault(str(row.thread_id), q.run_from_row(row))
-        last = {str(t): int(n) for t, n in conn.execute(q.SELECT_LAST_SEQS,
+        last = {str(t): int(n) for t, n in execute(conn, q.SELECT_LAST_SEQS,
                                                          {"thread_ids": threads})}
         dispatches, new_runs, message_rows, submissions = [], [], [], []
         for entry in entries:
@@ -283,13 +284,13 @@ class RunStore:
                     raise ValidationError(f"run {resumed.run_id} has no pinned agent")
                 dispatch = replace(entry.dispatch, run_id=resumed.run_id)
                 run = replace(resumed, dispatch_id=dispatch.dispatch_id, updated_at=now)
-                if conn.execute(q.UPDATE_RUN, {**q.run_row(run), "guard_run_id": run.run_id}
-                                ).rowcount != 1:
+                if execute(conn, q.UPDATE_RUN, {**q.run_row(run), "guard_run_id": run.run_id}
+                           ).rowcount != 1:
                     raise NotFoundError(f"run {run.run_id}")
                 waiting[thread] = run
                 role = "decision"
-                turn = int(conn.execute(q.SELECT_RUN_TURN, {"run_id": run.run_id}
-                                        ).scalar_one_or_none() or seq)
+                turn = int(execute(conn, q.SELECT_RUN_TURN, {"run_id": run.run_id}
+                                   ).scalar_one_or_none() or seq)
             stored = dispatch.enqueued(epochs[thread])
             dispatches.append(stored)
             message_rows.append({"thread_id": thread, "seq": seq, "message_id": entry.message_id,
@@ -297,9 +298,9 @@ class RunStore:
                                  "created_at": now, "turn": turn})
             submissions.append(Submission(stored, run, resumed=resumed is not None))
         if new_runs:
-            conn.execute(q.INSERT_RUN, new_runs)
+            execute(conn, q.INSERT_RUN, new_runs)
         self.store.insert_dispatches(conn, dispatches)
-        conn.execute(q.INSERT_MESSAGE, message_rows)
+        execute(conn, q.INSERT_MESSAGE, message_rows)
         return submissions
 
     @staticmethod
@@ -354,9 +355,9 @@ class RunStore:
         if resolution is not None:
             self._ensure_resolution(conn, resolution, now)
         if new_run:
-            conn.execute(q.INSERT_RUN, q.run_row(run))
+            execute(conn, q.INSERT_RUN, q.run_row(run))
         else:
-            result = conn.execute(q.UPDATE_RUN, {**q.run_row(run), "guard_run_id": run.run_id})
+            result = execute(conn, q.UPDATE_RUN, {**q.run_row(run), "guard_run_id": run.run_id})
             if result.rowcount != 1:
                 raise NotFoundError(f"run {run.run_id}")
         self.append_messages(conn, run.thread_id, run.run_id, [(role, content)], now,
@@ -377,16 +378,16 @@ class RunStore:
         if known is not None:
             seq, turn = known
         elif new_run:
-            seq = int(conn.execute(q.SELECT_LAST_SEQ, {"thread_id": thread_id}).scalar_one())
+            seq = int(execute(conn, q.SELECT_LAST_SEQ, {"thread_id": thread_id}).scalar_one())
             turn = None
         else:
-            last, turn = conn.execute(q.SELECT_LAST_SEQ_AND_TURN,
-                                      {"thread_id": thread_id, "run_id": run_id}).one()
+            last, turn = execute(conn, q.SELECT_LAST_SEQ_AND_TURN,
+                                 {"thread_id": thread_id, "run_id": run_id}).one()
             seq = int(last)
         turn = seq + 1 if turn is None else int(turn)
         ids = list(message_ids) if message_ids is not None else \
             [str(uuid6.uuid7()) for _ in entries]
-        conn.execute(q.INSERT_MESSAGE, [
+        execute(conn, q.INSERT_MESSAGE, [
             {"thread_id": thread_id, "seq": seq + i, "message_id": ids[i - 1],
              "run_id": run_id, "role": role, "content": content, "created_at": now,
              "turn": turn} for i, (role, content) in enumerate(entries, start=1)])
@@ -396,7 +397,7 @@ class RunStore:
         and one this store has already seen stored is not written again."""
         if resolution.resolution_id in self._resolutions:
             return
-        conn.execute(self._insert_resolution, {
+        execute(conn, self._insert_resolution, {
             "resolution_id": resolution.resolution_id, "agent_name": resolution.agent_name,
             "agent_version": resolution.agent_version, "created_at": now})
 
@@ -407,7 +408,7 @@ class RunStore:
     @operation("load_run")
     def load_run(self, run_id: str) -> RunRecord | None:
         with self.store.read() as conn:
-            row = conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
+            row = execute(conn, q.SELECT_RUN, {"run_id": run_id}).one_or_none()
         return None if row is None else q.run_from_row(row)
 
     @operation("load_run")
@@ -419,7 +420,7 @@ class RunStore:
 
     @staticmethod
     def _attempt_facts(conn: sa.Connection, run_id: str) -> AttemptFacts:
-        row = conn.execute(q.SELECT_RUN_WITH_INPUT, {"run_id": run_id}).one_or_none()
+        row = execute(conn, q.SELECT_RUN_WITH_INPUT, {"run_id": run_id}).one_or_none()
         if row is None:
             return AttemptFacts(None, False)
         return AttemptFacts(q.run_from_row(row), bool(row._mapping[q.HAS_INPUT]))
@@ -465,7 +466,7 @@ class RunStore:
         with self.store.read() as conn:
             position = None
             if before is not None:
-                turn = conn.execute(q.SELECT_TURN_AT, {"thread_id": thread_id,
+                turn = execute(conn, q.SELECT_TURN_AT, {"thread_id": thread_id,
                                                        "seq": before}).scalar_one_or_none()
                 if turn is None:
                     raise NotFoundError(f"no message {before} in thread {thread_id}")
@@ -483,7 +484,7 @@ class RunStore:
         `max_bytes` of JSON content (older ones are left out first; the newest is always
         kept). Runs whose input arrived after this one's are not in it."""
         with self.store.read() as conn:
-            turn = conn.execute(q.SELECT_RUN_TURN, {"run_id": run_id}).scalar_one_or_none()
+            turn = execute(conn, q.SELECT_RUN_TURN, {"run_id": run_id}).scalar_one_or_none()
             rows = conn.execute(q.conversation_tail_query(
                 before=None, up_to_turn=None if turn is None else int(turn)),
                 {"thread_id": thread_id, "limit": limit})
@@ -512,7 +513,7 @@ class RunStore:
     @staticmethod
     def _run_messages(conn: sa.Connection, run_id: str) -> list[Message]:
         return [Message(**dict(r._mapping))
-                for r in conn.execute(q.SELECT_RUN_MESSAGES, {"run_id": run_id})]
+                for r in execute(conn, q.SELECT_RUN_MESSAGES, {"run_id": run_id})]
 
     @operation("load_resolution")
     def load_resolution(self, resolution_id: str) -> Resolution | None:
@@ -521,8 +522,8 @@ class RunStore:
         if cached is not None:
             return cached
         with self.store.read() as conn:
-            row = conn.execute(q.SELECT_RESOLUTION,
-                               {"resolution_id": resolution_id}).one_or_none()
+            row = execute(conn, q.SELECT_RESOLUTION,
+                          {"resolution_id": resolution_id}).one_or_none()
         if row is None:
             return None
         resolution = Resolution(row.resolution_id, row.agent_name, row.agent_version)
@@ -533,7 +534,7 @@ class RunStore:
     def latest_open_run(self, thread_id: str) -> RunRecord | None:
         """The thread's most recent run that is still waiting for a decision, if any."""
         with self.store.read() as conn:
-            row = conn.execute(q.SELECT_LATEST_WAITING, {"thread_id": thread_id}).one_or_none()
+            row = execute(conn, q.SELECT_LATEST_WAITING, {"thread_id": thread_id}).one_or_none()
         return None if row is None else q.run_from_row(row)
 
     # ------------------------------------------------------------------------------ writes
@@ -545,7 +546,7 @@ class RunStore:
 
     def _update_in(self, conn: sa.Connection, run_id: str,
                    change: Callable[[RunRecord], RunRecord | None]) -> RunRecord | None:
-        row = conn.execute(q.SELECT_RUN_FOR_UPDATE, {"run_id": run_id}).one_or_none()
+        row = execute(conn, q.SELECT_RUN_FOR_UPDATE, {"run_id": run_id}).one_or_none()
         if row is None:
             return None
         before = q.run_from_row(row)
@@ -556,7 +557,7 @@ class RunStore:
         changed = {key: value for key, value in new.items() if old[key] != value}
         if not changed:
             return None
-        result = conn.execute(q.UPDATE_RUN_GUARDED, {
+        result = execute(conn, q.UPDATE_RUN_GUARDED, {
             **changed, "guard_run_id": run_id, "guard_status": before.status.value})
         if result.rowcount != 1:
             raise ValidationError(f"run {run_id} changed concurrently")
@@ -604,8 +605,8 @@ class RunStore:
         has nothing to claim): no read of its own for either."""
         with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_ACK,
                                      lambda d: d.acked(now), thread_id=thread_id) as fenced:
-            row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
-            due = fenced.conn.execute(q.SELECT_ANY_DUE, {
+            row = execute(fenced.conn, q.SELECT_RUN, {"run_id": run_id}).one_or_none()
+            due = execute(fenced.conn, q.SELECT_ANY_DUE, {
                 "thread_id": fenced.dispatch.thread_id, "now": now}).first() is not None
         # A submit that committed after that read found our lease standing and left its
         # wake-up to us: the release says so (WAKE_REQUESTED), or could not tell (None).
@@ -629,7 +630,7 @@ class RunStore:
         with self.store.fenced_write(dispatch_id, claim_token, now, REASON_STALE_ACK,
                                      lambda d: d.acked(now), thread_id=thread_id,
                                      keep_lease=True) as fenced:
-            row = fenced.conn.execute(q.SELECT_RUN, {"run_id": run_id}).one_or_none()
+            row = execute(fenced.conn, q.SELECT_RUN, {"run_id": run_id}).one_or_none()
             claimed = self.store.claim_in(fenced, consumer_id, lease_ms, now, inside=read)
             wake_at = None if claimed is not None else \
                 self.store.next_wake_in(fenced.conn, thread_id)
@@ -752,7 +753,7 @@ class RunStore:
         if (claim.completed_at is None
                 or claim.run_status not in (RunStatus.done, RunStatus.waiting)):
             return None
-        row = conn.execute(q.SELECT_RUN_FOR_UPDATE, {"run_id": claim.run_id}).one_or_none()
+        row = execute(conn, q.SELECT_RUN_FOR_UPDATE, {"run_id": claim.run_id}).one_or_none()
         run = None if row is None else q.run_from_row(row)
         if run is None or run.status != claim.run_status:
             return None

@@ -31,6 +31,7 @@ from mailbox.model import (
     Termination,
 )
 from mailbox.schema import dispatches, messages, resolutions, runs, thread_epochs
+from mailbox.store.direct import AnyRow
 
 _D = dispatches.c
 _E = thread_epochs.c
@@ -78,7 +79,7 @@ def dispatch_row(d: RunDispatch) -> dict[str, Any]:
     return row
 
 
-def dispatch_from_row(row: sa.Row[Any]) -> RunDispatch:
+def dispatch_from_row(row: AnyRow) -> RunDispatch:
     values = dict(row._mapping)
     if values.get("termination") is not None:
         values["termination"] = Termination.from_json(values["termination"])
@@ -252,7 +253,7 @@ def run_row(run: RunRecord) -> dict[str, Any]:
     return row
 
 
-def run_from_row(row: sa.Row[Any]) -> RunRecord:
+def run_from_row(row: AnyRow) -> RunRecord:
     values = dict(row._mapping)
     values.pop(HAS_INPUT, None)
     if values.get("termination") is not None:
@@ -291,7 +292,7 @@ SELECT_SUBMIT_STATE = (
                  .outerjoin(_WAITING, sa.true())))
 
 
-def submit_state_from_row(row: sa.Row[Any]) -> tuple[int, RunRecord | None, int | None]:
+def submit_state_from_row(row: AnyRow) -> tuple[int, RunRecord | None, int | None]:
     """(last seq of the thread, its latest waiting run or None, that run's turn)."""
     values = dict(row._mapping)
     last_seq, turn = int(values.pop(LAST_SEQ)), values.pop(WAITING_TURN)
@@ -320,14 +321,16 @@ ALL_RUNS_BY_STATUS = sa.select(_R.status, sa.func.count()).group_by(_R.status)
 SELECT_LAST_SEQS = (sa.select(_M.thread_id, sa.func.max(_M.seq))
                     .where(_M.thread_id.in_(sa.bindparam("thread_ids", expanding=True)))
                     .group_by(_M.thread_id))
-SELECT_LAST_SEQ = sa.select(sa.func.coalesce(sa.func.max(_M.seq), 0)).where(
+# Labelled: a named column runs on the driver's cursor (direct.py), an unnamed one does not.
+SELECT_LAST_SEQ = sa.select(sa.func.coalesce(sa.func.max(_M.seq), 0).label(LAST_SEQ)).where(
     _M.thread_id == sa.bindparam("thread_id"))
 INSERT_MESSAGE = messages.insert()
 SELECT_RUN_MESSAGES = (sa.select(messages).where(_M.run_id == sa.bindparam("run_id"))
                        .order_by(_M.seq))
 SELECT_THREAD_TAIL = (sa.select(messages).where(_M.thread_id == sa.bindparam("thread_id"))
                       .order_by(_M.seq.desc()).limit(sa.bindparam("limit")))
-SELECT_RUN_TURN = sa.select(sa.func.min(_M.seq)).where(_M.run_id == sa.bindparam("run_id"))
+SELECT_RUN_TURN = sa.select(sa.func.min(_M.seq).label("turn")).where(
+    _M.run_id == sa.bindparam("run_id"))
 # What an append to a run's turn reads under the thread lock, in one statement: the thread's
 # last seq (the entries take the next ones) and the run's turn (None: the run has no message).
 SELECT_LAST_SEQ_AND_TURN = sa.select(
