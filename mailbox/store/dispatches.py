@@ -520,8 +520,8 @@ class MailboxStore:
                       now: int, inside: ClaimedReader | None
                       ) -> tuple[RunDispatch | None, RunDispatch | None]:
         """T2 in a transaction that holds the thread's lock at `epoch`."""
-        blockers = [q.dispatch_from_row(r) for r in conn.execute(
-            q.SELECT_BLOCKERS, {"thread_id": thread_id, "epoch": epoch})]
+        blockers = [q.dispatch_from_row(r) for r in execute(
+            conn, q.SELECT_BLOCKERS, {"thread_id": thread_id, "epoch": epoch})]
         stale = [d for d in blockers if d.status == DispatchStatus.Queued]
         self._save(conn, [(d, d.superseded_as_stale(epoch, now)) for d in stale])
         holder = next((d for d in blockers if d.status == DispatchStatus.Claimed), None)
@@ -792,8 +792,8 @@ class MailboxStore:
             new_epoch = old + 1
             execute(conn, q.UPDATE_EPOCH, {"guard_thread_id": thread_id,
                                           "current_epoch": new_epoch})
-            live = [q.dispatch_from_row(r) for r in conn.execute(
-                q.SELECT_LIVE_OF_THREAD, {"thread_id": thread_id})]
+            live = [q.dispatch_from_row(r) for r in execute(
+                conn, q.SELECT_LIVE_OF_THREAD, {"thread_id": thread_id})]
             pairs = [(d, d.superseded_by_interrupt(now)) for d in live
                      if d.status == DispatchStatus.Queued and d.dispatch_epoch <= old]
             self._save(conn, pairs)

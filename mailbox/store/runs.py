@@ -215,8 +215,8 @@ class RunStore:
             with self.store.write() as conn:
                 epoch = self.store.lock_thread(conn, dispatch.thread_id, create=True)
                 assert epoch is not None
-                last_seq, waiting, turn = q.submit_state_from_row(conn.execute(
-                    q.SELECT_SUBMIT_STATE, {"thread_id": run.thread_id}).one())
+                last_seq, waiting, turn = q.submit_state_from_row(execute(
+                    conn, q.SELECT_SUBMIT_STATE, {"thread_id": run.thread_id}).one())
                 if waiting is None:
                     stored = self._write_submission(conn, run, dispatch, resolution,
                                                     message_id, content, now, epoch=epoch,
@@ -452,8 +452,8 @@ class RunStore:
         entries, at most `MAX_LIST_LIMIT`); `conversation` pages it in conversation order."""
         self._check_limit(limit)
         with self.store.read() as conn:
-            rows = [Message(**dict(r._mapping)) for r in conn.execute(
-                q.SELECT_THREAD_TAIL, {"thread_id": thread_id, "limit": limit})]
+            rows = [Message(**dict(r._mapping)) for r in execute(
+                conn, q.SELECT_THREAD_TAIL, {"thread_id": thread_id, "limit": limit})]
         return list(reversed(rows))
 
     @operation("conversation")
@@ -767,5 +767,5 @@ class RunStore:
     @operation("runs_by_status")
     def runs_by_status(self, statuses: Sequence[RunStatus]) -> dict[str, int]:
         with self.store.read() as conn:
-            return {str(s): int(n) for s, n in conn.execute(
-                q.RUNS_BY_STATUS, {"statuses": [s.value for s in statuses]})}
+            return {str(s): int(n) for s, n in execute(
+                conn, q.RUNS_BY_STATUS, {"statuses": [s.value for s in statuses]})}
