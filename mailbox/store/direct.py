@@ -226,9 +226,10 @@ def execute(conn: sa.Connection, statement: sa.Executable,
         conn.begin()  # what execute's autobegin does (and the begin event with it)
     dbapi_connection = conn.connection.dbapi_connection
     assert dbapi_connection is not None
-    values = plan.parameters(params)
+    values: Any = params  # what a failure reports until the driver's values exist
     cursor = None
     try:
+        values = plan.parameters(params)  # a value its processor refuses: StatementError
         cursor = dbapi_connection.cursor()
         cursor.execute(plan.sql, values)
         fetched = cursor.fetchall() if cursor.description is not None else None

@@ -102,6 +102,14 @@ def test_a_driver_error_is_sqlalchemys_with_parameters_hidden(
     assert SECRET not in text and SECRET not in repr(failed.value)
     with engine.connect() as conn:  # rolled back whole; the pool's connection still works
         assert execute(conn, st["select"], {"id": "a"}).one().n == 1
+    # a value the column type refuses fails the statement, names why and writes nothing,
+    # either way (SQLAlchemy's own execute raises psycopg's serializing TypeError unwrapped)
+    for run in (execute, sa.Connection.execute):
+        with pytest.raises((sa.exc.StatementError, TypeError), match="not JSON serializable"), \
+                engine.begin() as conn:
+            run(conn, st["insert"], {"id": "b", "n": 3, "doc": {"at": object()}})
+    with engine.connect() as conn:
+        assert execute(conn, st["select"], {"id": "b"}).one_or_none() is None
 
 
 def test_a_cursor_listener_sees_every_statement(probe: tuple[sa.Engine, sa.Table]) -> None:
