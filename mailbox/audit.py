@@ -242,8 +242,9 @@ def audit(mailbox: Mailbox, *, now: int | None = None, stuck_after_s: float | No
 
 def _check_deployment(mailbox: Mailbox, report: AuditReport) -> None:
     """What the invariants need of the servers: a Redis that does not evict the mailbox's
-    keys (`mailbox.redis_policy`) and clocks that agree (`mailbox.clock`; this host's only:
-    each worker warns about its own when it runs the sweep)."""
+    keys and a Redis broker that does not evict queued messages (`mailbox.redis_policy`),
+    and clocks that agree (`mailbox.clock`; this host's only: each worker warns about its
+    own when it runs the sweep)."""
     client = mailbox.store.coordinator.client
     report.checks.append("redis_evicts")
     evicting = redis_policy.unsafe(redis_policy.eviction_policies(client))
@@ -253,6 +254,17 @@ def _check_deployment(mailbox: Mailbox, report: AuditReport) -> None:
                            "is not noeviction): event streams and cancel signals it drops are "
                            "lost", len(evicting),
                            tuple(f"{server}: {p}" for server, p in sorted(evicting.items()))))
+    broker = redis_policy.separate_broker_url(mailbox.settings.broker_url,
+                                              mailbox.settings.redis_url)
+    if broker is not None:
+        report.checks.append("broker_evicts")
+        broker_evicting = redis_policy.broker_evicting(redis_policy.broker_policies(broker))
+        if broker_evicting:
+            report.add(Finding("broker_evicts", "warning",
+                               "the Redis broker may evict queued messages when full "
+                               "(maxmemory-policy allkeys-*): a dropped phase message costs "
+                               "its dispatch an attempt", 1,
+                               tuple(f"broker: {p}" for p in broker_evicting.values())))
     report.checks.append("clock_offset")
     limit = clock.limit_ms(mailbox.settings.lease_ms)
     reading = clock.read(client)

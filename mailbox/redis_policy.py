@@ -10,6 +10,13 @@ from SQL. BullMQ and Sidekiq warn about exactly this at start; a worker here war
 runs the sweep (every starting worker publishes one; at most once a minute a process),
 and `python -m mailbox audit` reports it. `noeviction` makes a full Redis refuse writes
 instead: a store outage the mailbox reports and retries.
+
+A Redis broker of its own (CELERY_BROKER_URL naming another Redis) is checked too, by a
+looser rule: Celery's queues carry no TTL, which `volatile-*` policies need before they
+evict, so only the `allkeys-*` policies can drop a queued message. A dropped phase message
+leaves its dispatch claimed until the lease runs out, and the sweep then counts that attempt
+as failed (a crash looks the same), so repeated evictions can dead-letter a dispatch; a
+dropped wake-up waits for the next sweep.
 """
 
 from __future__ import annotations
@@ -52,6 +59,49 @@ def check(client: Any) -> dict[str, str]:
                     "maxmemory-policy noeviction (a full Redis then refuses writes, which the "
                     "mailbox reports and retries).",
                     ", ".join(f"{p} on {server}" for server, p in sorted(evicting.items())))
+    return evicting
+
+
+def broker_evicting(policies: dict[str, str]) -> dict[str, str]:
+    """The servers whose policy may evict a Redis broker's queues: the `allkeys-*` ones."""
+    return {server: p for server, p in policies.items() if p.startswith("allkeys-")}
+
+
+def separate_broker_url(broker_url: str | None, redis_url: str | None) -> str | None:
+    """The broker's URL when it is a Redis other than the coordination one (that one is
+    checked by the stricter rule already); None for RabbitMQ and the like."""
+    if broker_url is None or broker_url == redis_url:
+        return None
+    return broker_url if broker_url.startswith(("redis://", "rediss://", "unix://")) else None
+
+
+def broker_policies(broker_url: str) -> dict[str, str]:
+    """`eviction_policies` of the broker at this URL, over a connection of its own (closed
+    again: the check runs once a minute at most). Empty when it cannot be asked."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as exc:
+        log.debug("cannot read the broker's maxmemory-policy: %s", exc)
+        return {}
+    try:
+        policy = eviction_policies(client).get("redis")  # a broker is never a cluster
+        return {} if policy is None else {"broker": policy}
+    finally:
+        client.close()
+
+
+def check_broker(broker_url: str) -> dict[str, str]:
+    """Log a warning when the Redis broker at this URL may evict queued messages."""
+    evicting = broker_evicting(broker_policies(broker_url))
+    if evicting:
+        log.warning("the Redis broker may evict queued messages when it is full "
+                    "(maxmemory-policy %s): a dropped phase message leaves its dispatch "
+                    "claimed until the lease runs out, and the sweep then counts that attempt "
+                    "as failed; a dropped wake-up waits for the next sweep. Set "
+                    "maxmemory-policy noeviction on the broker (or a volatile-* policy: "
+                    "Celery's queues carry no TTL).", ", ".join(sorted(evicting.values())))
     return evicting
 
 

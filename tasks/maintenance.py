@@ -43,6 +43,10 @@ def sweep(wake_all: bool = False) -> dict[str, int]:
         # process; every starting worker publishes a sweep, and beat one every few seconds.
         clock.check(rt.store.coordinator.client, rt.settings.lease_ms)
         redis_policy.check(rt.store.coordinator.client)
+        broker = redis_policy.separate_broker_url(rt.settings.broker_url,
+                                                  rt.settings.redis_url)
+        if broker is not None:
+            redis_policy.check_broker(broker)
     waiting = queued_messages(queue())
     wake = functools.partial(publish_wake, rt.settings.namespace)
     report = maintenance.sweep(dataclasses.replace(rt, wake=wake), now_ms(),

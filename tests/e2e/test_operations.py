@@ -251,3 +251,25 @@ def test_a_worker_on_a_redis_that_may_evict_says_so_in_its_log(
         wait_until(warned, 60, "the eviction warning in the worker's log", celery_stack)
     finally:
         server.stop()
+
+
+def test_a_worker_on_a_redis_broker_that_may_evict_says_so_in_its_log(
+        celery_stack: Stack, tmp_path: Path) -> None:
+    # A broker of this worker's own, set to evict any key: the worker consumes its start-up
+    # sweep from there, and that sweep checks the broker by the broker's rule.
+    server = EmbeddedRedis(workdir=tmp_path / "evicting-broker")
+    server.start()
+    try:
+        client = redis.Redis(port=server.port)
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        client.close()
+        celery_stack.start_worker(concurrency=1, CELERY_BROKER_URL=server.url)
+
+        def warned() -> bool:
+            text = "".join(log.read_text(errors="replace")
+                           for log in celery_stack.workdir.glob("worker*.log"))
+            return "broker may evict queued messages" in text and "allkeys-lru" in text
+
+        wait_until(warned, 60, "the broker eviction warning in the worker's log", celery_stack)
+    finally:
+        server.stop()

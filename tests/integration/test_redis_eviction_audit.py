@@ -4,6 +4,7 @@ Redis of its own: changing the policy of the shared test Redis would reach other
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -65,3 +66,41 @@ def test_the_check_on_an_evicting_redis_logs_why_it_matters(
     [record] = caplog.records
     assert "allkeys-lru on redis" in record.getMessage()
     assert "cancel signal" in record.getMessage() and "noeviction" in record.getMessage()
+
+
+def test_a_separate_redis_broker_is_checked_by_the_broker_rule(
+        mailbox: Mailbox, evicting: redis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    port = evicting.connection_pool.connection_kwargs["port"]
+    broker_url = f"redis://127.0.0.1:{port}/0"
+    with_broker = Mailbox(mailbox.store, dataclasses.replace(mailbox.settings,
+                                                             broker_url=broker_url))
+    report = audit(with_broker)
+    assert "broker_evicts" in report.checks and report.ok
+    [finding] = [f for f in report.warnings if f.check == "broker_evicts"]
+    assert finding.sample == ("broker: allkeys-lru",)
+
+    caplog.set_level(logging.WARNING, logger="mailbox.redis_policy")
+    assert redis_policy.check_broker(broker_url) == {"broker": "allkeys-lru"}
+    [record] = caplog.records
+    assert "broker may evict queued messages" in record.getMessage()
+    assert "allkeys-lru" in record.getMessage()
+
+    result = CliRunner().invoke(main, ["--database-url", mailbox.settings.database_url or "",
+                                       "--redis-url", mailbox.settings.redis_url or "",
+                                       "--namespace", mailbox.settings.namespace,
+                                       "--json", "audit"],
+                                env={"CELERY_BROKER_URL": broker_url})
+    assert result.exit_code == 0, result.output
+    assert [w["check"] for w in json.loads(result.stdout)["warnings"]] == ["broker_evicts"]
+
+    # volatile-* policies never pick Celery's queues (no TTL): checked, nothing to report
+    evicting.config_set("maxmemory-policy", "volatile-lru")
+    report = audit(with_broker)
+    assert "broker_evicts" in report.checks
+    assert [f.check for f in report.warnings] == []
+
+
+def test_the_coordination_redis_as_broker_is_not_checked_twice(mailbox: Mailbox) -> None:
+    same = Mailbox(mailbox.store, dataclasses.replace(
+        mailbox.settings, broker_url=mailbox.settings.redis_url))
+    assert "broker_evicts" not in audit(same).checks

@@ -70,3 +70,29 @@ def test_a_server_that_refuses_config_is_unknown_not_unsafe(
     assert not caplog.records
     assert redis_policy.eviction_policies(OneRedis({"maxmemory-policy": b"allkeys-lru"})) == {
         "redis": "allkeys-lru"}
+
+
+@pytest.mark.parametrize(("policy", "evicts"), [
+    ("noeviction", False), ("volatile-lru", False), ("volatile-ttl", False),
+    ("allkeys-lru", True), ("allkeys-lfu", True), ("allkeys-random", True)])
+def test_a_broker_evicts_queued_messages_only_under_allkeys_policies(policy: str,
+                                                                      evicts: bool) -> None:
+    # Celery's queues carry no TTL: the volatile-* policies never pick them
+    assert redis_policy.broker_evicting({"broker": policy}) == (
+        {"broker": policy} if evicts else {})
+
+
+@pytest.mark.parametrize(("broker", "coordination", "checked"), [
+    (None, "redis://r:6379/0", None),
+    ("redis://r:6379/0", "redis://r:6379/0", None),  # the coordination check covers it
+    ("amqp://guest:guest@mq:5672//", "redis://r:6379/0", None),
+    ("redis://broker:6379/0", "redis://r:6379/0", "redis://broker:6379/0"),
+    ("rediss://broker:6380/1", None, "rediss://broker:6380/1"),
+])
+def test_which_broker_is_checked_on_its_own(broker: str | None, coordination: str | None,
+                                            checked: str | None) -> None:
+    assert redis_policy.separate_broker_url(broker, coordination) == checked
+
+
+def test_a_broker_url_redis_cannot_parse_is_unknown_not_unsafe() -> None:
+    assert redis_policy.broker_policies("redis://broker:notaport/0") == {}
