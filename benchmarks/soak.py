@@ -46,6 +46,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -143,18 +144,30 @@ class Processes(ProcessGroup):
         return [log for label, _, log in self.started if label.startswith("worker")]
 
     def wait_ready(self, names: Sequence[str], timeout_s: float = 90) -> None:
-        """Until every worker answers a ping (remote control works without gossip and
-        mingle): the throughput clock starts with workers that consume, not ones booting."""
+        """Until every worker is ready: it answered a ping (remote control works without
+        gossip and mingle) or logged `<name>@<host> ready.` (Celery logs it once its
+        consumer runs). The throughput clock starts with workers that consume, not ones
+        booting. The log alone would do; the ping stays because a worker logging at WARNING
+        does not say it. Once, two workers that were consuming (their logs showed them
+        running the beat's sweeps) did not answer a ping for 90 s, and the wait failed."""
         from tasks.app import app
 
         deadline = time.monotonic() + timeout_s
+        ready: set[str] = set()
         while time.monotonic() < deadline:
             if self.dead():
                 raise RuntimeError(f"process(es) exited at start: {', '.join(self.dead())}"
                                    f"\n{self.log_tails()}")
+            logged = "".join(log.read_text(errors="replace") for log in self.worker_logs()
+                             if log.exists())
+            ready |= {name for name in names
+                      if re.search(r"(?<![\w-])" + re.escape(name) + r"\S* ready\.", logged)}
+            if ready.issuperset(names):
+                return
             replies = app.control.ping(timeout=0.5)
             answered = {host for reply in replies for host in reply}
-            if all(any(h.startswith(name) for h in answered) for name in names):
+            ready |= {name for name in names if any(h.startswith(name) for h in answered)}
+            if ready.issuperset(names):
                 return
         raise TimeoutError(f"workers did not answer a ping in {timeout_s:.0f}s\n"
                            f"{self.log_tails()}")
