@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
+
 log = logging.getLogger(__name__)
 
 SAFE_POLICY = "noeviction"
@@ -78,8 +80,6 @@ def separate_broker_url(broker_url: str | None, redis_url: str | None) -> str | 
 def broker_policies(broker_url: str) -> dict[str, str]:
     """`eviction_policies` of the broker at this URL, over a connection of its own (closed
     again: the check runs once a minute at most). Empty when it cannot be asked."""
-    import redis
-
     try:
         client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
     except ValueError as exc:
