@@ -12,9 +12,10 @@ column type's own bind and result processors for that dialect, e.g. JSON), the c
 transaction and its pool, and every driver error (handed to the same handler `execute` uses:
 translated into `sqlalchemy.exc`, a disconnect invalidating the connection).
 
-What is skipped is only the per-execution machinery, and so are the `before_cursor_execute` /
-`after_cursor_execute` events: while anything listens to them (a statement counter such as the
-benchmark's, OpenTelemetry's SQLAlchemy instrumentation), every statement goes through
+What is skipped is only the per-execution machinery, and so are the execute events
+(`before_execute`, `after_execute`, `before_cursor_execute`, `after_cursor_execute`): while
+anything listens to one of them (a statement counter such as the benchmark's,
+OpenTelemetry's SQLAlchemy instrumentation), every statement goes through
 `Connection.execute` instead, so the listener sees all of them. So does a statement this
 module cannot plan (an expanding IN list, a value rendered into the SQL at execution, a
 Python-side column default) and an executemany (a list of more than one parameter set).
@@ -212,6 +213,13 @@ def _cached_plan(statement: sa.Executable, keys: tuple[str, ...], dialect: sa.Di
     return plan
 
 
+def _watched(conn: sa.Connection) -> bool:
+    """Whether a listener waits for this connection's statements (engine's or its own)."""
+    events = conn.dispatch
+    return bool(events.before_cursor_execute or events.after_cursor_execute
+                or events.before_execute or events.after_execute)
+
+
 def execute(conn: sa.Connection, statement: sa.Executable,
             params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None
             ) -> Rows | sa.CursorResult[*tuple[Any, ...]]:
@@ -221,8 +229,7 @@ def execute(conn: sa.Connection, statement: sa.Executable,
         params = {}
     elif not isinstance(params, Mapping) and len(params) == 1:
         params = params[0]  # one parameter set: one execute, as SQLAlchemy does too
-    if not isinstance(params, Mapping) or conn.dispatch.before_cursor_execute \
-            or conn.dispatch.after_cursor_execute:
+    if not isinstance(params, Mapping) or _watched(conn):
         return conn.execute(statement, params)
     plan = _cached_plan(statement, tuple(params), conn.dialect)
     if plan is _NOT_PLANNABLE:

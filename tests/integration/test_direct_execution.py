@@ -2,7 +2,7 @@
 (SQLite; PostgreSQL when MAILBOX_TEST_POSTGRES_URL is set): the same rows and values (JSON
 through the column type's processors), the same rowcount, the same errors (translated,
 parameters hidden, a lost connection invalidated), and SQLAlchemy's own execute whenever a
-listener watches cursor executes or the statement cannot be planned."""
+listener watches executions or the statement cannot be planned."""
 
 from __future__ import annotations
 
@@ -112,22 +112,27 @@ def test_a_driver_error_is_sqlalchemys_with_parameters_hidden(
         assert execute(conn, st["select"], {"id": "b"}).one_or_none() is None
 
 
-def test_a_cursor_listener_sees_every_statement(probe: tuple[sa.Engine, sa.Table]) -> None:
+@pytest.mark.parametrize("name", ["before_cursor_execute", "after_cursor_execute",
+                                  "before_execute", "after_execute"])
+def test_an_execute_listener_sees_every_statement(probe: tuple[sa.Engine, sa.Table],
+                                                  name: str) -> None:
     engine, table = probe
     st = _statements(table)
     seen: list[str] = []
 
-    def listener(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        seen.append(statement.split()[0])
+    def listener(_conn: Any, statement: Any, *_: Any) -> None:
+        # cursor events pass (conn, cursor, statement, ...), the others (conn, clause, ...)
+        text = str(_[0] if name.endswith("cursor_execute") else statement)
+        seen.append(text.split()[0])
 
-    event.listen(engine, "before_cursor_execute", listener)
+    event.listen(engine, name, listener)
     try:
         with engine.begin() as conn:
             answer = execute(conn, st["insert"], {"id": "a", "n": 1, "doc": None})
             assert not isinstance(answer, Rows), "went through Connection.execute"
             assert execute(conn, st["select"], {"id": "a"}).one().n == 1
     finally:
-        event.remove(engine, "before_cursor_execute", listener)
+        event.remove(engine, name, listener)
     assert "INSERT" in seen and "SELECT" in seen
     with engine.connect() as conn:
         assert isinstance(execute(conn, st["select"], {"id": "a"}), Rows)
