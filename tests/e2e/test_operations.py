@@ -231,45 +231,35 @@ def test_flower_sees_all_five_phases_with_ids_only(celery_stack: Stack,
             assert info.get("result") == ids, info
 
 
+# Which Redis of the worker is one of its own, set to evict any key (the shared test Redis
+# must not change), and what the worker's log then says. The coordination Redis is checked
+# by the sweep the worker publishes as it starts; a broker of its own is where the worker
+# consumes that sweep from, and the sweep checks it by the broker's rule.
+EVICTING = {
+    "coordination": ("MAILBOX_REDIS_URL", ["may evict the mailbox's keys",
+                                           "allkeys-lru on redis"]),
+    "broker": ("CELERY_BROKER_URL", ["broker may evict queued messages", "allkeys-lru"]),
+}
+
+
+@pytest.mark.parametrize("which", list(EVICTING))
 def test_a_worker_on_a_redis_that_may_evict_says_so_in_its_log(
-        celery_stack: Stack, tmp_path: Path) -> None:
-    # The coordination Redis of this worker is one of its own, set to evict (the shared test
-    # Redis must not change); the broker stays the stack's.
-    server = EmbeddedRedis(workdir=tmp_path / "evicting-redis")
+        celery_stack: Stack, tmp_path: Path, which: str) -> None:
+    variable, expected = EVICTING[which]
+    server = EmbeddedRedis(workdir=tmp_path / f"evicting-{which}")
     server.start()
     try:
         client = redis.Redis(port=server.port)
         client.config_set("maxmemory-policy", "allkeys-lru")
         client.close()
-        celery_stack.start_worker(concurrency=1, MAILBOX_REDIS_URL=server.url)
-
-        def warned() -> bool:  # from the sweep the worker publishes as it starts
-            text = "".join(log.read_text(errors="replace")
-                           for log in celery_stack.workdir.glob("worker*.log"))
-            return "may evict the mailbox's keys" in text and "allkeys-lru on redis" in text
-
-        wait_until(warned, 60, "the eviction warning in the worker's log", celery_stack)
-    finally:
-        server.stop()
-
-
-def test_a_worker_on_a_redis_broker_that_may_evict_says_so_in_its_log(
-        celery_stack: Stack, tmp_path: Path) -> None:
-    # A broker of this worker's own, set to evict any key: the worker consumes its start-up
-    # sweep from there, and that sweep checks the broker by the broker's rule.
-    server = EmbeddedRedis(workdir=tmp_path / "evicting-broker")
-    server.start()
-    try:
-        client = redis.Redis(port=server.port)
-        client.config_set("maxmemory-policy", "allkeys-lru")
-        client.close()
-        celery_stack.start_worker(concurrency=1, CELERY_BROKER_URL=server.url)
+        celery_stack.start_worker(concurrency=1, **{variable: server.url})
 
         def warned() -> bool:
             text = "".join(log.read_text(errors="replace")
                            for log in celery_stack.workdir.glob("worker*.log"))
-            return "broker may evict queued messages" in text and "allkeys-lru" in text
+            return all(part in text for part in expected)
 
-        wait_until(warned, 60, "the broker eviction warning in the worker's log", celery_stack)
+        wait_until(warned, 60, f"the {which} eviction warning in the worker's log",
+                   celery_stack)
     finally:
         server.stop()
